@@ -1,0 +1,17 @@
+"""jmoe: sparse Mixture-of-Experts layers for JAX / Flax NNX."""
+
+from jmoe.dispatch import BACKENDS
+from jmoe.experts import ExpertBank
+from jmoe.layer import MoE
+from jmoe.routing import RoutingPlan, expert_capacity, experts_choose, tokens_choose
+
+__all__ = [
+    "BACKENDS",
+    "ExpertBank",
+    "MoE",
+    "RoutingPlan",
+    "expert_capacity",
+    "experts_choose",
+    "tokens_choose",
+]
+__version__ = "0.1.0"

@@ -1,0 +1,137 @@
+"""Dispatch (tokens -> expert slots) and combine (expert slots -> tokens).
+
+Every backend computes the same two functions of a :class:`~jmoe.routing.RoutingPlan`:
+
+* ``dispatch(x [G, S, d], plan) -> [E, G * C, d]``: slot (e, g * C + c) holds
+  token ``plan.slot_token[g, e, c]`` of group g, or zeros for a padding slot;
+* ``combine(expert_out [E, G * C, d], plan) -> [G, S, d]``:
+  ``y[g, s] = sum_k token_weight[g, s, k] * expert_out[token_expert[g, s, k], g * C + token_slot[g, s, k]]``
+  over the assignments that hold a slot; a token with none gets exactly 0.
+
+The sum is accumulated in float32 and cast to ``expert_out``'s dtype.
+
+Backends:
+  ``einsum``  the GShard/Switch one-hot einsums over ``[G, S, E, C]``: the
+              readable reference, cost O(G S E C d);
+  ``gather``  index gathers from the plan's compact form, cost O(G (S K + E C) d)
+              whatever E and C are.
+A new backend (the Pallas kernels) registers a :class:`Backend` in ``BACKENDS``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+
+from jmoe.routing import RoutingPlan
+
+Array = jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class Backend:
+    dispatch: Callable[[Array, RoutingPlan], Array]
+    combine: Callable[[Array, RoutingPlan], Array]
+
+
+def _to_expert_major(slots: Array) -> Array:
+    """[G, E, C, d] -> [E, G * C, d]."""
+    num_groups, num_experts, capacity, d = slots.shape
+    return jnp.swapaxes(slots, 0, 1).reshape(num_experts, num_groups * capacity, d)
+
+
+def _to_group_major(expert_out: Array, plan: RoutingPlan) -> Array:
+    """[E, G * C, d] -> [G, E, C, d]."""
+    num_experts, _, d = expert_out.shape
+    slots = expert_out.reshape(num_experts, plan.num_groups, plan.capacity, d)
+    return jnp.swapaxes(slots, 0, 1)
+
+
+def _check(x: Array, plan: RoutingPlan) -> None:
+    if x.ndim != 3 or x.shape[:2] != (plan.num_groups, plan.group_size):
+        raise ValueError(
+            f"tokens must be [G, S, d] = [{plan.num_groups}, {plan.group_size}, d], got {x.shape}"
+        )
+
+
+def _check_expert_out(expert_out: Array, plan: RoutingPlan) -> None:
+    expected = (plan.num_experts, plan.num_groups * plan.capacity)
+    if expert_out.ndim != 3 or expert_out.shape[:2] != expected:
+        raise ValueError(f"expert outputs must be [E, G * C, d] = [{expected[0]}, {expected[1]}, d], got {expert_out.shape}")
+
+
+# ----------------------------------------------------------------------------
+# einsum
+# ----------------------------------------------------------------------------
+
+
+def einsum_dispatch(x: Array, plan: RoutingPlan) -> Array:
+    """One-hot dispatch: ``slots[g, e, c] = sum_s mask[g, s, e, c] * x[g, s]``."""
+    _check(x, plan)
+    mask = plan.dispatch_mask().astype(x.dtype)  # [G, S, E, C]
+    slots = jnp.einsum("gsec,gsd->gecd", mask, x)  # [G, E, C, d]
+    return _to_expert_major(slots)
+
+
+def einsum_combine(expert_out: Array, plan: RoutingPlan) -> Array:
+    """One-hot combine: ``y[g, s] = sum_{e, c} combine[g, s, e, c] * out[g, e, c]``."""
+    _check_expert_out(expert_out, plan)
+    slots = _to_group_major(expert_out, plan)  # [G, E, C, d]
+    y = jnp.einsum("gsec,gecd->gsd", plan.combine_array(), slots.astype(jnp.float32))
+    return y.astype(expert_out.dtype)
+
+
+# ----------------------------------------------------------------------------
+# gather
+# ----------------------------------------------------------------------------
+
+
+def gather_dispatch(x: Array, plan: RoutingPlan) -> Array:
+    """Index dispatch: ``slots[g, e, c] = x[g, slot_token[g, e, c]]`` (zeros if -1)."""
+    _check(x, plan)
+    token = plan.slot_token  # [G, E, C]
+    filled = token >= 0
+    rows = jnp.take_along_axis(
+        x[:, None, :, :],  # [G, 1, S, d]
+        jnp.where(filled, token, 0)[..., None],  # [G, E, C, 1]
+        axis=2,
+    )  # [G, E, C, d]
+    slots = jnp.where(filled[..., None], rows, jnp.zeros((), x.dtype))
+    return _to_expert_major(slots)
+
+
+def gather_combine(expert_out: Array, plan: RoutingPlan) -> Array:
+    """Index combine: ``y[g, s] = sum_k w[g, s, k] * out[g, e_k, c_k]`` over kept k."""
+    _check_expert_out(expert_out, plan)
+    num_experts, _, d = expert_out.shape
+    kept = plan.token_slot >= 0  # [G, S, K]
+    group = jnp.arange(plan.num_groups)[:, None, None]  # [G, 1, 1]
+    row = group * plan.capacity + jnp.where(kept, plan.token_slot, 0)  # [G, S, K]
+    picked = expert_out[plan.token_expert, row]  # [G, S, K, d]
+    picked = jnp.where(kept[..., None], picked.astype(jnp.float32), 0.0)
+    y = jnp.einsum("gsk,gskd->gsd", plan.token_weight, picked)
+    return y.astype(expert_out.dtype)
+
+
+BACKENDS: dict[str, Backend] = {
+    "einsum": Backend(einsum_dispatch, einsum_combine),
+    "gather": Backend(gather_dispatch, gather_combine),
+}
+
+
+def resolve_backend(name: str) -> str:
+    """``"auto"`` -> ``"pallas"`` on GPU when registered, else ``"gather"``."""
+    if name == "auto":
+        if jax.default_backend() == "gpu" and "pallas" in BACKENDS:
+            return "pallas"
+        return "gather"
+    if name not in BACKENDS:
+        raise ValueError(f"dispatch must be 'auto' or one of {sorted(BACKENDS)}, got {name!r}")
+    return name
+
+
+def get_backend(name: str) -> Backend:
+    return BACKENDS[resolve_backend(name)]

@@ -1,0 +1,185 @@
+"""The MoE Flax NNX layer: router -> plan -> dispatch -> experts -> combine.
+
+``y, aux = MoE(...)(x)`` with x ``[B, S, d]`` (or ``[T, d]``). Tokens are split
+row-major into groups of ``group_size`` (default: one sequence per group, or
+all T tokens for a 2-D input); capacity is per group and expert:
+``expert_capacity(group_size, num_experts, k=k, capacity_factor=...)``, with
+``capacity_factor`` in train mode and ``eval_capacity_factor`` after
+``moe.eval()``. The router is a float32 ``[d, E]`` weight; its probabilities are
+computed in float32 whatever the activation dtype.
+
+A token dropped by every expert it chose gets output 0: the model's residual
+connection carries it on.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jmoe import dispatch as dispatch_lib
+from jmoe import routing
+from jmoe.experts import ExpertBank
+
+Array = jax.Array
+
+ROUTERS = ("tokens_choose", "experts_choose")
+
+
+def group_tokens(x: Array, group_size: int | None) -> tuple[Array, tuple[int, ...]]:
+    """[B, S, d] or [T, d] -> [G, group_size, d] (row-major), and the input's shape."""
+    if x.ndim not in (2, 3):
+        raise ValueError(f"MoE input must be [B, S, d] or [T, d], got shape {x.shape}")
+    tokens = x.reshape(-1, x.shape[-1])  # [T, d]
+    if group_size is None:
+        group_size = x.shape[-2]
+    if group_size < 1 or tokens.shape[0] % group_size:
+        raise ValueError(
+            f"the token count {tokens.shape[0]} (input shape {x.shape}) is not divisible "
+            f"by group_size={group_size}"
+        )
+    return tokens.reshape(-1, group_size, x.shape[-1]), x.shape
+
+
+class MoE(nnx.Module):
+    """Sparse Mixture-of-Experts FFN with static-shape capacity routing.
+
+    Args:
+      d_model: token width d.
+      d_ff: hidden width of each expert.
+      num_experts: E.
+      k: experts per token (tokens_choose); for experts_choose, the average
+        number of experts per token that sets the capacity.
+      capacity_factor / eval_capacity_factor: train / eval capacity factors.
+      min_capacity, capacity_multiple_of: see :func:`jmoe.routing.expert_capacity`.
+      group_size: tokens per routing group (default: the sequence length).
+      router: ``"tokens_choose"`` (Switch/GShard/top-k) or ``"experts_choose"``.
+      activation: ``relu``, ``gelu``, ``swiglu``, ``geglu``.
+      use_bias: biases in the expert FFNs.
+      dispatch: ``"auto"`` (pallas on GPU when available, else gather),
+        ``"einsum"`` or ``"gather"``.
+      priority, batch_prioritized, normalize, second_expert_policy: router
+        options of :func:`jmoe.routing.tokens_choose`.
+      jitter: multiplicative router-input noise ``x * U(1 - jitter, 1 + jitter)``
+        in train mode (Switch); 0 disables it.
+      dtype: activation / expert compute dtype; param_dtype: expert weights.
+      rngs: ``params`` stream for init; the ``router`` stream (falls back to
+        ``default``) draws jitter and the GShard random policy in train mode.
+    """
+
+    def __init__(
+        self,
+        d_model: int,
+        d_ff: int,
+        num_experts: int,
+        *,
+        k: int = 1,
+        capacity_factor: float = 1.25,
+        eval_capacity_factor: float = 2.0,
+        min_capacity: int = 1,
+        capacity_multiple_of: int = 1,
+        group_size: int | None = None,
+        router: str = "tokens_choose",
+        activation: str = "gelu",
+        use_bias: bool = False,
+        dispatch: str = "auto",
+        priority: str = "choice",
+        batch_prioritized: bool = False,
+        normalize: bool = False,
+        second_expert_policy: str = "all",
+        jitter: float = 0.0,
+        dtype=jnp.float32,
+        param_dtype=jnp.float32,
+        deterministic: bool = False,
+        rngs: nnx.Rngs,
+    ):
+        if router not in ROUTERS:
+            raise ValueError(f"router must be one of {ROUTERS}, got {router!r}")
+        if not 1 <= k <= num_experts:
+            raise ValueError(f"k={k} must be in [1, num_experts={num_experts}]")
+        for name, factor in (("capacity_factor", capacity_factor), ("eval_capacity_factor", eval_capacity_factor)):
+            if not factor > 0:
+                raise ValueError(f"{name} must be > 0, got {factor}")
+        if priority not in routing.PRIORITIES:
+            raise ValueError(f"priority must be one of {routing.PRIORITIES}, got {priority!r}")
+        if second_expert_policy not in routing.SECOND_EXPERT_POLICIES:
+            raise ValueError(
+                f"second_expert_policy must be one of {routing.SECOND_EXPERT_POLICIES}, got {second_expert_policy!r}"
+            )
+        if second_expert_policy == "random" and k != 2:
+            raise ValueError(f"second_expert_policy='random' needs k=2, got k={k}")
+        if not 0.0 <= jitter < 1.0:
+            raise ValueError(f"jitter must be in [0, 1), got {jitter}")
+        dispatch_lib.resolve_backend(dispatch)  # fails early on an unknown name
+
+        self.d_model, self.d_ff, self.num_experts, self.k = d_model, d_ff, num_experts, k
+        self.capacity_factor, self.eval_capacity_factor = capacity_factor, eval_capacity_factor
+        self.min_capacity, self.capacity_multiple_of = min_capacity, capacity_multiple_of
+        self.group_size = group_size
+        self.router = router
+        self.dispatch = dispatch
+        self.priority, self.batch_prioritized = priority, batch_prioritized
+        self.normalize, self.second_expert_policy = normalize, second_expert_policy
+        self.jitter = jitter
+        self.dtype = dtype
+        self.deterministic = deterministic
+
+        self.router_weight = nnx.Param(
+            nnx.initializers.lecun_normal()(rngs.params(), (d_model, num_experts), jnp.float32)
+        )
+        self.experts = ExpertBank(
+            num_experts, d_model, d_ff, activation=activation, use_bias=use_bias,
+            dtype=dtype, param_dtype=param_dtype, rngs=rngs,
+        )
+        self.rngs = rngs["router"].fork()
+
+    def capacity(self, group_size: int) -> int:
+        """Slots per expert and group for the current mode (train / eval)."""
+        factor = self.eval_capacity_factor if self.deterministic else self.capacity_factor
+        return routing.expert_capacity(
+            group_size, self.num_experts, k=self.k, capacity_factor=factor,
+            min_capacity=self.min_capacity, multiple_of=self.capacity_multiple_of,
+        )
+
+    def route(self, groups: Array, token_mask: Array | None = None) -> routing.RoutingPlan:
+        """groups [G, S, d] -> the routing plan (router logits in float32)."""
+        router_in = groups.astype(jnp.float32)  # [G, S, d]
+        if self.jitter > 0 and not self.deterministic:
+            noise = jax.random.uniform(
+                self.rngs(), router_in.shape, minval=1.0 - self.jitter, maxval=1.0 + self.jitter
+            )
+            router_in = router_in * noise
+        logits = router_in @ self.router_weight[...]  # [G, S, E] float32
+        capacity = self.capacity(groups.shape[1])
+        if self.router == "experts_choose":
+            capacity = min(capacity, groups.shape[1])  # an expert takes each token at most once
+            return routing.experts_choose(logits, capacity=capacity, token_mask=token_mask)
+        use_random = self.second_expert_policy == "random" and not self.deterministic
+        return routing.tokens_choose(
+            logits, k=self.k, capacity=capacity, priority=self.priority,
+            batch_prioritized=self.batch_prioritized, normalize=self.normalize,
+            token_mask=token_mask, second_expert_policy="random" if use_random else "all",
+            rng=self.rngs() if use_random else None,
+        )
+
+    def __call__(self, x: Array, *, token_mask: Array | None = None) -> tuple[Array, dict[str, Array]]:
+        """x [B, S, d] or [T, d] -> (y of x's shape and dtype, aux losses and metrics).
+
+        ``token_mask`` (x's shape without d) marks padding tokens with False:
+        they take no expert slot, get output 0, and are left out of the losses.
+        """
+        if x.shape[-1] != self.d_model:
+            raise ValueError(f"MoE input's last dim must be d_model={self.d_model}, got shape {x.shape}")
+        groups, shape = group_tokens(x, self.group_size)  # [G, S, d]
+        mask = None
+        if token_mask is not None:
+            if token_mask.shape != x.shape[:-1]:
+                raise ValueError(f"token_mask must have shape {x.shape[:-1]}, got {token_mask.shape}")
+            mask = token_mask.reshape(groups.shape[:2])
+        plan = self.route(groups, mask)
+        backend = dispatch_lib.get_backend(self.dispatch)
+        expert_in = backend.dispatch(groups.astype(self.dtype), plan)  # [E, G * C, d]
+        expert_out = self.experts(expert_in)  # [E, G * C, d]
+        y = backend.combine(expert_out, plan)  # [G, S, d]
+        return y.reshape(shape).astype(x.dtype), plan.aux()
