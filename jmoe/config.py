@@ -1,0 +1,211 @@
+"""The flat training configuration: named files in ``configs/`` plus ``key=value`` overrides.
+
+A :class:`Config` is one flat dataclass; ``train.py`` reads it to build the model,
+data, optimizer and mesh (nothing below ``train.py`` sees the whole config).
+Every key has a type and, where it matters, an allowed range or set of choices;
+:func:`load_config` and :func:`apply_overrides` reject unknown keys (listing the
+valid ones) and out-of-range values (naming the allowed range).
+
+A config file ``configs/NAME.json`` holds a JSON object of keys to values; keys it
+leaves out take the defaults below. ``config=NAME`` on the command line picks
+``configs/NAME.json``; ``config=PATH.json`` reads any file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from typing import Any
+
+CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+
+_POS = (1, None)  # integer >= 1
+_NONNEG = (0, None)
+
+
+def _field(default, doc: str, *, range=None, choices=None):
+    return dataclasses.field(default=default, metadata={"doc": doc, "range": range, "choices": choices})
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    # --- model -------------------------------------------------------------
+    d_model: int = _field(128, "model width", range=_POS)
+    num_layers: int = _field(4, "Transformer blocks", range=_POS)
+    num_heads: int = _field(4, "attention heads (d_model must be divisible)", range=_POS)
+    d_ff: int = _field(512, "hidden width of the dense FFNs", range=_POS)
+    num_experts: int = _field(4, "experts per MoE layer; 0 = dense baseline", range=_NONNEG)
+    expert_d_ff: int = _field(512, "hidden width of each expert", range=_POS)
+    moe_every: int = _field(2, "an MoE FFN in every moe_every-th block (2 = Switch)", range=_POS)
+    k: int = _field(1, "experts per token (top-k)", range=_POS)
+    capacity_factor: float = _field(1.25, "train capacity factor", range=(1e-6, None))
+    eval_capacity_factor: float = _field(2.0, "eval capacity factor", range=(1e-6, None))
+    router: str = _field("tokens_choose", "router", choices=("tokens_choose", "experts_choose"))
+    activation: str = _field("gelu", "FFN / expert activation", choices=("relu", "gelu", "swiglu", "geglu"))
+    dispatch: str = _field("auto", "MoE dispatch backend", choices=("auto", "einsum", "gather", "pallas"))
+    jitter: float = _field(0.0, "router input jitter in train mode", range=(0.0, 0.999))
+    group_size: int = _field(0, "tokens per routing group; 0 = one group per sequence", range=_NONNEG)
+    dtype: str = _field("float32", "activation dtype (router stays float32)", choices=("float32", "bfloat16"))
+    rope_base: float = _field(10000.0, "rotary embedding base", range=(1.0, None))
+    lb_weight: float = _field(0.01, "weight of the summed load-balancing loss", range=(0.0, None))
+    z_weight: float = _field(0.001, "weight of the summed router z-loss", range=(0.0, None))
+    # --- data --------------------------------------------------------------
+    data: str = _field("", "text file or directory; empty = the Python standard library sources")
+    val_percent: float = _field(5.0, "percent of files (or bytes, for one file) held out", range=(0.1, 50.0))
+    seq_len: int = _field(128, "tokens (bytes) per sequence", range=_POS)
+    batch_size: int = _field(16, "global batch size (sequences)", range=_POS)
+    # --- optimisation -----------------------------------------------------
+    steps: int = _field(400, "training steps", range=_POS)
+    lr: float = _field(3e-3, "peak learning rate", range=(0.0, 1.0))
+    warmup_steps: int = _field(40, "linear warmup steps", range=_NONNEG)
+    min_lr_ratio: float = _field(0.1, "final lr / peak lr of the cosine decay", range=(0.0, 1.0))
+    weight_decay: float = _field(0.1, "AdamW weight decay (matrices only)", range=(0.0, None))
+    b1: float = _field(0.9, "Adam beta1", range=(0.0, 0.999999))
+    b2: float = _field(0.95, "Adam beta2", range=(0.0, 0.999999))
+    grad_clip: float = _field(1.0, "global gradient-norm clip; 0 = off", range=(0.0, None))
+    seed: int = _field(0, "seed of the init and of the data order", range=_NONNEG)
+    # --- run ---------------------------------------------------------------
+    out_dir: str = _field("", "run directory (log, plots, checkpoints); empty = runs/<config>")
+    eval_every: int = _field(100, "evaluate every N steps (and at the end)", range=_POS)
+    eval_batches: int = _field(8, "validation batches per evaluation", range=_POS)
+    log_every: int = _field(10, "fetch metrics / print progress every N steps", range=_POS)
+    ckpt_every: int = _field(200, "checkpoint every N steps (and at the end)", range=_POS)
+    keep_ckpts: int = _field(2, "checkpoints kept", range=_POS)
+    expert_parallel: int = _field(1, "size of the mesh's 'expert' axis", range=_POS)
+    num_devices: int = _field(0, "devices in the mesh (0 = all)", range=_NONNEG)
+    nan_at_step: int = _field(-1, "debug: make the loss NaN at this step (-1 = never)", range=(-1, None))
+    # --- multi-host ------------------------------------------------------------
+    distributed: str = _field("auto", "jax.distributed.initialize: auto (if env says so), on, off",
+                              choices=("auto", "on", "off"))
+    coordinator_address: str = _field("", "host:port of process 0 (or JAX_COORDINATOR_ADDRESS)")
+    num_processes: int = _field(0, "processes in the job (0 = from the environment)", range=_NONNEG)
+    process_id: int = _field(-1, "this process's index (-1 = from the environment)", range=(-1, None))
+    # --- sampling --------------------------------------------------------------
+    prompt: str = _field("def ", "sample mode: the prompt")
+    sample_len: int = _field(200, "sample mode: bytes to generate", range=_POS)
+    temperature: float = _field(0.8, "sample mode: temperature (0 = greedy)", range=(0.0, None))
+    top_k: int = _field(0, "sample mode: keep the top_k logits (0 = all)", range=_NONNEG)
+
+    # Keys that define the model's parameters: a checkpoint restores only into the same values.
+    MODEL_KEYS = ("d_model", "num_layers", "num_heads", "d_ff", "num_experts", "expert_d_ff",
+                  "moe_every", "activation")
+
+    def __post_init__(self):
+        for f in dataclasses.fields(self):
+            _check_value(f, getattr(self, f.name))
+        if self.d_model % self.num_heads or (self.d_model // self.num_heads) % 2:
+            raise ValueError(
+                f"d_model={self.d_model} / num_heads={self.num_heads} must be an even integer (rotary head dim)"
+            )
+        if self.num_experts and not 1 <= self.k <= self.num_experts:
+            raise ValueError(f"k={self.k} must be in [1, num_experts={self.num_experts}]")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def keys() -> list[str]:
+    return [f.name for f in dataclasses.fields(Config)]
+
+
+def describe() -> str:
+    """One line per key: name, type, default, allowed values, doc."""
+    lines = []
+    for f in dataclasses.fields(Config):
+        allowed = _allowed(f)
+        lines.append(f"  {f.name} ({_type_name(f)}, default {f.default!r}{', ' + allowed if allowed else ''}): "
+                     f"{f.metadata['doc']}")
+    return "\n".join(lines)
+
+
+def _type_name(f) -> str:
+    return f.type if isinstance(f.type, str) else f.type.__name__
+
+
+def _allowed(f) -> str:
+    if f.metadata["choices"]:
+        return "one of " + ", ".join(f.metadata["choices"])
+    if f.metadata["range"]:
+        lo, hi = f.metadata["range"]
+        return f"in [{lo}, {'inf' if hi is None else hi}]"
+    return ""
+
+
+def _check_value(f, value) -> None:
+    lo_hi, choices = f.metadata["range"], f.metadata["choices"]
+    if choices and value not in choices:
+        raise ValueError(f"{f.name}={value!r} is not allowed: must be one of {', '.join(choices)}")
+    if lo_hi:
+        lo, hi = lo_hi
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ValueError(f"{f.name}={value!r} must be finite, in [{lo}, {hi if hi is not None else 'inf'}]")
+        if (lo is not None and value < lo) or (hi is not None and value > hi):
+            raise ValueError(f"{f.name}={value!r} is out of range: must be in [{lo}, {hi if hi is not None else 'inf'}]")
+
+
+def _parse(f, text: str):
+    kind = _type_name(f)
+    try:
+        if kind == "int":
+            return int(text)
+        if kind == "float":
+            return float(text)
+        return text
+    except ValueError:
+        raise ValueError(f"{f.name}={text!r} is not a valid {kind} ({_allowed(f) or f.metadata['doc']})") from None
+
+
+def _unknown(names) -> ValueError:
+    return ValueError(f"unknown config key(s) {sorted(names)}; valid keys:\n{describe()}")
+
+
+def config_path(name: str) -> str:
+    """``configs/NAME.json`` for a bare name, else the path itself; an error lists the named configs."""
+    path = name if name.endswith(".json") else os.path.join(CONFIG_DIR, f"{name}.json")
+    if not os.path.isfile(path):
+        names = sorted(p[:-5] for p in os.listdir(CONFIG_DIR) if p.endswith(".json")) if os.path.isdir(CONFIG_DIR) else []
+        raise FileNotFoundError(f"no config {name!r} (looked for {path}); named configs: {', '.join(names)}")
+    return path
+
+
+def load_config(name: str = "tiny", overrides: dict[str, Any] | None = None) -> Config:
+    """The named config (or JSON file), with ``overrides`` (already typed values) applied."""
+    with open(config_path(name)) as fh:
+        values = json.load(fh)
+    values.pop("_comment", None)
+    values.update(overrides or {})
+    return from_dict(values)
+
+
+def from_dict(values: dict[str, Any]) -> Config:
+    """A :class:`Config` from a dict; unknown keys are an error listing the valid keys."""
+    fields = {f.name: f for f in dataclasses.fields(Config)}
+    unknown = set(values) - set(fields)
+    if unknown:
+        raise _unknown(unknown)
+    typed = {}
+    for name, value in values.items():
+        kind = _type_name(fields[name])
+        if kind == "float" and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        expected = {"int": int, "float": float, "str": str}[kind]
+        if not isinstance(value, expected) or isinstance(value, bool):
+            raise ValueError(f"{name}={value!r} must be a {kind}")
+        typed[name] = value
+    return Config(**typed)
+
+
+def parse_overrides(args: list[str]) -> dict[str, Any]:
+    """``["key=value", ...]`` -> typed values; unknown keys and bad values are errors."""
+    fields = {f.name: f for f in dataclasses.fields(Config)}
+    out: dict[str, Any] = {}
+    for arg in args:
+        if "=" not in arg:
+            raise ValueError(f"expected key=value, got {arg!r}; valid keys:\n{describe()}")
+        name, text = arg.split("=", 1)
+        if name not in fields:
+            raise _unknown([name])
+        out[name] = _parse(fields[name], text)
+    return out

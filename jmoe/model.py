@@ -1,0 +1,270 @@
+"""A small decoder-only Transformer LM whose FFNs are sparse MoE layers.
+
+Pre-norm blocks (``x + attn(norm(x))``, then ``x + ffn(norm(x))``), RMSNorm,
+rotary position embeddings, causal multi-head attention through
+``jax.nn.dot_product_attention`` (the fused kernel on GPUs). Block ``i``'s FFN is
+a :class:`jmoe.MoE` when ``num_experts > 0`` and ``i % moe_every == moe_every - 1``
+(Switch: every other layer, starting with the second), else a dense FFN with the
+same activation. ``num_experts = 0`` gives the dense baseline.
+
+``LM(tokens [B, S]) -> (logits [B, S, V] float32, aux)``; ``aux`` holds the MoE
+layers' losses summed over layers (``load_balancing_loss``, ``z_loss``) and their
+per-layer metrics stacked on a leading layer axis ``[L_moe, ...]``. The total
+training loss is :func:`total_loss`.
+
+Activations run in ``dtype`` (float32 or bfloat16); parameters are float32; the
+router of every MoE layer computes its probabilities in float32 whatever
+``dtype`` is; logits are returned in float32.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+import jmoe
+from jmoe.experts import ExpertBank
+
+Array = jax.Array
+
+# Per-layer MoE metrics kept in aux (stacked over MoE layers); the two losses are summed.
+LAYER_METRICS = ("dropped_fraction", "padding_fraction", "router_entropy", "tokens_per_expert")
+AUX_LOSSES = ("load_balancing_loss", "z_loss")
+
+
+# ----------------------------------------------------------------------------
+# Pure functions
+# ----------------------------------------------------------------------------
+
+
+def rms_norm(x: Array, scale: Array, eps: float = 1e-6) -> Array:
+    """``y = x / sqrt(mean(x^2, -1) + eps) * scale``, computed in float32, returned in x's dtype."""
+    x32 = x.astype(jnp.float32)
+    y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    return (y * scale.astype(jnp.float32)).astype(x.dtype)
+
+
+def rotary_angles(positions: Array, head_dim: int, base: float = 10000.0) -> Array:
+    """Angles ``theta[p, i] = p * base^(-2i / head_dim)`` for i < head_dim / 2: [S, head_dim / 2]."""
+    if head_dim % 2:
+        raise ValueError(f"rotary embeddings need an even head_dim, got {head_dim}")
+    inv_freq = base ** (-jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim)  # [H/2]
+    return positions.astype(jnp.float32)[:, None] * inv_freq[None, :]  # [S, H/2]
+
+
+def apply_rotary(x: Array, positions: Array, base: float = 10000.0) -> Array:
+    """Rotate channel pairs ``(x_i, x_{i + H/2})`` by ``theta[p, i]`` (GPT-NeoX "half" layout).
+
+    ``y_i = x_i cos(theta) - x_{i+H/2} sin(theta)``,
+    ``y_{i+H/2} = x_{i+H/2} cos(theta) + x_i sin(theta)``; so ``<rot(q, m), rot(k, n)>``
+    depends on the positions only through ``m - n``.
+
+    Args:
+      x: [B, S, N, H] queries or keys.
+      positions: [S] integer positions.
+    Returns:
+      [B, S, N, H] in x's dtype (computed in float32).
+    """
+    half = x.shape[-1] // 2
+    theta = rotary_angles(positions, x.shape[-1], base)  # [S, H/2]
+    cos, sin = jnp.cos(theta)[:, None, :], jnp.sin(theta)[:, None, :]  # [S, 1, H/2]
+    x32 = x.astype(jnp.float32)
+    x1, x2 = x32[..., :half], x32[..., half:]  # [B, S, N, H/2]
+    y = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)  # [B, S, N, H]
+    return y.astype(x.dtype)
+
+
+def lm_loss(logits: Array, targets: Array) -> Array:
+    """Mean next-token cross-entropy in nats: ``mean(logsumexp(logits) - logits[target])``.
+
+    logits [B, S, V] (float32), targets [B, S] int.
+    """
+    return optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), targets).mean()
+
+
+def total_loss(lm: Array, aux: dict[str, Array], lb_weight: float, z_weight: float) -> Array:
+    """``lm + lb_weight * sum_layers(load_balancing) + z_weight * sum_layers(z_loss)``."""
+    return lm + lb_weight * aux["load_balancing_loss"] + z_weight * aux["z_loss"]
+
+
+def is_moe_layer(layer: int, num_experts: int, moe_every: int) -> bool:
+    """Block ``layer`` (0-based) has an MoE FFN iff experts exist and ``layer % moe_every == moe_every - 1``."""
+    return num_experts > 0 and layer % moe_every == moe_every - 1
+
+
+# ----------------------------------------------------------------------------
+# Modules
+# ----------------------------------------------------------------------------
+
+
+class RMSNorm(nnx.Module):
+    """RMSNorm with a learned scale (init 1); see :func:`rms_norm`."""
+
+    def __init__(self, dim: int, *, eps: float = 1e-6):
+        self.scale = nnx.Param(jnp.ones((dim,), jnp.float32))
+        self.eps = eps
+
+    def __call__(self, x: Array) -> Array:
+        return rms_norm(x, self.scale[...], self.eps)
+
+
+class Attention(nnx.Module):
+    """Causal multi-head self-attention with rotary embeddings on q and k."""
+
+    def __init__(self, d_model: int, num_heads: int, *, rope_base: float = 10000.0, dtype, rngs: nnx.Rngs):
+        if d_model % num_heads:
+            raise ValueError(f"d_model={d_model} must be divisible by num_heads={num_heads}")
+        self.num_heads, self.head_dim = num_heads, d_model // num_heads
+        self.rope_base = rope_base
+        self.qkv = nnx.Linear(d_model, 3 * d_model, use_bias=False, dtype=dtype, rngs=rngs)
+        self.out = nnx.Linear(d_model, d_model, use_bias=False, dtype=dtype, rngs=rngs)
+
+    def __call__(self, x: Array) -> Array:
+        b, s, _ = x.shape
+        qkv = self.qkv(x).reshape(b, s, 3, self.num_heads, self.head_dim)  # [B, S, 3, N, H]
+        q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # [B, S, N, H]
+        positions = jnp.arange(s)
+        q = apply_rotary(q, positions, self.rope_base)
+        k = apply_rotary(k, positions, self.rope_base)
+        o = jax.nn.dot_product_attention(q, k, v, is_causal=True)  # [B, S, N, H]
+        return self.out(o.reshape(b, s, -1))  # [B, S, d]
+
+
+class DenseFFN(nnx.Module):
+    """A dense FFN: one :class:`jmoe.ExpertBank` expert (same activation and init as the MoE experts)."""
+
+    def __init__(self, d_model: int, d_ff: int, *, activation: str, dtype, rngs: nnx.Rngs):
+        self.bank = ExpertBank(1, d_model, d_ff, activation=activation, dtype=dtype, rngs=rngs)
+
+    def __call__(self, x: Array) -> Array:
+        y = self.bank(x.reshape(1, -1, x.shape[-1]))  # [1, B * S, d]
+        return y.reshape(x.shape)
+
+
+class Block(nnx.Module):
+    """``x = x + attn(norm(x)); x = x + ffn(norm(x))``; ffn is MoE or dense."""
+
+    def __init__(self, d_model: int, num_heads: int, ffn: nnx.Module, *, rope_base: float, dtype, rngs: nnx.Rngs):
+        self.attn_norm = RMSNorm(d_model)
+        self.attn = Attention(d_model, num_heads, rope_base=rope_base, dtype=dtype, rngs=rngs)
+        self.ffn_norm = RMSNorm(d_model)
+        self.ffn = ffn
+
+    def __call__(self, x: Array, token_mask: Array | None = None) -> tuple[Array, dict[str, Array] | None]:
+        x = x + self.attn(self.attn_norm(x))  # [B, S, d]
+        h = self.ffn_norm(x)
+        if isinstance(self.ffn, jmoe.MoE):
+            y, aux = self.ffn(h, token_mask=token_mask)
+        else:
+            y, aux = self.ffn(h), None
+        return x + y, aux
+
+
+class LM(nnx.Module):
+    """Decoder-only byte/token LM; ``__call__(tokens [B, S]) -> (logits [B, S, V] f32, aux)``.
+
+    MoE options (``k``, ``capacity_factor``, ``router``, ...) are passed through
+    ``moe_kwargs`` to every :class:`jmoe.MoE` layer.
+    """
+
+    def __init__(
+        self,
+        *,
+        vocab_size: int,
+        d_model: int,
+        num_layers: int,
+        num_heads: int,
+        d_ff: int,
+        num_experts: int = 0,
+        expert_d_ff: int | None = None,
+        moe_every: int = 2,
+        activation: str = "gelu",
+        rope_base: float = 10000.0,
+        dtype=jnp.float32,
+        moe_kwargs: dict | None = None,
+        rngs: nnx.Rngs,
+    ):
+        if min(vocab_size, d_model, num_layers, num_heads, d_ff, moe_every) < 1:
+            raise ValueError("vocab_size, d_model, num_layers, num_heads, d_ff and moe_every must be >= 1")
+        self.vocab_size, self.num_experts = vocab_size, num_experts
+        self.dtype = dtype
+        self.embed = nnx.Embed(
+            vocab_size, d_model, embedding_init=nnx.initializers.normal(1.0), dtype=dtype, rngs=rngs
+        )
+        blocks = []
+        for i in range(num_layers):
+            if is_moe_layer(i, num_experts, moe_every):
+                ffn = jmoe.MoE(
+                    d_model, expert_d_ff or d_ff, num_experts, activation=activation,
+                    dtype=dtype, rngs=rngs, **(moe_kwargs or {}),
+                )
+            else:
+                ffn = DenseFFN(d_model, d_ff, activation=activation, dtype=dtype, rngs=rngs)
+            blocks.append(Block(d_model, num_heads, ffn, rope_base=rope_base, dtype=dtype, rngs=rngs))
+        self.blocks = nnx.List(blocks)
+        self.final_norm = RMSNorm(d_model)
+        self.head = nnx.Linear(d_model, vocab_size, use_bias=False, dtype=dtype, rngs=rngs)
+
+    @property
+    def num_moe_layers(self) -> int:
+        return sum(isinstance(b.ffn, jmoe.MoE) for b in self.blocks)
+
+    def __call__(self, tokens: Array, token_mask: Array | None = None) -> tuple[Array, dict[str, Array]]:
+        """tokens [B, S] int -> (logits [B, S, V] float32, aux). ``token_mask`` [B, S] bool marks
+        padding with False: MoE layers give it no expert slot (it cannot crowd out real tokens)."""
+        if tokens.ndim != 2:
+            raise ValueError(f"tokens must be [B, S], got shape {tokens.shape}")
+        x = self.embed(tokens)  # [B, S, d]
+        layer_aux = []
+        for block in self.blocks:
+            x, aux = block(x, token_mask)
+            if aux is not None:
+                layer_aux.append(aux)
+        logits = self.head(self.final_norm(x)).astype(jnp.float32)  # [B, S, V]
+        return logits, collect_aux(layer_aux)
+
+
+def collect_aux(layer_aux: list[dict[str, Array]]) -> dict[str, Array]:
+    """Sum the aux losses over MoE layers; stack the per-layer metrics to ``[L_moe, ...]``.
+
+    With no MoE layer the losses are 0 and the stacked metrics have a 0-length layer axis.
+    """
+    out = {name: sum((a[name] for a in layer_aux), jnp.zeros((), jnp.float32)) for name in AUX_LOSSES}
+    for name in LAYER_METRICS:
+        if layer_aux:
+            out[name] = jnp.stack([a[name] for a in layer_aux])  # [L_moe, ...]
+        else:
+            out[name] = jnp.zeros((0,) if name != "tokens_per_expert" else (0, 0), jnp.float32)
+    return out
+
+
+def count_params(model: nnx.Module) -> int:
+    """Total number of parameter scalars."""
+    return sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+
+
+def active_params_per_token(model: LM) -> int:
+    """Parameters a token's forward pass multiplies with, excluding the embedding lookup.
+
+    Per MoE layer only ``k`` of the ``E`` experts count (plus the router); the
+    output head counts. Used for FLOPs/token ``= 6 * active`` (+ attention).
+    """
+    total = 0
+    for path, x in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+        if path[0] == "embed":
+            continue
+        if "experts" in path:  # [E, ...] stacked expert weights of an MoE layer
+            moe = model.blocks[path[1]].ffn
+            total += x.size // moe.num_experts * moe.k
+        else:
+            total += x.size
+    return total
+
+
+def flops_per_token(model: LM, seq_len: int) -> float:
+    """Training FLOPs per token: ``6 * active_params + 12 * L * S * d`` (PaLM appendix B; attention
+    scores and values, forward + backward, without the causal halving)."""
+    d = model.embed.embedding.shape[1]
+    return 6.0 * active_params_per_token(model) + 12.0 * len(model.blocks) * seq_len * d

@@ -1,0 +1,75 @@
+#!/usr/bin/env python
+"""Train a small MoE byte-level language model, or sample from a trained one.
+
+Usage:
+  python train.py                              # the tiny config on CPU (a few minutes)
+  python train.py config=small steps=2000      # a named config (configs/NAME.json) + overrides
+  python train.py config=tiny_dense            # the dense baseline matched to tiny's active FLOPs
+  python train.py sample out_dir=runs/tiny prompt="def main(" sample_len=300
+  python train.py help                         # every key, its default and allowed values
+
+Any config key can be overridden as key=value. The run directory (out_dir,
+default runs/<config>) gets metrics.jsonl, loss.png, expert_load.png and
+checkpoints/; rerunning the same command resumes from the latest checkpoint.
+Multi-host: the same command on every host, with JAX_COORDINATOR_ADDRESS (or
+SLURM / Open MPI / TPU environment), or coordinator_address= num_processes=
+process_id=.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+
+def parse_args(argv: list[str]) -> tuple[str, str, list[str]]:
+    """argv -> (mode, config name, ["key=value", ...])."""
+    mode = "train"
+    if argv and argv[0] in ("train", "sample", "help"):
+        mode, argv = argv[0], argv[1:]
+    name, rest = "tiny", []
+    for arg in argv:
+        if arg.startswith("config="):
+            name = arg.split("=", 1)[1]
+        else:
+            rest.append(arg)
+    return mode, name, rest
+
+
+def main(argv: list[str]) -> int:
+    from jmoe import config as config_lib
+
+    mode, name, rest = parse_args(argv)
+    if mode == "help":
+        print(__doc__ + "\nKeys:\n" + config_lib.describe())
+        return 0
+    try:
+        overrides = config_lib.parse_overrides(rest)
+        cfg = config_lib.load_config(name, overrides)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    out_dir = cfg.out_dir or os.path.join("runs", os.path.basename(name).removesuffix(".json"))
+
+    from jmoe import training
+
+    training.maybe_initialize_distributed(cfg.distributed, cfg.coordinator_address, cfg.num_processes,
+                                          cfg.process_id)
+    try:
+        if mode == "sample":
+            s, params, step = training.load_for_inference(out_dir, num_devices=1)
+            print(f"# {out_dir} step {step}", file=sys.stderr)
+            print(training.sample(s, params, cfg.prompt, cfg.sample_len, cfg.temperature, cfg.top_k, cfg.seed))
+            return 0
+        training.train(cfg, out_dir, print_fn=training.main_print)
+    except training.NonFiniteLossError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
