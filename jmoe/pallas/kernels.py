@@ -1,0 +1,353 @@
+"""Three row-indexed Pallas GPU (Triton) kernels, each with a pure-jnp reference.
+
+They know nothing about MoE; :mod:`jmoe.pallas.dispatch` builds dispatch and
+combine (and their VJPs) from them. An index ``-1`` (or any index outside the
+source) means "no row": it reads nothing and contributes 0.
+
+* ``gather_rows``      ``out[r] = scale[r] * x[src[r]]`` (``scale`` optional:
+                       an exact copy), ``0`` where ``src[r] == -1``.
+                       ``[N, d], [R] -> [R, d]``.
+* ``gather_sum_rows``  ``out[t] = sum_k w[t, k] * x[idx[t, k]]`` over the k with
+                       ``idx[t, k] != -1``; float32 accumulation, a row with no
+                       valid k is exactly 0. ``[N, d], [T, K], [T, K] -> [T, d]``.
+* ``gather_dot_rows``  ``out[t, k] = sum_d y[t, d] * x[idx[t, k], d]`` (float32),
+                       0 where ``idx[t, k] == -1``. ``[T, d], [N, d], [T, K] -> [T, K]``.
+
+Layout: every ref is the whole array (no BlockSpec): the Triton lowering sees
+pointers, and each program computes its own row / column indices and masks.
+A program owns a ``[block_rows, block_d]`` tile of the output: rows past the
+end and columns past ``d`` are masked, so ``d`` need not be a power of two and
+``R`` / ``T`` need not be multiples of ``block_rows``. The tiles cover the
+output exactly once, so every element is written (no atomics, deterministic).
+
+On a non-GPU backend the same kernels run with ``interpret=True`` (chosen
+automatically by :func:`resolve_interpret`). In interpret mode Pallas fills an
+un-aliased float output with NaN before the kernel runs, so an element the
+kernel forgot to write shows up as NaN; ``poison=True`` does the same on GPU by
+passing a NaN-filled buffer aliased to the output (``input_output_aliases``);
+the tests use it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+Array = jax.Array
+
+
+def _is_power_of_2(n: int) -> bool:
+    return n >= 1 and (n & (n - 1)) == 0
+
+
+@dataclasses.dataclass(frozen=True)
+class KernelConfig:
+    """Tile sizes and launch options (static, hashable).
+
+    Attributes:
+      block_rows: output rows per program, a power of two.
+      block_d: columns per program (per loop step in ``gather_dot_rows``), a
+        power of two; capped at ``next_power_of_2(d)``.
+      num_warps: Triton warps per program.
+      num_stages: Triton software-pipelining stages (None: Triton's default).
+      interpret: True / False, or None for "interpret unless the default
+        backend is a GPU".
+    """
+
+    block_rows: int = 16
+    block_d: int = 512
+    num_warps: int = 4
+    num_stages: int | None = None
+    interpret: bool | None = None
+
+    def __post_init__(self):
+        for name in ("block_rows", "block_d"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or not _is_power_of_2(value):
+                raise ValueError(f"{name} must be a power of two (Triton), got {value!r}")
+        if not _is_power_of_2(self.num_warps):
+            raise ValueError(f"num_warps must be a power of two, got {self.num_warps!r}")
+
+    def tiles(self, rows: int, d: int) -> tuple[int, int]:
+        """(block_rows, block_d) capped to the problem so tiny shapes waste no work."""
+        return min(self.block_rows, pl.next_power_of_2(max(rows, 1))), min(self.block_d, pl.next_power_of_2(d))
+
+
+def resolve_interpret(interpret: bool | None) -> bool:
+    """None -> interpret unless ``jax.default_backend() == "gpu"``."""
+    if interpret is None:
+        return jax.default_backend() != "gpu"
+    return bool(interpret)
+
+
+def _call(kernel, out_shape, grid, args, cfg: KernelConfig, name: str, poison: bool):
+    """pallas_call with whole-array refs; ``poison`` aliases a NaN buffer to the output."""
+    if poison:
+        args = (*args, jnp.full(out_shape.shape, jnp.nan, out_shape.dtype))
+        kernel = _ignore_poison(kernel)
+    return pl.pallas_call(
+        kernel,
+        out_shape=out_shape,
+        grid=grid,
+        input_output_aliases={len(args) - 1: 0} if poison else {},
+        compiler_params=plgpu.CompilerParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages),
+        interpret=resolve_interpret(cfg.interpret),
+        name=name,
+    )(*args)
+
+
+def _ignore_poison(kernel):
+    def wrapped(*refs):
+        *ins, _poison_ref, out_ref = refs
+        kernel(*ins, out_ref)
+
+    return wrapped
+
+
+def _check_rows(name: str, x: Array) -> None:
+    if x.ndim != 2 or not jnp.issubdtype(x.dtype, jnp.floating):
+        raise ValueError(f"{name} must be a 2-D float array [rows, d], got {x.dtype}{list(x.shape)}")
+
+
+def _check_index(name: str, idx: Array, ndim: int) -> None:
+    if idx.ndim != ndim or idx.dtype != jnp.int32:
+        raise ValueError(f"{name} must be a {ndim}-D int32 index array, got {idx.dtype}{list(idx.shape)}")
+
+
+# ----------------------------------------------------------------------------
+# gather_rows: out[r] = scale[r] * x[src[r]]
+# ----------------------------------------------------------------------------
+
+
+def _gather_rows_kernel(*refs, block_rows: int, block_d: int, has_scale: bool):
+    if has_scale:
+        src_ref, x_ref, scale_ref, out_ref = refs  # [R], [N, d], [R], [R, d]
+    else:
+        src_ref, x_ref, out_ref = refs
+    num_rows, d = out_ref.shape
+    num_src = x_ref.shape[0]
+    rows = pl.program_id(0) * block_rows + jnp.arange(block_rows)  # [BR]
+    cols = pl.program_id(1) * block_d + jnp.arange(block_d)  # [BD]
+    row_in, col_in = rows < num_rows, cols < d
+    safe_rows = jnp.where(row_in, rows, 0)
+    safe_cols = jnp.where(col_in, cols, 0)
+    src = plgpu.load(src_ref.at[safe_rows], mask=row_in, other=-1)  # [BR]
+    valid = row_in & (src >= 0) & (src < num_src)
+    safe_src = jnp.where(valid, src, 0)
+    vals = plgpu.load(
+        x_ref.at[safe_src[:, None], safe_cols[None, :]],
+        mask=valid[:, None] & col_in[None, :],
+        other=0.0,
+    )  # [BR, BD]; 0 for "no row"
+    if has_scale:
+        scale = plgpu.load(scale_ref.at[safe_rows], mask=row_in, other=0.0)  # [BR] f32
+        vals = vals.astype(jnp.float32) * scale[:, None]
+    # Rows past the end are masked, not clamped: clamping would write a row twice.
+    plgpu.store(
+        out_ref.at[rows[:, None], cols[None, :]],
+        vals.astype(out_ref.dtype),
+        mask=row_in[:, None] & col_in[None, :],
+    )
+
+
+def gather_rows(
+    x: Array,
+    src: Array,
+    scale: Array | None = None,
+    *,
+    out_dtype=None,
+    config: KernelConfig = KernelConfig(),
+    poison: bool = False,
+) -> Array:
+    """``out[r] = scale[r] * x[src[r]]``, 0 where ``src[r] == -1``.
+
+    Args:
+      x: [N, d] float source rows.
+      src: [R] int32 source row per output row, -1 for none.
+      scale: optional [R] float32 per-row factor (product in float32); without
+        it the rows are copied exactly.
+      out_dtype: output dtype (default x's).
+    Returns:
+      [R, d].
+    """
+    _check_rows("x", x)
+    _check_index("src", src, 1)
+    if scale is not None and (scale.shape != src.shape or scale.dtype != jnp.float32):
+        raise ValueError(f"scale must be float32{list(src.shape)}, got {scale.dtype}{list(scale.shape)}")
+    (num_rows,), d = src.shape, x.shape[1]
+    out_dtype = x.dtype if out_dtype is None else out_dtype
+    block_rows, block_d = config.tiles(num_rows, d)
+    kernel = functools.partial(
+        _gather_rows_kernel, block_rows=block_rows, block_d=block_d, has_scale=scale is not None
+    )
+    args = (src, x) if scale is None else (src, x, scale)
+    return _call(
+        kernel,
+        jax.ShapeDtypeStruct((num_rows, d), out_dtype),
+        (pl.cdiv(num_rows, block_rows), pl.cdiv(d, block_d)),
+        args, config, "jmoe_gather_rows", poison,
+    )
+
+
+def gather_rows_reference(x: Array, src: Array, scale: Array | None = None, *, out_dtype=None) -> Array:
+    """Pure-jnp ``gather_rows``."""
+    valid = (src >= 0) & (src < x.shape[0])  # [R]
+    rows = jnp.where(valid[:, None], x[jnp.where(valid, src, 0)], 0)  # [R, d]
+    if scale is not None:
+        rows = rows.astype(jnp.float32) * scale[:, None]
+    return rows.astype(x.dtype if out_dtype is None else out_dtype)
+
+
+# ----------------------------------------------------------------------------
+# gather_sum_rows: out[t] = sum_k w[t, k] * x[idx[t, k]]
+# ----------------------------------------------------------------------------
+
+
+def _gather_sum_rows_kernel(idx_ref, w_ref, x_ref, out_ref, *, block_rows: int, block_d: int):
+    # idx [T, K] int32, w [T, K] f32, x [N, d], out [T, d]
+    num_rows, d = out_ref.shape
+    num_src = x_ref.shape[0]
+    num_k = idx_ref.shape[1]
+    rows = pl.program_id(0) * block_rows + jnp.arange(block_rows)  # [BR]
+    cols = pl.program_id(1) * block_d + jnp.arange(block_d)  # [BD]
+    row_in, col_in = rows < num_rows, cols < d
+    safe_rows = jnp.where(row_in, rows, 0)
+    safe_cols = jnp.where(col_in, cols, 0)
+
+    def body(k, acc):  # acc [BR, BD] f32; k = the token's k-th choice, in order
+        idx = plgpu.load(idx_ref.at[safe_rows, k], mask=row_in, other=-1)  # [BR]
+        w = plgpu.load(w_ref.at[safe_rows, k], mask=row_in, other=0.0)  # [BR]
+        valid = row_in & (idx >= 0) & (idx < num_src)
+        vals = plgpu.load(
+            x_ref.at[jnp.where(valid, idx, 0)[:, None], safe_cols[None, :]],
+            mask=valid[:, None] & col_in[None, :],
+            other=0.0,
+        )  # [BR, BD]
+        return acc + jnp.where(valid, w, 0.0)[:, None] * vals.astype(jnp.float32)
+
+    acc = lax.fori_loop(0, num_k, body, jnp.zeros((block_rows, block_d), jnp.float32))
+    plgpu.store(
+        out_ref.at[rows[:, None], cols[None, :]],
+        acc.astype(out_ref.dtype),
+        mask=row_in[:, None] & col_in[None, :],
+    )
+
+
+def gather_sum_rows(
+    x: Array,
+    idx: Array,
+    weight: Array,
+    *,
+    out_dtype=None,
+    config: KernelConfig = KernelConfig(),
+    poison: bool = False,
+) -> Array:
+    """``out[t] = sum_k weight[t, k] * x[idx[t, k]]`` over ``idx != -1`` (float32 sum).
+
+    Args:
+      x: [N, d] float source rows.
+      idx: [T, K] int32 source row of each term, -1 for none.
+      weight: [T, K] float32.
+      out_dtype: output dtype (default x's); the sum is float32 until the cast.
+    Returns:
+      [T, d]; a row whose idx are all -1 is exactly 0.
+    """
+    _check_rows("x", x)
+    _check_index("idx", idx, 2)
+    if weight.shape != idx.shape or weight.dtype != jnp.float32:
+        raise ValueError(f"weight must be float32{list(idx.shape)}, got {weight.dtype}{list(weight.shape)}")
+    (num_rows, _), d = idx.shape, x.shape[1]
+    block_rows, block_d = config.tiles(num_rows, d)
+    kernel = functools.partial(_gather_sum_rows_kernel, block_rows=block_rows, block_d=block_d)
+    return _call(
+        kernel,
+        jax.ShapeDtypeStruct((num_rows, d), x.dtype if out_dtype is None else out_dtype),
+        (pl.cdiv(num_rows, block_rows), pl.cdiv(d, block_d)),
+        (idx, weight, x), config, "jmoe_gather_sum_rows", poison,
+    )
+
+
+def gather_sum_rows_reference(x: Array, idx: Array, weight: Array, *, out_dtype=None) -> Array:
+    """Pure-jnp ``gather_sum_rows``."""
+    valid = (idx >= 0) & (idx < x.shape[0])  # [T, K]
+    picked = x[jnp.where(valid, idx, 0)].astype(jnp.float32)  # [T, K, d]
+    picked = jnp.where(valid[..., None], picked, 0.0)
+    out = jnp.einsum("tk,tkd->td", jnp.where(valid, weight, 0.0), picked)
+    return out.astype(x.dtype if out_dtype is None else out_dtype)
+
+
+# ----------------------------------------------------------------------------
+# gather_dot_rows: out[t, k] = <y[t], x[idx[t, k]]>
+# ----------------------------------------------------------------------------
+
+
+def _gather_dot_rows_kernel(y_ref, x_ref, idx_ref, out_ref, *, block_rows: int, block_d: int):
+    # y [T, d], x [N, d], idx [T, K] int32, out [T, K] f32; program (i, k)
+    num_rows, d = y_ref.shape
+    num_src = x_ref.shape[0]
+    k = pl.program_id(1)
+    rows = pl.program_id(0) * block_rows + jnp.arange(block_rows)  # [BR]
+    row_in = rows < num_rows
+    safe_rows = jnp.where(row_in, rows, 0)
+    idx = plgpu.load(idx_ref.at[safe_rows, k], mask=row_in, other=-1)  # [BR]
+    valid = row_in & (idx >= 0) & (idx < num_src)
+    safe_idx = jnp.where(valid, idx, 0)
+
+    def body(j, acc):  # acc [BR] f32; j = column block, in order
+        cols = j * block_d + jnp.arange(block_d)  # [BD]
+        col_in = cols < d
+        safe_cols = jnp.where(col_in, cols, 0)
+        y = plgpu.load(
+            y_ref.at[safe_rows[:, None], safe_cols[None, :]],
+            mask=row_in[:, None] & col_in[None, :], other=0.0,
+        )  # [BR, BD]
+        x = plgpu.load(
+            x_ref.at[safe_idx[:, None], safe_cols[None, :]],
+            mask=valid[:, None] & col_in[None, :], other=0.0,
+        )  # [BR, BD]
+        return acc + jnp.sum(y.astype(jnp.float32) * x.astype(jnp.float32), axis=1)
+
+    acc = lax.fori_loop(0, pl.cdiv(d, block_d), body, jnp.zeros((block_rows,), jnp.float32))
+    plgpu.store(out_ref.at[rows, k], acc, mask=row_in)
+
+
+def gather_dot_rows(
+    y: Array, x: Array, idx: Array, *, config: KernelConfig = KernelConfig(), poison: bool = False
+) -> Array:
+    """``out[t, k] = sum_d y[t, d] * x[idx[t, k], d]`` in float32, 0 where ``idx == -1``.
+
+    Args:
+      y: [T, d] float.
+      x: [N, d] float.
+      idx: [T, K] int32, -1 for none.
+    Returns:
+      [T, K] float32.
+    """
+    _check_rows("y", y)
+    _check_rows("x", x)
+    _check_index("idx", idx, 2)
+    if idx.shape[0] != y.shape[0] or x.shape[1] != y.shape[1]:
+        raise ValueError(f"shapes do not agree: y {list(y.shape)}, x {list(x.shape)}, idx {list(idx.shape)}")
+    (num_rows, num_k), d = idx.shape, y.shape[1]
+    block_rows, block_d = config.tiles(num_rows, d)
+    kernel = functools.partial(_gather_dot_rows_kernel, block_rows=block_rows, block_d=block_d)
+    return _call(
+        kernel,
+        jax.ShapeDtypeStruct((num_rows, num_k), jnp.float32),
+        (pl.cdiv(num_rows, block_rows), num_k),
+        (y, x, idx), config, "jmoe_gather_dot_rows", poison,
+    )
+
+
+def gather_dot_rows_reference(y: Array, x: Array, idx: Array) -> Array:
+    """Pure-jnp ``gather_dot_rows``."""
+    valid = (idx >= 0) & (idx < x.shape[0])  # [T, K]
+    picked = x[jnp.where(valid, idx, 0)].astype(jnp.float32)  # [T, K, d]
+    out = jnp.einsum("td,tkd->tk", y.astype(jnp.float32), picked)
+    return jnp.where(valid, out, 0.0)
