@@ -15,7 +15,9 @@ Backends:
               readable reference, cost O(G S E C d);
   ``gather``  index gathers from the plan's compact form, cost O(G (S K + E C) d)
               whatever E and C are.
-A new backend (the Pallas kernels) registers a :class:`Backend` in ``BACKENDS``.
+  ``pallas``  Pallas GPU (Triton) kernels over the same compact form
+              (:mod:`jmoe.pallas`; interpret mode off GPU: slow, for tests).
+A new backend registers a :class:`Backend` in ``BACKENDS``.
 """
 
 from __future__ import annotations
@@ -120,6 +122,23 @@ BACKENDS: dict[str, Backend] = {
     "einsum": Backend(einsum_dispatch, einsum_combine),
     "gather": Backend(gather_dispatch, gather_combine),
 }
+
+
+# ``pallas``: the kernels of jmoe/pallas (Triton on GPU, interpret mode elsewhere),
+# imported on first use so that importing jmoe does not import Pallas.
+def _pallas_dispatch(x: Array, plan: RoutingPlan) -> Array:
+    from jmoe.pallas.dispatch import pallas_dispatch
+
+    return pallas_dispatch(x, plan)
+
+
+def _pallas_combine(expert_out: Array, plan: RoutingPlan) -> Array:
+    from jmoe.pallas.dispatch import pallas_combine
+
+    return pallas_combine(expert_out, plan)
+
+
+BACKENDS["pallas"] = Backend(_pallas_dispatch, _pallas_combine)
 
 
 def resolve_backend(name: str) -> str:
