@@ -35,6 +35,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
@@ -110,6 +111,12 @@ def _ignore_poison(kernel):
     return wrapped
 
 
+def _zero(ref) -> np.ndarray:
+    """A 0 of the ref's dtype: Triton's masked load wants ``other`` of the loaded type
+    (a Python 0.0 would be a float32 constant next to a bfloat16 load)."""
+    return np.zeros((), ref.dtype)
+
+
 def _check_rows(name: str, x: Array) -> None:
     if x.ndim != 2 or not jnp.issubdtype(x.dtype, jnp.floating):
         raise ValueError(f"{name} must be a 2-D float array [rows, d], got {x.dtype}{list(x.shape)}")
@@ -143,7 +150,7 @@ def _gather_rows_kernel(*refs, block_rows: int, block_d: int, has_scale: bool):
     vals = plgpu.load(
         x_ref.at[safe_src[:, None], safe_cols[None, :]],
         mask=valid[:, None] & col_in[None, :],
-        other=0.0,
+        other=_zero(x_ref),
     )  # [BR, BD]; 0 for "no row"
     if has_scale:
         scale = plgpu.load(scale_ref.at[safe_rows], mask=row_in, other=0.0)  # [BR] f32
@@ -227,7 +234,7 @@ def _gather_sum_rows_kernel(idx_ref, w_ref, x_ref, out_ref, *, block_rows: int, 
         vals = plgpu.load(
             x_ref.at[jnp.where(valid, idx, 0)[:, None], safe_cols[None, :]],
             mask=valid[:, None] & col_in[None, :],
-            other=0.0,
+            other=_zero(x_ref),
         )  # [BR, BD]
         return acc + jnp.where(valid, w, 0.0)[:, None] * vals.astype(jnp.float32)
 
@@ -305,11 +312,11 @@ def _gather_dot_rows_kernel(y_ref, x_ref, idx_ref, out_ref, *, block_rows: int, 
         safe_cols = jnp.where(col_in, cols, 0)
         y = plgpu.load(
             y_ref.at[safe_rows[:, None], safe_cols[None, :]],
-            mask=row_in[:, None] & col_in[None, :], other=0.0,
+            mask=row_in[:, None] & col_in[None, :], other=_zero(y_ref),
         )  # [BR, BD]
         x = plgpu.load(
             x_ref.at[safe_idx[:, None], safe_cols[None, :]],
-            mask=valid[:, None] & col_in[None, :], other=0.0,
+            mask=valid[:, None] & col_in[None, :], other=_zero(x_ref),
         )  # [BR, BD]
         return acc + jnp.sum(y.astype(jnp.float32) * x.astype(jnp.float32), axis=1)
 
