@@ -68,12 +68,13 @@ def _read(path: str, skip_binary: bool) -> bytes | None:
     return data
 
 
-def load_corpus(path: str = "", val_percent: float = 5.0, min_bytes: int = 1024) -> Corpus:
+def load_corpus(path: str = "", val_percent: float = 5.0, min_bytes: int = 1) -> Corpus:
     """Read the corpus and split it; see the module docstring.
 
     Raises:
       FileNotFoundError: ``path`` does not exist.
-      ValueError: no text found, or a split too small for training.
+      ValueError: no text found, or a split with fewer than ``min_bytes`` bytes
+        (train.py asks for ``seq_len + 2``: one window).
     """
     if path:
         if not os.path.exists(path):
@@ -82,7 +83,7 @@ def load_corpus(path: str = "", val_percent: float = 5.0, min_bytes: int = 1024)
             data = np.frombuffer(_read(path, skip_binary=False), np.uint8)
             n_val = int(len(data) * val_percent / 100)
             corpus = Corpus(data[: len(data) - n_val], data[len(data) - n_val:], path, 1)
-            _check_sizes(corpus, min_bytes)
+            require_bytes(corpus, min_bytes)
             return corpus
         root, ext, skip_binary = path, None, True
     else:
@@ -100,11 +101,12 @@ def load_corpus(path: str = "", val_percent: float = 5.0, min_bytes: int = 1024)
     corpus = Corpus(
         np.frombuffer(b"\n".join(train), np.uint8), np.frombuffer(b"\n".join(val), np.uint8), root, count
     )
-    _check_sizes(corpus, min_bytes)
+    require_bytes(corpus, min_bytes)
     return corpus
 
 
-def _check_sizes(corpus: Corpus, min_bytes: int) -> None:
+def require_bytes(corpus: Corpus, min_bytes: int) -> None:
+    """Both splits must hold at least ``min_bytes`` bytes (else a ValueError saying which)."""
     if corpus.num_files == 0:
         raise ValueError(f"no text files found under {corpus.source!r}")
     for name in ("train", "val"):

@@ -1,7 +1,7 @@
 """Training: mesh, optimizer, the jit-compiled train / eval steps, checkpoints, logging, plots.
 
 The train state is two plain pytrees of arrays: ``params`` (the model's
-``nnx.Param`` values as a nested dict, ``nnx.state(model, nnx.Param).to_pure_dict()``)
+``nnx.Param`` values as a nested dict, ``nnx.to_pure_dict(nnx.state(model, nnx.Param))``)
 and the optax ``opt_state`` over them. The model is rebuilt inside each step
 with ``nnx.merge(graphdef, params, rngs)``; the non-parameter state (the MoE
 layers' router RNG streams) is not carried between steps: step ``i`` uses the
@@ -176,14 +176,14 @@ def setup(cfg: Config, mesh) -> tuple[Setup, dict]:
     def init():
         model = build_model(cfg, nnx.Rngs(params=cfg.seed, router=cfg.seed + 1))
         _, params, rest = nnx.split(model, nnx.Param, ...)
-        return params.to_pure_dict(), rest
+        return nnx.to_pure_dict(params), rest
 
     abstract_model = nnx.eval_shape(lambda: build_model(cfg, nnx.Rngs(params=cfg.seed, router=cfg.seed + 1)))
     graphdef, abstract_state, _ = nnx.split(abstract_model, nnx.Param, ...)
     abstract_model.eval()
     eval_graphdef = nnx.split(abstract_model, nnx.Param, ...)[0]
     abstract_model.train()
-    abstract_params = abstract_state.to_pure_dict()
+    abstract_params = nnx.to_pure_dict(abstract_state)
     shardings = param_shardings(mesh, abstract_params)
     params, rest = jax.jit(init, out_shardings=(shardings, NamedSharding(mesh, P())))()
     tx = make_optimizer(cfg)
@@ -218,6 +218,11 @@ def init_opt_state(s: Setup, params: dict):
     return jax.jit(s.tx.init, out_shardings=s.opt_shardings)(params)
 
 
+def global_norm(tree) -> Array:
+    """``sqrt(sum of squares of every leaf)`` in float32."""
+    return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree.leaves(tree)))
+
+
 def fold_rngs(rngs_state, step: Array):
     """Every PRNG key in the state folded with ``step`` (counts left at their initial values)."""
     def fold(x):
@@ -241,7 +246,7 @@ def make_train_step(s: Setup) -> Callable:
     cfg, schedule = s.cfg, make_schedule(s.cfg)
 
     def loss_fn(params, rngs_state, step, inputs, targets):
-        model = nnx.merge(s.graphdef, nnx.State(params), fold_rngs(rngs_state, step))
+        model = nnx.merge(s.graphdef, params, fold_rngs(rngs_state, step))
         logits, aux = model(inputs)  # [B, S, V]
         lm = model_lib.lm_loss(logits, targets)
         loss = model_lib.total_loss(lm, aux, cfg.lb_weight, cfg.z_weight)
@@ -257,7 +262,7 @@ def make_train_step(s: Setup) -> Callable:
         params = optax.apply_updates(params, updates)
         metrics = {
             "loss": loss, "lm_loss": lm, "bits_per_byte": lm / LN2,
-            "grad_norm": optax.global_norm(grads), "lr": schedule(step),
+            "grad_norm": global_norm(grads), "lr": schedule(step),
             **{name: aux[name] for name in model_lib.AUX_LOSSES + model_lib.LAYER_METRICS},
         }
         return params, opt_state, metrics
@@ -275,7 +280,7 @@ def make_train_step(s: Setup) -> Callable:
 def make_eval_step(s: Setup) -> Callable:
     """``eval_fn(params, inputs, targets) -> {lm_loss, dropped_fraction [L]}`` in eval mode, jitted."""
     def eval_fn(params, inputs, targets):
-        model = nnx.merge(s.eval_graphdef, nnx.State(params), s.rngs_state)
+        model = nnx.merge(s.eval_graphdef, params, s.rngs_state)
         logits, aux = model(inputs)
         return {"lm_loss": model_lib.lm_loss(logits, targets), "dropped_fraction": aux["dropped_fraction"]}
 
@@ -498,8 +503,11 @@ def _to_python(x):
     return float(x) if x.ndim == 0 else x.tolist()
 
 
-def train(cfg: Config, out_dir: str, *, print_fn=print, plots: bool = True) -> dict:
+def train(cfg: Config, out_dir: str, *, print_fn=print, plots: bool = True, stop_after: int | None = None) -> dict:
     """Train (resuming from the latest checkpoint in ``out_dir``); returns a summary dict.
+
+    ``stop_after`` ends the run after that step without a final checkpoint (as if it
+    were killed; for tests of resumption).
 
     Raises :class:`NonFiniteLossError` on a NaN / inf loss (no checkpoint is written
     after it; the last good one is kept).
@@ -507,7 +515,7 @@ def train(cfg: Config, out_dir: str, *, print_fn=print, plots: bool = True) -> d
     is_main = jax.process_index() == 0
     say = print_fn if is_main else (lambda *a, **k: None)
     mesh = make_mesh(cfg.expert_parallel, cfg.num_devices)
-    corpus = data_lib.load_corpus(cfg.data, cfg.val_percent)
+    corpus = data_lib.load_corpus(cfg.data, cfg.val_percent, min_bytes=cfg.seq_len + 2)
     s, params = setup(cfg, mesh)
     opt_state = init_opt_state(s, params)
     mgr = checkpoint_manager(out_dir, cfg.keep_ckpts)
@@ -589,6 +597,8 @@ def train(cfg: Config, out_dir: str, *, print_fn=print, plots: bool = True) -> d
             last_good = done
         if at_eval or at_ckpt:
             clock = time.perf_counter()  # leave evaluation and saving out of tokens/s
+        if stop_after is not None and done >= stop_after:
+            break
     if pending:
         flush()
     mgr.wait_until_finished()
@@ -629,7 +639,7 @@ def sample(s: Setup, params, prompt: str, length: int, temperature: float = 0.8,
 
     @jax.jit
     def next_logits(params, window, last):  # window [1, S] int32, last: index of the newest byte
-        model = nnx.merge(s.eval_graphdef, nnx.State(params), s.rngs_state)
+        model = nnx.merge(s.eval_graphdef, params, s.rngs_state)
         logits, _ = model(window)  # [1, S, V]
         return logits[0, last]  # [V]
 

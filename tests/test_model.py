@@ -1,0 +1,143 @@
+"""The LM's pieces against slow independent references: rotary, RMSNorm, causal masking, losses."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import jmoe
+from jmoe import model as model_lib
+
+
+def _tiny_lm(num_experts=4, dtype=jnp.float32, **kw):
+    return model_lib.LM(
+        vocab_size=256, d_model=32, num_layers=2, num_heads=2, d_ff=64, num_experts=num_experts,
+        moe_every=2, dtype=dtype, rngs=nnx.Rngs(0), **kw,
+    )
+
+
+@nnx.jit
+def forward(lm, tokens):
+    return lm(tokens)
+
+
+def rotary_reference(x: np.ndarray, base: float = 10000.0) -> np.ndarray:
+    """Slow: for each position p and channel pair (i, i + H/2), multiply by the 2x2 rotation
+    matrix of angle p * base^(-2i/H)."""
+    b, s, n, h = x.shape
+    out = np.empty_like(x, dtype=np.float64)
+    for p in range(s):
+        for i in range(h // 2):
+            a = p * base ** (-2.0 * i / h)
+            rot = np.array([[math.cos(a), -math.sin(a)], [math.sin(a), math.cos(a)]])
+            pair = np.stack([x[:, p, :, i], x[:, p, :, i + h // 2]], axis=-1)  # [B, N, 2]
+            r = pair @ rot.T
+            out[:, p, :, i], out[:, p, :, i + h // 2] = r[..., 0], r[..., 1]
+    return out
+
+
+def test_rotary_matches_slow_reference():
+    x = np.random.default_rng(0).normal(size=(2, 7, 3, 8)).astype(np.float32)
+    got = model_lib.apply_rotary(jnp.asarray(x), jnp.arange(7))
+    np.testing.assert_allclose(np.asarray(got), rotary_reference(x), atol=1e-5)
+
+
+def test_rotary_dot_product_depends_on_relative_position_only():
+    rng = np.random.default_rng(1)
+    q, k = rng.normal(size=(1, 1, 1, 16)), rng.normal(size=(1, 1, 1, 16))
+
+    def score(m, n):
+        qm = model_lib.apply_rotary(jnp.asarray(np.repeat(q, 20, 1), jnp.float32), jnp.arange(20))[0, m, 0]
+        kn = model_lib.apply_rotary(jnp.asarray(np.repeat(k, 20, 1), jnp.float32), jnp.arange(20))[0, n, 0]
+        return float(qm @ kn)
+
+    assert score(5, 2) == pytest.approx(score(13, 10), abs=1e-4)
+    assert score(0, 0) == pytest.approx(float(q.ravel() @ k.ravel()), abs=1e-4)
+
+
+def test_rms_norm_matches_numpy():
+    x = np.random.default_rng(2).normal(size=(3, 5)).astype(np.float32)
+    scale = np.linspace(0.5, 2.0, 5).astype(np.float32)
+    want = x / np.sqrt((x.astype(np.float64) ** 2).mean(-1, keepdims=True) + 1e-6) * scale
+    np.testing.assert_allclose(np.asarray(model_lib.rms_norm(jnp.asarray(x), jnp.asarray(scale))), want, rtol=1e-5)
+
+
+def test_lm_loss_matches_numpy_cross_entropy():
+    rng = np.random.default_rng(3)
+    logits = rng.normal(size=(2, 4, 7))
+    targets = rng.integers(0, 7, size=(2, 4))
+    logz = np.log(np.exp(logits).sum(-1))
+    want = np.mean(logz - np.take_along_axis(logits, targets[..., None], -1)[..., 0])
+    got = model_lib.lm_loss(jnp.asarray(logits, jnp.float32), jnp.asarray(targets))
+    assert float(got) == pytest.approx(want, rel=1e-5)
+
+
+@pytest.mark.parametrize("num_experts", [0, 4])
+def test_changing_a_future_token_leaves_earlier_logits_unchanged(num_experts):
+    # Top-1 choice-major routing fills an expert's slots in token order, so a later token can't
+    # take an earlier token's slot: the MoE model is causal too.
+    lm = _tiny_lm(num_experts)
+    lm.eval()
+    tokens = jnp.asarray(np.random.default_rng(4).integers(0, 256, size=(2, 16)), jnp.int32)
+    changed = tokens.at[:, 9].set((tokens[:, 9] + 17) % 256)
+    a, _ = forward(lm, tokens)
+    b, _ = forward(lm, changed)
+    np.testing.assert_array_equal(np.asarray(a[:, :9]), np.asarray(b[:, :9]))
+    assert not np.allclose(np.asarray(a[:, 9:]), np.asarray(b[:, 9:]))
+
+
+def test_moe_every_places_moe_layers_and_dense_baseline_has_none():
+    lm = model_lib.LM(vocab_size=256, d_model=32, num_layers=4, num_heads=2, d_ff=64, num_experts=4,
+                      moe_every=2, rngs=nnx.Rngs(0))
+    kinds = [isinstance(b.ffn, jmoe.MoE) for b in lm.blocks]
+    assert kinds == [False, True, False, True]
+    assert _tiny_lm(0).num_moe_layers == 0
+
+
+def test_aux_sums_layer_losses_and_stacks_metrics():
+    lm = model_lib.LM(
+        vocab_size=256, d_model=32, num_layers=4, num_heads=2, d_ff=64, num_experts=4, moe_every=2,
+        rngs=nnx.Rngs(0))
+    tokens = jnp.asarray(np.random.default_rng(5).integers(0, 256, size=(2, 16)), jnp.int32)
+    _, aux = forward(lm, tokens)
+
+    @nnx.jit
+    def by_hand(lm, tokens):  # each MoE layer's aux from its own input, running the blocks by hand
+        x, per_layer = lm.embed(tokens), []
+        for block in lm.blocks:
+            h = block.ffn_norm(x + block.attn(block.attn_norm(x)))
+            if isinstance(block.ffn, jmoe.MoE):
+                per_layer.append(block.ffn(h)[1])
+            x, _ = block(x)
+        return per_layer
+
+    per_layer = by_hand(lm, tokens)
+    assert float(aux["load_balancing_loss"]) == pytest.approx(
+        sum(float(a["load_balancing_loss"]) for a in per_layer), rel=1e-6)
+    assert float(aux["z_loss"]) == pytest.approx(sum(float(a["z_loss"]) for a in per_layer), rel=1e-6)
+    assert aux["tokens_per_expert"].shape == (2, 4)
+    np.testing.assert_allclose(np.asarray(aux["tokens_per_expert"][1]), np.asarray(per_layer[1]["tokens_per_expert"]))
+    total = model_lib.total_loss(jnp.float32(2.0), aux, 0.01, 0.001)
+    assert float(total) == pytest.approx(2.0 + 0.01 * float(aux["load_balancing_loss"]) + 0.001 * float(aux["z_loss"]))
+
+
+def test_bf16_activations_keep_router_and_logits_float32():
+    lm = _tiny_lm(4, dtype=jnp.bfloat16)
+    tokens = jnp.zeros((1, 8), jnp.int32)
+    logits, aux = forward(lm, tokens)
+    assert logits.dtype == jnp.float32
+    moe = lm.blocks[1].ffn
+    assert moe.router_weight[...].dtype == jnp.float32
+    assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(nnx.state(lm, nnx.Param)))
+    assert np.isfinite(float(aux["load_balancing_loss"]))
+
+
+def test_active_params_count_k_of_e_experts():
+    lm = _tiny_lm(4)
+    dense = _tiny_lm(0)
+    # Same active size, up to the router [d, E]: one expert of width 64 replaces a dense FFN of width 64.
+    assert model_lib.active_params_per_token(lm) == model_lib.active_params_per_token(dense) + 32 * 4
+    assert model_lib.count_params(lm) == model_lib.count_params(dense) + 3 * (2 * 32 * 64) + 32 * 4
