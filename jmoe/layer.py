@@ -19,6 +19,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jmoe import dispatch as dispatch_lib
+from jmoe import parallel
 from jmoe import routing
 from jmoe.experts import ExpertBank
 
@@ -64,6 +65,15 @@ class MoE(nnx.Module):
       jitter: multiplicative router-input noise ``x * U(1 - jitter, 1 + jitter)``
         in train mode (Switch); 0 disables it.
       dtype: activation / expert compute dtype; param_dtype: expert weights.
+      mesh, hierarchical_a2a, a2a_chunks: expert parallelism
+        (:mod:`jmoe.parallel`). The mesh is ``mesh`` if given, else the ambient
+        one of ``jax.set_mesh``; when its ``expert_outer x expert`` (or
+        ``model``) size is > 1 the layer runs under ``jax.shard_map``: tokens
+        sharded over (data, expert_outer, expert), experts over the expert
+        axes, each expert's hidden dim over ``model``; same results as one
+        device. ``hierarchical_a2a``: two-step all-to-all (needs
+        ``expert_outer``); ``a2a_chunks``: split capacity into chunks to
+        overlap exchange and expert compute (must divide C).
       rngs: ``params`` stream for init; the ``router`` stream (falls back to
         ``default``) draws jitter and the GShard random policy in train mode.
     """
@@ -92,6 +102,9 @@ class MoE(nnx.Module):
         dtype=jnp.float32,
         param_dtype=jnp.float32,
         deterministic: bool = False,
+        mesh: jax.sharding.Mesh | None = None,
+        hierarchical_a2a: bool = False,
+        a2a_chunks: int = 1,
         rngs: nnx.Rngs,
     ):
         if router not in ROUTERS:
@@ -124,6 +137,7 @@ class MoE(nnx.Module):
         self.jitter = jitter
         self.dtype = dtype
         self.deterministic = deterministic
+        self.mesh, self.hierarchical_a2a, self.a2a_chunks = mesh, hierarchical_a2a, a2a_chunks
 
         self.router_weight = nnx.Param(
             nnx.initializers.lecun_normal()(rngs.params(), (d_model, num_experts), jnp.float32)
@@ -177,6 +191,10 @@ class MoE(nnx.Module):
             if token_mask.shape != x.shape[:-1]:
                 raise ValueError(f"token_mask must have shape {x.shape[:-1]}, got {token_mask.shape}")
             mask = token_mask.reshape(groups.shape[:2])
+        mesh = parallel.resolve_mesh(self.mesh)
+        if parallel.uses_mesh(mesh):  # expert parallelism under shard_map
+            y, aux = parallel.moe_layer_on_mesh(self, groups, mask, mesh)
+            return y.reshape(shape).astype(x.dtype), aux
         plan = self.route(groups, mask)
         backend = dispatch_lib.get_backend(self.dispatch)
         expert_in = backend.dispatch(groups.astype(self.dtype), plan)  # [E, G * C, d]

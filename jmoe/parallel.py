@@ -1,0 +1,530 @@
+"""Meshes and expert parallelism: ``jax.shard_map`` + ``jax.lax.all_to_all``.
+
+Mesh axes (names are fixed; a size-1 axis may be left out):
+
+* ``"data"``          tokens only (experts replicated): plain data parallelism;
+* ``"expert_outer"``  optional 2nd expert axis (hosts), for the hierarchical exchange;
+* ``"expert"``        experts *and* tokens: device i holds experts
+                      ``[i * E / n, (i + 1) * E / n)`` and a 1/n share of the groups;
+* ``"model"``         each expert's hidden dim f is split over it (tokens replicated).
+
+Expert parallelism (EP) on a mesh whose expert axes hold n = |expert_outer| x |expert|
+> 1 devices, per device (``G_l`` local groups, ``E_l = E / n`` local experts)::
+
+    x      [G_l, S, d]        tokens: P(("data", "expert_outer", "expert"))
+    plan = router(x @ W_r)    routed locally: capacity C per group is static, the same
+                              on every device, so no count exchange (and no hang)
+    dispatch     -> [E, G_l * C, d]
+    all_to_all   -> [E_l, n * G_l * C, d]   rows from every device, for my experts
+    experts         w_in [E_l, d, f/m], w_out [E_l, f/m, d]; psum over "model"
+    all_to_all   -> [E, G_l * C, d]         my tokens' results come home
+    combine      -> [G_l, S, d]
+
+Each expert's FFN acts row by row, so where a row sits in ``n * G_l * C`` does not
+matter: the result equals the one-device layer on the same groups (float rounding).
+Aux losses are means over groups / tokens: they are averaged over the token axes
+(``pmean``, weighted by each device's valid-token count where the loss is a
+masked mean), ``tokens_per_expert`` is summed (``psum``).
+
+Supported: E divisible by n (``E < #devices`` is fine when the rest of the devices
+go to ``"model"`` or ``"data"``); the number of groups divisible by
+``|data| x |expert_outer| x |expert|``. Anything else raises ``ValueError`` before
+compilation.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+
+from jmoe import dispatch as dispatch_lib
+from jmoe.experts import expert_ffn
+from jmoe.routing import RoutingPlan
+
+Array = jax.Array
+
+DATA, EXPERT_OUTER, EXPERT, MODEL = "data", "expert_outer", "expert", "model"
+AXES = (DATA, EXPERT_OUTER, EXPERT, MODEL)
+
+# jax.shard_map is public from jax 0.6; keep the experimental import as a fallback.
+try:
+    _shard_map = jax.shard_map
+except AttributeError:  # pragma: no cover
+    from jax.experimental.shard_map import shard_map as _shard_map
+
+
+# ----------------------------------------------------------------------------
+# Meshes
+# ----------------------------------------------------------------------------
+
+
+def make_mesh(
+    *,
+    expert: int | None = None,
+    data: int | None = None,
+    model: int = 1,
+    expert_outer: int | None = None,
+    devices: Sequence[jax.Device] | None = None,
+    axis_types: AxisType = AxisType.Auto,
+) -> Mesh:
+    """A mesh with axes ``("data", ["expert_outer",] "expert", "model")``.
+
+    ``data * expert_outer * expert * model`` must equal the number of devices
+    (default ``jax.devices()``, all processes). One of ``expert`` / ``data`` may
+    be left out and is filled in; with both left out, every device not used by
+    ``model`` / ``expert_outer`` goes to ``expert``. ``expert_outer`` (for the
+    hierarchical all-to-all: hosts x devices per host) appears only when given.
+
+    Axis types default to ``Auto``, so the mesh works with ``jax.set_mesh`` and
+    with Flax NNX ``out_sharding`` metadata on a user's own parameters (e.g.
+    ``nnx.Linear(..., kernel_metadata={"out_sharding": (None, "model")})``).
+
+    Example: ``make_mesh(expert=4)`` on 8 devices -> ``{data: 2, expert: 4, model: 1}``.
+    """
+    devices = list(jax.devices() if devices is None else devices)
+    num = len(devices)
+    outer = 1 if expert_outer is None else expert_outer
+    for name, size in (("expert", expert), ("data", data), ("model", model), ("expert_outer", outer)):
+        if size is not None and size < 1:
+            raise ValueError(f"mesh axis {name!r} must have size >= 1, got {size}")
+    rest = model * outer
+    if expert is None and data is None:
+        data = 1
+    if expert is None or data is None:
+        known = rest * (expert or data)
+        if num % known:
+            raise ValueError(
+                f"{num} devices cannot be split into model={model} x expert_outer={outer} x "
+                f"{'expert' if expert else 'data'}={expert or data} x something"
+            )
+        if expert is None:
+            expert = num // known
+        else:
+            data = num // known
+    if data * outer * expert * model != num:
+        raise ValueError(
+            f"mesh data={data} x expert_outer={outer} x expert={expert} x model={model} = "
+            f"{data * outer * expert * model} does not match the {num} devices"
+        )
+    shape = [data, expert, model]
+    names = [DATA, EXPERT, MODEL]
+    if expert_outer is not None:
+        shape.insert(1, expert_outer)
+        names.insert(1, EXPERT_OUTER)
+    device_array = np.asarray(devices, dtype=object).reshape(shape)
+    return Mesh(device_array, tuple(names), axis_types=(axis_types,) * len(names))
+
+
+def resolve_mesh(mesh: Mesh | None = None):
+    """``mesh`` if given, else the ambient mesh of ``jax.set_mesh`` (None if none)."""
+    if mesh is not None:
+        return mesh
+    ambient = jax.sharding.get_abstract_mesh()
+    if ambient is None or ambient.empty:
+        return None
+    return ambient
+
+
+def _axis_size(mesh, name: str) -> int:
+    return dict(mesh.shape).get(name, 1) if mesh is not None else 1
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshAxes:
+    """Which mesh axes play which role (only those in the mesh)."""
+
+    token_axes: tuple[str, ...]  # groups are sharded over these: data, expert_outer, expert
+    expert_axes: tuple[str, ...]  # experts are sharded over these: expert_outer, expert
+    model_axis: str | None  # the expert hidden dim f is sharded over this (None when size 1)
+
+    @classmethod
+    def of(cls, mesh) -> "MeshAxes":
+        names = tuple(mesh.axis_names)
+        return cls(
+            token_axes=tuple(a for a in (DATA, EXPERT_OUTER, EXPERT) if a in names),
+            expert_axes=tuple(a for a in (EXPERT_OUTER, EXPERT) if a in names),
+            model_axis=MODEL if _axis_size(mesh, MODEL) > 1 else None,  # size 1: nothing to split
+        )
+
+
+def expert_parallel_size(mesh) -> int:
+    """n = |expert_outer| x |expert| (1 without a mesh): how many ways experts are split."""
+    return _axis_size(mesh, EXPERT_OUTER) * _axis_size(mesh, EXPERT)
+
+
+def uses_mesh(mesh) -> bool:
+    """True when ``mesh`` asks for the sharded layer path (expert or model axis > 1)."""
+    return expert_parallel_size(mesh) * _axis_size(mesh, MODEL) > 1
+
+
+def expert_param_specs(params: dict, mesh) -> dict[str, P]:
+    """PartitionSpecs of the expert weights on ``mesh``.
+
+    ``w_in / w_gate [E, d, f]: P(expert_axes, None, "model")``,
+    ``w_out [E, f, d]: P(expert_axes, "model", None)``,
+    ``b_in [E, f]: P(expert_axes, "model")``, ``b_out [E, d]: P(expert_axes, None)``.
+    """
+    axes = MeshAxes.of(mesh)
+    e = axes.expert_axes or None
+    m = axes.model_axis
+    table = {"w_in": P(e, None, m), "w_gate": P(e, None, m), "w_out": P(e, m, None),
+             "b_in": P(e, m), "b_out": P(e, None)}
+    return {name: table[name] for name in params}
+
+
+def check_mesh(mesh, *, num_experts: int, num_groups: int, d_ff: int, hierarchical: bool = False) -> None:
+    """Raise a clear ``ValueError`` for a mesh / shape the EP path does not support."""
+    unknown = [a for a in mesh.axis_names if a not in AXES]
+    if unknown:
+        raise ValueError(f"mesh axes must be among {AXES}; got unknown axes {unknown} in {dict(mesh.shape)}")
+    n = expert_parallel_size(mesh)
+    if num_experts % n:
+        raise ValueError(
+            f"num_experts={num_experts} is not divisible by the expert-parallel size "
+            f"|expert_outer| x |expert| = {n} of mesh {dict(mesh.shape)}; use an expert axis "
+            f"that divides num_experts and give the other devices to 'model' or 'data'"
+        )
+    shards = math.prod(_axis_size(mesh, a) for a in (DATA, EXPERT_OUTER, EXPERT))
+    if num_groups % shards:
+        raise ValueError(
+            f"the number of groups G={num_groups} (batch x seq / group_size) is not divisible by "
+            f"|data| x |expert_outer| x |expert| = {shards} of mesh {dict(mesh.shape)}: every device "
+            f"must route whole groups of its own"
+        )
+    m = _axis_size(mesh, MODEL)
+    if d_ff % m:
+        raise ValueError(f"d_ff={d_ff} is not divisible by the 'model' axis size {m}")
+    if hierarchical and EXPERT_OUTER not in mesh.axis_names:
+        raise ValueError(
+            f"hierarchical all-to-all needs a mesh with an 'expert_outer' axis (make_mesh(expert_outer=...)), "
+            f"got axes {tuple(mesh.axis_names)}"
+        )
+
+
+def shard_moe_params(tree, mesh: Mesh):
+    """Place the ``jmoe.MoE`` layers' parameters in ``tree`` (an NNX module or state) on ``mesh``.
+
+    Expert weights get :func:`expert_param_specs`, everything else in an MoE
+    layer (the router weight) is replicated. Other variables are left as they
+    are (place them with their own ``out_sharding`` metadata). Returns nothing
+    for a module (updated in place), the new state for a state.
+    """
+    from flax import nnx
+
+    weight_names = ("w_in", "w_gate", "w_out", "b_in", "b_out")
+
+    def spec_for(path, value):
+        keys = [str(getattr(k, "key", getattr(k, "name", k))) for k in path]
+        if "experts" in keys:
+            names = [k for k in keys[keys.index("experts") + 1:] if k in weight_names]
+            if names:
+                return expert_param_specs({names[0]: None}, mesh)[names[0]]
+        if "router_weight" in keys:
+            return P()
+        return None
+
+    is_module = isinstance(tree, nnx.Module)
+    state = nnx.state(tree) if is_module else tree
+
+    def place(path, value):
+        spec = spec_for(path, value)
+        if spec is None or not hasattr(value, "shape"):
+            return value
+        return jax.device_put(value, NamedSharding(mesh, spec))
+
+    new_state = jax.tree_util.tree_map_with_path(place, state)
+    if is_module:
+        nnx.update(tree, new_state)
+        return None
+    return new_state
+
+
+# ----------------------------------------------------------------------------
+# The exchange
+# ----------------------------------------------------------------------------
+
+
+def _a2a(x: Array, axis) -> Array:
+    """Tiled all-to-all on the leading axis: block j goes to device j; block i of the
+    result came from device i (``all_to_all(split_axis=0, concat_axis=0, tiled=True)``)."""
+    return jax.lax.all_to_all(x, axis, 0, 0, tiled=True)
+
+
+def exchange_to_experts(x: Array, mesh_sizes: tuple[int, int], axes: MeshAxes, hierarchical: bool) -> Array:
+    """[E, N, d] rows for every expert -> [E_l, n * N, d] rows from every device for mine.
+
+    ``mesh_sizes = (n_o, n_i)``: sizes of ``expert_outer`` and ``expert``; n = n_o n_i;
+    expert block b = o * n_i + i lives on device (o, i).
+
+    Flat: one all-to-all over both expert axes. Hierarchical (Tutel 2DH): first
+    within ``expert`` (each message is the n_o blocks for one inner destination),
+    then across ``expert_outer`` (each message is n_i blocks), with a swap of the
+    two block axes before and after the first exchange; the result is the same.
+    """
+    n_o, n_i = mesh_sizes
+    n = n_o * n_i
+    num_experts, rows, d = x.shape
+    e_l = num_experts // n
+    if hierarchical:
+        x = x.reshape(n_o, n_i, e_l, rows, d)  # [dest o, dest i, E_l, N, d]
+        x = jnp.swapaxes(x, 0, 1)  # [dest i, dest o, E_l, N, d]: group by inner destination
+        x = _a2a(x, EXPERT)  # [src i, dest o, E_l, N, d]
+        x = jnp.swapaxes(x, 0, 1)  # [dest o, src i, E_l, N, d]
+        x = _a2a(x, EXPERT_OUTER)  # [src o, src i, E_l, N, d]
+        x = x.reshape(n, e_l, rows, d)  # [src, E_l, N, d]
+    else:
+        x = x.reshape(n, e_l, rows, d)  # [dest, E_l, N, d]
+        x = _a2a(x, axes.expert_axes)  # [src, E_l, N, d]
+    return jnp.swapaxes(x, 0, 1).reshape(e_l, n * rows, d)  # [E_l, n * N, d]
+
+
+def exchange_to_tokens(y: Array, mesh_sizes: tuple[int, int], axes: MeshAxes, hierarchical: bool) -> Array:
+    """Inverse of :func:`exchange_to_experts`: [E_l, n * N, d] -> [E, N, d]."""
+    n_o, n_i = mesh_sizes
+    n = n_o * n_i
+    e_l, total, d = y.shape
+    rows = total // n
+    y = jnp.swapaxes(y.reshape(e_l, n, rows, d), 0, 1)  # [src, E_l, N, d]
+    if hierarchical:
+        y = y.reshape(n_o, n_i, e_l, rows, d)  # [src o, src i, E_l, N, d]
+        y = _a2a(y, EXPERT_OUTER)  # [expert o, src i, E_l, N, d]
+        y = jnp.swapaxes(y, 0, 1)  # [src i, expert o, E_l, N, d]
+        y = _a2a(y, EXPERT)  # [expert i, expert o, E_l, N, d]
+        y = jnp.swapaxes(y, 0, 1)  # [expert o, expert i, E_l, N, d]
+    else:
+        y = _a2a(y, axes.expert_axes)  # [expert block, E_l, N, d]
+    return y.reshape(n * e_l, rows, d)  # [E, N, d]
+
+
+def local_expert_ffn(x: Array, params: dict[str, Array], activation: str, model_axis: str | None,
+                     model_size: int) -> Array:
+    """The experts on one device: x [E_l, N, d], hidden dim split over ``model``.
+
+    ``y = sum_over_model(act(x W_in[:, :, f_j]) W_out[:, f_j, :]) + b_out``: the
+    activation is elementwise in f, so each shard f_j computes its part and one
+    ``psum`` over ``model`` after the second matmul adds them up.
+    """
+    inner = {k: v for k, v in params.items() if k != "b_out"}
+    y = expert_ffn(x, inner, activation)  # [E_l, N, d], partial over model
+    if model_axis is not None and model_size > 1:
+        y = jax.lax.psum(y, model_axis)
+    if "b_out" in params:
+        y = y + params["b_out"][:, None, :]
+    return y
+
+
+# ----------------------------------------------------------------------------
+# The expert-parallel MoE function
+# ----------------------------------------------------------------------------
+
+
+def expert_parallel_moe(
+    groups: Array,
+    router_weight: Array,
+    expert_params: dict[str, Array],
+    plan_fn: Callable[[Array, Array | None, Array | None], RoutingPlan],
+    *,
+    backend: str,
+    activation: str,
+    mesh,
+    token_mask: Array | None = None,
+    router_noise: Array | None = None,
+    rng: Array | None = None,
+    assignments_per_token: int = 1,
+    hierarchical: bool = False,
+    a2a_chunks: int = 1,
+    compute_dtype=jnp.float32,
+) -> tuple[Array, dict[str, Array]]:
+    """The MoE layer on a mesh, as a pure function.
+
+    Args:
+      groups: [G, S, d] tokens (any sharding; resharded to the token axes).
+      router_weight: [d, E] float32, replicated.
+      expert_params: stacked expert weights (``w_in [E, d, f]``, ...), sharded by
+        :func:`expert_param_specs`.
+      plan_fn: ``(logits [G_l, S, E] float32, token_mask [G_l, S] | None, rng | None)
+        -> RoutingPlan``, run on each device's own groups.
+      backend: dispatch backend name (``einsum``, ``gather``, ...).
+      activation: expert activation.
+      mesh: a ``Mesh`` or ``AbstractMesh`` with the axes of :func:`make_mesh`.
+      token_mask: [G, S] bool, or None.
+      router_noise: [G, S, d] multiplicative router-input noise (jitter), or None;
+        drawn by the caller over the global shape so results match one device.
+      rng: PRNG key for plan_fn (GShard's random policy); each device folds in its
+        token-shard index, so its draws differ from one device's (same law).
+      assignments_per_token: requested assignments per valid token (k for
+        tokens_choose, 1 for experts_choose): the weight of each device's
+        ``dropped_fraction`` in the global mean.
+      hierarchical: two-step all-to-all (``expert`` then ``expert_outer``).
+      a2a_chunks: m; the capacity C is split into m chunks, each exchanged and
+        computed separately so chunk i's experts can overlap chunk i+1's exchange.
+        m must divide C.
+
+    Returns:
+      y [G, S, d] (sharded over the token axes), and the aux dict of
+      :meth:`RoutingPlan.aux` equal to the one-device values:
+      ``mean_over_devices`` for per-group means, valid-token-weighted means for
+      per-token means (z_loss, router_entropy), requested-weighted for
+      ``dropped_fraction``, ``psum`` for ``tokens_per_expert``.
+    """
+    num_groups, group_size, d = groups.shape
+    num_experts = router_weight.shape[1]
+    d_ff = expert_params["w_in"].shape[2]
+    check_mesh(mesh, num_experts=num_experts, num_groups=num_groups, d_ff=d_ff, hierarchical=hierarchical)
+    if a2a_chunks < 1:
+        raise ValueError(f"a2a_chunks must be >= 1, got {a2a_chunks}")
+    axes = MeshAxes.of(mesh)
+    sizes = (_axis_size(mesh, EXPERT_OUTER), _axis_size(mesh, EXPERT))
+    model_size = _axis_size(mesh, MODEL)
+    token_spec = P(axes.token_axes or None)
+    dispatch_fn = dispatch_lib.get_backend(backend)
+
+    def local(inputs, router_w, params):
+        x = inputs["groups"]  # [G_l, S, d]
+        mask = inputs.get("mask")  # [G_l, S] or None
+        router_in = x.astype(jnp.float32)
+        if "noise" in inputs:
+            router_in = router_in * inputs["noise"]
+        logits = router_in @ router_w  # [G_l, S, E] float32
+        key = inputs.get("rng")
+        if key is not None and axes.token_axes:
+            key = jax.random.fold_in(key, jax.lax.axis_index(axes.token_axes))
+        plan = plan_fn(logits, mask, key)
+        capacity = plan.capacity
+        if capacity % a2a_chunks:
+            raise ValueError(f"a2a_chunks={a2a_chunks} must divide the capacity C={capacity}")
+
+        expert_in = dispatch_fn.dispatch(x.astype(compute_dtype), plan)  # [E, G_l * C, d]
+        g_l = x.shape[0]
+        cc = capacity // a2a_chunks
+        chunks_in = expert_in.reshape(num_experts, g_l, a2a_chunks, cc, d)  # [E, G_l, m, C/m, d]
+        outs = []
+        for j in range(a2a_chunks):
+            xj = chunks_in[:, :, j].reshape(num_experts, g_l * cc, d)  # [E, G_l * C/m, d]
+            xj = exchange_to_experts(xj, sizes, axes, hierarchical)  # [E_l, n * G_l * C/m, d]
+            yj = local_expert_ffn(xj, params, activation, axes.model_axis, model_size)
+            yj = exchange_to_tokens(yj, sizes, axes, hierarchical)  # [E, G_l * C/m, d]
+            outs.append(yj.reshape(num_experts, g_l, 1, cc, d))
+        expert_out = jnp.concatenate(outs, axis=2).reshape(num_experts, g_l * capacity, d)  # [E, G_l * C, d]
+        y = dispatch_fn.combine(expert_out, plan)  # [G_l, S, d]
+
+        aux = _reduce_aux(plan, mask, axes.token_axes, assignments_per_token)
+        return y, aux
+
+    inputs = {"groups": groups}
+    specs = {"groups": token_spec}
+    if token_mask is not None:
+        inputs["mask"], specs["mask"] = token_mask, token_spec
+    if router_noise is not None:
+        inputs["noise"], specs["noise"] = router_noise, token_spec
+    if rng is not None:
+        inputs["rng"], specs["rng"] = rng, P()
+    param_specs = expert_param_specs(expert_params, mesh)
+    fn = _shard_map(
+        local, mesh=mesh,
+        in_specs=(specs, P(), param_specs),
+        out_specs=(token_spec, P()),  # aux: replicated
+    )
+    return fn(inputs, router_weight, expert_params)
+
+
+def _reduce_aux(plan: RoutingPlan, mask: Array | None, token_axes: tuple[str, ...],
+                assignments_per_token: int) -> dict[str, Array]:
+    """Per-device aux -> the one-device values (inside shard_map).
+
+    Per-group means (load balancing, padding, and any other aux value): ``pmean``
+    (same G_l everywhere).
+    Per-valid-token means (z_loss, entropy): ``psum(v_l * t_l) / psum(t_l)``.
+    dropped_fraction: ``psum(f_l * r_l) / psum(r_l)``, r_l = assignments_per_token * t_l.
+    tokens_per_expert: ``psum``.
+    """
+    aux = plan.aux()
+    if not token_axes:
+        return aux
+    if mask is None:
+        tokens = jnp.asarray(plan.num_groups * plan.group_size, jnp.float32)
+    else:
+        tokens = jnp.sum(mask.astype(jnp.float32))
+
+    def weighted(value, weight):
+        total = jax.lax.psum(weight, token_axes)
+        return jax.lax.psum(value * weight, token_axes) / jnp.maximum(total, 1.0)
+
+    if mask is None:
+        # Every device has the same weight: a plain mean (exactly one device's mean of means).
+        z, ent, dropped = (jax.lax.pmean(aux[k], token_axes) for k in ("z_loss", "router_entropy", "dropped_fraction"))
+    else:
+        z = weighted(aux["z_loss"], tokens)
+        ent = weighted(aux["router_entropy"], tokens)
+        dropped = weighted(aux["dropped_fraction"], tokens * assignments_per_token)
+    out = {name: jax.lax.pmean(value, token_axes) for name, value in aux.items()}  # per-group means
+    out.update(z_loss=z, router_entropy=ent, dropped_fraction=dropped,
+               tokens_per_expert=jax.lax.psum(aux["tokens_per_expert"], token_axes))
+    return out
+
+
+# ----------------------------------------------------------------------------
+# The adapter under jmoe.MoE
+# ----------------------------------------------------------------------------
+
+
+def moe_layer_on_mesh(module, groups: Array, token_mask: Array | None, mesh) -> tuple[Array, dict[str, Array]]:
+    """``jmoe.MoE``'s forward on a mesh: reads the layer's settings, draws its
+    randomness over the global shapes (so jitter matches one device), and calls
+    :func:`expert_parallel_moe`."""
+    import functools
+
+    from jmoe import routing
+
+    router = module.router
+    train = not module.deterministic
+    noise = None
+    if module.jitter > 0 and train:
+        noise = jax.random.uniform(
+            module.rngs(), groups.shape, minval=1.0 - module.jitter, maxval=1.0 + module.jitter
+        )  # [G, S, d]
+    capacity = module.capacity(groups.shape[1])
+    rng = None
+    if router == "experts_choose":
+        capacity = min(capacity, groups.shape[1])
+
+        def plan_fn(logits, mask, key):
+            return routing.experts_choose(logits, capacity=capacity, token_mask=mask)
+
+        per_token = 1
+    elif router == "tokens_choose":
+        use_random = module.second_expert_policy == "random" and train
+        if use_random:
+            rng = module.rngs()
+        plan_fn = functools.partial(
+            _tokens_choose_plan, k=module.k, capacity=capacity, priority=module.priority,
+            batch_prioritized=module.batch_prioritized, normalize=module.normalize,
+            policy="random" if use_random else "all",
+        )
+        per_token = module.k
+    else:
+        raise NotImplementedError(
+            f"router={router!r} has no expert-parallel path yet (supported: tokens_choose, experts_choose)"
+        )
+    return expert_parallel_moe(
+        groups, module.router_weight[...], module.experts.params(), plan_fn,
+        backend=module.dispatch, activation=module.experts.activation, mesh=mesh,
+        token_mask=token_mask, router_noise=noise, rng=rng, assignments_per_token=per_token,
+        hierarchical=getattr(module, "hierarchical_a2a", False),
+        a2a_chunks=getattr(module, "a2a_chunks", 1), compute_dtype=module.dtype,
+    )
+
+
+def _tokens_choose_plan(logits, mask, key, *, k, capacity, priority, batch_prioritized, normalize, policy):
+    from jmoe import routing
+
+    return routing.tokens_choose(
+        logits, k=k, capacity=capacity, priority=priority, batch_prioritized=batch_prioritized,
+        normalize=normalize, token_mask=mask, second_expert_policy=policy, rng=key,
+    )
