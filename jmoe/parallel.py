@@ -236,13 +236,36 @@ def shard_moe_params(tree, mesh: Mesh):
         spec = spec_for(path, value)
         if spec is None or not hasattr(value, "shape"):
             return value
-        return jax.device_put(value, NamedSharding(mesh, spec))
+        return to_global(value, mesh, spec)
 
     new_state = jax.tree_util.tree_map_with_path(place, state)
     if is_module:
         nnx.update(tree, new_state)
         return None
     return new_state
+
+
+def to_global(tree, mesh: Mesh, spec: P = P()):
+    """Every array leaf of ``tree`` as a global ``jax.Array`` with ``NamedSharding(mesh, spec)``.
+
+    Works across processes (``jax.distributed``): each process must hold the
+    same host value; it contributes the shards of its own devices
+    (``jax.make_array_from_callback``). PRNG key arrays are moved as key data.
+    """
+    sharding = NamedSharding(mesh, spec)
+
+    def place(value):
+        if not hasattr(value, "shape"):
+            return value
+        if isinstance(value, jax.Array) and jax.dtypes.issubdtype(value.dtype, jax.dtypes.prng_key):
+            data = place(jax.random.key_data(value))
+            return jax.random.wrap_key_data(data, impl=jax.random.key_impl(value))
+        if sharding.is_fully_addressable:
+            return jax.device_put(value, sharding)
+        host = np.asarray(value)
+        return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+
+    return jax.tree_util.tree_map(place, tree)
 
 
 # ----------------------------------------------------------------------------
