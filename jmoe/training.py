@@ -22,6 +22,7 @@ bits per byte ``= lm / ln 2`` (one token is one byte).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -166,13 +167,35 @@ class Setup:
     num_params: int
     active_params: int
     flops_per_token: float
+    init_fn: Callable = None  # jitted () -> (params, rngs_state), built with their shardings
+    train_step: Callable = None  # see make_train_step
+    eval_step: Callable = None  # see make_eval_step
+    next_logits: Callable = None  # see sample
 
 
 def setup(cfg: Config, mesh) -> tuple[Setup, dict]:
-    """Build the model abstractly, then its parameters directly with their shardings.
+    """The :class:`Setup` of ``cfg`` on ``mesh`` (cached, with its jitted functions) and the
+    initial params, initialised directly with their shardings."""
+    s = dataclasses.replace(_cached_setup(_compile_key(cfg), mesh), cfg=cfg)
+    return s, s.init_fn()[0]
 
-    Returns the :class:`Setup` and the initial params.
-    """
+
+# Keys that change nothing inside the compiled functions (data, logging, checkpointing, sampling, the
+# debug NaN step, which is a runtime argument): normalised away in the setup cache's key.
+RUN_ONLY_KEYS = ("data", "val_percent", "out_dir", "eval_every", "eval_batches", "log_every", "ckpt_every",
+                 "keep_ckpts", "nan_at_step", "distributed", "coordinator_address", "num_processes",
+                 "process_id", "prompt", "sample_len", "temperature", "top_k")
+
+
+def _compile_key(cfg: Config) -> Config:
+    defaults = Config()
+    return dataclasses.replace(cfg, **{k: getattr(defaults, k) for k in RUN_ONLY_KEYS})
+
+
+@functools.lru_cache(maxsize=4)
+def _cached_setup(cfg: Config, mesh) -> Setup:
+    """Build the model abstractly; the jitted functions are made once per (config, mesh), so a
+    second run of the same config in one process (a resumed run, an evaluation) compiles nothing."""
     def init():
         model = build_model(cfg, nnx.Rngs(params=cfg.seed, router=cfg.seed + 1))
         _, params, rest = nnx.split(model, nnx.Param, ...)
@@ -185,17 +208,19 @@ def setup(cfg: Config, mesh) -> tuple[Setup, dict]:
     abstract_model.train()
     abstract_params = nnx.to_pure_dict(abstract_state)
     shardings = param_shardings(mesh, abstract_params)
-    params, rest = jax.jit(init, out_shardings=(shardings, NamedSharding(mesh, P())))()
+    init_fn = jax.jit(init, out_shardings=(shardings, NamedSharding(mesh, P())))
     tx = make_optimizer(cfg)
     s = Setup(
-        cfg=cfg, mesh=mesh, graphdef=graphdef, eval_graphdef=eval_graphdef, rngs_state=rest,
+        cfg=cfg, mesh=mesh, graphdef=graphdef, eval_graphdef=eval_graphdef, rngs_state=init_fn()[1],
         abstract_params=abstract_params, param_shardings=shardings,
         opt_shardings=opt_state_shardings(mesh, tx, abstract_params, shardings), tx=tx,
         num_params=model_lib.count_params(abstract_model),
         active_params=model_lib.active_params_per_token(abstract_model),
         flops_per_token=model_lib.flops_per_token(abstract_model, cfg.seq_len),
+        init_fn=init_fn,
     )
-    return s, params
+    s.train_step, s.eval_step, s.next_logits = make_train_step(s), make_eval_step(s), make_next_logits(s)
+    return s
 
 
 def opt_state_shardings(mesh, tx, abstract_params: dict, shardings: dict):
@@ -236,7 +261,9 @@ def fold_rngs(rngs_state, step: Array):
 
 
 def make_train_step(s: Setup) -> Callable:
-    """``step_fn(params, opt_state, step, inputs, targets) -> (params, opt_state, metrics)``, jitted.
+    """``step_fn(params, opt_state, step, inputs, targets, nan_at_step) -> (params, opt_state, metrics)``,
+    jitted. ``nan_at_step`` (a debug hook for the non-finite-loss path) makes step ``step == nan_at_step``'s
+    loss NaN; -1 never does.
 
     Metrics (device arrays): ``loss`` (total), ``lm_loss``, ``bits_per_byte``,
     ``load_balancing_loss`` and ``z_loss`` (summed over layers), ``grad_norm``,
@@ -245,18 +272,17 @@ def make_train_step(s: Setup) -> Callable:
     """
     cfg, schedule = s.cfg, make_schedule(s.cfg)
 
-    def loss_fn(params, rngs_state, step, inputs, targets):
+    def loss_fn(params, rngs_state, step, inputs, targets, nan_at_step):
         model = nnx.merge(s.graphdef, params, fold_rngs(rngs_state, step))
         logits, aux = model(inputs)  # [B, S, V]
         lm = model_lib.lm_loss(logits, targets)
         loss = model_lib.total_loss(lm, aux, cfg.lb_weight, cfg.z_weight)
-        if cfg.nan_at_step >= 0:  # debug hook for the non-finite-loss path
-            loss = loss * jnp.where(step == cfg.nan_at_step, jnp.nan, 1.0)
+        loss = loss * jnp.where(step == nan_at_step, jnp.nan, 1.0)
         return loss, (lm, aux)
 
-    def step_fn(params, opt_state, step, inputs, targets):
+    def step_fn(params, opt_state, step, inputs, targets, nan_at_step):
         (loss, (lm, aux)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-            params, s.rngs_state, step, inputs, targets
+            params, s.rngs_state, step, inputs, targets, nan_at_step
         )
         updates, opt_state = s.tx.update(grads, opt_state, params)
         params = optax.apply_updates(params, updates)
@@ -271,7 +297,7 @@ def make_train_step(s: Setup) -> Callable:
     data = batch_sharding(s.mesh)
     return jax.jit(
         step_fn,
-        in_shardings=(s.param_shardings, s.opt_shardings, repl, data, data),
+        in_shardings=(s.param_shardings, s.opt_shardings, repl, data, data, repl),
         out_shardings=(s.param_shardings, s.opt_shardings, repl),
         donate_argnums=(0, 1),
     )
@@ -288,6 +314,18 @@ def make_eval_step(s: Setup) -> Callable:
     return jax.jit(eval_fn, in_shardings=(s.param_shardings, data, data), out_shardings=NamedSharding(s.mesh, P()))
 
 
+def make_next_logits(s: Setup) -> Callable:
+    """``next_logits(params, window [1, S] int32, last) -> [V]``: eval-mode logits at position
+    ``last``; positions after ``last`` are padding (masked out of the MoE routing)."""
+    def next_logits(params, window, last):
+        model = nnx.merge(s.eval_graphdef, params, s.rngs_state)
+        mask = jnp.arange(window.shape[1])[None, :] <= last  # [1, S]
+        logits, _ = model(window, mask)  # [1, S, V]
+        return logits[0, last]  # [V]
+
+    return jax.jit(next_logits)
+
+
 def global_batch(s: Setup, local: tuple[np.ndarray, np.ndarray]) -> tuple[Array, Array]:
     """This process's rows -> global [B, S] arrays sharded over the mesh."""
     sharding = batch_sharding(s.mesh)
@@ -295,14 +333,14 @@ def global_batch(s: Setup, local: tuple[np.ndarray, np.ndarray]) -> tuple[Array,
     return tuple(jax.make_array_from_process_local_data(sharding, x, shape) for x in local)
 
 
-def evaluate(s: Setup, eval_fn, params, val: np.ndarray) -> dict[str, Any]:
+def evaluate(s: Setup, params, val: np.ndarray) -> dict[str, Any]:
     """Mean validation loss over ``eval_batches`` fixed batches; ``val_bpb = val_loss / ln 2``."""
     cfg = s.cfg
     losses, drops = [], []
     for i in range(cfg.eval_batches):
         local = data_lib.val_batch(val, i, cfg.eval_batches, cfg.batch_size, cfg.seq_len,
                                    jax.process_index(), jax.process_count())
-        out = eval_fn(params, *global_batch(s, local))
+        out = s.eval_step(params, *global_batch(s, local))
         losses.append(out["lm_loss"])
         drops.append(out["dropped_fraction"])
     losses, drops = jax.device_get((losses, drops))
@@ -540,9 +578,8 @@ def train(cfg: Config, out_dir: str, *, print_fn=print, plots: bool = True, stop
     say(f"{s.num_params / 1e6:.2f}M parameters ({s.active_params / 1e6:.2f}M active/token), "
         f"mesh {dict(mesh.shape)}, data {corpus.source} ({len(corpus.train) / 1e6:.1f}M train bytes)")
 
-    train_step, eval_step = make_train_step(s), make_eval_step(s)
     if start == 0:
-        ev = evaluate(s, eval_step, params, corpus.val)
+        ev = evaluate(s, params, corpus.val)
         log.write({"kind": "eval", "step": 0, **ev})
         say(f"step {0:>6} | val loss {ev['val_loss']:.4f} | val bpb {ev['val_bpb']:.3f}")
     pending: list[tuple[int, dict]] = []
@@ -576,7 +613,8 @@ def train(cfg: Config, out_dir: str, *, print_fn=print, plots: bool = True, stop
     for i in range(start, cfg.steps):
         local = data_lib.train_batch(corpus.train, cfg.seed, i, cfg.batch_size, cfg.seq_len,
                                      jax.process_index(), jax.process_count())
-        params, opt_state, metrics = train_step(params, opt_state, jnp.int32(i), *global_batch(s, local))
+        params, opt_state, metrics = s.train_step(params, opt_state, jnp.int32(i), *global_batch(s, local),
+                                                  jnp.int32(cfg.nan_at_step))
         done = i + 1
         pending.append((done, metrics))
         first = clock is None
@@ -588,7 +626,7 @@ def train(cfg: Config, out_dir: str, *, print_fn=print, plots: bool = True, stop
             rec = flush()  # the first flush (after compilation) starts the tokens/s clock
             say(progress_line(done, cfg.steps, rec))
         if at_eval:
-            ev = evaluate(s, eval_step, params, corpus.val)
+            ev = evaluate(s, params, corpus.val)
             log.write({"kind": "eval", "step": done, **ev})
             history["eval"].append({"step": done, **ev})
             say(f"step {done:>6} | val loss {ev['val_loss']:.4f} | val bpb {ev['val_bpb']:.3f}")
@@ -624,8 +662,8 @@ def load_for_inference(out_dir: str, *, expert_parallel: int = 1, num_devices: i
     saved = read_checkpoint_config(mgr, step)
     cfg = dataclasses.replace(Config(**saved), expert_parallel=expert_parallel, num_devices=num_devices)
     mesh = make_mesh(expert_parallel, num_devices)
-    s, fresh = setup(cfg, mesh)
-    params, _ = restore_checkpoint(mgr, step, _abstract(fresh))
+    s = dataclasses.replace(_cached_setup(_compile_key(cfg), mesh), cfg=cfg)
+    params, _ = restore_checkpoint(mgr, step, _abstract(s.abstract_params, s.param_shardings))
     mgr.close()
     return s, params, step
 
@@ -636,20 +674,13 @@ def sample(s: Setup, params, prompt: str, length: int, temperature: float = 0.8,
     last ``seq_len`` bytes, a static-shape window, so one compiled function serves every position)."""
     seq_len = s.cfg.seq_len
     repl = NamedSharding(s.mesh, P())
-
-    @jax.jit
-    def next_logits(params, window, last):  # window [1, S] int32, last: index of the newest byte
-        model = nnx.merge(s.eval_graphdef, params, s.rngs_state)
-        logits, _ = model(window)  # [1, S, V]
-        return logits[0, last]  # [V]
-
     tokens = list(data_lib.encode(prompt)) or [ord("\n")]
     rng = np.random.default_rng(seed)
     for _ in range(length):
         ctx = tokens[-seq_len:]
         window = np.zeros((1, seq_len), np.int32)
         window[0, :len(ctx)] = ctx  # right padding is invisible to the causal model
-        logits = np.asarray(next_logits(params, jax.device_put(window, repl), len(ctx) - 1), np.float64)
+        logits = np.asarray(s.next_logits(params, jax.device_put(window, repl), len(ctx) - 1), np.float64)
         if temperature <= 0:
             tokens.append(int(np.argmax(logits)))
             continue

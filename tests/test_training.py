@@ -97,14 +97,14 @@ def test_checkpoint_from_expert_parallel_mesh_restores_on_one_device(text_file, 
     s, params, step = training.load_for_inference(out, num_devices=1)
     assert step == 3 and s.mesh.size == 1
     corpus = data_lib.load_corpus(text_file, cfg.val_percent)
-    val_1 = training.evaluate(s, training.make_eval_step(s), params, corpus.val)["val_loss"]
+    val_1 = training.evaluate(s, params, corpus.val)["val_loss"]
     assert val_1 == pytest.approx(val_8, rel=1e-5)
     np.testing.assert_allclose(np.asarray(params["blocks"][1]["ffn"]["experts"]["w_in"]), np.asarray(w), rtol=0)
 
 
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(text_file, tmp_path):
     out = str(tmp_path / "run_nan")
-    cfg = micro(text_file, steps=10, ckpt_every=2, nan_at_step=4)  # step index 4 = the 5th step
+    cfg = micro(text_file, ckpt_every=2, nan_at_step=4)  # step index 4 = the 5th step
     with pytest.raises(training.NonFiniteLossError, match="step 5.*last good checkpoint is step 4"):
         training.train(cfg, out, print_fn=lambda *a: None, plots=False)
     s, params, step = training.load_for_inference(out, num_devices=1)
