@@ -207,6 +207,10 @@ def main(argv=None) -> list[dict]:
     if args.only:
         workloads = [w for w in workloads if args.only in w.name]
     dtype = jnp.dtype(args.dtype)
+    path = None
+    if args.out:
+        os.makedirs(args.out, exist_ok=True)
+        path = os.path.join(args.out, f"bench_layer_{args.suite}_{args.scale}.json")
     rows = []
     for w in workloads:
         for backend in args.backends.split(","):
@@ -214,14 +218,13 @@ def main(argv=None) -> list[dict]:
             r = rows[-1]
             print(f"  {w.name} {backend}: fwd {r['fwd_ms']:.2f} ms, fwd+bwd {r['fwd_bwd_ms']:.2f} ms "
                   f"({r['fwd_bwd_over_floor']:.2f}x floor)", flush=True)
+            if path:  # after every row, so a run cut short by a time limit keeps what it measured
+                with open(path, "w") as f:
+                    json.dump({"machine": machine(), "args": vars(args), "rows": rows}, f, indent=1)
     print()
     print(json.dumps(machine()))
     print_table(rows)
-    if args.out:
-        os.makedirs(args.out, exist_ok=True)
-        path = os.path.join(args.out, f"bench_layer_{args.suite}_{args.scale}.json")
-        with open(path, "w") as f:
-            json.dump({"machine": machine(), "args": vars(args), "rows": rows}, f, indent=1)
+    if path:
         print(f"wrote {path}")
     return rows
 
