@@ -40,11 +40,11 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from jmoe import data as data_lib
 from jmoe import model as model_lib
+from jmoe import parallel
 from jmoe.config import Config
 
 Array = jax.Array
 LN2 = math.log(2.0)
-MESH_AXES = ("data", "expert")
 
 
 class NonFiniteLossError(RuntimeError):
@@ -80,10 +80,10 @@ def maybe_initialize_distributed(mode: str, coordinator_address: str = "", num_p
 
 
 def make_mesh(expert_parallel: int = 1, num_devices: int = 0) -> jax.sharding.Mesh:
-    """A ``(data, expert)`` mesh over the first ``num_devices`` devices (0 = all).
-
-    ``expert`` has size ``expert_parallel``; ``data`` takes the rest. The batch is
-    split over both axes; expert weights ``[E, ...]`` are split over ``expert``.
+    """The training mesh over the first ``num_devices`` devices (0 = all, every process):
+    :func:`jmoe.parallel.make_mesh` with ``expert=expert_parallel`` and ``data`` the rest
+    (``model`` 1). The batch is split over (data, expert); with ``expert > 1`` the MoE layers run
+    expert-parallel (shard_map + all_to_all) and their expert weights are split over ``expert``.
     """
     devices = jax.devices()
     n = num_devices or len(devices)
@@ -91,25 +91,21 @@ def make_mesh(expert_parallel: int = 1, num_devices: int = 0) -> jax.sharding.Me
         raise ValueError(f"num_devices={n} but only {len(devices)} devices are available")
     if n % expert_parallel:
         raise ValueError(f"{n} devices cannot form an expert axis of size {expert_parallel}")
-    grid = np.asarray(devices[:n]).reshape(n // expert_parallel, expert_parallel)
-    return jax.sharding.Mesh(grid, MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * 2)
+    return parallel.make_mesh(expert=expert_parallel, data=n // expert_parallel, devices=devices[:n])
 
 
 def batch_sharding(mesh) -> NamedSharding:
-    """Batch rows split over every mesh axis: ``P(("data", "expert"))``."""
-    return NamedSharding(mesh, P(MESH_AXES))
+    """Batch rows split over the token axes: ``P(("data", "expert"))``."""
+    return NamedSharding(mesh, P(parallel.MeshAxes.of(mesh).token_axes))
 
 
 def param_shardings(mesh, params: dict) -> dict:
-    """Expert weights (a path through ``experts``, leading dim E) split over ``expert``; the rest replicated."""
-    ep = mesh.shape["expert"]
-
+    """Expert weights (paths through ``experts``) per :func:`jmoe.parallel.expert_param_specs`;
+    everything else replicated."""
     def spec(path, x):
         keys = [getattr(k, "key", None) for k in path]
-        if "experts" in keys and ep > 1:
-            if x.shape[0] % ep:
-                raise ValueError(f"{x.shape[0]} experts cannot be split over an expert axis of size {ep}")
-            return NamedSharding(mesh, P("expert"))
+        if "experts" in keys and keys[-1] in ("w_in", "w_gate", "w_out", "b_in", "b_out"):
+            return NamedSharding(mesh, parallel.expert_param_specs({keys[-1]: x}, mesh)[keys[-1]])
         return NamedSharding(mesh, P())
 
     return jax.tree_util.tree_map_with_path(spec, params)
@@ -120,12 +116,15 @@ def param_shardings(mesh, params: dict) -> dict:
 # ----------------------------------------------------------------------------
 
 
-def build_model(cfg: Config, rngs: nnx.Rngs) -> model_lib.LM:
-    """The LM described by ``cfg`` (vocabulary 256: bytes)."""
+def build_model(cfg: Config, rngs: nnx.Rngs, mesh=None) -> model_lib.LM:
+    """The LM described by ``cfg`` (vocabulary 256: bytes); MoE layers run expert-parallel on ``mesh``
+    when its expert axis is > 1."""
     moe_kwargs = dict(
         k=cfg.k, capacity_factor=cfg.capacity_factor, eval_capacity_factor=cfg.eval_capacity_factor,
         router=cfg.router, dispatch=cfg.dispatch, jitter=cfg.jitter, group_size=cfg.group_size or None,
     )
+    if mesh is not None and parallel.uses_mesh(mesh):
+        moe_kwargs["mesh"] = mesh
     return model_lib.LM(
         vocab_size=data_lib.VOCAB_SIZE, d_model=cfg.d_model, num_layers=cfg.num_layers,
         num_heads=cfg.num_heads, d_ff=cfg.d_ff, num_experts=cfg.num_experts,
@@ -197,11 +196,11 @@ def _cached_setup(cfg: Config, mesh) -> Setup:
     """Build the model abstractly; the jitted functions are made once per (config, mesh), so a
     second run of the same config in one process (a resumed run, an evaluation) compiles nothing."""
     def init():
-        model = build_model(cfg, nnx.Rngs(params=cfg.seed, router=cfg.seed + 1))
+        model = build_model(cfg, nnx.Rngs(params=cfg.seed, router=cfg.seed + 1), mesh)
         _, params, rest = nnx.split(model, nnx.Param, ...)
         return nnx.to_pure_dict(params), rest
 
-    abstract_model = nnx.eval_shape(lambda: build_model(cfg, nnx.Rngs(params=cfg.seed, router=cfg.seed + 1)))
+    abstract_model = nnx.eval_shape(lambda: build_model(cfg, nnx.Rngs(params=cfg.seed, router=cfg.seed + 1), mesh))
     graphdef, abstract_state, _ = nnx.split(abstract_model, nnx.Param, ...)
     abstract_model.eval()
     eval_graphdef = nnx.split(abstract_model, nnx.Param, ...)[0]

@@ -16,6 +16,7 @@ import pytest
 
 from jmoe import config as config_lib
 from jmoe import data as data_lib
+from jmoe import parallel
 from jmoe import training
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -89,7 +90,8 @@ def test_checkpoint_from_expert_parallel_mesh_restores_on_one_device(text_file, 
     out = str(tmp_path / "run_ep")
     cfg = micro(text_file, steps=3, num_devices=8, expert_parallel=4, eval_every=3, ckpt_every=3)
     result = training.train(cfg, out, print_fn=lambda *a: None, plots=False)
-    assert dict(result["setup"].mesh.shape) == {"data": 2, "expert": 4}
+    assert dict(result["setup"].mesh.shape) == {"data": 2, "expert": 4, "model": 1}
+    assert parallel.uses_mesh(result["setup"].mesh)  # the MoE layers ran expert-parallel (shard_map)
     w = result["params"]["blocks"][1]["ffn"]["experts"]["w_in"]
     assert w.sharding.spec[0] == "expert"  # experts really were split over the expert axis
     val_8 = losses(os.path.join(out, "metrics.jsonl"), "eval", "val_loss")[3]
