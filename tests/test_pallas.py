@@ -30,6 +30,14 @@ from jmoe.pallas.dispatch import (
     pallas_dispatch,
 )
 
+@pytest.fixture(autouse=True)
+def _exact_float32_matmuls():
+    """The gather / einsum references contract with einsum: on a GPU a float32
+    einsum may run in TF32 by default, which is not the comparison we want."""
+    with jax.default_matmul_precision("highest"):
+        yield
+
+
 # Small tiles so that a few rows / columns already span several blocks and
 # partial (masked) tiles.
 SMALL = kernels.KernelConfig(block_rows=8, block_d=8)
