@@ -500,7 +500,14 @@ def _reduce_aux(plan: RoutingPlan, mask: Array | None, token_axes: tuple[str, ..
 def moe_layer_on_mesh(module, groups: Array, token_mask: Array | None, mesh) -> tuple[Array, dict[str, Array]]:
     """``jmoe.MoE``'s forward on a mesh: reads the layer's settings, draws its
     randomness over the global shapes (so jitter matches one device), and calls
-    :func:`expert_parallel_moe`."""
+    :func:`expert_parallel_moe`.
+
+    Supported routers: ``tokens_choose`` (all options; GShard's random policy
+    draws per device, so not the one-device draws) and ``experts_choose``.
+    A dropless layer (``capacity_factor=None``) runs here with capacity =
+    group_size: same output, but padded slots are computed and exchanged, and
+    ``padding_fraction`` reports them.
+    """
     import functools
 
     from jmoe import routing
@@ -531,6 +538,12 @@ def moe_layer_on_mesh(module, groups: Array, token_mask: Array | None, mesh) -> 
             policy="random" if use_random else "all",
         )
         per_token = module.k
+    elif router == "noisy_top_k":
+        raise NotImplementedError(
+            "router='noisy_top_k' has no expert-parallel path yet: its importance / load losses are "
+            "CV^2 over the whole batch, which needs a psum of the [E] importance and load vectors "
+            "inside jmoe.noisy; use tokens_choose / experts_choose on a mesh"
+        )
     else:
         raise NotImplementedError(
             f"router={router!r} has no expert-parallel path yet (supported: tokens_choose, experts_choose)"
