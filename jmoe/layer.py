@@ -19,13 +19,14 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jmoe import dispatch as dispatch_lib
+from jmoe import noisy
 from jmoe import parallel
 from jmoe import routing
 from jmoe.experts import ExpertBank
 
 Array = jax.Array
 
-ROUTERS = ("tokens_choose", "experts_choose")
+ROUTERS = ("tokens_choose", "experts_choose", "noisy_top_k")
 
 
 def group_tokens(x: Array, group_size: int | None) -> tuple[Array, tuple[int, ...]]:
@@ -55,7 +56,12 @@ class MoE(nnx.Module):
       capacity_factor / eval_capacity_factor: train / eval capacity factors.
       min_capacity, capacity_multiple_of: see :func:`jmoe.routing.expert_capacity`.
       group_size: tokens per routing group (default: the sequence length).
-      router: ``"tokens_choose"`` (Switch/GShard/top-k) or ``"experts_choose"``.
+      router: ``"tokens_choose"`` (Switch/GShard/top-k), ``"experts_choose"``
+        or ``"noisy_top_k"`` (Shazeer et al. 2017, :mod:`jmoe.noisy`: a second
+        float32 weight ``noise_weight`` [d, E], zero-initialised as in the
+        paper; Gaussian noise ``eps * softplus(x W_noise)`` on the logits in
+        train mode only; combine weights = softmax over the noisy top k, so
+        ``normalize`` has no effect; ``second_expert_policy`` must be "all").
       activation: ``relu``, ``gelu``, ``swiglu``, ``geglu``.
       use_bias: biases in the expert FFNs.
       dispatch: ``"auto"`` (pallas on GPU when available, else gather),
@@ -64,6 +70,11 @@ class MoE(nnx.Module):
         options of :func:`jmoe.routing.tokens_choose`.
       jitter: multiplicative router-input noise ``x * U(1 - jitter, 1 + jitter)``
         in train mode (Switch); 0 disables it.
+      importance_loss_weight, load_loss_weight: coefficients (>= 0) of the
+        noisy top-k importance and load losses (``aux["importance_loss"]``,
+        ``aux["load_loss"]``, already weighted). Default None: the paper's 0.1
+        for ``router="noisy_top_k"``; other routers report both losses as 0
+        and reject a non-zero coefficient.
       dtype: activation / expert compute dtype; param_dtype: expert weights.
       mesh, hierarchical_a2a, a2a_chunks: expert parallelism
         (:mod:`jmoe.parallel`). The mesh is ``mesh`` if given, else the ambient
@@ -99,6 +110,8 @@ class MoE(nnx.Module):
         normalize: bool = False,
         second_expert_policy: str = "all",
         jitter: float = 0.0,
+        importance_loss_weight: float | None = None,
+        load_loss_weight: float | None = None,
         dtype=jnp.float32,
         param_dtype=jnp.float32,
         deterministic: bool = False,
@@ -124,6 +137,16 @@ class MoE(nnx.Module):
             raise ValueError(f"second_expert_policy='random' needs k=2, got k={k}")
         if not 0.0 <= jitter < 1.0:
             raise ValueError(f"jitter must be in [0, 1), got {jitter}")
+        if router == "noisy_top_k" and second_expert_policy != "all":
+            raise ValueError(f"router='noisy_top_k' needs second_expert_policy='all', got {second_expert_policy!r}")
+        noisy_weights = {}
+        for name, weight in (("importance_loss_weight", importance_loss_weight), ("load_loss_weight", load_loss_weight)):
+            if weight is not None and not weight >= 0:
+                raise ValueError(f"{name} must be >= 0, got {weight}")
+            if weight and router != "noisy_top_k":
+                raise ValueError(f"{name}={weight} needs router='noisy_top_k', got router={router!r}")
+            default = 0.1 if router == "noisy_top_k" else 0.0
+            noisy_weights[name] = float(default if weight is None else weight)
         dispatch_lib.resolve_backend(dispatch)  # fails early on an unknown name
 
         self.d_model, self.d_ff, self.num_experts, self.k = d_model, d_ff, num_experts, k
@@ -135,6 +158,8 @@ class MoE(nnx.Module):
         self.priority, self.batch_prioritized = priority, batch_prioritized
         self.normalize, self.second_expert_policy = normalize, second_expert_policy
         self.jitter = jitter
+        self.importance_loss_weight = noisy_weights["importance_loss_weight"]
+        self.load_loss_weight = noisy_weights["load_loss_weight"]
         self.dtype = dtype
         self.deterministic = deterministic
         self.mesh, self.hierarchical_a2a, self.a2a_chunks = mesh, hierarchical_a2a, a2a_chunks
@@ -142,6 +167,8 @@ class MoE(nnx.Module):
         self.router_weight = nnx.Param(
             nnx.initializers.lecun_normal()(rngs.params(), (d_model, num_experts), jnp.float32)
         )
+        if router == "noisy_top_k":
+            self.noise_weight = nnx.Param(jnp.zeros((d_model, num_experts), jnp.float32))  # W_noise
         self.experts = ExpertBank(
             num_experts, d_model, d_ff, activation=activation, use_bias=use_bias,
             dtype=dtype, param_dtype=param_dtype, rngs=rngs,
@@ -169,6 +196,14 @@ class MoE(nnx.Module):
         if self.router == "experts_choose":
             capacity = min(capacity, groups.shape[1])  # an expert takes each token at most once
             return routing.experts_choose(logits, capacity=capacity, token_mask=token_mask)
+        if self.router == "noisy_top_k":
+            noise_logits = router_in @ self.noise_weight[...]  # [G, S, E] float32
+            return noisy.noisy_top_k(
+                logits, noise_logits, k=self.k, capacity=capacity,
+                rng=None if self.deterministic else self.rngs(),
+                importance_weight=self.importance_loss_weight, load_weight=self.load_loss_weight,
+                priority=self.priority, batch_prioritized=self.batch_prioritized, token_mask=token_mask,
+            )
         use_random = self.second_expert_policy == "random" and not self.deterministic
         return routing.tokens_choose(
             logits, k=self.k, capacity=capacity, priority=self.priority,

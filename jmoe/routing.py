@@ -121,6 +121,9 @@ class RoutingPlan:
       tokens_per_expert: [E] float32, kept assignments per expert, summed over groups.
       padding_fraction: scalar, empty slots / (G * E * C).
       router_entropy: scalar, mean over tokens of ``-sum_e p_e log p_e``.
+      importance_loss, load_loss: scalars, the noisy top-k losses of
+        :mod:`jmoe.noisy` (already weighted); 0 for every other router, so
+        ``aux()`` has the same keys whatever the router.
     """
 
     slot_token: Array
@@ -133,6 +136,8 @@ class RoutingPlan:
     tokens_per_expert: Array
     padding_fraction: Array
     router_entropy: Array
+    importance_loss: Array | float = 0.0
+    load_loss: Array | float = 0.0
 
     @property
     def num_groups(self) -> int:
@@ -173,6 +178,8 @@ class RoutingPlan:
             "tokens_per_expert": self.tokens_per_expert,
             "padding_fraction": self.padding_fraction,
             "router_entropy": self.router_entropy,
+            "importance_loss": jnp.asarray(self.importance_loss, jnp.float32),
+            "load_loss": jnp.asarray(self.load_loss, jnp.float32),
         }
 
 

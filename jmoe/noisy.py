@@ -1,0 +1,238 @@
+"""Noisy top-k gating (Shazeer et al. 2017) and its importance and load losses.
+
+Pure functions of router logits; nothing here knows about Flax. With the gate
+weight ``W_g`` and the noise weight ``W_noise`` (both ``[d, E]``, float32), a
+token x has
+
+* clean logits        ``c(x) = x W_g``                                  [E]
+* noise scale         ``sigma(x) = softplus(x W_noise)``                [E]
+* noisy logits        ``H(x)_i = c(x)_i + eps_i * sigma(x)_i``, ``eps ~ N(0, 1)``
+  drawn in train mode only (without noise ``H = c``);
+* gates               ``G(x) = softmax(KeepTopK(H(x), k))``, ``KeepTopK`` leaving
+  the k largest entries and setting the rest to -inf (ties: lower expert index),
+  so G is the softmax over the k kept experts and exactly 0 elsewhere.
+
+Losses, over every valid token of the batch (all groups together):
+
+* ``Importance_i = sum_x G(x)_i``;
+  ``importance_loss = w_importance * CV(Importance)^2``;
+* ``P(x, i) = Phi((c(x)_i - kth_excluding(H(x), k, i)) / sigma(x)_i)``: the
+  probability that expert i is among the noisy top k when only ``eps_i`` is
+  redrawn (the other components of H kept), ``kth_excluding(v, k, i)`` the k-th
+  largest entry of v with component i left out, Phi the standard normal CDF;
+  ``Load_i = sum_x P(x, i)`` (a smooth estimate of how many tokens pick i);
+  ``load_loss = w_load * CV(Load)^2``. Gradients reach ``W_noise`` through it.
+* ``CV(v)^2 = Var(v) / (Mean(v)^2 + 1e-10)`` over the E experts, with the
+  population variance (divide by E); the epsilon keeps an all-zero v at 0.
+
+:func:`noisy_top_k` builds a :class:`~jmoe.routing.RoutingPlan` by handing
+``KeepTopK(H, k)`` to :func:`jmoe.routing.tokens_choose`: its float32 softmax is
+exactly G(x), so the combine weights are the paper's gates and the slots go
+through the same capacity / priority machinery as every other router.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.scipy.stats import norm
+
+from jmoe import routing
+
+Array = jax.Array
+
+CV_EPSILON = 1e-10
+"""Added to ``Mean^2`` in :func:`cv_squared` (the paper's code uses the same)."""
+
+MIN_NOISE_STD = 1e-6
+"""Lower bound on ``sigma`` where :func:`prob_in_top_k` divides by it (softplus can underflow to 0)."""
+
+
+def noise_std(noise_logits: Array) -> Array:
+    """``sigma = softplus(x W_noise)`` in float32, same shape as the input."""
+    return jax.nn.softplus(noise_logits.astype(jnp.float32))
+
+
+def noisy_logits(clean_logits: Array, noise_logits: Array, eps: Array | None) -> Array:
+    """``H = clean + eps * softplus(noise_logits)`` in float32; ``H = clean`` when eps is None.
+
+    Args:
+      clean_logits: [..., E], ``x W_g``.
+      noise_logits: [..., E], ``x W_noise``.
+      eps: [..., E] standard normal draws, or None (eval mode: no noise).
+    """
+    clean = clean_logits.astype(jnp.float32)
+    if eps is None:
+        return clean
+    return clean + eps.astype(jnp.float32) * noise_std(noise_logits)  # [..., E]
+
+
+def top_k_mask(values: Array, k: int) -> Array:
+    """[..., E] bool: True on the k largest entries of the last axis (ties: lower index)."""
+    num_experts = values.shape[-1]
+    _, top = jax.lax.top_k(values, k)  # [..., K]
+    return jnp.any(top[..., None] == jnp.arange(num_experts), axis=-2)  # [..., E]
+
+
+def keep_top_k(values: Array, k: int) -> Array:
+    """The paper's ``KeepTopK``: the k largest entries kept, the others set to -inf."""
+    return jnp.where(top_k_mask(values, k), values, -jnp.inf)  # [..., E]
+
+
+def gates(h: Array, k: int) -> Array:
+    """``G = softmax(KeepTopK(H, k))`` in float32: [..., E], sums to 1, exactly 0 off the top k."""
+    return jax.nn.softmax(keep_top_k(h.astype(jnp.float32), k), axis=-1)
+
+
+def cv_squared(values: Array, epsilon: float = CV_EPSILON) -> Array:
+    """``Var(v) / (Mean(v)^2 + epsilon)`` over the last axis, population variance.
+
+    0 when all entries are equal (perfect balance), and 0 (not NaN) for an
+    all-zero v; ``E - 1`` when a single entry holds everything (E entries).
+    """
+    values = values.astype(jnp.float32)
+    mean = jnp.mean(values, axis=-1)
+    var = jnp.mean((values - mean[..., None]) ** 2, axis=-1)
+    return var / (mean**2 + epsilon)
+
+
+def kth_excluding(values: Array, k: int) -> Array:
+    """``out[..., i]`` = the k-th largest entry of ``values[..., :]`` with entry i left out.
+
+    With ``t_1 >= ... >= t_{k+1}`` the k+1 largest entries: it is ``t_{k+1}``
+    when ``v_i >= t_k`` (i is one of the top k, removing it moves the k-th one
+    down; when ``v_i`` ties ``t_k`` outside the top k, ``t_k = t_{k+1}``) and
+    ``t_k`` otherwise.
+
+    Args:
+      values: [..., E], E > k.
+      k: 1 <= k < E.
+    """
+    num_experts = values.shape[-1]
+    if not 1 <= k < num_experts:
+        raise ValueError(f"kth_excluding needs 1 <= k < E={num_experts}, got k={k}")
+    top, _ = jax.lax.top_k(values, k + 1)  # [..., K + 1]
+    kth, next_one = top[..., k - 1 : k], top[..., k : k + 1]  # [..., 1] each
+    return jnp.where(values >= kth, next_one, kth)  # [..., E]
+
+
+def prob_in_top_k(clean_logits: Array, h: Array, noise_logits: Array, k: int) -> Array:
+    """``P(x, i) = Phi((c_i - kth_excluding(H, k, i)) / sigma_i)``: [..., E] float32.
+
+    The probability that expert i is in the top k of H when ``eps_i`` alone is
+    redrawn. With k = E every expert is always in: P = 1. ``sigma`` is clamped
+    below at :data:`MIN_NOISE_STD`.
+    """
+    clean = clean_logits.astype(jnp.float32)
+    if k == clean.shape[-1]:
+        return jnp.ones_like(clean)
+    threshold = kth_excluding(h.astype(jnp.float32), k)  # [..., E]
+    sigma = jnp.maximum(noise_std(noise_logits), MIN_NOISE_STD)  # [..., E]
+    return norm.cdf((clean - threshold) / sigma)
+
+
+def _masked_sum(per_token: Array, token_mask: Array | None) -> Array:
+    """[G, S, E] -> [E]: sum over the valid tokens of every group."""
+    if token_mask is not None:
+        per_token = per_token * token_mask.astype(jnp.float32)[..., None]
+    return jnp.sum(per_token.reshape(-1, per_token.shape[-1]), axis=0)
+
+
+def importance(gate_values: Array, token_mask: Array | None = None) -> Array:
+    """``Importance_i = sum_x G(x)_i`` over valid tokens: [G, S, E] -> [E]."""
+    return _masked_sum(gate_values, token_mask)
+
+
+def smooth_load(
+    clean_logits: Array, h: Array, noise_logits: Array, k: int, token_mask: Array | None = None
+) -> Array:
+    """``Load_i = sum_x P(x, i)`` over valid tokens: [G, S, E] inputs -> [E]."""
+    return _masked_sum(prob_in_top_k(clean_logits, h, noise_logits, k), token_mask)
+
+
+def _check_weight(name: str, weight: float) -> None:
+    if not weight >= 0:
+        raise ValueError(f"{name} must be >= 0, got {weight}")
+
+
+@functools.partial(
+    jax.jit,
+    static_argnames=("k", "capacity", "importance_weight", "load_weight", "priority", "batch_prioritized"),
+)
+def noisy_top_k(
+    clean_logits: Array,
+    noise_logits: Array,
+    *,
+    k: int,
+    capacity: int,
+    rng: Array | None = None,
+    importance_weight: float = 0.1,
+    load_weight: float = 0.1,
+    priority: str = "choice",
+    batch_prioritized: bool = False,
+    token_mask: Array | None = None,
+) -> routing.RoutingPlan:
+    """Noisy top-k gating as a routing plan (tokens choose experts).
+
+    Each token's top k of ``H`` (see the module docstring) request a slot in
+    their experts, in the order of :func:`jmoe.routing.tokens_choose`
+    (``priority``, ``batch_prioritized``), within ``capacity`` per expert and
+    group. The combine weight of a kept assignment is its gate ``G(x)_e``
+    (softmax over the k kept experts, taken before capacity drops).
+
+    Aux values of the plan:
+      importance_loss: ``importance_weight * CV(Importance)^2``;
+      load_loss: ``load_weight * CV(Load)^2`` (smooth estimator);
+      z_loss: from the clean logits ``c`` (H outside the top k is -inf);
+      load_balancing_loss: Switch ``E * sum_e f_e * P_e`` with ``P_e`` the mean
+        gate ``G(x)_e`` and ``f_e`` the fraction of tokens with e in their noisy top k;
+      router_entropy: of ``G(x)`` (at most ``log k``).
+
+    Args:
+      clean_logits: [G, S, E] ``x W_g``, any float dtype (used in float32).
+      noise_logits: [G, S, E] ``x W_noise``.
+      k: experts per token, 1 <= k <= E.
+      capacity: slots per expert and group.
+      rng: PRNG key for ``eps`` (train mode); None = no noise (eval mode,
+        deterministic). The load estimate still uses ``sigma``.
+      importance_weight, load_weight: the loss coefficients, >= 0 (the paper
+        uses 0.1 each); static (a new value compiles anew).
+      token_mask: [G, S] bool; False tokens take no slot and are left out of
+        every loss.
+
+    Edge case: if a kept gate underflows to exactly 0 (logits more than ~100
+    apart among the top k), that assignment may be booked to another expert
+    with weight 0; the output is unaffected.
+    """
+    if clean_logits.ndim != 3:
+        raise ValueError(f"router logits must be [G, S, E], got shape {clean_logits.shape}")
+    if noise_logits.shape != clean_logits.shape:
+        raise ValueError(
+            f"noise_logits must have the clean logits' shape {clean_logits.shape}, got {noise_logits.shape}"
+        )
+    num_experts = clean_logits.shape[-1]
+    if not 1 <= k <= num_experts:
+        raise ValueError(f"k={k} must be in [1, num_experts={num_experts}]")
+    _check_weight("importance_weight", importance_weight)
+    _check_weight("load_weight", load_weight)
+
+    clean = clean_logits.astype(jnp.float32)  # [G, S, E]
+    eps = None if rng is None else jax.random.normal(rng, clean.shape, jnp.float32)  # [G, S, E]
+    h = noisy_logits(clean, noise_logits, eps)  # [G, S, E]
+    sparse = keep_top_k(h, k)  # [G, S, E], -inf off the top k
+    plan = routing.tokens_choose(
+        sparse, k=k, capacity=capacity, priority=priority, batch_prioritized=batch_prioritized,
+        normalize=False, token_mask=token_mask,
+    )
+    gate_values = jax.nn.softmax(sparse, axis=-1)  # [G, S, E], G(x)
+    mask = None if token_mask is None else token_mask.astype(bool)
+    importance_loss = importance_weight * cv_squared(importance(gate_values, mask))
+    load_loss = load_weight * cv_squared(smooth_load(clean, h, noise_logits, k, mask))
+    valid = jnp.ones(clean.shape[:2], bool) if mask is None else mask  # [G, S]
+    return plan.replace(
+        z_loss=routing.z_loss(clean, valid),
+        importance_loss=jnp.asarray(importance_loss, jnp.float32),
+        load_loss=jnp.asarray(load_loss, jnp.float32),
+    )
