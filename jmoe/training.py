@@ -71,6 +71,10 @@ def maybe_initialize_distributed(mode: str, coordinator_address: str = "", num_p
         return False
     if mode == "auto" and not coordinator_address and not any(v in os.environ for v in _ENV_HINTS):
         return False
+    try:  # CPU processes exchange collectives over gloo (GPU / TPU backends ignore this option)
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    except (AttributeError, KeyError, ValueError):  # pragma: no cover - option renamed or removed
+        pass
     jax.distributed.initialize(
         coordinator_address=coordinator_address or None,
         num_processes=num_processes or None,
