@@ -232,3 +232,22 @@ def test_no_mesh_or_trivial_mesh_keeps_one_device_path():
     assert not parallel.uses_mesh(None)
     assert not parallel.uses_mesh(parallel.make_mesh(data=8, expert=1))
     assert parallel.expert_parallel_size(parallel.make_mesh(expert_outer=2, expert=4)) == 8
+
+
+def test_random_second_expert_policy_and_jitter_trace_on_mesh():
+    """GShard's random policy (per-device draws) and jitter go through shard_map (traced, not compiled)."""
+    mesh = parallel.make_mesh(data=2, expert=4)
+    moe = make_moe(mesh, num_experts=8, k=2, second_expert_policy="random", jitter=0.1, deterministic=False)
+    graphdef, state = nnx.split(moe)
+    x, _, _ = inputs(9, batch=8, seq=8, with_mask=False)
+    y, aux = jax.eval_shape(lambda state, x: nnx.merge(graphdef, state)(x), state, x)
+    assert y.shape == x.shape and aux["tokens_per_expert"].shape == (8,)
+
+
+def test_noisy_top_k_on_mesh_is_a_clear_error():
+    mesh = parallel.make_mesh(data=2, expert=4)
+    moe = make_moe(mesh, num_experts=8, k=2, router="noisy_top_k")
+    graphdef, state = nnx.split(moe)
+    x, _, _ = inputs(10, batch=8, seq=8, with_mask=False)
+    with pytest.raises(NotImplementedError, match="noisy_top_k"):
+        jax.eval_shape(lambda state, x: nnx.merge(graphdef, state)(x), state, x)
