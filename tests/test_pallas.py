@@ -167,11 +167,11 @@ def run_backend(name, x, expert_out, weight, plan, ct_slots, ct_y):
     return _both(*fns, x, expert_out, weight, plan, ct_slots, ct_y)
 
 
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-@pytest.mark.parametrize("case_name", list(CASES))
+# bf16 on the most general case only (interpret mode is slow)
+@pytest.mark.parametrize(
+    "case_name, dtype", [(name, jnp.float32) for name in CASES] + [("top2_drops", jnp.bfloat16)]
+)
 def test_plan_dispatch_combine_and_grads(case_name, dtype):
-    if dtype == jnp.bfloat16 and case_name not in ("top2_drops", "experts_choose"):
-        pytest.skip("bf16 on the two general cases only (interpret mode is slow)")
     case = CASES[case_name]
     rng = np.random.default_rng(1)
     plan = make_plan(case, rng)
@@ -279,3 +279,20 @@ def test_lowers_to_triton_for_cuda(dtype):
     # 2 dispatch-side + 3 combine-side kernels
     for name in ("jmoe_gather_rows", "jmoe_gather_sum_rows", "jmoe_gather_dot_rows"):
         assert name in text, name
+
+
+def test_integer_plan_arrays_get_float0_and_auto_backend():
+    """vjp w.r.t. the whole plan: float0 for the index arrays, the weight gradient for token_weight."""
+    case = CASES["empty_expert"]
+    plan = make_plan(case, np.random.default_rng(2))
+    expert_out = jnp.ones((case["E"], case["G"] * case["C"], case["d"]), jnp.float32)
+    y, vjp = jax.vjp(lambda o, p: pallas_combine(o, p, config=SMALL), expert_out, plan)
+    _, dplan = vjp(jnp.ones_like(y))
+    for name in ("slot_token", "token_expert", "token_slot"):
+        assert getattr(dplan, name).dtype == jax.dtypes.float0, name
+    kept = np.asarray(plan.token_slot) >= 0
+    np.testing.assert_allclose(np.asarray(dplan.token_weight)[kept], case["d"], rtol=1e-6)  # <1, ones row>
+    assert np.all(np.asarray(dplan.token_weight)[~kept] == 0)
+    on_gpu = jax.default_backend() == "gpu"
+    assert kernels.resolve_interpret(None) == (not on_gpu)
+    assert dispatch_lib.resolve_backend("auto") == ("pallas" if on_gpu else "gather")

@@ -47,6 +47,10 @@ def _is_power_of_2(n: int) -> bool:
     return n >= 1 and (n & (n - 1)) == 0
 
 
+def _next_power_of_2(n: int) -> int:
+    return 1 if n <= 1 else 1 << (n - 1).bit_length()
+
+
 @dataclasses.dataclass(frozen=True)
 class KernelConfig:
     """Tile sizes and launch options (static, hashable).
@@ -77,7 +81,7 @@ class KernelConfig:
 
     def tiles(self, rows: int, d: int) -> tuple[int, int]:
         """(block_rows, block_d) capped to the problem so tiny shapes waste no work."""
-        return min(self.block_rows, pl.next_power_of_2(max(rows, 1))), min(self.block_d, pl.next_power_of_2(d))
+        return min(self.block_rows, _next_power_of_2(rows)), min(self.block_d, _next_power_of_2(d))
 
 
 def resolve_interpret(interpret: bool | None) -> bool:
