@@ -19,6 +19,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jmoe import dispatch as dispatch_lib
+from jmoe import dropless
 from jmoe import noisy
 from jmoe import parallel
 from jmoe import routing
@@ -54,6 +55,10 @@ class MoE(nnx.Module):
       k: experts per token (tokens_choose); for experts_choose, the average
         number of experts per token that sets the capacity.
       capacity_factor / eval_capacity_factor: train / eval capacity factors.
+        ``capacity_factor=None`` makes the layer *dropless* (MegaBlocks,
+        :mod:`jmoe.dropless`): every (token, choice) is computed by a grouped
+        matmul over expert-sorted rows; no capacity, no padding, no drops (in
+        train and eval mode; ``eval_capacity_factor`` is then ignored).
       min_capacity, capacity_multiple_of: see :func:`jmoe.routing.expert_capacity`.
       group_size: tokens per routing group (default: the sequence length).
       router: ``"tokens_choose"`` (Switch/GShard/top-k), ``"experts_choose"``
@@ -96,7 +101,7 @@ class MoE(nnx.Module):
         num_experts: int,
         *,
         k: int = 1,
-        capacity_factor: float = 1.25,
+        capacity_factor: float | None = 1.25,
         eval_capacity_factor: float = 2.0,
         min_capacity: int = 1,
         capacity_multiple_of: int = 1,
@@ -124,7 +129,12 @@ class MoE(nnx.Module):
             raise ValueError(f"router must be one of {ROUTERS}, got {router!r}")
         if not 1 <= k <= num_experts:
             raise ValueError(f"k={k} must be in [1, num_experts={num_experts}]")
+        self.dropless = capacity_factor is None
+        if self.dropless and router == "experts_choose":
+            raise ValueError("capacity_factor=None (dropless) needs a tokens-choose router, not 'experts_choose'")
         for name, factor in (("capacity_factor", capacity_factor), ("eval_capacity_factor", eval_capacity_factor)):
+            if factor is None and self.dropless:
+                continue
             if not factor > 0:
                 raise ValueError(f"{name} must be > 0, got {factor}")
         if priority not in routing.PRIORITIES:
@@ -176,7 +186,13 @@ class MoE(nnx.Module):
         self.rngs = rngs["router"].fork()
 
     def capacity(self, group_size: int) -> int:
-        """Slots per expert and group for the current mode (train / eval)."""
+        """Slots per expert and group for the current mode (train / eval).
+
+        Dropless: ``group_size``, the most one expert can receive (a token's k
+        experts are distinct), so the routing plan never drops.
+        """
+        if self.dropless:
+            return group_size
         factor = self.eval_capacity_factor if self.deterministic else self.capacity_factor
         return routing.expert_capacity(
             group_size, self.num_experts, k=self.k, capacity_factor=factor,
@@ -231,6 +247,13 @@ class MoE(nnx.Module):
             y, aux = parallel.moe_layer_on_mesh(self, groups, mask, mesh)
             return y.reshape(shape).astype(x.dtype), aux
         plan = self.route(groups, mask)
+        if self.dropless:
+            tokens = groups.reshape(-1, self.d_model).astype(self.dtype)  # [T, d]
+            y = dropless.dropless_experts(
+                tokens, plan.token_expert.reshape(tokens.shape[0], -1),
+                plan.token_weight.reshape(tokens.shape[0], -1), self.experts.params(), self.experts.activation,
+            )  # [T, d]
+            return y.reshape(shape).astype(x.dtype), {**plan.aux(), "padding_fraction": jnp.zeros((), jnp.float32)}
         backend = dispatch_lib.get_backend(self.dispatch)
         expert_in = backend.dispatch(groups.astype(self.dtype), plan)  # [E, G * C, d]
         expert_out = self.experts(expert_in)  # [E, G * C, d]
