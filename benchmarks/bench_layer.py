@@ -2,6 +2,7 @@
 
     PYTHONPATH=. python benchmarks/bench_layer.py --suite core            # issue 2's E sweep (CPU)
     PYTHONPATH=. python benchmarks/bench_layer.py --suite peers --scale cpu
+    PYTHONPATH=. python benchmarks/bench_layer.py --suite dropless --backends gather   # issue 7
     PYTHONPATH=. python benchmarks/bench_layer.py --suite peers --scale gpu --dtype bfloat16 --out results/
 
 For each workload and dispatch backend: the median of ``--iters`` timed runs after
@@ -42,7 +43,7 @@ class Workload:
     d_ff: int
     num_experts: int
     k: int
-    capacity_factor: float
+    capacity_factor: float | None  # None: dropless
     activation: str = "gelu"
     use_bias: bool = False
     balanced: bool = False  # force perfectly balanced routing (Megatron-Core's case)
@@ -55,6 +56,12 @@ class Workload:
 def core_suite() -> list[Workload]:
     """Issue 2: 4,096 tokens, d 256, f 1,024, k 2, factor 1.25, E in {8, 32, 128}."""
     return [Workload(f"core-E{e}", 16, 256, 256, 1024, e, 2, 1.25) for e in (8, 32, 128)]
+
+
+def dropless_suite(scale: str) -> list[Workload]:
+    """Issue 7: dropless (capacity_factor=None) vs capacity factors 1.0 / 1.25 / 2.0, same tokens."""
+    d, f = (256, 1024) if scale == "cpu" else (2048, 8192)
+    return [Workload(f"dropless-cf{cf}", 16, 256, d, f, 16, 2, cf) for cf in (None, 1.0, 1.25, 2.0)]
 
 
 def sweep_suite(scale: str) -> list[Workload]:
@@ -131,6 +138,8 @@ def bench_workload(w: Workload, backend: str, dtype, iters: int) -> dict:
 
     # The floor: the same expert matmuls on already-dispatched inputs.
     capacity = moe.capacity(w.seq)
+    if moe.dropless:  # the floor is the balanced grouped matmul: S * k / E rows per expert and sequence
+        capacity = w.seq * w.k // w.num_experts
     expert_in = jax.random.normal(jax.random.key(2), (w.num_experts, w.batch * capacity, w.d_model), dtype)
     expert_params = moe.experts.params()
     floor_fwd = jax.jit(lambda p, h: expert_ffn(h, p, w.activation))
@@ -193,7 +202,7 @@ def print_table(rows: list[dict]) -> None:
 
 def main(argv=None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--suite", choices=["core", "sweep", "peers"], default="core")
+    parser.add_argument("--suite", choices=["core", "sweep", "peers", "dropless"], default="core")
     parser.add_argument("--scale", choices=["cpu", "gpu"], default="cpu")
     parser.add_argument("--backends", default="einsum,gather", help="comma-separated dispatch backends")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
@@ -203,6 +212,7 @@ def main(argv=None) -> list[dict]:
     args = parser.parse_args(argv)
 
     workloads = {"core": core_suite, "sweep": lambda: sweep_suite(args.scale),
+                 "dropless": lambda: dropless_suite(args.scale),
                  "peers": lambda: peers_suite(args.scale)}[args.suite]()
     if args.only:
         workloads = [w for w in workloads if args.only in w.name]

@@ -8,7 +8,7 @@
 # under its own time limit so one slow step cannot eat the others' time:
 #   1. the device (jax.devices, nvidia-smi)
 #   2. the kernel / layer tests with Pallas compiled (not interpreted: they interpret only off GPU)
-#   3. layer benchmarks at GPU scale in bf16 (the peers' workloads, then the E sweep)
+#   3. layer benchmarks at GPU scale in bf16 (the peers' workloads, the E sweep, dropless vs capacity)
 #   4. the Pallas dispatch/combine benchmark
 #   5. train.py with the `small` config for a bounded number of steps
 # then a compact table (benchmarks/gpu_summary.py). Full JSON and logs land in OUT_DIR.
@@ -44,6 +44,8 @@ step bench_peers 150 $PY benchmarks/bench_layer.py --suite peers --scale $SCALE 
   --backends $BACKENDS --iters $ITERS --out "$OUT"
 step bench_sweep 100 $PY benchmarks/bench_layer.py --suite sweep --scale $SCALE --dtype $DTYPE \
   --backends $BACKENDS --iters $ITERS --out "$OUT"
+step bench_dropless 60 $PY benchmarks/bench_layer.py --suite dropless --scale $SCALE --dtype $DTYPE \
+  --backends gather --iters $ITERS --out "$OUT"
 step bench_pallas 80 $PY benchmarks/bench_pallas.py $PALLAS --out "$OUT/bench_pallas.json"
 step train 150 $PY train.py $TRAIN out_dir="$OUT/train"
 echo
