@@ -42,7 +42,7 @@ class Config:
     k: int = _field(1, "experts per token (top-k)", range=_POS)
     capacity_factor: float = _field(1.25, "train capacity factor", range=(1e-6, None))
     eval_capacity_factor: float = _field(2.0, "eval capacity factor", range=(1e-6, None))
-    router: str = _field("tokens_choose", "router", choices=("tokens_choose", "experts_choose"))
+    router: str = _field("tokens_choose", "router", choices=("tokens_choose", "experts_choose", "noisy_top_k"))
     activation: str = _field("gelu", "FFN / expert activation", choices=("relu", "gelu", "swiglu", "geglu"))
     dispatch: str = _field("auto", "MoE dispatch backend", choices=("auto", "einsum", "gather", "pallas"))
     jitter: float = _field(0.0, "router input jitter in train mode", range=(0.0, 0.999))

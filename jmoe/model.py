@@ -31,7 +31,7 @@ Array = jax.Array
 
 # Per-layer MoE metrics kept in aux (stacked over MoE layers); the two losses are summed.
 LAYER_METRICS = ("dropped_fraction", "padding_fraction", "router_entropy", "tokens_per_expert")
-AUX_LOSSES = ("load_balancing_loss", "z_loss")
+AUX_LOSSES = ("load_balancing_loss", "z_loss", "importance_loss", "load_loss")
 
 
 # ----------------------------------------------------------------------------
@@ -85,8 +85,11 @@ def lm_loss(logits: Array, targets: Array) -> Array:
 
 
 def total_loss(lm: Array, aux: dict[str, Array], lb_weight: float, z_weight: float) -> Array:
-    """``lm + lb_weight * sum_layers(load_balancing) + z_weight * sum_layers(z_loss)``."""
-    return lm + lb_weight * aux["load_balancing_loss"] + z_weight * aux["z_loss"]
+    """``lm + lb_weight * sum_layers(load_balancing) + z_weight * sum_layers(z_loss)
+    + sum_layers(importance_loss + load_loss)``; the last two are the noisy top-k router's losses,
+    already weighted by the layer (0 for the other routers)."""
+    return (lm + lb_weight * aux["load_balancing_loss"] + z_weight * aux["z_loss"]
+            + aux["importance_loss"] + aux["load_loss"])
 
 
 def is_moe_layer(layer: int, num_experts: int, moe_every: int) -> bool:
@@ -227,11 +230,13 @@ class LM(nnx.Module):
 
 
 def collect_aux(layer_aux: list[dict[str, Array]]) -> dict[str, Array]:
-    """Sum the aux losses over MoE layers; stack the per-layer metrics to ``[L_moe, ...]``.
+    """Sum the aux losses over MoE layers (a loss a layer does not report counts 0); stack the
+    per-layer metrics to ``[L_moe, ...]``.
 
     With no MoE layer the losses are 0 and the stacked metrics have a 0-length layer axis.
     """
-    out = {name: sum((a[name] for a in layer_aux), jnp.zeros((), jnp.float32)) for name in AUX_LOSSES}
+    zero = jnp.zeros((), jnp.float32)
+    out = {name: sum((a.get(name, zero) for a in layer_aux), zero) for name in AUX_LOSSES}
     for name in LAYER_METRICS:
         if layer_aux:
             out[name] = jnp.stack([a[name] for a in layer_aux])  # [L_moe, ...]

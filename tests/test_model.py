@@ -120,6 +120,7 @@ def test_aux_sums_layer_losses_and_stacks_metrics():
     assert float(aux["z_loss"]) == pytest.approx(sum(float(a["z_loss"]) for a in per_layer), rel=1e-6)
     assert aux["tokens_per_expert"].shape == (2, 4)
     np.testing.assert_allclose(np.asarray(aux["tokens_per_expert"][1]), np.asarray(per_layer[1]["tokens_per_expert"]))
+    assert float(aux["importance_loss"]) == 0.0 and float(aux["load_loss"]) == 0.0  # not a noisy router
     total = model_lib.total_loss(jnp.float32(2.0), aux, 0.01, 0.001)
     assert float(total) == pytest.approx(2.0 + 0.01 * float(aux["load_balancing_loss"]) + 0.001 * float(aux["z_loss"]))
 
