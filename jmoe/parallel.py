@@ -292,6 +292,8 @@ def exchange_to_experts(x: Array, mesh_sizes: tuple[int, int], axes: MeshAxes, h
     n = n_o * n_i
     num_experts, rows, d = x.shape
     e_l = num_experts // n
+    if n == 1:  # experts not split (only "model" > 1): nothing to exchange
+        return x
     if hierarchical:
         x = x.reshape(n_o, n_i, e_l, rows, d)  # [dest o, dest i, E_l, N, d]
         x = jnp.swapaxes(x, 0, 1)  # [dest i, dest o, E_l, N, d]: group by inner destination
@@ -311,6 +313,8 @@ def exchange_to_tokens(y: Array, mesh_sizes: tuple[int, int], axes: MeshAxes, hi
     n = n_o * n_i
     e_l, total, d = y.shape
     rows = total // n
+    if n == 1:
+        return y
     y = jnp.swapaxes(y.reshape(e_l, n, rows, d), 0, 1)  # [src, E_l, N, d]
     if hierarchical:
         y = y.reshape(n_o, n_i, e_l, rows, d)  # [src o, src i, E_l, N, d]

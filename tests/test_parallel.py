@@ -26,6 +26,15 @@ def make_moe(mesh=None, **kw):
     return jmoe.MoE(D_MODEL, D_FF, rngs=nnx.Rngs(0, router=1), mesh=mesh, **kw)
 
 
+def trace_on_mesh(mesh, x, **options):
+    """The layer's forward traced on ``mesh``, never compiled, from an abstract
+    layer (``nnx.eval_shape``: no eager init). Errors raised here are raised
+    before compilation."""
+    abstract = nnx.eval_shape(lambda: make_moe(mesh, **options))
+    graphdef, state = nnx.split(abstract)
+    return jax.eval_shape(lambda state, x: nnx.merge(graphdef, state)(x), state, x)
+
+
 def value_and_grads(moe, x, mask, r):
     """y, aux and d(loss)/d(x, router weight, expert weights), one compile.
 
@@ -162,10 +171,9 @@ def test_hierarchical_and_chunks_match_flat():
 
 def test_a2a_chunks_must_divide_capacity():
     mesh = parallel.make_mesh(expert=8)
-    moe = make_moe(mesh, num_experts=8, eval_capacity_factor=3.0, a2a_chunks=2)  # C = 3 (eval mode)
     x, _, _ = inputs(4, batch=8, seq=8, with_mask=False)
     with pytest.raises(ValueError, match="a2a_chunks=2 must divide the capacity C=3"):
-        jax.eval_shape(lambda x: moe(x), x)
+        trace_on_mesh(mesh, x, num_experts=8, eval_capacity_factor=3.0, a2a_chunks=2)  # C = 3 (eval mode)
 
 
 # ---------------------------------------------------------------- errors, before compilation
@@ -173,34 +181,30 @@ def test_a2a_chunks_must_divide_capacity():
 
 def test_experts_not_divisible_by_expert_axis():
     mesh = parallel.make_mesh(data=2, expert=4)
-    moe = make_moe(mesh, num_experts=6)
     x, _, _ = inputs(5, batch=8, seq=8, with_mask=False)
     with pytest.raises(ValueError, match="num_experts=6 is not divisible by the expert-parallel size"):
-        jax.eval_shape(lambda x: moe(x), x)
+        trace_on_mesh(mesh, x, num_experts=6)
 
 
 def test_groups_not_divisible_by_token_shards():
     mesh = parallel.make_mesh(data=2, expert=4)
-    moe = make_moe(mesh, num_experts=8)
     x, _, _ = inputs(6, batch=6, seq=8, with_mask=False)
     with pytest.raises(ValueError, match=r"G=6 .* not divisible by \|data\| x \|expert_outer\| x \|expert\| = 8"):
-        jax.eval_shape(lambda x: moe(x), x)
+        trace_on_mesh(mesh, x, num_experts=8)
 
 
 def test_hierarchical_needs_expert_outer():
     mesh = parallel.make_mesh(expert=8)
-    moe = make_moe(mesh, num_experts=8, hierarchical_a2a=True)
     x, _, _ = inputs(7, batch=8, seq=8, with_mask=False)
     with pytest.raises(ValueError, match="expert_outer"):
-        jax.eval_shape(lambda x: moe(x), x)
+        trace_on_mesh(mesh, x, num_experts=8, hierarchical_a2a=True)
 
 
 def test_fewer_experts_than_devices_with_model_axis_is_accepted():
     """E=4 on 8 devices: expert=4, model=2 is supported (checked without compiling)."""
     mesh = parallel.make_mesh(expert=4, model=2)
-    moe = make_moe(mesh, num_experts=4)
     x, _, _ = inputs(8, batch=4, seq=8, with_mask=False)
-    y, _ = jax.eval_shape(lambda x: moe(x), x)
+    y, _ = trace_on_mesh(mesh, x, num_experts=4)
     assert y.shape == x.shape
 
 
@@ -237,17 +241,22 @@ def test_no_mesh_or_trivial_mesh_keeps_one_device_path():
 def test_random_second_expert_policy_and_jitter_trace_on_mesh():
     """GShard's random policy (per-device draws) and jitter go through shard_map (traced, not compiled)."""
     mesh = parallel.make_mesh(data=2, expert=4)
-    moe = make_moe(mesh, num_experts=8, k=2, second_expert_policy="random", jitter=0.1, deterministic=False)
-    graphdef, state = nnx.split(moe)
     x, _, _ = inputs(9, batch=8, seq=8, with_mask=False)
-    y, aux = jax.eval_shape(lambda state, x: nnx.merge(graphdef, state)(x), state, x)
+    y, aux = trace_on_mesh(mesh, x, num_experts=8, k=2, second_expert_policy="random", jitter=0.1,
+                           deterministic=False)
     assert y.shape == x.shape and aux["tokens_per_expert"].shape == (8,)
 
 
 def test_noisy_top_k_on_mesh_is_a_clear_error():
     mesh = parallel.make_mesh(data=2, expert=4)
-    moe = make_moe(mesh, num_experts=8, k=2, router="noisy_top_k")
-    graphdef, state = nnx.split(moe)
     x, _, _ = inputs(10, batch=8, seq=8, with_mask=False)
     with pytest.raises(NotImplementedError, match="noisy_top_k"):
-        jax.eval_shape(lambda state, x: nnx.merge(graphdef, state)(x), state, x)
+        trace_on_mesh(mesh, x, num_experts=8, k=2, router="noisy_top_k")
+
+
+def test_model_axis_without_expert_axis_traces():
+    """expert=1, model=2: experts replicated, hidden dim split; no exchange (traced, not compiled)."""
+    mesh = parallel.make_mesh(data=4, expert=1, model=2)
+    x, _, _ = inputs(11, batch=8, seq=8, with_mask=False)
+    y, _ = trace_on_mesh(mesh, x, num_experts=8)
+    assert y.shape == x.shape
