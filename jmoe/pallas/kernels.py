@@ -19,6 +19,10 @@ A program owns a ``[block_rows, block_d]`` tile of the output: rows past the
 end and columns past ``d`` are masked, so ``d`` need not be a power of two and
 ``R`` / ``T`` need not be multiples of ``block_rows``. The tiles cover the
 output exactly once, so every element is written (no atomics, deterministic).
+Row / column positions are used unclamped under their masks (a masked lane
+is never accessed; clamping with ``where`` would hide from Triton that the
+columns are contiguous and cost vectorised loads); only data-dependent source
+rows are clamped (``-1`` -> 0) before they are masked.
 
 On a non-GPU backend the same kernels run with ``interpret=True`` (chosen
 automatically by :func:`resolve_interpret`). In interpret mode Pallas fills an
@@ -146,18 +150,16 @@ def _gather_rows_kernel(*refs, block_rows: int, block_d: int, has_scale: bool):
     rows = pl.program_id(0) * block_rows + jnp.arange(block_rows)  # [BR]
     cols = pl.program_id(1) * block_d + jnp.arange(block_d)  # [BD]
     row_in, col_in = rows < num_rows, cols < d
-    safe_rows = jnp.where(row_in, rows, 0)
-    safe_cols = jnp.where(col_in, cols, 0)
-    src = plgpu.load(src_ref.at[safe_rows], mask=row_in, other=-1)  # [BR]
+    src = plgpu.load(src_ref.at[rows], mask=row_in, other=-1)  # [BR]
     valid = row_in & (src >= 0) & (src < num_src)
     safe_src = jnp.where(valid, src, 0)
     vals = plgpu.load(
-        x_ref.at[safe_src[:, None], safe_cols[None, :]],
+        x_ref.at[safe_src[:, None], cols[None, :]],
         mask=valid[:, None] & col_in[None, :],
         other=_zero(x_ref),
     )  # [BR, BD]; 0 for "no row"
     if has_scale:
-        scale = plgpu.load(scale_ref.at[safe_rows], mask=row_in, other=0.0)  # [BR] f32
+        scale = plgpu.load(scale_ref.at[rows], mask=row_in, other=0.0)  # [BR] f32
         vals = vals.astype(jnp.float32) * scale[:, None]
     # Rows past the end are masked, not clamped: clamping would write a row twice.
     plgpu.store(
@@ -228,15 +230,13 @@ def _gather_sum_rows_kernel(idx_ref, w_ref, x_ref, out_ref, *, block_rows: int, 
     rows = pl.program_id(0) * block_rows + jnp.arange(block_rows)  # [BR]
     cols = pl.program_id(1) * block_d + jnp.arange(block_d)  # [BD]
     row_in, col_in = rows < num_rows, cols < d
-    safe_rows = jnp.where(row_in, rows, 0)
-    safe_cols = jnp.where(col_in, cols, 0)
 
     def body(k, acc):  # acc [BR, BD] f32; k = the token's k-th choice, in order
-        idx = plgpu.load(idx_ref.at[safe_rows, k], mask=row_in, other=-1)  # [BR]
-        w = plgpu.load(w_ref.at[safe_rows, k], mask=row_in, other=0.0)  # [BR]
+        idx = plgpu.load(idx_ref.at[rows, k], mask=row_in, other=-1)  # [BR]
+        w = plgpu.load(w_ref.at[rows, k], mask=row_in, other=0.0)  # [BR]
         valid = row_in & (idx >= 0) & (idx < num_src)
         vals = plgpu.load(
-            x_ref.at[jnp.where(valid, idx, 0)[:, None], safe_cols[None, :]],
+            x_ref.at[jnp.where(valid, idx, 0)[:, None], cols[None, :]],
             mask=valid[:, None] & col_in[None, :],
             other=_zero(x_ref),
         )  # [BR, BD]
@@ -305,21 +305,19 @@ def _gather_dot_rows_kernel(y_ref, x_ref, idx_ref, out_ref, *, block_rows: int, 
     k = pl.program_id(1)
     rows = pl.program_id(0) * block_rows + jnp.arange(block_rows)  # [BR]
     row_in = rows < num_rows
-    safe_rows = jnp.where(row_in, rows, 0)
-    idx = plgpu.load(idx_ref.at[safe_rows, k], mask=row_in, other=-1)  # [BR]
+    idx = plgpu.load(idx_ref.at[rows, k], mask=row_in, other=-1)  # [BR]
     valid = row_in & (idx >= 0) & (idx < num_src)
     safe_idx = jnp.where(valid, idx, 0)
 
     def body(j, acc):  # acc [BR] f32; j = column block, in order
         cols = j * block_d + jnp.arange(block_d)  # [BD]
         col_in = cols < d
-        safe_cols = jnp.where(col_in, cols, 0)
         y = plgpu.load(
-            y_ref.at[safe_rows[:, None], safe_cols[None, :]],
+            y_ref.at[rows[:, None], cols[None, :]],
             mask=row_in[:, None] & col_in[None, :], other=_zero(y_ref),
         )  # [BR, BD]
         x = plgpu.load(
-            x_ref.at[safe_idx[:, None], safe_cols[None, :]],
+            x_ref.at[safe_idx[:, None], cols[None, :]],
             mask=valid[:, None] & col_in[None, :], other=_zero(x_ref),
         )  # [BR, BD]
         return acc + jnp.sum(y.astype(jnp.float32) * x.astype(jnp.float32), axis=1)
