@@ -124,8 +124,9 @@ def build_model(cfg: Config, rngs: nnx.Rngs, mesh=None) -> model_lib.LM:
     """The LM described by ``cfg`` (vocabulary 256: bytes); MoE layers run expert-parallel on ``mesh``
     when its expert axis is > 1."""
     moe_kwargs = dict(
-        k=cfg.k, capacity_factor=cfg.capacity_factor, eval_capacity_factor=cfg.eval_capacity_factor,
-        router=cfg.router, dispatch=cfg.dispatch, jitter=cfg.jitter, group_size=cfg.group_size or None,
+        k=cfg.k, capacity_factor=None if cfg.dropless else cfg.capacity_factor,
+        eval_capacity_factor=cfg.eval_capacity_factor, priority=cfg.priority,
+        second_expert_policy=cfg.second_expert_policy, router=cfg.router, dispatch=cfg.dispatch, jitter=cfg.jitter, group_size=cfg.group_size or None,
     )
     if mesh is not None and parallel.uses_mesh(mesh):
         moe_kwargs["mesh"] = mesh
