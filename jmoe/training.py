@@ -375,7 +375,7 @@ def unflatten_like(tree, flat: dict[str, Any]):
 def checkpoint_manager(out_dir: str, keep: int = 2) -> ocp.CheckpointManager:
     return ocp.CheckpointManager(
         os.path.abspath(os.path.join(out_dir, "checkpoints")),
-        options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True),
+        options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, cleanup_tmp_directories=True),
         item_names=("params", "opt_state", "config"),
     )
 

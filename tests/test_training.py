@@ -76,8 +76,10 @@ def test_resume_continues_exactly(uninterrupted, text_file, tmp_path):
     training.train(cfg, out, print_fn=lambda *a: None, stop_after=13, plots=False)  # "killed" after step 13
     assert max(losses(os.path.join(out, "metrics.jsonl"))) == 13
     # A save killed midway leaves only orbax's temporary directory behind: it must be ignored.
-    os.makedirs(os.path.join(out, "checkpoints", "12.orbax-checkpoint-tmp-0", "params"))
+    partial = os.path.join(out, "checkpoints", "12.orbax-checkpoint-tmp-0")
+    os.makedirs(os.path.join(partial, "params"))
     training.train(cfg, out, print_fn=lambda *a: None, plots=False)  # resumes from step 8
+    assert not os.path.exists(partial)  # and cleans the leftover up
     want = losses(os.path.join(out_a, "metrics.jsonl"))
     got = losses(os.path.join(out, "metrics.jsonl"))
     assert got == want  # exactly the same losses, step for step (steps 9..13 were re-run once)
