@@ -95,8 +95,46 @@ def resolve_interpret(interpret: bool | None) -> bool:
     return bool(interpret)
 
 
+def _varying_like(out_shape: jax.ShapeDtypeStruct, args) -> jax.ShapeDtypeStruct:
+    """``out_shape`` marked as varying over the manual mesh axes its inputs vary over.
+
+    Inside ``jax.shard_map`` (with its default ``check_vma=True``) a pallas_call
+    output must say how it varies across the mesh; outside, the mark is empty and
+    ignored. jax 0.10 spells it ``manual_axis_type`` (a ``ManualAxisType``);
+    older / other versions ``vma`` (a frozenset): both are handled.
+    """
+    avals = [jax.typeof(a) for a in args]
+    mats = [m for m in (getattr(a, "manual_axis_type", None) for a in avals) if m is not None]
+    if mats:
+        varying = frozenset().union(*(m.varying for m in mats))
+        mat = type(mats[0])(varying=varying)
+        return jax.ShapeDtypeStruct(out_shape.shape, out_shape.dtype, manual_axis_type=mat)
+    vmas = [v for v in (getattr(a, "vma", None) for a in avals) if v is not None]
+    if vmas:
+        return jax.ShapeDtypeStruct(out_shape.shape, out_shape.dtype, vma=frozenset().union(*vmas))
+    return out_shape
+
+
+def _interpret_in_shard_map(args, cfg: KernelConfig) -> bool:
+    """True when the kernel would be interpreted on values that vary over manual
+    mesh axes (inside ``jax.shard_map`` with ``check_vma``). Pallas's interpreter
+    fails there in jax 0.10 ("gather requires varying manual axes to match"), so
+    the callers then compute their pure-jnp reference instead: the same function,
+    and off GPU only (compiled kernels run inside shard_map as they are)."""
+    if not resolve_interpret(cfg.interpret):
+        return False
+    for a in args:
+        aval = jax.typeof(a)
+        mat = getattr(aval, "manual_axis_type", None)
+        if (mat is not None and mat.varying) or getattr(aval, "vma", None):
+            return True
+    return False
+
+
 def _call(kernel, out_shape, grid, args, cfg: KernelConfig, name: str, poison: bool):
-    """pallas_call with whole-array refs; ``poison`` aliases a NaN buffer to the output."""
+    """pallas_call with whole-array refs; ``poison`` aliases a NaN buffer to the output
+    (for tests; outside ``shard_map``)."""
+    out_shape = _varying_like(out_shape, args)
     if poison:
         args = (*args, jnp.full(out_shape.shape, jnp.nan, out_shape.dtype))
         kernel = _ignore_poison(kernel)
@@ -200,6 +238,8 @@ def gather_rows(
         _gather_rows_kernel, block_rows=block_rows, block_d=block_d, has_scale=scale is not None
     )
     args = (src, x) if scale is None else (src, x, scale)
+    if _interpret_in_shard_map(args, config):
+        return gather_rows_reference(x, src, scale, out_dtype=out_dtype)
     return _call(
         kernel,
         jax.ShapeDtypeStruct((num_rows, d), out_dtype),
@@ -276,6 +316,8 @@ def gather_sum_rows(
     (num_rows, _), d = idx.shape, x.shape[1]
     block_rows, block_d = config.tiles(num_rows, d)
     kernel = functools.partial(_gather_sum_rows_kernel, block_rows=block_rows, block_d=block_d)
+    if _interpret_in_shard_map((idx, weight, x), config):
+        return gather_sum_rows_reference(x, idx, weight, out_dtype=out_dtype)
     return _call(
         kernel,
         jax.ShapeDtypeStruct((num_rows, d), x.dtype if out_dtype is None else out_dtype),
@@ -346,6 +388,8 @@ def gather_dot_rows(
     (num_rows, num_k), d = idx.shape, y.shape[1]
     block_rows, block_d = config.tiles(num_rows, d)
     kernel = functools.partial(_gather_dot_rows_kernel, block_rows=block_rows, block_d=block_d)
+    if _interpret_in_shard_map((y, x, idx), config):
+        return gather_dot_rows_reference(y, x, idx)
     return _call(
         kernel,
         jax.ShapeDtypeStruct((num_rows, num_k), jnp.float32),
