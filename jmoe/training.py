@@ -15,8 +15,9 @@ directory and renames it when complete, so a run killed mid-save leaves the
 previous checkpoint loadable. They are restored with the target shardings of
 the current mesh, so a checkpoint moves between meshes.
 
-Loss: ``lm + lb_weight * sum_layers(load_balancing) + z_weight * sum_layers(z_loss)``;
-bits per byte ``= lm / ln 2`` (one token is one byte).
+Loss: ``lm + lb_weight * sum_layers(load_balancing) + z_weight * sum_layers(z_loss)`` (plus the
+noisy top-k router's own weighted losses, see :func:`jmoe.model.total_loss`); bits per byte
+``= lm / ln 2`` (one token is one byte).
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from jmoe import data as data_lib
 from jmoe import model as model_lib
 from jmoe import parallel
+from jmoe import config as config_lib
 from jmoe.config import Config
 
 Array = jax.Array
@@ -664,7 +666,9 @@ def load_for_inference(out_dir: str, *, expert_parallel: int = 1, num_devices: i
     if step is None:
         raise FileNotFoundError(f"no checkpoint in {os.path.join(out_dir, 'checkpoints')}")
     saved = read_checkpoint_config(mgr, step)
-    cfg = dataclasses.replace(Config(**saved), expert_parallel=expert_parallel, num_devices=num_devices)
+    known = set(config_lib.keys())  # a checkpoint from an older version may hold retired keys
+    cfg = config_lib.from_dict({**{k: v for k, v in saved.items() if k in known},
+                                "expert_parallel": expert_parallel, "num_devices": num_devices})
     mesh = make_mesh(expert_parallel, num_devices)
     s = dataclasses.replace(_cached_setup(_compile_key(cfg), mesh), cfg=cfg)
     params, _ = restore_checkpoint(mgr, step, _abstract(s.abstract_params, s.param_shardings))
