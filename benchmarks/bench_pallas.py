@@ -180,13 +180,22 @@ def run(args) -> dict:
                 entry.update(ms=seconds * 1e3, GBps=nbytes / seconds / 1e9, frac_copy_bw=nbytes / seconds / copy_bw)
                 times[(op, mode, backend)] = seconds
                 rows.append(entry)
+                print(f"  {op:8s} {mode:7s} {backend:18s} {entry['ms']:9.3f} ms {entry['GBps']:8.1f} GB/s", flush=True)
         for entry in rows:
             if entry["workload"] != w["name"] or "ms" not in entry:
                 continue
             for ref in ("gather", "einsum"):
                 base = times.get((entry["op"], entry["mode"], ref))
                 entry[f"vs_{ref}"] = entry["ms"] / 1e3 / base if base else None
+        if args.out:  # after each workload, so a run cut short by a time limit leaves its results
+            write_json(args.out, {"meta": meta, "rows": rows})
     return {"meta": meta, "rows": rows}
+
+
+def write_json(path: str, result: dict) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(result, f, indent=1)
 
 
 def print_table(result: dict) -> None:
@@ -213,21 +222,19 @@ def main(argv=None) -> int:
     parser.add_argument("--dtype", default=None, help="bfloat16 (default on GPU) or float32 (default --small)")
     parser.add_argument("--iters", type=int, default=None, help="timed calls per measurement (median)")
     parser.add_argument("--tiles", default=None,
-                        help="Pallas tile configs 'ROWSxD,...' (default 16x512,32x256,8x1024; --small: 16x32)")
+                        help="Pallas tile configs 'ROWSxD,...' (default 16x512,32x256; --small: 16x32)")
     parser.add_argument("--copy-mib", type=int, default=None, help="array size for the copy bandwidth")
     parser.add_argument("--einsum-limit-gib", type=float, default=8.0, help="skip einsum above this one-hot size")
     parser.add_argument("--out", default=None, help="write the results as JSON here")
     args = parser.parse_args(argv)
     args.dtype = args.dtype or ("float32" if args.small else "bfloat16")
-    args.iters = args.iters or (3 if args.small else 20)
-    args.tiles = args.tiles or ("16x32" if args.small else "16x512,32x256,8x1024")
+    args.iters = args.iters or (3 if args.small else 10)
+    args.tiles = args.tiles or ("16x32" if args.small else "16x512,32x256")
     args.copy_mib = args.copy_mib or (16 if args.small else 1024)
     result = run(args)
     print_table(result)
     if args.out:
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        with open(args.out, "w") as f:
-            json.dump(result, f, indent=1)
+        write_json(args.out, result)
         print(f"\nwrote {args.out}")
     return 0
 
