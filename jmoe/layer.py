@@ -69,8 +69,9 @@ class MoE(nnx.Module):
         ``normalize`` has no effect; ``second_expert_policy`` must be "all").
       activation: ``relu``, ``gelu``, ``swiglu``, ``geglu``.
       use_bias: biases in the expert FFNs.
-      dispatch: ``"auto"`` (pallas on GPU when available, else gather),
-        ``"einsum"`` or ``"gather"``.
+      dispatch: ``"auto"`` (pallas on GPU, else gather), ``"einsum"``,
+        ``"gather"`` or ``"pallas"`` (:mod:`jmoe.pallas`; interpreted off GPU).
+        All compute the same function (:mod:`jmoe.dispatch`).
       priority, batch_prioritized, normalize, second_expert_policy: router
         options of :func:`jmoe.routing.tokens_choose`.
       jitter: multiplicative router-input noise ``x * U(1 - jitter, 1 + jitter)``
