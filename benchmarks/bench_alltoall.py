@@ -33,8 +33,6 @@ import datetime
 import json
 import os
 import platform
-import statistics
-import time
 
 if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
@@ -44,19 +42,9 @@ import jax.numpy as jnp  # noqa: E402
 from flax import nnx  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
 
+from benchtools import median_time  # noqa: E402  (a script's own folder is on sys.path)
 import jmoe  # noqa: E402
 from jmoe import parallel  # noqa: E402
-
-
-def timeit(fn, *args, iters: int, warmup: int = 2) -> float:
-    for _ in range(warmup):
-        jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(iters):
-        start = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def bytes_sent(payload: int, outer: int, inner: int, hierarchical: bool) -> tuple[int, int]:
@@ -121,7 +109,7 @@ def main() -> None:
         slots = jax.random.normal(jax.random.key(1), (n * args.experts, rows, args.d_model))  # per device [E, G_l*C, d]
         exchange_fn = jax.jit(jax.shard_map(exchange, mesh=mesh, in_specs=P(axes.token_axes),
                                             out_specs=P(axes.token_axes)))
-        t_exchange = timeit(exchange_fn, slots, iters=args.iters)
+        t_exchange = median_time(exchange_fn, slots, iters=args.iters)
         for chunks in args.chunks:
             if capacity % chunks:
                 continue
@@ -129,7 +117,7 @@ def main() -> None:
                              a2a_chunks=chunks, **common)
             parallel.shard_moe_params(layer, mesh)
             forward = nnx.jit(lambda layer, x: layer(x)[0])
-            t_layer = timeit(forward, layer, x, iters=args.iters)
+            t_layer = median_time(forward, layer, x, iters=args.iters)
             name = "hierarchical (2DH)" if hierarchical else "flat"
             row = dict(variant=name, chunks=chunks, bytes_sent_per_device=sent, messages_per_device=messages,
                        exchange_s=t_exchange, layer_s=t_layer)

@@ -23,13 +23,12 @@ import datetime
 import json
 import os
 import platform
-import statistics
-import time
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from benchtools import median_time  # noqa: E402  (a script's own folder is on sys.path)
 import jmoe
 from jmoe.experts import GATED, expert_ffn
 
@@ -96,17 +95,6 @@ class BalancedMoE(jmoe.MoE):
         logits = jnp.broadcast_to(logits, (G, S, self.num_experts))
         capacity = self.capacity(S)
         return jmoe.routing.tokens_choose(logits, k=self.k, capacity=capacity)
-
-
-def median_time(fn, *args, iters: int, warmup: int = 2) -> float:
-    for _ in range(warmup):
-        jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(iters):
-        start = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def temp_bytes(jitted, *args) -> int | None:

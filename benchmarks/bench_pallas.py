@@ -33,14 +33,13 @@ import datetime
 import json
 import os
 import platform
-import statistics
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from benchtools import median_time  # noqa: E402  (a script's own folder is on sys.path)
 from jmoe import dispatch as dispatch_lib
 from jmoe import routing
 from jmoe.pallas import KernelConfig, pallas_combine, pallas_dispatch, resolve_interpret
@@ -55,23 +54,11 @@ def parse_tiles(text: str) -> list[KernelConfig]:
     return configs
 
 
-def timeit(fn, *args, iters: int, warmup: int = 2) -> float:
-    """Median seconds of ``fn(*args)`` (jitted), after ``warmup`` calls."""
-    for _ in range(warmup):
-        jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(iters):
-        start = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
 def copy_bandwidth(num_bytes: int, dtype, iters: int) -> float:
     """Bytes/s of ``2 * a`` over an array of ``num_bytes`` (counts read + write)."""
     n = num_bytes // jnp.dtype(dtype).itemsize
     a = jnp.ones((n,), dtype)
-    seconds = timeit(jax.jit(lambda a: a * 2), a, iters=iters)
+    seconds = median_time(jax.jit(lambda a: a * 2), a, iters=iters)
     return 2 * n * jnp.dtype(dtype).itemsize / seconds
 
 
@@ -170,7 +157,7 @@ def run(args) -> dict:
                 entry = dict(workload=w["name"], tokens=tokens, d=d, E=E, k=k, C=C, kept=kept,
                              op=op, mode=mode, backend=backend)
                 try:
-                    seconds = timeit(fn, x, expert_out, plan, ct_slots, ct_y, iters=args.iters)
+                    seconds = median_time(fn, x, expert_out, plan, ct_slots, ct_y, iters=args.iters)
                 except Exception as e:  # e.g. out of memory: record it, go on
                     entry["error"] = f"{type(e).__name__}: {str(e)[:200]}"
                     rows.append(entry)
