@@ -9,3 +9,6 @@ import os
 _flags = os.environ.get("XLA_FLAGS", "")
 if "xla_force_host_platform_device_count" not in _flags:
     os.environ["XLA_FLAGS"] = (_flags + " --xla_force_host_platform_device_count=8").strip()
+
+# Tests compare against float64 references: on a GPU, float32 matmuls must not drop to TF32.
+os.environ.setdefault("JAX_DEFAULT_MATMUL_PRECISION", "highest")
