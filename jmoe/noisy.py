@@ -25,6 +25,11 @@ Losses, over every valid token of the batch (all groups together):
 * ``CV(v)^2 = Var(v) / (Mean(v)^2 + 1e-10)`` over the E experts, with the
   population variance (divide by E); the epsilon keeps an all-zero v at 0.
 
+The plan carries the vectors ``expert_importance`` / ``expert_load`` [E] and the
+losses are computed from them by :func:`balance_loss` (the one definition): on
+an expert-parallel mesh each device's vectors are summed over the devices first
+(:func:`jmoe.parallel.expert_parallel_moe`), so the losses are the whole batch's.
+
 :func:`noisy_top_k` builds a :class:`~jmoe.routing.RoutingPlan` by handing
 ``KeepTopK(H, k)`` to :func:`jmoe.routing.tokens_choose`: its float32 softmax is
 exactly G(x), so the combine weights are the paper's gates and the slots go
@@ -98,6 +103,18 @@ def cv_squared(values: Array, epsilon: float = CV_EPSILON) -> Array:
     return var / (mean**2 + epsilon)
 
 
+def balance_loss(values: Array | None, weight: float) -> Array:
+    """``weight * CV(values)^2`` as a float32 scalar: the importance loss from
+    ``Importance``, the load loss from ``Load`` (0 when ``values`` is None).
+
+    The one definition of both losses: the one-device layer applies it to its
+    plan's vectors, the expert-parallel layer to their sum over the devices.
+    """
+    if values is None:
+        return jnp.zeros((), jnp.float32)
+    return jnp.asarray(weight * cv_squared(values), jnp.float32)
+
+
 def kth_excluding(values: Array, k: int) -> Array:
     """``out[..., i]`` = the k-th largest entry of ``values[..., :]`` with entry i left out.
 
@@ -168,6 +185,7 @@ def noisy_top_k(
     k: int,
     capacity: int,
     rng: Array | None = None,
+    eps: Array | None = None,
     importance_weight: float = 0.1,
     load_weight: float = 0.1,
     priority: str = "choice",
@@ -183,8 +201,10 @@ def noisy_top_k(
     (softmax over the k kept experts, taken before capacity drops).
 
     Aux values of the plan:
-      importance_loss: ``importance_weight * CV(Importance)^2``;
-      load_loss: ``load_weight * CV(Load)^2`` (smooth estimator);
+      importance_loss: ``importance_weight * CV(Importance)^2``, from the plan's
+        ``expert_importance`` (Importance [E]);
+      load_loss: ``load_weight * CV(Load)^2`` (smooth estimator), from its
+        ``expert_load`` (Load [E]);
       z_loss: from the clean logits ``c`` (H outside the top k is -inf);
       load_balancing_loss: Switch ``E * sum_e f_e * P_e`` with ``P_e`` the mean
         gate ``G(x)_e`` and ``f_e`` the fraction of tokens with e in their noisy top k;
@@ -195,8 +215,11 @@ def noisy_top_k(
       noise_logits: [G, S, E] ``x W_noise``.
       k: experts per token, 1 <= k <= E.
       capacity: slots per expert and group.
-      rng: PRNG key for ``eps`` (train mode); None = no noise (eval mode,
-        deterministic). The load estimate still uses ``sigma``.
+      rng: PRNG key for ``eps`` (train mode): ``eps = normal(rng, [G, S, E])``;
+        None = no noise (eval mode, deterministic). The load estimate still uses ``sigma``.
+      eps: [G, S, E] the standard normal draws themselves, instead of ``rng``
+        (the expert-parallel layer draws them over the global batch and hands
+        each device its share, so its noise is the one-device layer's).
       importance_weight, load_weight: the loss coefficients, >= 0 (the paper
         uses 0.1 each); static (a new value compiles anew).
       token_mask: [G, S] bool; False tokens take no slot and are left out of
@@ -217,9 +240,14 @@ def noisy_top_k(
         raise ValueError(f"k={k} must be in [1, num_experts={num_experts}]")
     _check_weight("importance_weight", importance_weight)
     _check_weight("load_weight", load_weight)
+    if rng is not None and eps is not None:
+        raise ValueError("give noisy_top_k either rng or eps, not both")
+    if eps is not None and eps.shape != clean_logits.shape:
+        raise ValueError(f"eps must have the logits' shape {clean_logits.shape}, got {eps.shape}")
 
     clean = clean_logits.astype(jnp.float32)  # [G, S, E]
-    eps = None if rng is None else jax.random.normal(rng, clean.shape, jnp.float32)  # [G, S, E]
+    if rng is not None:
+        eps = jax.random.normal(rng, clean.shape, jnp.float32)  # [G, S, E]
     h = noisy_logits(clean, noise_logits, eps)  # [G, S, E]
     sparse = keep_top_k(h, k)  # [G, S, E], -inf off the top k
     plan = routing.tokens_choose(
@@ -228,11 +256,11 @@ def noisy_top_k(
     )
     gate_values = jax.nn.softmax(sparse, axis=-1)  # [G, S, E], G(x)
     mask = None if token_mask is None else token_mask.astype(bool)
-    importance_loss = importance_weight * cv_squared(importance(gate_values, mask))
-    load_loss = load_weight * cv_squared(smooth_load(clean, h, noise_logits, k, mask))
     valid = jnp.ones(clean.shape[:2], bool) if mask is None else mask  # [G, S]
     return plan.replace(
         z_loss=routing.z_loss(clean, valid),
-        importance_loss=jnp.asarray(importance_loss, jnp.float32),
-        load_loss=jnp.asarray(load_loss, jnp.float32),
+        expert_importance=importance(gate_values, mask),  # [E]
+        expert_load=smooth_load(clean, h, noise_logits, k, mask),  # [E]
+        importance_weight=importance_weight,
+        load_weight=load_weight,
     )

@@ -25,7 +25,10 @@ Each expert's FFN acts row by row, so where a row sits in ``n * G_l * C`` does n
 matter: the result equals the one-device layer on the same groups (float rounding).
 Aux losses are means over groups / tokens: they are averaged over the token axes
 (``pmean``, weighted by each device's valid-token count where the loss is a
-masked mean), ``tokens_per_expert`` is summed (``psum``).
+masked mean), ``tokens_per_expert`` is summed (``psum``). The noisy top-k losses
+are ``w * CV(v)^2`` of per-expert sums over the whole batch: each device's
+``Importance`` / ``Load`` vectors [E] are summed (``psum``) and the losses computed
+from the totals.
 
 Supported: E divisible by n (``E < #devices`` is fine when the rest of the devices
 go to ``"model"`` or ``"data"``); the number of groups divisible by
@@ -209,7 +212,7 @@ def shard_moe_params(tree, mesh: Mesh):
     """Place the ``jmoe.MoE`` layers' parameters in ``tree`` (an NNX module or state) on ``mesh``.
 
     Expert weights get :func:`expert_param_specs`, everything else in an MoE
-    layer (the router weight) is replicated. Other variables are left as they
+    layer (the router weight, noisy top-k's noise weight) is replicated. Other variables are left as they
     are (place them with their own ``out_sharding`` metadata). Returns nothing
     for a module (updated in place), the new state for a state.
     """
@@ -223,7 +226,7 @@ def shard_moe_params(tree, mesh: Mesh):
             names = [k for k in keys[keys.index("experts") + 1:] if k in weight_names]
             if names:
                 return expert_param_specs({names[0]: None}, mesh)[names[0]]
-        if "router_weight" in keys:
+        if "router_weight" in keys or "noise_weight" in keys:
             return P()
         return None
 
@@ -353,13 +356,15 @@ def expert_parallel_moe(
     groups: Array,
     router_weight: Array,
     expert_params: dict[str, Array],
-    plan_fn: Callable[[Array, Array | None, Array | None], RoutingPlan],
+    plan_fn: Callable[..., RoutingPlan],
     *,
     backend: str,
     activation: str,
     mesh,
     token_mask: Array | None = None,
     router_noise: Array | None = None,
+    noise_weight: Array | None = None,
+    router_eps: Array | None = None,
     rng: Array | None = None,
     assignments_per_token: int = 1,
     hierarchical: bool = False,
@@ -374,13 +379,19 @@ def expert_parallel_moe(
       expert_params: stacked expert weights (``w_in [E, d, f]``, ...), sharded by
         :func:`expert_param_specs`.
       plan_fn: ``(logits [G_l, S, E] float32, token_mask [G_l, S] | None, rng | None)
-        -> RoutingPlan``, run on each device's own groups.
+        -> RoutingPlan``, run on each device's own groups; with ``noise_weight`` it
+        also gets the keywords ``noise_logits`` ([G_l, S, E] float32) and ``eps``
+        (the device's share of ``router_eps``, or None).
       backend: dispatch backend name (``einsum``, ``gather``, ...).
       activation: expert activation.
       mesh: a ``Mesh`` or ``AbstractMesh`` with the axes of :func:`make_mesh`.
       token_mask: [G, S] bool, or None.
       router_noise: [G, S, d] multiplicative router-input noise (jitter), or None;
         drawn by the caller over the global shape so results match one device.
+      noise_weight: [d, E] float32, replicated: the noisy top-k router's ``W_noise``
+        (its logits are ``router_in @ noise_weight``, jitter included), or None.
+      router_eps: [G, S, E] the noisy top-k router's standard normal draws, drawn
+        by the caller over the global shape (like ``router_noise``), or None.
       rng: PRNG key for plan_fn (GShard's random policy); each device folds in its
         token-shard index, so its draws differ from one device's (same law).
       assignments_per_token: requested assignments per valid token (k for
@@ -396,7 +407,8 @@ def expert_parallel_moe(
       :meth:`RoutingPlan.aux` equal to the one-device values:
       ``mean_over_devices`` for per-group means, valid-token-weighted means for
       per-token means (z_loss, router_entropy), requested-weighted for
-      ``dropped_fraction``, ``psum`` for ``tokens_per_expert``.
+      ``dropped_fraction``, ``psum`` for ``tokens_per_expert``, and the noisy
+      top-k losses from the ``psum`` of the plans' Importance / Load vectors.
     """
     num_groups, group_size, d = groups.shape
     num_experts = router_weight.shape[1]
@@ -410,17 +422,21 @@ def expert_parallel_moe(
     token_spec = P(axes.token_axes or None)
     dispatch_fn = dispatch_lib.get_backend(backend)
 
-    def local(inputs, router_w, params):
+    def local(inputs, router_ws, params):
         x = inputs["groups"]  # [G_l, S, d]
         mask = inputs.get("mask")  # [G_l, S] or None
         router_in = x.astype(jnp.float32)
         if "noise" in inputs:
             router_in = router_in * inputs["noise"]
-        logits = router_in @ router_w  # [G_l, S, E] float32
+        logits = router_in @ router_ws["router"]  # [G_l, S, E] float32
         key = inputs.get("rng")
         if key is not None and axes.token_axes:
             key = jax.random.fold_in(key, jax.lax.axis_index(axes.token_axes))
-        plan = plan_fn(logits, mask, key)
+        if "noise" in router_ws:  # noisy top-k
+            noise_logits = router_in @ router_ws["noise"]  # [G_l, S, E] float32
+            plan = plan_fn(logits, mask, key, noise_logits=noise_logits, eps=inputs.get("eps"))
+        else:
+            plan = plan_fn(logits, mask, key)
         capacity = plan.capacity
         if capacity % a2a_chunks:
             raise ValueError(f"a2a_chunks={a2a_chunks} must divide the capacity C={capacity}")
@@ -448,15 +464,20 @@ def expert_parallel_moe(
         inputs["mask"], specs["mask"] = token_mask, token_spec
     if router_noise is not None:
         inputs["noise"], specs["noise"] = router_noise, token_spec
+    if router_eps is not None:
+        inputs["eps"], specs["eps"] = router_eps, token_spec
     if rng is not None:
         inputs["rng"], specs["rng"] = rng, P()
+    router_ws = {"router": router_weight}
+    if noise_weight is not None:
+        router_ws["noise"] = noise_weight
     param_specs = expert_param_specs(expert_params, mesh)
     fn = _shard_map(
         local, mesh=mesh,
         in_specs=(specs, P(), param_specs),
         out_specs=(token_spec, P()),  # aux: replicated
     )
-    return fn(inputs, router_weight, expert_params)
+    return fn(inputs, router_ws, expert_params)
 
 
 def _reduce_aux(plan: RoutingPlan, mask: Array | None, token_axes: tuple[str, ...],
@@ -468,10 +489,17 @@ def _reduce_aux(plan: RoutingPlan, mask: Array | None, token_axes: tuple[str, ..
     Per-valid-token means (z_loss, entropy): ``psum(v_l * t_l) / psum(t_l)``.
     dropped_fraction: ``psum(f_l * r_l) / psum(r_l)``, r_l = assignments_per_token * t_l.
     tokens_per_expert: ``psum``.
+    importance_loss, load_loss (noisy top-k): from the ``psum`` of the plan's
+    Importance / Load vectors [E] (sums over tokens), so the same on every device.
     """
-    aux = plan.aux()
     if not token_axes:
-        return aux
+        return plan.aux()
+    summed = {}
+    if plan.expert_importance is not None:
+        summed_plan = plan.replace(expert_importance=jax.lax.psum(plan.expert_importance, token_axes),
+                                   expert_load=jax.lax.psum(plan.expert_load, token_axes))
+        summed = {"importance_loss": summed_plan.importance_loss, "load_loss": summed_plan.load_loss}
+    aux = plan.aux()
     if mask is None:
         tokens = jnp.asarray(plan.num_groups * plan.group_size, jnp.float32)
     else:
@@ -490,7 +518,7 @@ def _reduce_aux(plan: RoutingPlan, mask: Array | None, token_axes: tuple[str, ..
         dropped = weighted(aux["dropped_fraction"], tokens * assignments_per_token)
     out = {name: jax.lax.pmean(value, token_axes) for name, value in aux.items()}  # per-group means
     out.update(z_loss=z, router_entropy=ent, dropped_fraction=dropped,
-               tokens_per_expert=jax.lax.psum(aux["tokens_per_expert"], token_axes))
+               tokens_per_expert=jax.lax.psum(aux["tokens_per_expert"], token_axes), **summed)
     return out
 
 
@@ -505,7 +533,9 @@ def moe_layer_on_mesh(module, groups: Array, token_mask: Array | None, mesh) -> 
     :func:`expert_parallel_moe`.
 
     Supported routers: ``tokens_choose`` (all options; GShard's random policy
-    draws per device, so not the one-device draws) and ``experts_choose``.
+    draws per device, so not the one-device draws), ``experts_choose`` and
+    ``noisy_top_k`` (its train-mode noise ``eps`` is drawn over the global
+    [G, S, E] with the key the one-device layer uses, so it matches one device).
     A dropless layer (``capacity_factor=None``) runs here with capacity =
     group_size: same output, but padded slots are computed and exchanged, and
     ``padding_fraction`` reports them.
@@ -522,7 +552,7 @@ def moe_layer_on_mesh(module, groups: Array, token_mask: Array | None, mesh) -> 
             module.rngs(), groups.shape, minval=1.0 - module.jitter, maxval=1.0 + module.jitter
         )  # [G, S, d]
     capacity = module.capacity(groups.shape[1])
-    rng = None
+    rng = noise_weight = eps = None
     if router == "experts_choose":
         capacity = min(capacity, groups.shape[1])
 
@@ -541,19 +571,30 @@ def moe_layer_on_mesh(module, groups: Array, token_mask: Array | None, mesh) -> 
         )
         per_token = module.k
     elif router == "noisy_top_k":
-        raise NotImplementedError(
-            "router='noisy_top_k' has no expert-parallel path yet: its importance / load losses are "
-            "CV^2 over the whole batch, which needs a psum of the [E] importance and load vectors "
-            "inside jmoe.noisy; use tokens_choose / experts_choose on a mesh"
-        )
+        from jmoe import noisy
+
+        noise_weight = module.noise_weight[...]
+        if train:  # same key and global shape as noisy.noisy_top_k(rng=...) on one device
+            eps = jax.random.normal(module.rngs(), (*groups.shape[:2], module.num_experts), jnp.float32)
+
+        def plan_fn(logits, mask, key, *, noise_logits, eps):
+            return noisy.noisy_top_k(
+                logits, noise_logits, k=module.k, capacity=capacity, eps=eps,
+                importance_weight=module.importance_loss_weight, load_weight=module.load_loss_weight,
+                priority=module.priority, batch_prioritized=module.batch_prioritized, token_mask=mask,
+            )
+
+        per_token = module.k
     else:
         raise NotImplementedError(
-            f"router={router!r} has no expert-parallel path yet (supported: tokens_choose, experts_choose)"
+            f"router={router!r} has no expert-parallel path yet "
+            f"(supported: tokens_choose, experts_choose, noisy_top_k)"
         )
     return expert_parallel_moe(
         groups, module.router_weight[...], module.experts.params(), plan_fn,
         backend=module.dispatch, activation=module.experts.activation, mesh=mesh,
-        token_mask=token_mask, router_noise=noise, rng=rng, assignments_per_token=per_token,
+        token_mask=token_mask, router_noise=noise, noise_weight=noise_weight, router_eps=eps, rng=rng,
+        assignments_per_token=per_token,
         hierarchical=getattr(module, "hierarchical_a2a", False),
         a2a_chunks=getattr(module, "a2a_chunks", 1), compute_dtype=module.dtype,
     )

@@ -121,9 +121,16 @@ class RoutingPlan:
       tokens_per_expert: [E] float32, kept assignments per expert, summed over groups.
       padding_fraction: scalar, empty slots / (G * E * C).
       router_entropy: scalar, mean over tokens of ``-sum_e p_e log p_e``.
-      importance_loss, load_loss: scalars, the noisy top-k losses of
-        :mod:`jmoe.noisy` (already weighted); 0 for every other router, so
-        ``aux()`` has the same keys whatever the router.
+      expert_importance, expert_load: [E] float32, the noisy top-k router's
+        ``Importance`` and ``Load`` vectors (sums over the plan's valid tokens,
+        see :mod:`jmoe.noisy`); None for every other router. Sums, so the
+        vectors of plans over disjoint tokens add up (``psum`` on a mesh) to
+        the vectors of the whole batch.
+      importance_weight, load_weight: static floats, the loss coefficients.
+
+    The losses ``importance_loss`` / ``load_loss`` are not stored: they are
+    computed from the vectors (:func:`jmoe.noisy.balance_loss`), 0 when the
+    vectors are None, so ``aux()`` has the same keys whatever the router.
     """
 
     slot_token: Array
@@ -136,8 +143,24 @@ class RoutingPlan:
     tokens_per_expert: Array
     padding_fraction: Array
     router_entropy: Array
-    importance_loss: Array | float = 0.0
-    load_loss: Array | float = 0.0
+    expert_importance: Array | None = None
+    expert_load: Array | None = None
+    importance_weight: float = flax.struct.field(pytree_node=False, default=0.0)
+    load_weight: float = flax.struct.field(pytree_node=False, default=0.0)
+
+    @property
+    def importance_loss(self) -> Array:
+        """``importance_weight * CV(expert_importance)^2``; 0 without the vector."""
+        from jmoe import noisy  # noisy imports this module
+
+        return noisy.balance_loss(self.expert_importance, self.importance_weight)
+
+    @property
+    def load_loss(self) -> Array:
+        """``load_weight * CV(expert_load)^2``; 0 without the vector."""
+        from jmoe import noisy
+
+        return noisy.balance_loss(self.expert_load, self.load_weight)
 
     @property
     def num_groups(self) -> int:
@@ -178,8 +201,8 @@ class RoutingPlan:
             "tokens_per_expert": self.tokens_per_expert,
             "padding_fraction": self.padding_fraction,
             "router_entropy": self.router_entropy,
-            "importance_loss": jnp.asarray(self.importance_loss, jnp.float32),
-            "load_loss": jnp.asarray(self.load_loss, jnp.float32),
+            "importance_loss": self.importance_loss,
+            "load_loss": self.load_loss,
         }
 
 

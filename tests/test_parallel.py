@@ -35,24 +35,32 @@ def trace_on_mesh(mesh, x, **options):
     return jax.eval_shape(lambda state, x: nnx.merge(graphdef, state)(x), state, x)
 
 
-def value_and_grads(moe, x, mask, r):
-    """y, aux and d(loss)/d(x, router weight, expert weights), one compile.
+def _value_and_grads(moe, x, mask, r):
+    """(traced) y, aux and d(loss)/d(x, router weight, [noise weight,] expert weights).
 
-    loss = sum(y * r) + load_balancing_loss + z_loss + router_entropy, so the
-    gradients see the output and the aux losses.
+    loss = sum(y * r) + load_balancing_loss + z_loss + router_entropy
+    + importance_loss + load_loss, so the gradients see the output and the aux losses.
     """
 
     def loss(model, x):
         y, aux = model(x, token_mask=mask)
-        total = jnp.sum(y * r) + aux["load_balancing_loss"] + aux["z_loss"] + aux["router_entropy"]
+        total = (jnp.sum(y * r) + aux["load_balancing_loss"] + aux["z_loss"] + aux["router_entropy"]
+                 + aux["importance_loss"] + aux["load_loss"])
         return total, (y, aux)
 
     grad_fn = nnx.value_and_grad(loss, argnums=(0, 1), has_aux=True)
-    (_, (y, aux)), (g_model, g_x) = nnx.jit(grad_fn)(moe, x)
+    (_, (y, aux)), (g_model, g_x) = grad_fn(moe, x)
     grads = {"x": g_x, "router_weight": g_model.router_weight[...]}
+    if hasattr(g_model, "noise_weight"):
+        grads["noise_weight"] = g_model.noise_weight[...]
     grads.update({f"experts.{name}": getattr(g_model.experts, name)[...]
                   for name in ("w_in", "w_gate", "w_out", "b_in", "b_out") if hasattr(g_model.experts, name)})
-    return jax.device_get((y, aux, grads))
+    return y, aux, grads
+
+
+def value_and_grads(moe, x, mask, r):
+    """:func:`_value_and_grads` of one layer, one compile."""
+    return jax.device_get(nnx.jit(_value_and_grads)(moe, x, mask, r))
 
 
 def assert_tree_close(actual, expected, rtol=2e-5):
@@ -247,11 +255,38 @@ def test_random_second_expert_policy_and_jitter_trace_on_mesh():
     assert y.shape == x.shape and aux["tokens_per_expert"].shape == (8,)
 
 
-def test_noisy_top_k_on_mesh_is_a_clear_error():
+def test_noisy_top_k_matches_one_device_eval_and_train():
+    """noisy_top_k on a 2x4 mesh (E=8, k=2, jitter, token mask) against one device, in eval mode
+    and in train mode (jitter and the noise eps drawn over the global batch from the one-device
+    keys): output, aux (importance / load losses: CV^2 of the psum of the per-device vectors)
+    and gradients w.r.t. x, the router weight, the noise weight and the expert weights.
+    The four layers share one compile."""
     mesh = parallel.make_mesh(data=2, expert=4)
-    x, _, _ = inputs(10, batch=8, seq=8, with_mask=False)
-    with pytest.raises(NotImplementedError, match="noisy_top_k"):
-        trace_on_mesh(mesh, x, num_experts=8, k=2, router="noisy_top_k")
+    options = dict(num_experts=8, k=2, router="noisy_top_k", dispatch="gather", jitter=0.1,
+                   capacity_factor=1.0, eval_capacity_factor=1.0)
+    x, mask, r = inputs(10, batch=16, seq=8, with_mask=True)
+    noise_w = 0.5 * jax.random.normal(jax.random.key(11), (D_MODEL, 8))  # W_noise is 0 at init
+    layers = []
+    for layer_mesh in (None, mesh):
+        for deterministic in (True, False):
+            layer = make_moe(layer_mesh, deterministic=deterministic, **options)
+            layer.noise_weight[...] = noise_w
+            if layer_mesh is not None:
+                parallel.shard_moe_params(layer, mesh)
+            layers.append(layer)
+
+    @nnx.jit
+    def all_four(layers, x):
+        return [_value_and_grads(layer, x, mask, r) for layer in layers]
+
+    ref_eval, ref_train, ep_eval, ep_train = jax.device_get(all_four(layers, x))
+    assert_tree_close(ep_eval, ref_eval)
+    assert_tree_close(ep_train, ref_train)
+    assert not np.allclose(ref_train[0], ref_eval[0])  # train mode is noisy
+    for _, aux, grads in (ref_eval, ref_train):
+        assert float(aux["importance_loss"]) > 0 and float(aux["load_loss"]) > 0
+        assert float(aux["dropped_fraction"]) > 0  # capacity binds
+        assert float(np.max(np.abs(grads["noise_weight"]))) > 0
 
 
 def test_model_axis_without_expert_axis_traces():
