@@ -44,7 +44,8 @@ class Config:
     eval_capacity_factor: float = _field(2.0, "eval capacity factor", range=(1e-6, None))
     dropless: int = _field(0, "1 = dropless MoE layers (no capacity, grouped matmul; capacity factors unused)",
                            range=(0, 1))
-    priority: str = _field("choice", "who wins a slot: choice-major or token-major", choices=("choice", "token"))
+    priority: str = _field("choice", "who wins a slot: choice-major or token-major (token keeps a causal LM "
+                                           "causal when k > 1)", choices=("choice", "token"))
     second_expert_policy: str = _field("all", "GShard's 2nd expert: all, or random (k=2)", choices=("all", "random"))
     router: str = _field("tokens_choose", "router", choices=("tokens_choose", "experts_choose", "noisy_top_k"))
     activation: str = _field("gelu", "FFN / expert activation", choices=("relu", "gelu", "swiglu", "geglu"))

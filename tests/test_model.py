@@ -75,11 +75,17 @@ def test_lm_loss_matches_numpy_cross_entropy():
     assert float(got) == pytest.approx(want, rel=1e-5)
 
 
-@pytest.mark.parametrize("num_experts", [0, 4])
-def test_changing_a_future_token_leaves_earlier_logits_unchanged(num_experts):
+@pytest.mark.parametrize(
+    "num_experts, moe_kwargs",
+    [
+        (0, None),
+        (4, None),
+    ],
+)
+def test_changing_a_future_token_leaves_earlier_logits_unchanged(num_experts, moe_kwargs):
     # Top-1 choice-major routing fills an expert's slots in token order, so a later token can't
     # take an earlier token's slot: the MoE model is causal too.
-    lm = _tiny_lm(num_experts)
+    lm = _tiny_lm(num_experts, moe_kwargs=moe_kwargs)
     lm.eval()
     tokens = jnp.asarray(np.random.default_rng(4).integers(0, 256, size=(2, 16)), jnp.int32)
     changed = tokens.at[:, 9].set((tokens[:, 9] + 17) % 256)
@@ -87,6 +93,31 @@ def test_changing_a_future_token_leaves_earlier_logits_unchanged(num_experts):
     b, _ = forward(lm, changed)
     np.testing.assert_array_equal(np.asarray(a[:, :9]), np.asarray(b[:, :9]))
     assert not np.allclose(np.asarray(a[:, 9:]), np.asarray(b[:, 9:]))
+
+
+def count_causality_violations(lm, trials):
+    """How many (batch, position) edits change the logits of some earlier position."""
+    rng = np.random.default_rng(0)
+    violations = 0
+    for _ in range(trials):
+        tokens = jnp.asarray(rng.integers(0, 256, size=(4, 16)), jnp.int32)
+        base, _ = forward(lm, tokens)
+        for pos in range(4, 14):
+            changed = tokens.at[:, pos].set((tokens[:, pos] + 1 + rng.integers(0, 255)) % 256)
+            logits, _ = forward(lm, changed)
+            violations += int(np.sum(np.any(np.asarray(logits[:, :pos]) != np.asarray(base[:, :pos]), axis=(1, 2))))
+    return violations
+
+
+def test_top2_needs_token_major_priority_to_stay_causal():
+    # Choice-major top-2: a later token's 1st choice beats an earlier token's 2nd choice for the
+    # last slot, so editing a future token can change an earlier token's output. Token-major puts
+    # all of an earlier token's choices first: causal. Train mode, factor 0.5: slots run out.
+    kwargs = dict(k=2, capacity_factor=0.5)
+    choice = _tiny_lm(4, moe_kwargs=dict(priority="choice", **kwargs))
+    token = _tiny_lm(4, moe_kwargs=dict(priority="token", **kwargs))
+    assert count_causality_violations(choice, trials=3) > 0  # the check has teeth
+    assert count_causality_violations(token, trials=3) == 0
 
 
 def test_moe_every_places_moe_layers_and_dense_baseline_has_none():
