@@ -90,7 +90,10 @@ class MoE(nnx.Module):
         axes, each expert's hidden dim over ``model``; same results as one
         device. ``hierarchical_a2a``: two-step all-to-all (needs
         ``expert_outer``); ``a2a_chunks``: split capacity into chunks to
-        overlap exchange and expert compute (must divide C).
+        overlap exchange and expert compute (must divide C). A dropless layer
+        on a mesh exchanges counts, then its assignment rows in one padded
+        all-to-all each way (:func:`jmoe.parallel.dropless_exchange_experts`);
+        it supports neither ``hierarchical_a2a`` nor ``a2a_chunks > 1``.
       rngs: ``params`` stream for init; the ``router`` stream (falls back to
         ``default``) draws jitter and the GShard random policy in train mode.
     """

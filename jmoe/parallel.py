@@ -21,6 +21,16 @@ Expert parallelism (EP) on a mesh whose expert axes hold n = |expert_outer| x |e
     all_to_all   -> [E, G_l * C, d]         my tokens' results come home
     combine      -> [G_l, S, d]
 
+A dropless layer (``capacity_factor=None``) has no static capacity; per device
+(A = T_l * K assignments, :func:`dropless_exchange_experts`)::
+
+    plan = router(x @ W_r)    token side only: token_expert, token_weight [G_l, S, K]
+    sort by expert -> [A, d]; counts [E]
+    all_to_all counts [n, E_l] int32           how many rows each source sends me, per expert
+    all_to_all rows   [n, A, d] -> [n, A, d]   padded: chunk j = my rows for device j
+    sort by (local expert, source, position); ragged_dot over E_l groups; unsort
+    all_to_all rows   [n, A, d] -> [n, A, d]   results home; unsort; combine
+
 Each expert's FFN acts row by row, so where a row sits in ``n * G_l * C`` does not
 matter: the result equals the one-device layer on the same groups (float rounding).
 Aux losses are means over groups / tokens: they are averaged over the token axes
@@ -48,6 +58,7 @@ import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 from jmoe import dispatch as dispatch_lib
+from jmoe import dropless
 from jmoe.experts import expert_ffn
 from jmoe.routing import RoutingPlan
 
@@ -347,6 +358,109 @@ def local_expert_ffn(x: Array, params: dict[str, Array], activation: str, model_
     return y
 
 
+def dropless_exchange_experts(
+    tokens: Array,
+    token_expert: Array,
+    token_weight: Array,
+    params: dict[str, Array],
+    activation: str,
+    *,
+    num_experts: int,
+    expert_axes: tuple[str, ...],
+    expert_size: int,
+    model_axis: str | None = None,
+    model_size: int = 1,
+) -> Array:
+    """Dropless experts under expert parallelism (inside ``shard_map``), one device's view.
+
+    ``y[t] = sum_k token_weight[t, k] * FFN_{token_expert[t, k]}(tokens[t])`` for this
+    device's T_l tokens, the experts living on the n = ``expert_size`` devices of
+    ``expert_axes`` (expert e on device ``e // E_l``; ``params`` holds the E_l local ones).
+
+    The two-step exchange (counts, then data), per device, A = T_l * K assignments:
+
+    1. stable sort of the A assignments by expert (:func:`jmoe.dropless.sort_by_expert`);
+       the rows for device j are then contiguous (experts ``[j E_l, (j + 1) E_l)``);
+    2. count exchange: ``all_to_all`` of the per-expert counts ``[n, E_l]`` int32, so each
+       device learns how many rows every source sends to each of its local experts;
+    3. data exchange, **padded**: send buffer ``[n, A, d]`` (chunk j = my rows for device j,
+       left-aligned, zero padded; A rows because in the worst case all go to one device),
+       one tiled ``all_to_all`` -> ``[n (source), A, d]``;
+    4. the valid received rows are ordered by (local expert, source, position) (a stable
+       sort; padding rows get group E_l, past the end, so ``ragged_dot`` leaves them out:
+       output 0, no gradient), one grouped FFN (:func:`jmoe.dropless.grouped_ffn`, hidden
+       dim split over ``model`` and ``psum``-ed), and the order undone;
+    5. the reverse padded ``all_to_all`` brings every row home to the same buffer
+       position it left from; unsort and combine exactly as :func:`jmoe.dropless.dropless_experts`.
+
+    Why padded: XLA on CPU has no ragged all-to-all, and the padded exchange has static
+    shapes everywhere; its cost is the worst case: n * A rows each way (the capacity
+    path with C = group size moves E * G_l * S = (E / (n K)) times as many).
+    Seam for GPU/TPU: the two ``a2a`` calls on row buffers in steps 3 and 5 (``send`` ->
+    ``recv``, ``y_recv`` -> ``back``) are where ``jax.lax.ragged_all_to_all`` would go, with
+    offsets / sizes from ``send_start`` / ``send_counts`` and the step-2 counts, sending
+    only the valid rows; not done here (no GPU/TPU to test it on).
+
+    Args:
+      tokens: [T_l, d] (compute dtype); token_expert [T_l, K] int32 (global expert ids);
+      token_weight [T_l, K] float32 (0: the assignment does not count).
+      params: local expert weights ``w_in [E_l, d, f_l]``, ...
+    Returns:
+      [T_l, d] in the tokens' dtype, accumulated in float32.
+    """
+    num_tokens, k = token_expert.shape
+    d = tokens.shape[-1]
+    n = expert_size
+    e_l = num_experts // n
+    a = num_tokens * k
+
+    def a2a(x):
+        return x if n == 1 else _a2a(x, expert_axes)
+
+    # 1. route locally: sort my assignments by expert; destination device = e // E_l.
+    order, counts = dropless.sort_by_expert(token_expert, num_experts)  # [A], [E]
+    rows = tokens[order // k]  # [A, d], expert order
+    dest = token_expert.reshape(-1)[order] // e_l  # [A], non-decreasing
+    counts = counts.reshape(n, e_l)  # [dest, E_l]
+    send_counts = jnp.sum(counts, axis=1)  # [n]
+    send_start = jnp.cumsum(send_counts) - send_counts  # [n]: first sorted row for device j
+    pos = jnp.arange(a, dtype=jnp.int32)
+
+    # 2. count exchange: recv_counts[i, e] = rows device i sends to my local expert e.
+    recv_counts = a2a(counts)  # [src, E_l]
+
+    # 3. data exchange, padded: chunk j = my rows for device j, left-aligned, zeros after.
+    take = send_start[:, None] + pos[None, :]  # [n, A]
+    send_valid = pos[None, :] < send_counts[:, None]  # [n, A]
+    send = jnp.where(send_valid[..., None], rows[jnp.minimum(take, a - 1)], jnp.zeros((), rows.dtype))  # [n, A, d]
+    recv = a2a(send)  # [src, A, d]
+
+    # 4. order by (local expert, source, position); padding rows -> group E_l (past the end).
+    bounds = jnp.cumsum(recv_counts, axis=1)  # [src, E_l]
+    local_expert = jnp.sum(pos[None, None, :] >= bounds[:, :, None], axis=1).astype(jnp.int32)  # [src, A]
+    local_expert = local_expert.reshape(-1)  # [n * A], source-major
+    local_order = jnp.argsort(local_expert, stable=True).astype(jnp.int32)  # [n * A]
+    group_sizes = jnp.sum(recv_counts, axis=0).astype(jnp.int32)  # [E_l]
+    x_local = recv.reshape(n * a, d)[local_order]  # [n * A, d]
+    row_expert = jnp.minimum(local_expert[local_order], e_l - 1)  # padding rows: clamped, never read back
+    inner = {name: value for name, value in params.items() if name != "b_out"}
+    y_local = dropless.grouped_ffn(x_local, row_expert, group_sizes, inner, activation)  # [n * A, d], partial over model
+    if model_axis is not None and model_size > 1:
+        y_local = jax.lax.psum(y_local, model_axis)
+    if "b_out" in params:
+        y_local = y_local + params["b_out"][row_expert]
+    y_recv = jnp.zeros_like(y_local).at[local_order].set(y_local, unique_indices=True)  # [n * A, d] received order
+
+    # 5. home: reverse exchange, each row back at the buffer position it left from.
+    back = a2a(y_recv.reshape(n, a, d))  # [dest, A, d]
+    out_sorted = back[dest, pos - send_start[dest]]  # [A, d], expert order
+    out = jnp.zeros_like(out_sorted).at[order].set(out_sorted, unique_indices=True)  # [A, d] assignment order
+    out = out.reshape(num_tokens, k, d).astype(jnp.float32)  # [T_l, K, d]
+    kept = (token_weight != 0)[..., None]
+    y = jnp.sum(jnp.where(kept, token_weight[..., None] * out, 0.0), axis=1)  # [T_l, d]
+    return y.astype(tokens.dtype)
+
+
 # ----------------------------------------------------------------------------
 # The expert-parallel MoE function
 # ----------------------------------------------------------------------------
@@ -370,6 +484,7 @@ def expert_parallel_moe(
     hierarchical: bool = False,
     a2a_chunks: int = 1,
     compute_dtype=jnp.float32,
+    dropless_experts: bool = False,
 ) -> tuple[Array, dict[str, Array]]:
     """The MoE layer on a mesh, as a pure function.
 
@@ -401,6 +516,11 @@ def expert_parallel_moe(
       a2a_chunks: m; the capacity C is split into m chunks, each exchanged and
         computed separately so chunk i's experts can overlap chunk i+1's exchange.
         m must divide C.
+      dropless_experts: dropless layer (MegaBlocks): the plan's token side
+        (``token_expert``, ``token_weight``) is used, not its slots; the assignments
+        go to their experts with :func:`dropless_exchange_experts` (count exchange,
+        then a padded data all-to-all each way; no capacity, nothing dropped) and
+        ``padding_fraction`` is 0. Not with ``hierarchical`` or ``a2a_chunks > 1``.
 
     Returns:
       y [G, S, d] (sharded over the token axes), and the aux dict of
@@ -416,6 +536,12 @@ def expert_parallel_moe(
     check_mesh(mesh, num_experts=num_experts, num_groups=num_groups, d_ff=d_ff, hierarchical=hierarchical)
     if a2a_chunks < 1:
         raise ValueError(f"a2a_chunks must be >= 1, got {a2a_chunks}")
+    if dropless_experts and (hierarchical or a2a_chunks != 1):
+        raise ValueError(
+            f"a dropless layer (capacity_factor=None) on a mesh supports neither hierarchical_a2a nor "
+            f"a2a_chunks > 1 (got hierarchical_a2a={hierarchical}, a2a_chunks={a2a_chunks}): its exchange is "
+            f"one padded all-to-all each way"
+        )
     axes = MeshAxes.of(mesh)
     sizes = (_axis_size(mesh, EXPERT_OUTER), _axis_size(mesh, EXPERT))
     model_size = _axis_size(mesh, MODEL)
@@ -437,6 +563,17 @@ def expert_parallel_moe(
             plan = plan_fn(logits, mask, key, noise_logits=noise_logits, eps=inputs.get("eps"))
         else:
             plan = plan_fn(logits, mask, key)
+        if dropless_experts:
+            tokens = x.reshape(-1, d).astype(compute_dtype)  # [T_l, d]
+            y = dropless_exchange_experts(
+                tokens, plan.token_expert.reshape(tokens.shape[0], -1),
+                plan.token_weight.reshape(tokens.shape[0], -1), params, activation,
+                num_experts=num_experts, expert_axes=axes.expert_axes, expert_size=math.prod(sizes),
+                model_axis=axes.model_axis, model_size=model_size,
+            ).reshape(x.shape)  # [G_l, S, d]
+            aux = _reduce_aux(plan, mask, axes.token_axes, assignments_per_token)
+            aux["padding_fraction"] = jnp.zeros((), jnp.float32)
+            return y, aux
         capacity = plan.capacity
         if capacity % a2a_chunks:
             raise ValueError(f"a2a_chunks={a2a_chunks} must divide the capacity C={capacity}")
@@ -536,9 +673,10 @@ def moe_layer_on_mesh(module, groups: Array, token_mask: Array | None, mesh) -> 
     draws per device, so not the one-device draws), ``experts_choose`` and
     ``noisy_top_k`` (its train-mode noise ``eps`` is drawn over the global
     [G, S, E] with the key the one-device layer uses, so it matches one device).
-    A dropless layer (``capacity_factor=None``) runs here with capacity =
-    group_size: same output, but padded slots are computed and exchanged, and
-    ``padding_fraction`` reports them.
+    A dropless layer (``capacity_factor=None``) routes with capacity = group_size
+    (so nothing is dropped) and runs :func:`dropless_exchange_experts`: a count
+    exchange, then a padded all-to-all of the assignment rows each way, a grouped
+    matmul over the received rows; ``padding_fraction`` is 0 as on one device.
     """
     import functools
 
@@ -597,6 +735,7 @@ def moe_layer_on_mesh(module, groups: Array, token_mask: Array | None, mesh) -> 
         assignments_per_token=per_token,
         hierarchical=getattr(module, "hierarchical_a2a", False),
         a2a_chunks=getattr(module, "a2a_chunks", 1), compute_dtype=module.dtype,
+        dropless_experts=getattr(module, "dropless", False),
     )
 
 
