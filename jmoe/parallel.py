@@ -665,84 +665,30 @@ def _reduce_aux(plan: RoutingPlan, mask: Array | None, token_axes: tuple[str, ..
 
 
 def moe_layer_on_mesh(module, groups: Array, token_mask: Array | None, mesh) -> tuple[Array, dict[str, Array]]:
-    """``jmoe.MoE``'s forward on a mesh: reads the layer's settings, draws its
-    randomness over the global shapes (so jitter matches one device), and calls
-    :func:`expert_parallel_moe`.
+    """``jmoe.MoE``'s forward on a mesh: :func:`expert_parallel_moe` with the layer's
+    settings, its random draws (``MoE.draw_router_noise``, over the global shapes, so
+    jitter and noisy top-k's ``eps`` match one device) and its router
+    (``MoE.plan_from_logits``, run per device on the local groups).
 
-    Supported routers: ``tokens_choose`` (all options; GShard's random policy
-    draws per device, so not the one-device draws), ``experts_choose`` and
-    ``noisy_top_k`` (its train-mode noise ``eps`` is drawn over the global
-    [G, S, E] with the key the one-device layer uses, so it matches one device).
-    A dropless layer (``capacity_factor=None``) routes with capacity = group_size
-    (so nothing is dropped) and runs :func:`dropless_exchange_experts`: a count
-    exchange, then a padded all-to-all of the assignment rows each way, a grouped
-    matmul over the received rows; ``padding_fraction`` is 0 as on one device.
+    GShard's random policy folds the device index into its key, so its draws differ
+    from one device's (same distribution). A dropless layer (``capacity_factor=None``)
+    routes with capacity = group_size (nothing dropped) and runs
+    :func:`dropless_exchange_experts`: a count exchange, then a padded all-to-all of
+    the assignment rows each way and a grouped matmul over the received rows;
+    ``padding_fraction`` is 0 as on one device.
     """
-    import functools
+    jitter, eps, key = module.draw_router_noise(groups.shape)  # global shapes: as on one device
+    noisy = module.router == "noisy_top_k"
 
-    from jmoe import routing
+    def plan_fn(logits, mask, key, *, noise_logits=None, eps=None):
+        return module.plan_from_logits(logits, mask, noise_logits=noise_logits, eps=eps, rng=key)
 
-    router = module.router
-    train = not module.deterministic
-    noise = None
-    if module.jitter > 0 and train:
-        noise = jax.random.uniform(
-            module.rngs(), groups.shape, minval=1.0 - module.jitter, maxval=1.0 + module.jitter
-        )  # [G, S, d]
-    capacity = module.capacity(groups.shape[1])
-    rng = noise_weight = eps = None
-    if router == "experts_choose":
-        capacity = min(capacity, groups.shape[1])
-
-        def plan_fn(logits, mask, key):
-            return routing.experts_choose(logits, capacity=capacity, token_mask=mask)
-
-        per_token = 1
-    elif router == "tokens_choose":
-        use_random = module.second_expert_policy == "random" and train
-        if use_random:
-            rng = module.rngs()
-        plan_fn = functools.partial(
-            _tokens_choose_plan, k=module.k, capacity=capacity, priority=module.priority,
-            batch_prioritized=module.batch_prioritized, normalize=module.normalize,
-            policy="random" if use_random else "all",
-        )
-        per_token = module.k
-    elif router == "noisy_top_k":
-        from jmoe import noisy
-
-        noise_weight = module.noise_weight[...]
-        if train:  # same key and global shape as noisy.noisy_top_k(rng=...) on one device
-            eps = jax.random.normal(module.rngs(), (*groups.shape[:2], module.num_experts), jnp.float32)
-
-        def plan_fn(logits, mask, key, *, noise_logits, eps):
-            return noisy.noisy_top_k(
-                logits, noise_logits, k=module.k, capacity=capacity, eps=eps,
-                importance_weight=module.importance_loss_weight, load_weight=module.load_loss_weight,
-                priority=module.priority, batch_prioritized=module.batch_prioritized, token_mask=mask,
-            )
-
-        per_token = module.k
-    else:
-        raise NotImplementedError(
-            f"router={router!r} has no expert-parallel path yet "
-            f"(supported: tokens_choose, experts_choose, noisy_top_k)"
-        )
     return expert_parallel_moe(
         groups, module.router_weight[...], module.experts.params(), plan_fn,
         backend=module.dispatch, activation=module.experts.activation, mesh=mesh,
-        token_mask=token_mask, router_noise=noise, noise_weight=noise_weight, router_eps=eps, rng=rng,
-        assignments_per_token=per_token,
-        hierarchical=getattr(module, "hierarchical_a2a", False),
-        a2a_chunks=getattr(module, "a2a_chunks", 1), compute_dtype=module.dtype,
-        dropless_experts=getattr(module, "dropless", False),
-    )
-
-
-def _tokens_choose_plan(logits, mask, key, *, k, capacity, priority, batch_prioritized, normalize, policy):
-    from jmoe import routing
-
-    return routing.tokens_choose(
-        logits, k=k, capacity=capacity, priority=priority, batch_prioritized=batch_prioritized,
-        normalize=normalize, token_mask=mask, second_expert_policy=policy, rng=key,
+        token_mask=token_mask, router_noise=jitter, noise_weight=module.noise_weight[...] if noisy else None,
+        router_eps=eps, rng=key,
+        assignments_per_token=1 if module.router == "experts_choose" else module.k,
+        hierarchical=module.hierarchical_a2a, a2a_chunks=module.a2a_chunks, compute_dtype=module.dtype,
+        dropless_experts=module.dropless,
     )
