@@ -11,12 +11,12 @@ one of the workers.
 """
 
 import os
-import socket
-import subprocess
 import sys
 import tempfile
 
 import numpy as np
+
+from tests.processes import cpu_env, free_port, run_all
 
 D_MODEL, D_FF, NUM_EXPERTS, K = 16, 32, 8, 2
 BATCH, SEQ = 8, 8
@@ -95,40 +95,16 @@ def worker(process_id: int, port: int, out_dir: str) -> None:
         jax.distributed.shutdown()
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_two_processes_match_one_device():
     import jax
     from flax import nnx
 
     with tempfile.TemporaryDirectory() as out_dir:
-        port = _free_port()
-        env = dict(os.environ)
-        env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={DEVICES_PER_PROCESS}"
-        env["JAX_PLATFORMS"] = "cpu"
-        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-        env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
-        procs = [
-            subprocess.Popen([sys.executable, os.path.abspath(__file__), str(i), str(port), out_dir],
-                             env=env, cwd=root, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-            for i in range(NUM_PROCESSES)
-        ]
-        logs = []
-        try:
-            for p in procs:
-                out, _ = p.communicate(timeout=TIMEOUT_S)
-                logs.append(out)
-        finally:
-            for p in procs:  # only our own children, by handle
-                if p.poll() is None:
-                    p.kill()
-                    p.wait(timeout=30)
-        for p, log in zip(procs, logs):
-            assert p.returncode == 0, f"worker exited with {p.returncode}:\n{log[-4000:]}"
+        port = free_port()
+        commands = [[sys.executable, os.path.abspath(__file__), str(i), str(port), out_dir]
+                    for i in range(NUM_PROCESSES)]
+        for code, log in run_all(commands, cpu_env(DEVICES_PER_PROCESS), TIMEOUT_S):
+            assert code == 0, f"worker exited with {code}:\n{log[-4000:]}"
         result = dict(np.load(os.path.join(out_dir, "result.npz")))
 
     # One device, same inputs and seed.

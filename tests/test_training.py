@@ -18,6 +18,7 @@ from jmoe import config as config_lib
 from jmoe import data as data_lib
 from jmoe import parallel
 from jmoe import training
+from tests.processes import cpu_env, free_port, run_all
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MICRO = dict(
@@ -185,43 +186,23 @@ def test_named_configs_load_and_dense_baseline_matches_tiny_active_flops():
 # ----------------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.mark.skipif(not os.environ.get("JMOE_SLOW_TESTS"),
                     reason="about a minute on 2 cores; set JMOE_SLOW_TESTS=1 to run")
 def test_two_process_run_matches_one_process(text_file, tmp_path):
     """``train.py`` on 2 processes x 2 CPU devices equals a 4-device run in this process, step for step;
     only process 0 writes the log; the checkpoint loads on one device."""
-    import subprocess
     import sys
 
     args = [f"{k}={v}" for k, v in {**MICRO, "steps": 4, "ckpt_every": 2, "eval_every": 4}.items()
             if k != "num_devices"] + [f"data={text_file}"]
     out = str(tmp_path / "multi")
-    port = _free_port()
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_PLATFORMS": "cpu",
-           "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    procs = [subprocess.Popen(
-        [sys.executable, os.path.join(ROOT, "train.py"), *args, f"out_dir={out}",
-         f"coordinator_address=127.0.0.1:{port}", "num_processes=2", f"process_id={i}"],
-        env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
-    logs = []
-    try:
-        for p in procs:
-            logs.append(p.communicate(timeout=240)[0])
-    finally:
-        for p in procs:  # only our own children, by handle
-            if p.poll() is None:
-                p.kill()
-                p.wait(timeout=30)
-    for p, log in zip(procs, logs):
-        assert p.returncode == 0, log[-4000:]
+    port = free_port()
+    commands = [[sys.executable, os.path.join(ROOT, "train.py"), *args, f"out_dir={out}",
+                 f"coordinator_address=127.0.0.1:{port}", "num_processes=2", f"process_id={i}"] for i in range(2)]
+    results = run_all(commands, cpu_env(2), timeout_s=240)
+    for code, log in results:
+        assert code == 0, log[-4000:]
+    logs = [log for _, log in results]
     assert "val loss" in logs[0] and "val loss" not in logs[1]  # process 1 prints nothing
 
     ref = str(tmp_path / "single")
