@@ -173,6 +173,34 @@ def _check_index(name: str, idx: Array, ndim: int) -> None:
         raise ValueError(f"{name} must be a {ndim}-D int32 index array, got {idx.dtype}{list(idx.shape)}")
 
 
+def _tile(block_rows: int, block_d: int, num_rows: int, d: int):
+    """This program's rows [BR] and columns [BD] (grid axes 0 and 1), and which are in range."""
+    rows = pl.program_id(0) * block_rows + jnp.arange(block_rows)  # [BR]
+    cols = pl.program_id(1) * block_d + jnp.arange(block_d)  # [BD]
+    return rows, cols, rows < num_rows, cols < d
+
+
+def _load_rows(x_ref, idx, row_in, cols, col_in):
+    """The tile ``x[idx[r], cols]`` [BR, BD], 0 where the row or column is past the end or
+    ``idx`` names no source row (-1 or out of range); and that validity [BR]."""
+    valid = row_in & (idx >= 0) & (idx < x_ref.shape[0])
+    vals = plgpu.load(
+        x_ref.at[jnp.where(valid, idx, 0)[:, None], cols[None, :]],
+        mask=valid[:, None] & col_in[None, :],
+        other=_zero(x_ref),
+    )
+    return vals, valid
+
+
+def _store_tile(out_ref, rows, cols, row_in, col_in, vals) -> None:
+    # Rows past the end are masked, not clamped: clamping would write a row twice.
+    plgpu.store(
+        out_ref.at[rows[:, None], cols[None, :]],
+        vals.astype(out_ref.dtype),
+        mask=row_in[:, None] & col_in[None, :],
+    )
+
+
 # ----------------------------------------------------------------------------
 # gather_rows: out[r] = scale[r] * x[src[r]]
 # ----------------------------------------------------------------------------
@@ -183,28 +211,13 @@ def _gather_rows_kernel(*refs, block_rows: int, block_d: int, has_scale: bool):
         src_ref, x_ref, scale_ref, out_ref = refs  # [R], [N, d], [R], [R, d]
     else:
         src_ref, x_ref, out_ref = refs
-    num_rows, d = out_ref.shape
-    num_src = x_ref.shape[0]
-    rows = pl.program_id(0) * block_rows + jnp.arange(block_rows)  # [BR]
-    cols = pl.program_id(1) * block_d + jnp.arange(block_d)  # [BD]
-    row_in, col_in = rows < num_rows, cols < d
+    rows, cols, row_in, col_in = _tile(block_rows, block_d, *out_ref.shape)
     src = plgpu.load(src_ref.at[rows], mask=row_in, other=-1)  # [BR]
-    valid = row_in & (src >= 0) & (src < num_src)
-    safe_src = jnp.where(valid, src, 0)
-    vals = plgpu.load(
-        x_ref.at[safe_src[:, None], cols[None, :]],
-        mask=valid[:, None] & col_in[None, :],
-        other=_zero(x_ref),
-    )  # [BR, BD]; 0 for "no row"
+    vals, _ = _load_rows(x_ref, src, row_in, cols, col_in)  # [BR, BD]; 0 for "no row"
     if has_scale:
         scale = plgpu.load(scale_ref.at[rows], mask=row_in, other=0.0)  # [BR] f32
         vals = vals.astype(jnp.float32) * scale[:, None]
-    # Rows past the end are masked, not clamped: clamping would write a row twice.
-    plgpu.store(
-        out_ref.at[rows[:, None], cols[None, :]],
-        vals.astype(out_ref.dtype),
-        mask=row_in[:, None] & col_in[None, :],
-    )
+    _store_tile(out_ref, rows, cols, row_in, col_in, vals)
 
 
 def gather_rows(
@@ -264,30 +277,16 @@ def gather_rows_reference(x: Array, src: Array, scale: Array | None = None, *, o
 
 def _gather_sum_rows_kernel(idx_ref, w_ref, x_ref, out_ref, *, block_rows: int, block_d: int):
     # idx [T, K] int32, w [T, K] f32, x [N, d], out [T, d]
-    num_rows, d = out_ref.shape
-    num_src = x_ref.shape[0]
-    num_k = idx_ref.shape[1]
-    rows = pl.program_id(0) * block_rows + jnp.arange(block_rows)  # [BR]
-    cols = pl.program_id(1) * block_d + jnp.arange(block_d)  # [BD]
-    row_in, col_in = rows < num_rows, cols < d
+    rows, cols, row_in, col_in = _tile(block_rows, block_d, *out_ref.shape)
 
     def body(k, acc):  # acc [BR, BD] f32; k = the token's k-th choice, in order
         idx = plgpu.load(idx_ref.at[rows, k], mask=row_in, other=-1)  # [BR]
         w = plgpu.load(w_ref.at[rows, k], mask=row_in, other=0.0)  # [BR]
-        valid = row_in & (idx >= 0) & (idx < num_src)
-        vals = plgpu.load(
-            x_ref.at[jnp.where(valid, idx, 0)[:, None], cols[None, :]],
-            mask=valid[:, None] & col_in[None, :],
-            other=_zero(x_ref),
-        )  # [BR, BD]
+        vals, valid = _load_rows(x_ref, idx, row_in, cols, col_in)  # [BR, BD]
         return acc + jnp.where(valid, w, 0.0)[:, None] * vals.astype(jnp.float32)
 
-    acc = lax.fori_loop(0, num_k, body, jnp.zeros((block_rows, block_d), jnp.float32))
-    plgpu.store(
-        out_ref.at[rows[:, None], cols[None, :]],
-        acc.astype(out_ref.dtype),
-        mask=row_in[:, None] & col_in[None, :],
-    )
+    acc = lax.fori_loop(0, idx_ref.shape[1], body, jnp.zeros((block_rows, block_d), jnp.float32))
+    _store_tile(out_ref, rows, cols, row_in, col_in, acc)
 
 
 def gather_sum_rows(
