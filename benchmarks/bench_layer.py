@@ -87,14 +87,11 @@ def peers_suite(scale: str) -> list[Workload]:
 class BalancedMoE(jmoe.MoE):
     """The layer with router logits that send token t to experts t, t+1, ... (mod E)."""
 
-    def route(self, groups, token_mask=None):
-        G, S, _ = groups.shape
-        t = jnp.arange(S)[:, None]  # [S, 1]
-        rank = (jnp.arange(self.num_experts)[None, :] - t) % self.num_experts  # [S, E]
-        logits = -rank.astype(jnp.float32) + 0.0 * (groups.astype(jnp.float32) @ self.router_weight[...])
-        logits = jnp.broadcast_to(logits, (G, S, self.num_experts))
-        capacity = self.capacity(S)
-        return jmoe.routing.tokens_choose(logits, k=self.k, capacity=capacity)
+    def plan_from_logits(self, logits, token_mask=None, **kwargs):
+        S, E = logits.shape[1:]
+        rank = (jnp.arange(E)[None, :] - jnp.arange(S)[:, None]) % E  # [S, E]
+        balanced = 0.0 * logits - rank.astype(jnp.float32)  # 0 * logits keeps the router in the graph
+        return super().plan_from_logits(balanced, token_mask, **kwargs)
 
 
 def temp_bytes(jitted, *args) -> int | None:
