@@ -269,15 +269,12 @@ def load_balancing_loss(probs: Array, top_experts: Array, token_mask: Array) -> 
     return jnp.mean(num_experts * jnp.sum(f * p, axis=-1))
 
 
-def _metrics(slot_token: Array, token_slot: Array, requested: Array, num_experts: int):
-    """dropped_fraction, tokens_per_expert [E], padding_fraction from the plan."""
+def _slot_metrics(slot_token: Array) -> tuple[Array, Array]:
+    """tokens_per_expert [E] (filled slots, summed over groups) and padding_fraction
+    (empty slots / (G * E * C)) from ``slot_token [G, E, C]``."""
     filled = slot_token >= 0  # [G, E, C]
-    kept = token_slot >= 0  # [G, S, K]
-    num_requested = jnp.sum(requested)
-    dropped = jnp.sum(requested & ~kept) / jnp.maximum(num_requested, 1)
     tokens_per_expert = jnp.sum(filled, axis=(0, 2)).astype(jnp.float32)  # [E]
-    padding = 1.0 - jnp.mean(filled.astype(jnp.float32))
-    return dropped.astype(jnp.float32), tokens_per_expert, padding.astype(jnp.float32)
+    return tokens_per_expert, 1.0 - jnp.mean(filled.astype(jnp.float32))
 
 
 # ----------------------------------------------------------------------------
@@ -394,7 +391,8 @@ def tokens_choose(
     token_weight = jnp.where(token_slot >= 0, weights, 0.0)  # [G, S, K]
     slot_token = _slots_from_tokens(top_experts, token_slot, num_experts, capacity)  # [G, E, C]
 
-    dropped, tokens_per_expert, padding = _metrics(slot_token, token_slot, requested, num_experts)
+    dropped = (jnp.sum(requested & (token_slot < 0)) / jnp.maximum(jnp.sum(requested), 1)).astype(jnp.float32)
+    tokens_per_expert, padding = _slot_metrics(slot_token)
     return RoutingPlan(
         slot_token=slot_token,
         token_expert=top_experts.astype(jnp.int32),
@@ -470,7 +468,7 @@ def experts_choose(logits: Array, *, capacity: int, token_mask: Array | None = N
 
     taken = jnp.any(token_slot >= 0, axis=-1)  # [G, S]
     dropped = jnp.sum(mask & ~taken) / jnp.maximum(jnp.sum(mask), 1)
-    filled = slot_token >= 0
+    tokens_per_expert, padding = _slot_metrics(slot_token)
     return RoutingPlan(
         slot_token=slot_token,
         token_expert=token_expert,
@@ -479,7 +477,7 @@ def experts_choose(logits: Array, *, capacity: int, token_mask: Array | None = N
         load_balancing_loss=jnp.zeros((), jnp.float32),
         z_loss=z_loss(logits, mask),
         dropped_fraction=dropped.astype(jnp.float32),
-        tokens_per_expert=jnp.sum(filled, axis=(0, 2)).astype(jnp.float32),
-        padding_fraction=(1.0 - jnp.mean(filled.astype(jnp.float32))),
+        tokens_per_expert=tokens_per_expert,
+        padding_fraction=padding,
         router_entropy=router_entropy(probs, mask),
     )
