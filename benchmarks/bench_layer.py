@@ -73,14 +73,14 @@ def peers_suite(scale: str) -> list[Workload]:
     """The peers' published workloads (``gpu``) and CPU-sized versions (``cpu``: dims / 8)."""
     s = 8 if scale == "cpu" else 1
     return [
-        # Tutel "helloworld": 16 x 512 tokens, d = f = 2048, 2 experts per device, top-2, factor 1.0, ReLU + biases.
-        Workload("tutel-helloworld", 16, 512 // (2 if s > 1 else 1), 2048 // s, 2048 // s,
-                 2 * jax.device_count(), 2, 1.0, "relu", True),
         # Mixtral-like (Megatron-Core's MoE case): 4,096 tokens, d 4,096, ffn 14,336, 8 experts, top-2, SwiGLU.
         Workload("mixtral-balanced", 1, 4096 // s, 4096 // s, 14336 // s, 8, 2, 1.0, "swiglu", False, True),
         Workload("mixtral-natural", 1, 4096 // s, 4096 // s, 14336 // s, 8, 2, 1.25, "swiglu"),
         # FastMoE: 4,096 tokens, d 1,024, hidden 4,096, 64 experts, top-2, GELU.
         Workload("fastmoe", 1, 4096 // s, 1024 // s, 4096 // s, 64, 2, 1.25, "gelu"),
+        # Tutel "helloworld": 16 x 512 tokens, d = f = 2048, 2 experts per device, top-2, factor 1.0, ReLU + biases.
+        Workload("tutel-helloworld", 16, 512 // (2 if s > 1 else 1), 2048 // s, 2048 // s,
+                 2 * jax.device_count(), 2, 1.0, "relu", True),
     ]
 
 
@@ -192,20 +192,23 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--backends", default="einsum,gather", help="comma-separated dispatch backends")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--iters", type=int, default=5)
-    parser.add_argument("--only", default=None, help="run only workloads whose name contains this")
+    parser.add_argument("--only", default=None,
+                        help="run only workloads whose name contains one of these (comma-separated)")
     parser.add_argument("--out", default=None, help="directory for a JSON results file")
+    parser.add_argument("--tag", default="", help="suffix of the JSON file's name (runs of one suite in parts)")
     args = parser.parse_args(argv)
 
     workloads = {"core": core_suite, "sweep": lambda: sweep_suite(args.scale),
                  "dropless": lambda: dropless_suite(args.scale),
                  "peers": lambda: peers_suite(args.scale)}[args.suite]()
     if args.only:
-        workloads = [w for w in workloads if args.only in w.name]
+        workloads = [w for w in workloads if any(part in w.name for part in args.only.split(","))]
     dtype = jnp.dtype(args.dtype)
     path = None
     if args.out:
         os.makedirs(args.out, exist_ok=True)
-        path = os.path.join(args.out, f"bench_layer_{args.suite}_{args.scale}.json")
+        tag = f"_{args.tag}" if args.tag else ""
+        path = os.path.join(args.out, f"bench_layer_{args.suite}_{args.scale}{tag}.json")
     rows = []
     for w in workloads:
         for backend in args.backends.split(","):

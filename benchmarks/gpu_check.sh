@@ -1,30 +1,38 @@
 #!/usr/bin/env bash
-# One prepared GPU check, for a session that is lent a GPU (one device call, < 8 minutes:
-# the step limits below add up to 470 s; use the device tool's timeout_s=560).
+# One prepared GPU check, for a session that is lent a GPU (one device call, < 10 minutes:
+# the step limits below add up to 550 s; use the device tool's timeout_s=590).
 #
 #   bash benchmarks/gpu_check.sh OUT_DIR            # on the GPU machine, from the repo root
 #   GPU_CHECK_SMOKE=1 bash benchmarks/gpu_check.sh /tmp/gpu_smoke   # CPU dry run of the same steps
 #
 # Runs from the source tree (PYTHONPATH=.), installs nothing, downloads nothing. Steps, each
-# under its own time limit so one slow step cannot eat the others' time:
+# under its own time limit so one slow step cannot eat the others' time, most wanted first:
 #   1. the device (jax.devices, nvidia-smi)
-#   2. the kernel / layer tests with Pallas compiled (not interpreted: they interpret only off GPU)
-#   3. layer benchmarks at GPU scale in bf16 (the peers' workloads, the E sweep, dropless vs capacity)
+#   2. the card's dense matmul rate, and whether ragged_dot is a grouped GEMM here
+#   3. the kernel / layer / dropless tests with Pallas compiled (not interpreted: they interpret
+#      only off GPU) and XLA's own ragged_all_to_all (one-device expert axis)
 #   4. the Pallas dispatch/combine benchmark
-#   5. train.py with the `small` config for a bounded number of steps
-# then a compact table (benchmarks/gpu_summary.py). Full JSON and logs land in OUT_DIR.
+#   5. layer benchmarks at GPU scale in bf16 (Mixtral-like first, then the other peers' workloads,
+#      the E sweep, dropless vs capacity)
+#   6. train.py with the `small` config for a bounded number of steps
+# then a compact table (benchmarks/gpu_summary.py). Full JSON and logs land in OUT_DIR, and in one
+# archive (default OUT_DIR.tgz), refreshed after every step (the device tool returns only 8 files).
+# On the device machine: `bash benchmarks/gpu_check.sh /tmp/gpu_check $OUT/gpu_check.tgz`.
 set -u
-OUT=${1:?usage: gpu_check.sh OUT_DIR}
+OUT=${1:?usage: gpu_check.sh OUT_DIR [ARCHIVE.tgz]}
+ARCHIVE=${2:-$OUT.tgz}
 mkdir -p "$OUT"
+TRAIN_DIR=$(mktemp -d)  # checkpoints stay out of OUT_DIR (the small model's are ~1 GB)
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 PY=${PYTHON:-python3}
 SMOKE=${GPU_CHECK_SMOKE:-0}
 if [ "$SMOKE" = 1 ]; then
   SCALE=cpu; DTYPE=float32; BACKENDS=einsum,gather; ITERS=2; TRAIN="config=tiny steps=6 log_every=2 eval_every=6 ckpt_every=6"
-  PALLAS="--small"; TESTS="tests/test_routing.py"
+  PALLAS="--small"; TESTS="tests/test_routing.py"; SWEEP_BACKENDS=einsum,gather
 else
-  SCALE=gpu; DTYPE=bfloat16; BACKENDS=einsum,gather,pallas; ITERS=10; TRAIN="config=small steps=150 log_every=25 eval_every=150 ckpt_every=150"
-  PALLAS=""; TESTS="tests/test_pallas.py tests/test_layer.py"
+  SCALE=gpu; DTYPE=bfloat16; BACKENDS=gather,pallas,einsum; ITERS=10; TRAIN="config=small steps=120 log_every=20 eval_every=120 ckpt_every=120"
+  PALLAS=""; SWEEP_BACKENDS=gather,pallas
+  TESTS="tests/test_pallas.py tests/test_dropless.py tests/test_dropless_parallel.py::test_dropless_exchange_one_expert_device_matches_dropless tests/test_layer.py"
 fi
 
 step() {  # step NAME SECONDS COMMAND...: run with a time limit, log to OUT/NAME.log
@@ -35,19 +43,27 @@ step() {  # step NAME SECONDS COMMAND...: run with a time limit, log to OUT/NAME
   local rc=$?
   echo "$name rc=$rc $(( $(date +%s) - start ))s" | tee -a "$OUT/steps.txt"
   tail -n 5 "$OUT/$name.log"
+  # one archive, refreshed after every step: a run cut short still returns what it measured
+  tar czf "$ARCHIVE.part" -C "$OUT" . 2>/dev/null && mv "$ARCHIVE.part" "$ARCHIVE"
 }
 
 : > "$OUT/steps.txt"
-step device 30 bash -c "nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>/dev/null; \
-  $PY -c 'import jax, jaxlib; print(\"jax\", jax.__version__, \"backend\", jax.default_backend(), jax.devices())'"
-step tests 110 $PY -m pytest -x -q -p no:cacheprovider $TESTS
-step bench_peers 90 $PY benchmarks/bench_layer.py --suite peers --scale $SCALE --dtype $DTYPE \
-  --backends $BACKENDS --iters $ITERS --out "$OUT"
-step bench_sweep 60 $PY benchmarks/bench_layer.py --suite sweep --scale $SCALE --dtype $DTYPE \
-  --backends $BACKENDS --iters $ITERS --out "$OUT"
-step bench_dropless 40 $PY benchmarks/bench_layer.py --suite dropless --scale $SCALE --dtype $DTYPE \
-  --backends gather --iters $ITERS --out "$OUT"
+step device 20 bash -c "nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>/dev/null; \
+  $PY -c 'import jax, jaxlib, flax; print(\"jax\", jax.__version__, \"flax\", flax.__version__, \"backend\", jax.default_backend(), jax.devices())'"
+step ragged_dot 50 $PY benchmarks/ragged_dot_check.py $PALLAS --out "$OUT/ragged_dot.json"
+step tests 120 $PY -m pytest -q -p no:cacheprovider $TESTS
 step bench_pallas 60 $PY benchmarks/bench_pallas.py $PALLAS --out "$OUT/bench_pallas.json"
-step train 80 $PY train.py $TRAIN out_dir="$OUT/train"
+step bench_mixtral 100 $PY benchmarks/bench_layer.py --suite peers --only mixtral --tag mixtral --scale $SCALE \
+  --dtype $DTYPE --backends $BACKENDS --iters $ITERS --out "$OUT"
+step bench_peers 50 $PY benchmarks/bench_layer.py --suite peers --only fastmoe,tutel --scale $SCALE --dtype $DTYPE \
+  --backends $BACKENDS --iters $ITERS --out "$OUT"
+step bench_sweep 45 $PY benchmarks/bench_layer.py --suite sweep --scale $SCALE --dtype $DTYPE \
+  --backends $SWEEP_BACKENDS --iters $ITERS --out "$OUT"
+step bench_dropless 35 $PY benchmarks/bench_layer.py --suite dropless --scale $SCALE --dtype $DTYPE \
+  --backends gather --iters $ITERS --out "$OUT"
+step train 70 $PY train.py $TRAIN out_dir="$TRAIN_DIR"
+mkdir -p "$OUT/train" && cp "$TRAIN_DIR"/*.jsonl "$TRAIN_DIR"/*.png "$TRAIN_DIR"/*.json "$OUT/train/" 2>/dev/null
+rm -rf "$TRAIN_DIR"
 echo
-$PY benchmarks/gpu_summary.py "$OUT"
+$PY benchmarks/gpu_summary.py "$OUT" | tee "$OUT/summary.txt"
+tar czf "$ARCHIVE" -C "$OUT" .

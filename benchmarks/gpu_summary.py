@@ -13,16 +13,31 @@ def main(out: str) -> None:
     device = os.path.join(out, "device.log")
     if os.path.exists(device):
         print("device:", " ".join(open(device).read().split())[:200])
+    peak = None
+    ragged = os.path.join(out, "ragged_dot.json")
+    if os.path.exists(ragged):
+        data = json.load(open(ragged))
+        peak = data.get("matmul_tflops", {}).get("tflops")
+        print(f"\nmatmul rate: {peak:.1f} TFLOP/s ({data['machine']})" if peak else "\nmatmul rate: not measured")
+        for r in data["rows"]:
+            print(f"ragged_dot N={r['rows']} d={r['d']} f={r['f']} E={r['num_experts']}: fwd {r['ragged_fwd_ms']:.2f} ms "
+                  f"vs dense {r['dense_fwd_ms']:.2f} ms; f+b {r['ragged_fwd_bwd_ms']:.2f} vs {r['dense_fwd_bwd_ms']:.2f} ms; "
+                  f"custom calls {r['hlo_fwd']['custom_calls']}")
     for path in sorted(glob.glob(os.path.join(out, "bench_layer_*.json"))):
         data = json.load(open(path))
         print(f"\n{os.path.basename(path)}  {data['machine']}")
-        print(f"{'workload':<18} {'backend':<7} {'E':>4} {'f+b ms':>9} {'f+b/floor':>9} {'TFLOP/s f+b':>11}")
+        print(f"{'workload':<18} {'backend':<7} {'E':>4} {'fwd ms':>8} {'f+b ms':>9} {'f+b/floor':>9} "
+              f"{'TFLOP/s f+b':>11} {'% matmul':>8}")
         for r in data["rows"]:
-            print(f"{r['workload']:<18} {r['backend']:<7} {r['num_experts']:>4} {r['fwd_bwd_ms']:>9.2f} "
-                  f"{r['fwd_bwd_over_floor']:>9.2f} {r['useful_tflops_fwd_bwd']:>11.2f}")
+            share = f"{100 * r['useful_tflops_fwd_bwd'] / peak:>8.1f}" if peak else f"{'-':>8}"
+            print(f"{r['workload']:<18} {r['backend']:<7} {r['num_experts']:>4} {r['fwd_ms']:>8.2f} {r['fwd_bwd_ms']:>9.2f} "
+                  f"{r['fwd_bwd_over_floor']:>9.2f} {r['useful_tflops_fwd_bwd']:>11.2f} {share}")
     pallas = os.path.join(out, "bench_pallas.json")
     if os.path.exists(pallas):
-        print(f"\nbench_pallas.json: {os.path.getsize(pallas)} bytes (see bench_pallas.log for its table)")
+        log = os.path.join(out, "bench_pallas.log")
+        print("\nbench_pallas:")
+        if os.path.exists(log):
+            print("".join(open(log).readlines()[-24:]))
     metrics = os.path.join(out, "train", "metrics.jsonl")
     if os.path.exists(metrics):
         rows = [json.loads(line) for line in open(metrics)]

@@ -91,9 +91,13 @@ class MoE(nnx.Module):
         device. ``hierarchical_a2a``: two-step all-to-all (needs
         ``expert_outer``); ``a2a_chunks``: split capacity into chunks to
         overlap exchange and expert compute (must divide C). A dropless layer
-        on a mesh exchanges counts, then its assignment rows in one padded
-        all-to-all each way (:func:`jmoe.parallel.dropless_exchange_experts`);
-        it supports neither ``hierarchical_a2a`` nor ``a2a_chunks > 1``.
+        on a mesh exchanges counts, then its assignment rows each way
+        (:func:`jmoe.parallel.dropless_exchange_experts`); it supports neither
+        ``hierarchical_a2a`` nor ``a2a_chunks > 1``.
+      dropless_exchange: how a dropless layer on a mesh moves rows:
+        ``"ragged"`` (``jax.lax.ragged_all_to_all``, only the valid rows; on CPU
+        an all_gather emulation for tests), ``"padded"`` (worst-case
+        ``all_to_all``), ``"auto"`` = ragged on GPU / TPU, padded elsewhere.
       rngs: ``params`` stream for init; the ``router`` stream (falls back to
         ``default``) draws jitter and the GShard random policy in train mode.
     """
@@ -127,6 +131,7 @@ class MoE(nnx.Module):
         mesh: jax.sharding.Mesh | None = None,
         hierarchical_a2a: bool = False,
         a2a_chunks: int = 1,
+        dropless_exchange: str = "auto",
         rngs: nnx.Rngs,
     ):
         if router not in ROUTERS:
@@ -162,6 +167,8 @@ class MoE(nnx.Module):
             default = 0.1 if router == "noisy_top_k" else 0.0
             noisy_weights[name] = float(default if weight is None else weight)
         dispatch_lib.resolve_backend(dispatch)  # fails early on an unknown name
+        if dropless_exchange not in parallel.DROPLESS_EXCHANGES:
+            raise ValueError(f"dropless_exchange must be one of {parallel.DROPLESS_EXCHANGES}, got {dropless_exchange!r}")
 
         self.d_model, self.d_ff, self.num_experts, self.k = d_model, d_ff, num_experts, k
         self.capacity_factor, self.eval_capacity_factor = capacity_factor, eval_capacity_factor
@@ -177,6 +184,7 @@ class MoE(nnx.Module):
         self.dtype = dtype
         self.deterministic = deterministic
         self.mesh, self.hierarchical_a2a, self.a2a_chunks = mesh, hierarchical_a2a, a2a_chunks
+        self.dropless_exchange = dropless_exchange
 
         self.router_weight = nnx.Param(
             nnx.initializers.lecun_normal()(rngs.params(), (d_model, num_experts), jnp.float32)

@@ -26,10 +26,17 @@ A dropless layer (``capacity_factor=None``) has no static capacity; per device
 
     plan = router(x @ W_r)    token side only: token_expert, token_weight [G_l, S, K]
     sort by expert -> [A, d]; counts [E]
-    all_to_all counts [n, E_l] int32           how many rows each source sends me, per expert
-    all_to_all rows   [n, A, d] -> [n, A, d]   padded: chunk j = my rows for device j
-    sort by (local expert, source, position); ragged_dot over E_l groups; unsort
-    all_to_all rows   [n, A, d] -> [n, A, d]   results home; unsort; combine
+    exchange="padded" (XLA:CPU, which has no ragged all-to-all):
+      all_to_all counts [n, E_l] int32           how many rows each source sends me, per expert
+      all_to_all rows   [n, A, d] -> [n, A, d]   padded: chunk j = my rows for device j
+      sort by (local expert, source, position); ragged_dot over E_l groups; unsort
+      all_to_all rows   [n, A, d] -> [n, A, d]   results home; unsort; combine
+    exchange="ragged" (GPU / TPU: ``jax.lax.ragged_all_to_all``, only valid rows move):
+      all_gather counts [n, n, E_l] int32        every device computes every offset
+      ragged_all_to_all [A, d] -> [n * A, d]     lands already ordered by (local expert, source)
+      ragged_dot over E_l groups
+      ragged_all_to_all [n * A, d] -> [A, d]     results home, in my sorted order; unsort; combine
+    exchange="auto" (the default) is "ragged" on GPU / TPU and "padded" elsewhere.
 
 Each expert's FFN acts row by row, so where a row sits in ``n * G_l * C`` does not
 matter: the result equals the one-device layer on the same groups (float rounding).
@@ -65,6 +72,7 @@ from jmoe.routing import RoutingPlan
 Array = jax.Array
 
 DATA, EXPERT_OUTER, EXPERT, MODEL = "data", "expert_outer", "expert", "model"
+DROPLESS_EXCHANGES = ("auto", "padded", "ragged")
 AXES = (DATA, EXPERT_OUTER, EXPERT, MODEL)
 
 # jax.shard_map is public from jax 0.6; keep the experimental import as a fallback.
@@ -370,6 +378,7 @@ def dropless_exchange_experts(
     expert_size: int,
     model_axis: str | None = None,
     model_size: int = 1,
+    exchange: str = "auto",
 ) -> Array:
     """Dropless experts under expert parallelism (inside ``shard_map``), one device's view.
 
@@ -396,10 +405,10 @@ def dropless_exchange_experts(
     Why padded: XLA on CPU has no ragged all-to-all, and the padded exchange has static
     shapes everywhere; its cost is the worst case: n * A rows each way (the capacity
     path with C = group size moves E * G_l * S = (E / (n K)) times as many).
-    Seam for GPU/TPU: the two ``a2a`` calls on row buffers in steps 3 and 5 (``send`` ->
-    ``recv``, ``y_recv`` -> ``back``) are where ``jax.lax.ragged_all_to_all`` would go, with
-    offsets / sizes from ``send_start`` / ``send_counts`` and the step-2 counts, sending
-    only the valid rows; not done here (no GPU/TPU to test it on).
+    ``exchange="ragged"`` replaces steps 2-5 by :func:`_ragged_exchange`: the counts are
+    all-gathered and two ``jax.lax.ragged_all_to_all`` calls move only the valid rows (XLA
+    on GPU / TPU; elsewhere :func:`ragged_all_to_all_emulated`, for tests). ``"auto"``:
+    ragged on GPU / TPU, padded elsewhere.
 
     Args:
       tokens: [T_l, d] (compute dtype); token_expert [T_l, K] int32 (global expert ids);
@@ -408,6 +417,10 @@ def dropless_exchange_experts(
     Returns:
       [T_l, d] in the tokens' dtype, accumulated in float32.
     """
+    if exchange not in DROPLESS_EXCHANGES:
+        raise ValueError(f"exchange must be one of {DROPLESS_EXCHANGES}, got {exchange!r}")
+    if exchange == "auto":
+        exchange = "ragged" if _has_ragged_all_to_all() else "padded"
     num_tokens, k = token_expert.shape
     d = tokens.shape[-1]
     n = expert_size
@@ -420,6 +433,19 @@ def dropless_exchange_experts(
     # 1. route locally: sort my assignments by expert; destination device = e // E_l.
     order, counts = dropless.sort_by_expert(token_expert, num_experts)  # [A], [E]
     rows = tokens[order // k]  # [A, d], expert order
+    inner = {name: value for name, value in params.items() if name != "b_out"}
+
+    def experts(x_local, row_expert, group_sizes):  # rows grouped by local expert -> FFN outputs
+        y_local = dropless.grouped_ffn(x_local, row_expert, group_sizes, inner, activation)  # partial over model
+        if model_axis is not None and model_size > 1:
+            y_local = jax.lax.psum(y_local, model_axis)
+        if "b_out" in params:
+            y_local = y_local + params["b_out"][row_expert]
+        return y_local
+
+    if exchange == "ragged":
+        out_sorted = _ragged_exchange(rows, counts.reshape(n, e_l), experts, expert_axes)  # [A, d]
+        return _unsort_and_combine(out_sorted, order, token_weight, tokens.dtype)
     dest = token_expert.reshape(-1)[order] // e_l  # [A], non-decreasing
     counts = counts.reshape(n, e_l)  # [dest, E_l]
     send_counts = jnp.sum(counts, axis=1)  # [n]
@@ -443,22 +469,109 @@ def dropless_exchange_experts(
     group_sizes = jnp.sum(recv_counts, axis=0).astype(jnp.int32)  # [E_l]
     x_local = recv.reshape(n * a, d)[local_order]  # [n * A, d]
     row_expert = jnp.minimum(local_expert[local_order], e_l - 1)  # padding rows: clamped, never read back
-    inner = {name: value for name, value in params.items() if name != "b_out"}
-    y_local = dropless.grouped_ffn(x_local, row_expert, group_sizes, inner, activation)  # [n * A, d], partial over model
-    if model_axis is not None and model_size > 1:
-        y_local = jax.lax.psum(y_local, model_axis)
-    if "b_out" in params:
-        y_local = y_local + params["b_out"][row_expert]
+    y_local = experts(x_local, row_expert, group_sizes)  # [n * A, d]
     y_recv = jnp.zeros_like(y_local).at[local_order].set(y_local, unique_indices=True)  # [n * A, d] received order
 
     # 5. home: reverse exchange, each row back at the buffer position it left from.
     back = a2a(y_recv.reshape(n, a, d))  # [dest, A, d]
     out_sorted = back[dest, pos - send_start[dest]]  # [A, d], expert order
+    return _unsort_and_combine(out_sorted, order, token_weight, tokens.dtype)
+
+
+def _unsort_and_combine(out_sorted: Array, order: Array, token_weight: Array, dtype) -> Array:
+    """Expert-ordered outputs [A, d] -> ``y[t] = sum_k w[t, k] out[t, k]`` [T_l, d] (float32 sum)."""
+    num_tokens, k = token_weight.shape
     out = jnp.zeros_like(out_sorted).at[order].set(out_sorted, unique_indices=True)  # [A, d] assignment order
-    out = out.reshape(num_tokens, k, d).astype(jnp.float32)  # [T_l, K, d]
+    out = out.reshape(num_tokens, k, -1).astype(jnp.float32)  # [T_l, K, d]
     kept = (token_weight != 0)[..., None]
     y = jnp.sum(jnp.where(kept, token_weight[..., None] * out, 0.0), axis=1)  # [T_l, d]
-    return y.astype(tokens.dtype)
+    return y.astype(dtype)
+
+
+def ragged_exchange_offsets(counts_all: Array, me: Array) -> dict[str, Array]:
+    """Offsets and sizes of the two ragged all-to-alls, from everyone's counts.
+
+    ``counts_all[i, j, e]``: rows device i sends to local expert e of device j
+    ([n_src, n_dst, E_l]). Slices are indexed ``s = peer * E_l + e``. Each device keeps its
+    rows sorted by global expert ``j * E_l + e``, so on the sender::
+
+        send_offset[i, j, e] = sum of counts_all[i] (flattened) before (j, e)
+
+    and on the receiver the rows land ordered by (local expert, source)::
+
+        recv_offset[i, j, e] = sum_{e' < e} sum_{i'} counts_all[i', j, e']
+                               + sum_{i' < i} counts_all[i', j, e]
+
+    Forward (me sends to j): input ``send_offset[me]``, sizes ``counts_all[me]``, output
+    offsets (on j) ``recv_offset[me]``; I receive ``counts_all[:, me]``. The way home swaps
+    the roles (input ``recv_offset[:, me]``, output ``send_offset[:, me]``).
+    """
+    n, _, e_l = counts_all.shape
+    flat = counts_all.reshape(n, -1)  # [n_src, n_dst * E_l]
+    send_offset = (jnp.cumsum(flat, axis=1) - flat).reshape(counts_all.shape)  # [n_src, n_dst, E_l]
+    per_expert = jnp.sum(counts_all, axis=0)  # [n_dst, E_l]: group sizes on each receiver
+    base = jnp.cumsum(per_expert, axis=1) - per_expert  # [n_dst, E_l]
+    recv_offset = base[None] + jnp.cumsum(counts_all, axis=0) - counts_all  # [n_src, n_dst, E_l]
+    mine = lambda x: x.reshape(-1).astype(jnp.int32)  # noqa: E731
+    return {
+        "fwd": (mine(send_offset[me]), mine(counts_all[me]), mine(recv_offset[me]), mine(counts_all[:, me])),
+        "back": (mine(recv_offset[:, me]), mine(counts_all[:, me]), mine(send_offset[:, me]), mine(counts_all[me])),
+        "group_sizes": per_expert[me].astype(jnp.int32),  # [E_l]
+    }
+
+
+def _ragged_exchange(rows: Array, counts: Array, experts: Callable, expert_axes: tuple[str, ...]) -> Array:
+    """Expert-sorted rows [A, d] -> their experts' outputs [A, d], same order, moving
+    only the valid rows (``exchange="ragged"`` of :func:`dropless_exchange_experts`).
+
+    ``counts`` [n, E_l]: my rows per (destination device, local expert). The receive
+    buffer is the worst case ``[n * A, d]`` (every source sends me all its rows); rows past
+    the received total stay zero and fall outside ``ragged_dot``'s groups.
+    """
+    a, d = rows.shape
+    n, e_l = counts.shape
+    if not expert_axes:  # one expert device: nothing to exchange
+        row_expert = jnp.repeat(jnp.arange(e_l, dtype=jnp.int32), counts[0], total_repeat_length=a)  # [A]
+        return experts(rows, row_expert, counts[0].astype(jnp.int32))
+    ragged = jax.lax.ragged_all_to_all if _has_ragged_all_to_all() else ragged_all_to_all_emulated
+    counts_all = jax.lax.all_gather(counts, expert_axes)  # [n_src, n_dst, E_l]
+    offsets = ragged_exchange_offsets(counts_all, jax.lax.axis_index(expert_axes))
+    group_sizes = offsets["group_sizes"]  # [E_l]
+    recv = ragged(rows, jnp.zeros((n * a, d), rows.dtype), *offsets["fwd"], axis_name=expert_axes)  # [n * A, d]
+    ends = jnp.cumsum(group_sizes)  # [E_l]
+    row_expert = jnp.minimum(jnp.searchsorted(ends, jnp.arange(n * a), side="right"), e_l - 1)  # [n * A]
+    y_local = experts(recv, row_expert.astype(jnp.int32), group_sizes)  # [n * A, d]
+    return ragged(y_local, jnp.zeros((a, d), y_local.dtype), *offsets["back"], axis_name=expert_axes)  # [A, d]
+
+
+def _has_ragged_all_to_all() -> bool:
+    """XLA implements ``ragged-all-to-all`` on GPU and TPU (not on CPU)."""
+    return jax.default_backend() in ("gpu", "cuda", "rocm", "tpu")
+
+
+def ragged_all_to_all_emulated(operand, output, input_offsets, send_sizes, output_offsets, recv_sizes, *, axis_name):
+    """``jax.lax.ragged_all_to_all``'s semantics from ``all_gather`` (for XLA:CPU, which
+    lacks the op): tests of the ragged exchange's offsets run on emulated CPU devices.
+
+    Moves every device's whole operand (n times the traffic): for tests, not for speed.
+    Source i's slice s goes to device ``s // (N / n)`` at ``output_offsets[s]`` there.
+    """
+    del recv_sizes  # implied by the senders' send_sizes
+    rows_in = operand.shape[0]
+    n_slices = input_offsets.shape[0]
+    everyone = jax.lax.all_gather((operand, input_offsets, send_sizes, output_offsets), axis_name)
+    operands, starts, sizes, targets = everyone  # [n, rows_in, ...], [n, N] x 3
+    n = operands.shape[0]
+    me = jax.lax.axis_index(axis_name)
+    mine = (jnp.arange(n_slices) // (n_slices // n)) == me  # [N]: slices addressed to me
+    r = jnp.arange(rows_in)  # [rows_in]
+    inside = (r[None, None, :] >= starts[:, :, None]) & (r[None, None, :] < (starts + sizes)[:, :, None])  # [n, N, rows]
+    inside = inside & mine[None, :, None]
+    where = targets[:, :, None] + r[None, None, :] - starts[:, :, None]  # [n, N, rows]
+    dest = jnp.max(jnp.where(inside, where, -1), axis=1)  # [n, rows]: -1 = not sent to me
+    dest = jnp.where(dest < 0, output.shape[0], dest)  # out of bounds -> dropped
+    flat_rows = operands.reshape(n * rows_in, *operand.shape[1:])
+    return output.at[dest.reshape(-1)].set(flat_rows, mode="drop")
 
 
 # ----------------------------------------------------------------------------
@@ -485,6 +598,7 @@ def expert_parallel_moe(
     a2a_chunks: int = 1,
     compute_dtype=jnp.float32,
     dropless_experts: bool = False,
+    dropless_exchange: str = "auto",
 ) -> tuple[Array, dict[str, Array]]:
     """The MoE layer on a mesh, as a pure function.
 
@@ -519,8 +633,10 @@ def expert_parallel_moe(
       dropless_experts: dropless layer (MegaBlocks): the plan's token side
         (``token_expert``, ``token_weight``) is used, not its slots; the assignments
         go to their experts with :func:`dropless_exchange_experts` (count exchange,
-        then a padded data all-to-all each way; no capacity, nothing dropped) and
-        ``padding_fraction`` is 0. Not with ``hierarchical`` or ``a2a_chunks > 1``.
+        then the rows each way; no capacity, nothing dropped) and ``padding_fraction``
+        is 0. Not with ``hierarchical`` or ``a2a_chunks > 1``.
+      dropless_exchange: ``"auto"`` / ``"padded"`` / ``"ragged"``: how a dropless layer
+        moves its rows (see :func:`dropless_exchange_experts`).
 
     Returns:
       y [G, S, d] (sharded over the token axes), and the aux dict of
@@ -540,7 +656,7 @@ def expert_parallel_moe(
         raise ValueError(
             f"a dropless layer (capacity_factor=None) on a mesh supports neither hierarchical_a2a nor "
             f"a2a_chunks > 1 (got hierarchical_a2a={hierarchical}, a2a_chunks={a2a_chunks}): its exchange is "
-            f"one padded all-to-all each way"
+            f"one all-to-all of rows each way"
         )
     axes = MeshAxes.of(mesh)
     sizes = (_axis_size(mesh, EXPERT_OUTER), _axis_size(mesh, EXPERT))
@@ -569,7 +685,7 @@ def expert_parallel_moe(
                 tokens, plan.token_expert.reshape(tokens.shape[0], -1),
                 plan.token_weight.reshape(tokens.shape[0], -1), params, activation,
                 num_experts=num_experts, expert_axes=axes.expert_axes, expert_size=math.prod(sizes),
-                model_axis=axes.model_axis, model_size=model_size,
+                model_axis=axes.model_axis, model_size=model_size, exchange=dropless_exchange,
             ).reshape(x.shape)  # [G_l, S, d]
             aux = _reduce_aux(plan, mask, axes.token_axes, assignments_per_token)
             aux["padding_fraction"] = jnp.zeros((), jnp.float32)
@@ -673,8 +789,8 @@ def moe_layer_on_mesh(module, groups: Array, token_mask: Array | None, mesh) -> 
     GShard's random policy folds the device index into its key, so its draws differ
     from one device's (same distribution). A dropless layer (``capacity_factor=None``)
     routes with capacity = group_size (nothing dropped) and runs
-    :func:`dropless_exchange_experts`: a count exchange, then a padded all-to-all of
-    the assignment rows each way and a grouped matmul over the received rows;
+    :func:`dropless_exchange_experts`: a count exchange, then the assignment rows each
+    way (padded all-to-all or ragged, ``MoE.dropless_exchange``) and a grouped matmul;
     ``padding_fraction`` is 0 as on one device.
     """
     jitter, eps, key = module.draw_router_noise(groups.shape)  # global shapes: as on one device
@@ -690,5 +806,5 @@ def moe_layer_on_mesh(module, groups: Array, token_mask: Array | None, mesh) -> 
         router_eps=eps, rng=key,
         assignments_per_token=1 if module.router == "experts_choose" else module.k,
         hierarchical=module.hierarchical_a2a, a2a_chunks=module.a2a_chunks, compute_dtype=module.dtype,
-        dropless_experts=module.dropless,
+        dropless_experts=module.dropless, dropless_exchange=module.dropless_exchange,
     )

@@ -1,6 +1,8 @@
-"""Dropless expert parallelism (count exchange + padded all-to-all each way) against
-the one-device dropless layer, on 8 emulated CPU devices: output, aux, and gradients
-w.r.t. the input, the router weight and the expert weights."""
+"""Dropless expert parallelism (count exchange, then the rows each way: padded all-to-all or
+ragged all-to-all) against the one-device dropless layer, on 8 emulated CPU devices: output,
+aux, and gradients w.r.t. the input, the router weight and the expert weights. On CPU the
+ragged exchange runs ``parallel.ragged_all_to_all_emulated`` (XLA:CPU has no ragged
+all-to-all); on a GPU the one-device test below runs XLA's own op."""
 
 import re
 
@@ -36,6 +38,12 @@ CASES = [
     # 2x2 expert x 2 model: hidden dim split, psum over model.
     pytest.param(dict(data=2, expert=2, model=2), dict(num_experts=8, k=2, use_bias=True, normalize=True),
                  False, True, id="2x2x2model-E8-k2-bias-skewed"),
+    # The ragged exchange: worst-case skew with a mask, and the model axis.
+    pytest.param(dict(data=2, expert=4), dict(num_experts=8, k=2, activation="swiglu", use_bias=True,
+                                              dropless_exchange="ragged"),
+                 True, True, id="ragged-2x4-E8-k2-swiglu-bias-mask-skewed"),
+    pytest.param(dict(data=1, expert=4, model=2), dict(num_experts=16, k=2, dropless_exchange="ragged"),
+                 False, False, id="ragged-1x4x2model-E16-k2"),
 ]
 
 
@@ -120,3 +128,121 @@ def test_dropless_rejects_hierarchical_and_chunks():
     for options in (dict(hierarchical_a2a=True), dict(a2a_chunks=2)):
         with pytest.raises(ValueError, match="dropless .* supports neither hierarchical_a2a nor a2a_chunks"):
             trace_on_mesh(mesh, x, num_experts=8, capacity_factor=None, **options)
+
+
+def _ragged_all_to_all_loop(operands, outputs, starts, sizes, targets):
+    """numpy, one loop per (source, slice): the documented semantics of
+    ``jax.lax.ragged_all_to_all`` over n devices (slice s goes to device s // (N / n))."""
+    n, num_slices = starts.shape
+    result = outputs.copy()
+    for src in range(n):
+        for s in range(num_slices):
+            dst = s // (num_slices // n)
+            a, b, t = starts[src, s], sizes[src, s], targets[src, s]
+            result[dst, t : t + b] = operands[src, a : a + b]
+    return result
+
+
+def _run_emulated(mesh, operands, outputs, starts, sizes, targets, recv):
+    spec = jax.sharding.PartitionSpec("expert")
+
+    def local(op, out, io, ss, oo, rs):
+        return parallel.ragged_all_to_all_emulated(op[0], out[0], io[0], ss[0], oo[0], rs[0], axis_name="expert")[None]
+
+    fn = jax.jit(jax.shard_map(local, mesh=mesh, in_specs=spec, out_specs=spec))
+    put = lambda a: jax.device_put(jnp.asarray(a), jax.sharding.NamedSharding(mesh, spec))  # noqa: E731
+    return np.asarray(fn(*map(put, (operands, outputs, starts, sizes, targets, recv))))
+
+
+def test_ragged_all_to_all_emulated_docstring_example():
+    """The example of ``jax.lax.ragged_all_to_all``'s docstring, axis of size 2."""
+    mesh = parallel.make_mesh(data=1, expert=2, devices=jax.devices()[:2])
+    got = _run_emulated(
+        mesh,
+        np.array([[1.0, 2, 2], [3, 4, 0]]), np.zeros((2, 4)),
+        np.array([[0, 1], [0, 1]], np.int32), np.array([[1, 2], [1, 1]], np.int32),
+        np.array([[0, 0], [1, 2]], np.int32), np.array([[1, 1], [2, 1]], np.int32),
+    )
+    np.testing.assert_array_equal(got, [[1, 3, 0, 0], [2, 2, 4, 0]])
+
+
+def test_ragged_all_to_all_emulated_random():
+    """4 devices, 2 slices per peer, random sizes and gaps: equals the loop over slices;
+    rows of ``output`` nobody writes keep their (non-zero) values."""
+    rng = np.random.default_rng(7)
+    n, per_peer, rows_in, rows_out, d = 4, 2, 24, 40, 3
+    num_slices = n * per_peer
+    sizes = rng.integers(0, 3, size=(n, num_slices)).astype(np.int32)  # [src, slice]
+    starts = np.zeros_like(sizes)
+    for src in range(n):  # increasing, with random gaps, inside the operand
+        starts[src] = np.cumsum(sizes[src] + rng.integers(0, 2, num_slices)) - sizes[src]
+    assert starts.max() + sizes.max() <= rows_in
+    targets = np.zeros_like(sizes)  # receiver dst packs its slices (by source, then slice) with gaps
+    recv = np.zeros_like(sizes)  # [dst, src * per_peer + j]
+    for dst in range(n):
+        at = int(rng.integers(0, 3))
+        for src in range(n):
+            for j in range(per_peer):
+                s = dst * per_peer + j
+                targets[src, s] = at
+                recv[dst, src * per_peer + j] = sizes[src, s]
+                at += int(sizes[src, s]) + int(rng.integers(0, 2))
+    assert at <= rows_out
+    operands = rng.normal(size=(n, rows_in, d))
+    outputs = rng.normal(size=(n, rows_out, d))
+    mesh = parallel.make_mesh(data=1, expert=n, devices=jax.devices()[:n])
+    got = _run_emulated(mesh, operands, outputs, starts, sizes, targets, recv)
+    np.testing.assert_allclose(got, _ragged_all_to_all_loop(operands, outputs, starts, sizes, targets), rtol=1e-6)
+
+
+def test_ragged_exchange_offsets_hand_example():
+    """2 devices, 2 local experts each: counts_all[i, j, e] rows from i to expert e of j."""
+    counts_all = jnp.array([[[1, 2], [0, 3]],   # device 0 sends 1, 2 to device 0's experts; 0, 3 to device 1's
+                            [[2, 0], [1, 1]]])  # device 1
+    off = parallel.ragged_exchange_offsets(counts_all, 1)
+    send_in, send_sizes, send_out, recv_sizes = (np.asarray(v).tolist() for v in off["fwd"])
+    assert send_in == [0, 2, 2, 3]  # device 1's rows, sorted by global expert: sizes 2, 0, 1, 1
+    assert send_sizes == [2, 0, 1, 1]
+    # On device 0 the rows land as (expert 0: src 0 [1 row], src 1 [2 rows]), (expert 1: src 0 [2], src 1 [0]);
+    # on device 1: (expert 0: src 0 [0], src 1 [1]), (expert 1: src 0 [3], src 1 [1]).
+    assert send_out == [1, 5, 0, 4]  # (dev 0, e1) from src 1 is empty: it would start after src 0's 2 rows
+    assert recv_sizes == [0, 3, 1, 1]  # what device 1 receives, from (src 0: e0, e1), (src 1: e0, e1)
+    assert np.asarray(off["group_sizes"]).tolist() == [1, 4]
+    back_in, back_sizes, back_out, back_recv = (np.asarray(v).tolist() for v in off["back"])
+    assert back_in == [0, 1, 0, 4] and back_sizes == [0, 3, 1, 1]
+    assert back_out == [3, 3, 2, 3]  # where those rows sat in their senders' sorted buffers
+    assert back_recv == [2, 0, 1, 1]
+
+
+@pytest.mark.parametrize("exchange", ["ragged", "padded"])
+def test_dropless_exchange_one_expert_device_matches_dropless(exchange):
+    """A 1-device ``expert`` axis under shard_map: on a GPU this runs XLA's
+    ``ragged_all_to_all`` itself (forward and its transpose in the gradient); the result
+    equals :func:`jmoe.dropless.dropless_experts`."""
+    from jmoe import dropless
+
+    mesh = parallel.make_mesh(data=1, expert=1, devices=jax.devices()[:1])
+    t, k, e, d, f = 24, 2, 4, 8, 16
+    keys = jax.random.split(jax.random.key(31), 5)
+    tokens = jax.random.normal(keys[0], (t, d))
+    token_expert = jax.random.randint(keys[1], (t, k), 0, e).astype(jnp.int32).at[:, 0].set(0)  # expert 0: many
+    token_expert = jnp.where(token_expert == 3, 2, token_expert)  # expert 3: none
+    token_weight = jax.random.uniform(keys[2], (t, k))
+    params = {"w_in": jax.random.normal(keys[3], (e, d, f)) / d**0.5, "w_out": jax.random.normal(keys[4], (e, f, d)) / f**0.5}
+    cot = jax.random.normal(jax.random.key(32), (t, d))
+
+    def on_mesh(tokens, params):
+        rows, whole = jax.sharding.PartitionSpec("expert"), jax.sharding.PartitionSpec()
+        fn = jax.shard_map(
+            lambda x, te, tw, p: parallel.dropless_exchange_experts(
+                x, te, tw, p, "gelu", num_experts=e, expert_axes=("expert",), expert_size=1, exchange=exchange),
+            mesh=mesh, in_specs=(rows, rows, rows, whole), out_specs=rows)
+        return jnp.sum(fn(tokens, token_expert, token_weight, params) * cot)
+
+    def reference(tokens, params):
+        return jnp.sum(dropless.dropless_experts(tokens, token_expert, token_weight, params, "gelu") * cot)
+
+    got = jax.jit(jax.value_and_grad(on_mesh, argnums=(0, 1)))(tokens, params)
+    want = jax.jit(jax.value_and_grad(reference, argnums=(0, 1)))(tokens, params)
+    assert_tree_close(got, want)
+    assert float(jnp.max(jnp.abs(got[1][1]["w_in"][3]))) == 0.0  # expert 3 got no rows: zero gradient

@@ -261,6 +261,18 @@ def test_layer_pallas_equals_gather():
 # ----------------------------------------------------------------------------
 
 
+def _lower_for_cuda(traced) -> str:
+    """StableHLO text of ``traced`` lowered for CUDA. jax 0.10 lowers Pallas to Triton IR
+    with no GPU present; from jax 0.11 the Triton lowering reads the GPU's compute
+    capability, so off-GPU it raises and the test is skipped (a GPU run covers it)."""
+    try:
+        return traced.lower(lowering_platforms=("cuda",)).as_text()
+    except RuntimeError as err:
+        if "No supported GPU devices found" in str(err) and jax.default_backend() != "gpu":
+            pytest.skip(f"jax {jax.__version__} lowers Pallas to Triton only with a GPU present")
+        raise
+
+
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_lowers_to_triton_for_cuda(dtype):
     """Forward + backward of dispatch and combine lower to Triton IR for CUDA.
@@ -282,7 +294,7 @@ def test_lowers_to_triton_for_cuda(dtype):
                            expert_out, plan.token_weight)
         return slots, y, vjp_d(slots), vjp_c(y)
 
-    text = jax.jit(fwd_bwd).trace(x, out, plan).lower(lowering_platforms=("cuda",)).as_text()
+    text = _lower_for_cuda(jax.jit(fwd_bwd).trace(x, out, plan))
     # 2 dispatch-side + 3 combine-side kernels
     for name in ("jmoe_gather_rows", "jmoe_gather_sum_rows", "jmoe_gather_dot_rows"):
         assert name in text, name
@@ -347,5 +359,5 @@ def test_lowers_to_triton_inside_shard_map():
     spec = NamedSharding(mesh, P("data"))
     x = jax.ShapeDtypeStruct((4, 64, 100), jnp.bfloat16, sharding=spec)
     logits = jax.ShapeDtypeStruct((4, 64, 4), jnp.float32, sharding=spec)
-    text = fn.trace(x, logits).lower(lowering_platforms=("cuda",)).as_text()
+    text = _lower_for_cuda(fn.trace(x, logits))
     assert "jmoe_gather_sum_rows" in text and "jmoe_gather_dot_rows" in text
