@@ -24,6 +24,7 @@ ARCHIVE=${2:-$OUT.tgz}
 mkdir -p "$OUT"
 TRAIN_DIR=$(mktemp -d)  # checkpoints stay out of OUT_DIR (the small model's are ~1 GB)
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+export PYTHONUNBUFFERED=1  # a step killed at its limit keeps what it printed
 PY=${PYTHON:-python3}
 SMOKE=${GPU_CHECK_SMOKE:-0}
 if [ "$SMOKE" = 1 ]; then
@@ -51,7 +52,7 @@ step() {  # step NAME SECONDS COMMAND...: run with a time limit, log to OUT/NAME
 step device 20 bash -c "nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>/dev/null; \
   $PY -c 'import jax, jaxlib, flax; print(\"jax\", jax.__version__, \"flax\", flax.__version__, \"backend\", jax.default_backend(), jax.devices())'"
 step ragged_dot 50 $PY benchmarks/ragged_dot_check.py $PALLAS --out "$OUT/ragged_dot.json"
-step tests 120 $PY -m pytest -q -p no:cacheprovider $TESTS
+step tests 120 $PY -m pytest -q -rfEs -p no:cacheprovider $TESTS
 step bench_pallas 60 $PY benchmarks/bench_pallas.py $PALLAS --out "$OUT/bench_pallas.json"
 step bench_mixtral 100 $PY benchmarks/bench_layer.py --suite peers --only mixtral --tag mixtral --scale $SCALE \
   --dtype $DTYPE --backends $BACKENDS --iters $ITERS --out "$OUT"
