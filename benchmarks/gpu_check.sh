@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One prepared GPU check, for a session that is lent a GPU (one device call, < 10 minutes:
-# the step limits below add up to 550 s; use the device tool's timeout_s=590).
+# the step limits below add up to 580 s; use the device tool's timeout_s=595).
+# GPU_CHECK_ONLY="device tests ..." runs only the named steps; GPU_CHECK_TESTS overrides the test list.
 #
 #   bash benchmarks/gpu_check.sh OUT_DIR            # on the GPU machine, from the repo root
 #   GPU_CHECK_SMOKE=1 bash benchmarks/gpu_check.sh /tmp/gpu_smoke   # CPU dry run of the same steps
@@ -33,11 +34,14 @@ if [ "$SMOKE" = 1 ]; then
 else
   SCALE=gpu; DTYPE=bfloat16; BACKENDS=gather,pallas,einsum; ITERS=10; TRAIN="config=small steps=120 log_every=20 eval_every=120 ckpt_every=120"
   PALLAS=""; SWEEP_BACKENDS=gather,pallas
-  TESTS="tests/test_pallas.py tests/test_dropless.py tests/test_dropless_parallel.py::test_dropless_exchange_one_expert_device_matches_dropless tests/test_layer.py"
+  TESTS="tests/test_pallas.py tests/test_grouped_matmul.py tests/test_dropless.py tests/test_dropless_parallel.py::test_dropless_exchange_one_expert_device_matches_dropless tests/test_layer.py"
 fi
+TESTS=${GPU_CHECK_TESTS:-$TESTS}
+ONLY=${GPU_CHECK_ONLY:-}  # space-separated step names to run (a follow-up call); empty: all
 
 step() {  # step NAME SECONDS COMMAND...: run with a time limit, log to OUT/NAME.log
   local name=$1 limit=$2; shift 2
+  if [ -n "$ONLY" ] && [[ " $ONLY " != *" $name "* ]]; then return; fi
   local start=$(date +%s)
   echo "=== $name (limit ${limit}s): $*"
   timeout "$limit" "$@" > "$OUT/$name.log" 2>&1
@@ -51,7 +55,7 @@ step() {  # step NAME SECONDS COMMAND...: run with a time limit, log to OUT/NAME
 : > "$OUT/steps.txt"
 step device 20 bash -c "nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>/dev/null; \
   $PY -c 'import jax, jaxlib, flax; print(\"jax\", jax.__version__, \"flax\", flax.__version__, \"backend\", jax.default_backend(), jax.devices())'"
-step ragged_dot 50 $PY benchmarks/ragged_dot_check.py $PALLAS --out "$OUT/ragged_dot.json"
+step ragged_dot 80 $PY benchmarks/ragged_dot_check.py $PALLAS --out "$OUT/ragged_dot.json"
 step tests 120 $PY -m pytest -q -rfEs -p no:cacheprovider $TESTS
 step bench_pallas 60 $PY benchmarks/bench_pallas.py $PALLAS --out "$OUT/bench_pallas.json"
 step bench_mixtral 100 $PY benchmarks/bench_layer.py --suite peers --only mixtral --tag mixtral --scale $SCALE \

@@ -98,6 +98,9 @@ class MoE(nnx.Module):
         ``"ragged"`` (``jax.lax.ragged_all_to_all``, only the valid rows; on CPU
         an all_gather emulation for tests), ``"padded"`` (worst-case
         ``all_to_all``), ``"auto"`` = ragged on GPU / TPU, padded elsewhere.
+      grouped_matmul: a dropless layer's grouped matmul: ``"ragged_dot"``
+        (``jax.lax.ragged_dot``), ``"pallas"`` (:mod:`jmoe.pallas.grouped_matmul`,
+        interpreted off GPU), ``"auto"`` = pallas on GPU, ragged_dot elsewhere.
       rngs: ``params`` stream for init; the ``router`` stream (falls back to
         ``default``) draws jitter and the GShard random policy in train mode.
     """
@@ -132,6 +135,7 @@ class MoE(nnx.Module):
         hierarchical_a2a: bool = False,
         a2a_chunks: int = 1,
         dropless_exchange: str = "auto",
+        grouped_matmul: str = "auto",
         rngs: nnx.Rngs,
     ):
         if router not in ROUTERS:
@@ -167,6 +171,7 @@ class MoE(nnx.Module):
             default = 0.1 if router == "noisy_top_k" else 0.0
             noisy_weights[name] = float(default if weight is None else weight)
         dispatch_lib.resolve_backend(dispatch)  # fails early on an unknown name
+        dropless.resolve_grouped_matmul(grouped_matmul)  # fails early on an unknown name
         if dropless_exchange not in parallel.DROPLESS_EXCHANGES:
             raise ValueError(f"dropless_exchange must be one of {parallel.DROPLESS_EXCHANGES}, got {dropless_exchange!r}")
 
@@ -185,6 +190,7 @@ class MoE(nnx.Module):
         self.deterministic = deterministic
         self.mesh, self.hierarchical_a2a, self.a2a_chunks = mesh, hierarchical_a2a, a2a_chunks
         self.dropless_exchange = dropless_exchange
+        self.grouped_matmul = grouped_matmul
 
         self.router_weight = nnx.Param(
             nnx.initializers.lecun_normal()(rngs.params(), (d_model, num_experts), jnp.float32)
@@ -299,6 +305,7 @@ class MoE(nnx.Module):
             y = dropless.dropless_experts(
                 tokens, plan.token_expert.reshape(tokens.shape[0], -1),
                 plan.token_weight.reshape(tokens.shape[0], -1), self.experts.params(), self.experts.activation,
+                self.grouped_matmul,
             )  # [T, d]
             return y.reshape(shape).astype(x.dtype), {**plan.aux(), "padding_fraction": jnp.zeros((), jnp.float32)}
         backend = dispatch_lib.get_backend(self.dispatch)

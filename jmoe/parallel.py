@@ -379,6 +379,7 @@ def dropless_exchange_experts(
     model_axis: str | None = None,
     model_size: int = 1,
     exchange: str = "auto",
+    grouped_matmul: str = "auto",
 ) -> Array:
     """Dropless experts under expert parallelism (inside ``shard_map``), one device's view.
 
@@ -436,7 +437,8 @@ def dropless_exchange_experts(
     inner = {name: value for name, value in params.items() if name != "b_out"}
 
     def experts(x_local, row_expert, group_sizes):  # rows grouped by local expert -> FFN outputs
-        y_local = dropless.grouped_ffn(x_local, row_expert, group_sizes, inner, activation)  # partial over model
+        y_local = dropless.grouped_ffn(x_local, row_expert, group_sizes, inner, activation,
+                                       grouped_matmul)  # partial over model
         if model_axis is not None and model_size > 1:
             y_local = jax.lax.psum(y_local, model_axis)
         if "b_out" in params:
@@ -599,6 +601,7 @@ def expert_parallel_moe(
     compute_dtype=jnp.float32,
     dropless_experts: bool = False,
     dropless_exchange: str = "auto",
+    grouped_matmul: str = "auto",
 ) -> tuple[Array, dict[str, Array]]:
     """The MoE layer on a mesh, as a pure function.
 
@@ -636,7 +639,8 @@ def expert_parallel_moe(
         then the rows each way; no capacity, nothing dropped) and ``padding_fraction``
         is 0. Not with ``hierarchical`` or ``a2a_chunks > 1``.
       dropless_exchange: ``"auto"`` / ``"padded"`` / ``"ragged"``: how a dropless layer
-        moves its rows (see :func:`dropless_exchange_experts`).
+        moves its rows (see :func:`dropless_exchange_experts`); grouped_matmul: its
+        grouped matmul (:data:`jmoe.dropless.GROUPED_MATMULS`).
 
     Returns:
       y [G, S, d] (sharded over the token axes), and the aux dict of
@@ -686,6 +690,7 @@ def expert_parallel_moe(
                 plan.token_weight.reshape(tokens.shape[0], -1), params, activation,
                 num_experts=num_experts, expert_axes=axes.expert_axes, expert_size=math.prod(sizes),
                 model_axis=axes.model_axis, model_size=model_size, exchange=dropless_exchange,
+                grouped_matmul=grouped_matmul,
             ).reshape(x.shape)  # [G_l, S, d]
             aux = _reduce_aux(plan, mask, axes.token_axes, assignments_per_token)
             aux["padding_fraction"] = jnp.zeros((), jnp.float32)
@@ -807,4 +812,5 @@ def moe_layer_on_mesh(module, groups: Array, token_mask: Array | None, mesh) -> 
         assignments_per_token=1 if module.router == "experts_choose" else module.k,
         hierarchical=module.hierarchical_a2a, a2a_chunks=module.a2a_chunks, compute_dtype=module.dtype,
         dropless_experts=module.dropless, dropless_exchange=module.dropless_exchange,
+        grouped_matmul=module.grouped_matmul,
     )

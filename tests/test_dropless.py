@@ -27,8 +27,9 @@ def test_sort_by_expert_is_stable_and_counts():
     np.testing.assert_array_equal(sizes, [2, 2, 2, 0])
 
 
-@pytest.mark.parametrize("activation, bias", [("gelu", True), ("swiglu", False)])
-def test_dropless_experts_match_reference_with_empty_and_full_experts(activation, bias):
+@pytest.mark.parametrize("activation, bias, matmul", [("gelu", True, "ragged_dot"), ("swiglu", False, "ragged_dot"),
+                                                     ("gelu", True, "pallas"), ("swiglu", False, "pallas")])
+def test_dropless_experts_match_reference_with_empty_and_full_experts(activation, bias, matmul):
     T, K, E, d, f = 10, 2, 4, 6, 8
     keys = jax.random.split(jax.random.key(0), 6)
     bank = jmoe.ExpertBank(E, d, f, activation=activation, use_bias=bias, rngs=nnx.Rngs(0))
@@ -43,10 +44,13 @@ def test_dropless_experts_match_reference_with_empty_and_full_experts(activation
     def loss(fn, x, w, p):
         return jnp.sum(jnp.sin(fn(x, token_expert, w, p, activation)))
 
-    got = jax.jit(dropless_experts, static_argnums=4)(x, token_expert, token_weight, params, activation)
+    def ours(x, e, w, p, activation):
+        return dropless_experts(x, e, w, p, activation, matmul)
+
+    got = jax.jit(ours, static_argnums=4)(x, token_expert, token_weight, params, activation)
     np.testing.assert_allclose(got, per_assignment_ref(x, token_expert, token_weight, params, activation),
                                rtol=1e-5, atol=1e-5)
-    g_got = jax.jit(jax.grad(lambda *a: loss(dropless_experts, *a), argnums=(0, 1, 2)))(x, token_weight, params)
+    g_got = jax.jit(jax.grad(lambda *a: loss(ours, *a), argnums=(0, 1, 2)))(x, token_weight, params)
     g_ref = jax.grad(lambda *a: loss(per_assignment_ref, *a), argnums=(0, 1, 2))(x, token_weight, params)
     for a, b in zip(jax.tree.leaves(g_got), jax.tree.leaves(g_ref)):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
@@ -72,9 +76,9 @@ def loss_and_grads(model, x):
     return y, aux, g_model, g_x
 
 
-@pytest.mark.parametrize("k", [1, 2])
-def test_dropless_layer_equals_capacity_layer_without_drops(k):
-    dropless, roomy = moe_pair(k)
+@pytest.mark.parametrize("k, matmul", [(1, "auto"), (2, "auto"), (2, "pallas")])
+def test_dropless_layer_equals_capacity_layer_without_drops(k, matmul):
+    dropless, roomy = moe_pair(k, grouped_matmul=matmul)
     x = jax.random.normal(jax.random.key(1), (3, 8, 8))
     y_d, aux_d, gm_d, gx_d = loss_and_grads(dropless, x)
     y_c, aux_c, gm_c, gx_c = loss_and_grads(roomy, x)

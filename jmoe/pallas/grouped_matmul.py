@@ -1,0 +1,249 @@
+"""Grouped matrix product for dropless experts: a Pallas GPU (Triton) kernel pair.
+
+Rows sorted by expert, ``group_sizes[e]`` consecutive rows per expert e::
+
+    out[r] = x[r] @ w[g(r)]            gmm:   [N, K], [E, K, F] -> [N, F]
+    dw[e]  = x[rows of e]^T dy[rows of e]   tgmm:  [N, K], [N, F] -> [E, K, F]
+
+Rows past ``sum(group_sizes)`` belong to no expert: their output is 0 and they add
+nothing to ``dw`` (the expert-parallel receive buffer has such rows). This is what
+``jax.lax.ragged_dot`` computes; XLA on the H100 we measured (jax 0.11.2) runs
+ragged_dot as E dense products over all rows (BENCHMARKS.md), this computes each
+row once.
+
+``grouped_matmul`` is ``gmm`` with a custom VJP: ``dx = gmm(dy, w^T)`` (the same
+kernel reading ``w`` transposed) and ``dw = tgmm(x, dy)``. Both kernels write every
+output element exactly once (no atomics: deterministic).
+
+gmm's schedule (MegaBlocks / megablox style): the output rows are cut into tiles of
+``block_m``; a *work item* is a (row tile, group) pair whose rows overlap, so a tile
+that straddles a group boundary is visited once per group, each visit storing only its
+group's rows. There are at most ``tiles + E`` items (each group start adds one), a
+static bound; unused items store nothing. The rows past the last group form one more
+"group" whose items store zeros without computing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+from jmoe.pallas.kernels import _interpret_in_shard_map, _next_power_of_2, _varying_like, _zero, resolve_interpret
+
+Array = jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class GmmConfig:
+    """Tiles (powers of two, >= 16 for Triton's dot) and launch options."""
+
+    block_m: int = 64
+    block_n: int = 128
+    block_k: int = 64
+    num_warps: int = 4
+    num_stages: int | None = None
+    interpret: bool | None = None
+
+
+def _call(kernel, out_shape, grid, args, cfg: GmmConfig, name: str):
+    return pl.pallas_call(
+        kernel,
+        out_shape=_varying_like(out_shape, args),
+        grid=grid,
+        compiler_params=plgpu.CompilerParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages),
+        interpret=resolve_interpret(cfg.interpret),
+        name=name,
+    )(*args)
+
+
+def _blocks(cfg: GmmConfig, k: int, f: int) -> tuple[int, int, int]:
+    """Tiles capped at the next power of two of the dims (never below 16)."""
+    cap = lambda b, n: max(16, min(b, _next_power_of_2(n)))  # noqa: E731
+    return cfg.block_m, cap(cfg.block_n, f), cap(cfg.block_k, k)
+
+
+def gmm_schedule(group_sizes: Array, num_rows: int, block_m: int) -> tuple[Array, Array, Array, Array]:
+    """Work items of :func:`gmm`: ``(item_tile, item_start, item_end, item_expert)``, each
+    ``[tiles + E + 1]`` int32. Item i computes rows ``[item_start, item_end)`` of tile
+    ``item_tile`` with expert ``item_expert`` (E: the rows past the groups, output 0;
+    unused items have an empty row range)."""
+    num_experts = group_sizes.shape[0]
+    ends = jnp.cumsum(group_sizes.astype(jnp.int32))  # [E]
+    ends = jnp.minimum(ends, num_rows)
+    starts = jnp.concatenate([jnp.zeros((1,), jnp.int32), ends])  # [E + 1]
+    ends = jnp.concatenate([ends, jnp.full((1,), num_rows, jnp.int32)])  # [E + 1]: last = padding rows
+    nonempty = ends > starts
+    first = starts // block_m
+    last = jnp.maximum(ends - 1, 0) // block_m
+    count = jnp.where(nonempty, last - first + 1, 0)  # [E + 1] tiles per group
+    count_end = jnp.cumsum(count)  # [E + 1]
+    num_items = pl.cdiv(num_rows, block_m) + num_experts + 1
+    item = jnp.arange(num_items, dtype=jnp.int32)
+    group = jnp.searchsorted(count_end, item, side="right").astype(jnp.int32)  # [W]; E + 1 for unused items
+    used = group <= num_experts
+    g = jnp.minimum(group, num_experts)
+    tile = first[g] + item - (count_end[g] - count[g])
+    return (jnp.where(used, tile, 0), jnp.where(used, starts[g], 0), jnp.where(used, ends[g], 0),
+            g.astype(jnp.int32))
+
+
+def _gmm_kernel(tile_ref, start_ref, end_ref, expert_ref, x_ref, w_ref, out_ref, *,
+                block_m, block_n, block_k, transpose_w):
+    # x [N, K], w [E, K, F] (or [E, F, K] when transpose_w), out [N, F]; program (item, n)
+    num_rows, k_dim = x_ref.shape
+    num_experts = w_ref.shape[0]
+    f_dim = out_ref.shape[1]
+    item = pl.program_id(0)
+    tile, start, end, expert = (plgpu.load(r.at[item]) for r in (tile_ref, start_ref, end_ref, expert_ref))
+    rows = tile * block_m + jnp.arange(block_m)  # [BM]
+    row_in = (rows >= start) & (rows < end)
+    cols = pl.program_id(1) * block_n + jnp.arange(block_n)  # [BN]
+    col_in = cols < f_dim
+    e = jnp.minimum(expert, num_experts - 1)
+
+    def body(j, acc):  # acc [BM, BN] f32
+        ks = j * block_k + jnp.arange(block_k)  # [BK]
+        k_in = ks < k_dim
+        x = plgpu.load(x_ref.at[rows[:, None], ks[None, :]], mask=row_in[:, None] & k_in[None, :],
+                       other=_zero(x_ref))  # [BM, BK]
+        if transpose_w:
+            w = plgpu.load(w_ref.at[e, cols[:, None], ks[None, :]], mask=col_in[:, None] & k_in[None, :],
+                           other=_zero(w_ref))  # [BN, BK]
+            dims = (((1,), (1,)), ((), ()))
+        else:
+            w = plgpu.load(w_ref.at[e, ks[:, None], cols[None, :]], mask=k_in[:, None] & col_in[None, :],
+                           other=_zero(w_ref))  # [BK, BN]
+            dims = (((1,), (0,)), ((), ()))
+        return acc + lax.dot_general(x, w, dims, preferred_element_type=jnp.float32)
+
+    # The padding "group" (expert == E) and unused items run no k steps: their acc stays 0.
+    steps = jnp.where(expert < num_experts, pl.cdiv(k_dim, block_k), 0)
+    acc = lax.fori_loop(0, steps, body, jnp.zeros((block_m, block_n), jnp.float32))
+    plgpu.store(out_ref.at[rows[:, None], cols[None, :]], acc.astype(out_ref.dtype),
+                mask=row_in[:, None] & col_in[None, :])
+
+
+def gmm(x: Array, w: Array, group_sizes: Array, *, transpose_w: bool = False,
+        config: GmmConfig = GmmConfig()) -> Array:
+    """``out[r] = x[r] @ w[g(r)]`` (``w[g(r)].T`` with ``transpose_w``), 0 past the groups.
+
+    Args:
+      x: [N, K] rows sorted by expert.
+      w: [E, K, F] ([E, F, K] with ``transpose_w``).
+      group_sizes: [E] int32, rows per expert (sum <= N).
+    Returns:
+      [N, F] in x's dtype (float32 accumulation).
+    """
+    _check(x, w, group_sizes, transpose_w)
+    num_rows, k_dim = x.shape
+    f_dim = w.shape[1] if transpose_w else w.shape[2]
+    if _interpret_in_shard_map((x, w, group_sizes), config):
+        return gmm_reference(x, w, group_sizes, transpose_w=transpose_w)
+    block_m, block_n, block_k = _blocks(config, k_dim, f_dim)
+    schedule = gmm_schedule(group_sizes, num_rows, block_m)
+    kernel = functools.partial(_gmm_kernel, block_m=block_m, block_n=block_n, block_k=block_k,
+                               transpose_w=transpose_w)
+    return _call(kernel, jax.ShapeDtypeStruct((num_rows, f_dim), x.dtype),
+                 (schedule[0].shape[0], pl.cdiv(f_dim, block_n)), (*schedule, x, w), config, "jmoe_gmm")
+
+
+def _tgmm_kernel(start_ref, end_ref, x_ref, dy_ref, out_ref, *, block_m, block_n, block_k):
+    # x [N, K], dy [N, F], out [E, K, F]; program (e, k tile, n tile)
+    k_dim, f_dim = x_ref.shape[1], dy_ref.shape[1]
+    e = pl.program_id(0)
+    start, end = plgpu.load(start_ref.at[e]), plgpu.load(end_ref.at[e])
+    ks = pl.program_id(1) * block_k + jnp.arange(block_k)  # [BK]
+    cols = pl.program_id(2) * block_n + jnp.arange(block_n)  # [BN]
+    k_in, col_in = ks < k_dim, cols < f_dim
+
+    def body(i, acc):  # acc [BK, BN] f32; i = row block of the group, in order
+        rows = start + i * block_m + jnp.arange(block_m)  # [BM]
+        row_in = rows < end
+        x = plgpu.load(x_ref.at[rows[:, None], ks[None, :]], mask=row_in[:, None] & k_in[None, :],
+                       other=_zero(x_ref))  # [BM, BK]
+        dy = plgpu.load(dy_ref.at[rows[:, None], cols[None, :]], mask=row_in[:, None] & col_in[None, :],
+                        other=_zero(dy_ref))  # [BM, BN]
+        return acc + lax.dot_general(x, dy, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+
+    acc = lax.fori_loop(0, pl.cdiv(end - start, block_m), body, jnp.zeros((block_k, block_n), jnp.float32))
+    plgpu.store(out_ref.at[e, ks[:, None], cols[None, :]], acc.astype(out_ref.dtype),
+                mask=k_in[:, None] & col_in[None, :])
+
+
+def tgmm(x: Array, dy: Array, group_sizes: Array, *, out_dtype=None, config: GmmConfig = GmmConfig()) -> Array:
+    """``dw[e] = x[rows of e]^T @ dy[rows of e]``: [N, K], [N, F], [E] -> [E, K, F]; an
+    expert with no rows gets exactly 0; rows past the groups count for nothing."""
+    if x.ndim != 2 or dy.ndim != 2 or x.shape[0] != dy.shape[0]:
+        raise ValueError(f"tgmm needs x [N, K] and dy [N, F], got {list(x.shape)} and {list(dy.shape)}")
+    num_experts = group_sizes.shape[0]
+    out_dtype = x.dtype if out_dtype is None else out_dtype
+    if _interpret_in_shard_map((x, dy, group_sizes), config):
+        return tgmm_reference(x, dy, group_sizes).astype(out_dtype)
+    k_dim, f_dim = x.shape[1], dy.shape[1]
+    block_m, block_n, block_k = _blocks(config, k_dim, f_dim)
+    ends = jnp.minimum(jnp.cumsum(group_sizes.astype(jnp.int32)), x.shape[0])
+    starts = ends - jnp.minimum(group_sizes.astype(jnp.int32), ends)
+    kernel = functools.partial(_tgmm_kernel, block_m=block_m, block_n=block_n, block_k=block_k)
+    return _call(kernel, jax.ShapeDtypeStruct((num_experts, k_dim, f_dim), out_dtype),
+                 (num_experts, pl.cdiv(k_dim, block_k), pl.cdiv(f_dim, block_n)),
+                 (starts, ends, x, dy), config, "jmoe_tgmm")
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def grouped_matmul(x: Array, w: Array, group_sizes: Array, config: GmmConfig = GmmConfig()) -> Array:
+    """Differentiable :func:`gmm`: ``[N, K], [E, K, F], [E] -> [N, F]`` (like
+    ``jax.lax.ragged_dot``); gradients to x and w, none to group_sizes."""
+    return gmm(x, w, group_sizes, config=config)
+
+
+def _grouped_matmul_fwd(x, w, group_sizes, config):
+    return gmm(x, w, group_sizes, config=config), (x, w, group_sizes)
+
+
+def _grouped_matmul_bwd(config, residuals, dy):
+    x, w, group_sizes = residuals
+    dx = gmm(dy.astype(x.dtype), w, group_sizes, transpose_w=True, config=config)  # [N, K]
+    dw = tgmm(x, dy.astype(x.dtype), group_sizes, out_dtype=w.dtype, config=config)  # [E, K, F]
+    return dx, dw, np.zeros(group_sizes.shape, jax.dtypes.float0)
+
+
+grouped_matmul.defvjp(_grouped_matmul_fwd, _grouped_matmul_bwd)
+
+
+def gmm_reference(x: Array, w: Array, group_sizes: Array, *, transpose_w: bool = False) -> Array:
+    """Pure-jnp :func:`gmm`: each row's expert by ``searchsorted``, one gathered-weight
+    product per row (slow, obvious), 0 past the groups."""
+    if transpose_w:
+        w = jnp.swapaxes(w, 1, 2)
+    num_rows = x.shape[0]
+    ends = jnp.cumsum(group_sizes.astype(jnp.int32))
+    row_expert = jnp.searchsorted(ends, jnp.arange(num_rows), side="right")  # [N]; E past the groups
+    inside = row_expert < w.shape[0]
+    out = jnp.einsum("nk,nkf->nf", x.astype(jnp.float32),
+                     w[jnp.minimum(row_expert, w.shape[0] - 1)].astype(jnp.float32))
+    return jnp.where(inside[:, None], out, 0.0).astype(x.dtype)
+
+
+def tgmm_reference(x: Array, dy: Array, group_sizes: Array) -> Array:
+    """Pure-jnp :func:`tgmm` (float32): a one-hot of each row's expert."""
+    ends = jnp.cumsum(group_sizes.astype(jnp.int32))
+    row_expert = jnp.searchsorted(ends, jnp.arange(x.shape[0]), side="right")  # [N]
+    onehot = jax.nn.one_hot(row_expert, group_sizes.shape[0], dtype=jnp.float32)  # [N, E]; zero row past groups
+    return jnp.einsum("ne,nk,nf->ekf", onehot, x.astype(jnp.float32), dy.astype(jnp.float32))
+
+
+def _check(x: Array, w: Array, group_sizes: Array, transpose_w: bool) -> None:
+    if x.ndim != 2 or w.ndim != 3:
+        raise ValueError(f"gmm needs x [N, K] and w [E, K, F], got {list(x.shape)} and {list(w.shape)}")
+    k_w = w.shape[2] if transpose_w else w.shape[1]
+    if k_w != x.shape[1]:
+        raise ValueError(f"contracting dims differ: x {list(x.shape)}, w {list(w.shape)} (transpose_w={transpose_w})")
+    if group_sizes.shape != (w.shape[0],) or not jnp.issubdtype(group_sizes.dtype, jnp.integer):
+        raise ValueError(f"group_sizes must be an int [E={w.shape[0]}] array, got {group_sizes.dtype}{list(group_sizes.shape)}")
