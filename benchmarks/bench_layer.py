@@ -46,6 +46,7 @@ class Workload:
     activation: str = "gelu"
     use_bias: bool = False
     balanced: bool = False  # force perfectly balanced routing (Megatron-Core's case)
+    grouped_matmul: str = "auto"  # dropless only: ragged_dot or jmoe's Pallas kernels
 
     @property
     def tokens(self) -> int:
@@ -60,7 +61,10 @@ def core_suite() -> list[Workload]:
 def dropless_suite(scale: str) -> list[Workload]:
     """Issue 7: dropless (capacity_factor=None) vs capacity factors 1.0 / 1.25 / 2.0, same tokens."""
     d, f = (256, 1024) if scale == "cpu" else (2048, 8192)
-    return [Workload(f"dropless-cf{cf}", 16, 256, d, f, 16, 2, cf) for cf in (None, 1.0, 1.25, 2.0)]
+    rows = [Workload(f"dropless-cf{cf}", 16, 256, d, f, 16, 2, cf) for cf in (None, 1.0, 1.25, 2.0)]
+    if scale == "gpu":  # the Pallas grouped matmul (interpreted off GPU: far too slow for a CPU run)
+        rows.append(Workload("dropless-pallas-gmm", 16, 256, d, f, 16, 2, None, grouped_matmul="pallas"))
+    return rows
 
 
 def sweep_suite(scale: str) -> list[Workload]:
@@ -106,7 +110,7 @@ def bench_workload(w: Workload, backend: str, dtype, iters: int) -> dict:
     cls = BalancedMoE if w.balanced else jmoe.MoE
     moe = cls(w.d_model, w.d_ff, w.num_experts, k=w.k, capacity_factor=w.capacity_factor,
               activation=w.activation, use_bias=w.use_bias, dispatch=backend, dtype=dtype,
-              param_dtype=dtype, rngs=nnx.Rngs(0))
+              param_dtype=dtype, grouped_matmul=w.grouped_matmul, rngs=nnx.Rngs(0))
     graphdef, params, rest = nnx.split(moe, nnx.Param, ...)
     x = jax.random.normal(jax.random.key(1), (w.batch, w.seq, w.d_model), dtype)
 

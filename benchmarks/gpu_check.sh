@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One prepared GPU check, for a session that is lent a GPU (one device call, < 10 minutes:
-# the step limits below add up to 580 s; use the device tool's timeout_s=595).
+# the step limits below add up to 600 s; use the device tool's timeout_s=600).
 # GPU_CHECK_ONLY="device tests ..." runs only the named steps; GPU_CHECK_TESTS overrides the test list.
 #
 #   bash benchmarks/gpu_check.sh OUT_DIR            # on the GPU machine, from the repo root
@@ -9,13 +9,13 @@
 # Runs from the source tree (PYTHONPATH=.), installs nothing, downloads nothing. Steps, each
 # under its own time limit so one slow step cannot eat the others' time, most wanted first:
 #   1. the device (jax.devices, nvidia-smi)
-#   2. the card's dense matmul rate, and whether ragged_dot is a grouped GEMM here
+#   2. the card's dense matmul rate; ragged_dot vs jmoe's Pallas grouped matmul
 #   3. the kernel / layer / dropless tests with Pallas compiled (not interpreted: they interpret
 #      only off GPU) and XLA's own ragged_all_to_all (one-device expert axis)
-#   4. the Pallas dispatch/combine benchmark
-#   5. layer benchmarks at GPU scale in bf16 (Mixtral-like first, then the other peers' workloads,
-#      the E sweep, dropless vs capacity)
-#   6. train.py with the `small` config for a bounded number of steps
+#   4. dropless vs capacity factors (one layer, GPU scale, bf16)
+#   5. the Pallas dispatch/combine benchmark
+#   6. the peers' layer workloads (Mixtral-like first) and the E sweep, GPU scale, bf16
+#   7. train.py with the `small` config for a bounded number of steps
 # then a compact table (benchmarks/gpu_summary.py). Full JSON and logs land in OUT_DIR, and in one
 # archive (default OUT_DIR.tgz), refreshed after every step (the device tool returns only 8 files).
 # On the device machine: `bash benchmarks/gpu_check.sh /tmp/gpu_check $OUT/gpu_check.tgz`.
@@ -34,7 +34,7 @@ if [ "$SMOKE" = 1 ]; then
 else
   SCALE=gpu; DTYPE=bfloat16; BACKENDS=gather,pallas,einsum; ITERS=10; TRAIN="config=small steps=120 log_every=20 eval_every=120 ckpt_every=120"
   PALLAS=""; SWEEP_BACKENDS=gather,pallas
-  TESTS="tests/test_pallas.py tests/test_grouped_matmul.py tests/test_dropless.py tests/test_dropless_parallel.py::test_dropless_exchange_one_expert_device_matches_dropless tests/test_layer.py"
+  TESTS="tests/test_grouped_matmul.py tests/test_dropless.py tests/test_dropless_parallel.py::test_dropless_exchange_one_expert_device_matches_dropless tests/test_pallas.py tests/test_layer.py"
 fi
 TESTS=${GPU_CHECK_TESTS:-$TESTS}
 ONLY=${GPU_CHECK_ONLY:-}  # space-separated step names to run (a follow-up call); empty: all
@@ -55,18 +55,18 @@ step() {  # step NAME SECONDS COMMAND...: run with a time limit, log to OUT/NAME
 : > "$OUT/steps.txt"
 step device 20 bash -c "nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>/dev/null; \
   $PY -c 'import jax, jaxlib, flax; print(\"jax\", jax.__version__, \"flax\", flax.__version__, \"backend\", jax.default_backend(), jax.devices())'"
-step ragged_dot 80 $PY benchmarks/ragged_dot_check.py $PALLAS --out "$OUT/ragged_dot.json"
-step tests 120 $PY -m pytest -q -rfEs -p no:cacheprovider $TESTS
-step bench_pallas 60 $PY benchmarks/bench_pallas.py $PALLAS --out "$OUT/bench_pallas.json"
-step bench_mixtral 100 $PY benchmarks/bench_layer.py --suite peers --only mixtral --tag mixtral --scale $SCALE \
-  --dtype $DTYPE --backends $BACKENDS --iters $ITERS --out "$OUT"
-step bench_peers 50 $PY benchmarks/bench_layer.py --suite peers --only fastmoe,tutel --scale $SCALE --dtype $DTYPE \
-  --backends $BACKENDS --iters $ITERS --out "$OUT"
-step bench_sweep 45 $PY benchmarks/bench_layer.py --suite sweep --scale $SCALE --dtype $DTYPE \
-  --backends $SWEEP_BACKENDS --iters $ITERS --out "$OUT"
-step bench_dropless 35 $PY benchmarks/bench_layer.py --suite dropless --scale $SCALE --dtype $DTYPE \
+step ragged_dot 100 $PY benchmarks/ragged_dot_check.py $PALLAS --out "$OUT/ragged_dot.json"
+step tests 150 $PY -m pytest -q -rfEs -p no:cacheprovider $TESTS
+step bench_dropless 50 $PY benchmarks/bench_layer.py --suite dropless --scale $SCALE --dtype $DTYPE \
   --backends gather --iters $ITERS --out "$OUT"
-step train 70 $PY train.py $TRAIN out_dir="$TRAIN_DIR"
+step bench_pallas 60 $PY benchmarks/bench_pallas.py $PALLAS --out "$OUT/bench_pallas.json"
+step bench_mixtral 70 $PY benchmarks/bench_layer.py --suite peers --only mixtral --tag mixtral --scale $SCALE \
+  --dtype $DTYPE --backends $BACKENDS --iters $ITERS --out "$OUT"
+step bench_peers 45 $PY benchmarks/bench_layer.py --suite peers --only fastmoe,tutel --scale $SCALE --dtype $DTYPE \
+  --backends $BACKENDS --iters $ITERS --out "$OUT"
+step bench_sweep 40 $PY benchmarks/bench_layer.py --suite sweep --scale $SCALE --dtype $DTYPE \
+  --backends $SWEEP_BACKENDS --iters $ITERS --out "$OUT"
+step train 65 $PY train.py $TRAIN out_dir="$TRAIN_DIR"
 mkdir -p "$OUT/train" && cp "$TRAIN_DIR"/*.jsonl "$TRAIN_DIR"/*.png "$TRAIN_DIR"/*.json "$OUT/train/" 2>/dev/null
 rm -rf "$TRAIN_DIR"
 echo

@@ -24,16 +24,16 @@ Array = jax.Array
 
 # How the grouped matmul runs: XLA's ragged_dot, or the Pallas (Triton) kernel pair that
 # computes each row once (XLA's GPU ragged_dot did E dense products on the H100 we
-# measured; BENCHMARKS.md). "auto": pallas on GPU, ragged_dot elsewhere.
+# measured; BENCHMARKS.md). "auto" is ragged_dot everywhere until a GPU run has shown the
+# Pallas kernels compiled, correct and faster (benchmarks/gpu_check.sh measures both);
+# "pallas" is opt-in (interpreted off GPU: slow, for tests).
 GROUPED_MATMULS = ("auto", "ragged_dot", "pallas")
 
 
 def resolve_grouped_matmul(name: str) -> str:
     if name not in GROUPED_MATMULS:
         raise ValueError(f"grouped_matmul must be one of {GROUPED_MATMULS}, got {name!r}")
-    if name == "auto":
-        return "pallas" if jax.default_backend() == "gpu" else "ragged_dot"
-    return name
+    return "ragged_dot" if name == "auto" else name
 
 
 def _grouped_dot(rows: Array, w: Array, group_sizes: Array, matmul: str) -> Array:

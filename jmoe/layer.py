@@ -100,7 +100,7 @@ class MoE(nnx.Module):
         ``all_to_all``), ``"auto"`` = ragged on GPU / TPU, padded elsewhere.
       grouped_matmul: a dropless layer's grouped matmul: ``"ragged_dot"``
         (``jax.lax.ragged_dot``), ``"pallas"`` (:mod:`jmoe.pallas.grouped_matmul`,
-        interpreted off GPU), ``"auto"`` = pallas on GPU, ragged_dot elsewhere.
+        interpreted off GPU; not yet measured on a GPU), ``"auto"`` = ragged_dot.
       rngs: ``params`` stream for init; the ``router`` stream (falls back to
         ``default``) draws jitter and the GShard random policy in train mode.
     """
