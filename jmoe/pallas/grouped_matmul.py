@@ -210,8 +210,30 @@ def _grouped_matmul_fwd(x, w, group_sizes, config):
 def _grouped_matmul_bwd(config, residuals, dy):
     x, w, group_sizes = residuals
     dx = gmm(dy.astype(x.dtype), w, group_sizes, transpose_w=True, config=config)  # [N, K]
-    dw = tgmm(x, dy.astype(x.dtype), group_sizes, out_dtype=w.dtype, config=config)  # [E, K, F]
+    dx = _sum_over_extra_axes(dx, x)  # w split over "model": each shard holds part of dx
+    dw = tgmm(x, dy.astype(x.dtype), group_sizes, out_dtype=jnp.float32, config=config)  # [E, K, F]
+    dw = _sum_over_extra_axes(dw, w).astype(w.dtype)
     return dx, dw, np.zeros(group_sizes.shape, jax.dtypes.float0)
+
+
+def _varying_axes(x) -> frozenset:
+    """The manual mesh axes (inside ``shard_map``) ``x`` varies over; jax 0.10 spells it
+    ``manual_axis_type.varying``, later versions ``vma``."""
+    aval = jax.typeof(x)
+    mat = getattr(aval, "manual_axis_type", None)
+    if mat is not None:
+        return frozenset(mat.varying)
+    return frozenset(getattr(aval, "vma", None) or ())
+
+
+def _sum_over_extra_axes(grad: Array, like: Array) -> Array:
+    """Inside ``shard_map``, the cotangent of an input that is the same on several devices
+    is the sum of their contributions: a weight replicated over ``data`` gets rows from
+    every replica, rows replicated over ``model`` meet a weight split over it. So: ``psum``
+    over the axes the gradient varies over and the input does not (what autodiff of
+    ``ragged_dot`` does by itself)."""
+    extra = tuple(sorted(_varying_axes(grad) - _varying_axes(like)))
+    return jax.lax.psum(grad, extra) if extra else grad
 
 
 grouped_matmul.defvjp(_grouped_matmul_fwd, _grouped_matmul_bwd)
