@@ -62,6 +62,8 @@ def dropless_suite(scale: str) -> list[Workload]:
     """Issue 7: dropless (capacity_factor=None) vs capacity factors 1.0 / 1.25 / 2.0, same tokens."""
     d, f = (256, 1024) if scale == "cpu" else (2048, 8192)
     rows = [Workload(f"dropless-cf{cf}", 16, 256, d, f, 16, 2, cf) for cf in (None, 1.0, 1.25, 2.0)]
+    rows.insert(1, Workload("dropless-ragged-dot", 16, 256, d, f, 16, 2, None, grouped_matmul="ragged_dot"))
+    rows.insert(2, Workload("dropless-scan", 16, 256, d, f, 16, 2, None, grouped_matmul="scan"))
     if scale == "gpu":  # the Pallas grouped matmul (interpreted off GPU: far too slow for a CPU run)
         rows.append(Workload("dropless-pallas-gmm", 16, 256, d, f, 16, 2, None, grouped_matmul="pallas"))
     return rows

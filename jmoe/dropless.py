@@ -3,8 +3,9 @@
 Instead of fixed-capacity slots, the T * K assignments of a batch are sorted by
 expert (a stable sort, so results are deterministic), the experts run as one
 grouped matrix product over the sorted rows with per-expert group sizes
-(``jax.lax.ragged_dot``, or the Pallas kernel :mod:`jmoe.pallas.grouped_matmul`),
-and the outputs are unsorted and combined:
+(:data:`GROUPED_MATMULS`: ``jax.lax.ragged_dot``, the item loop of
+:mod:`jmoe.grouped_matmul`, or its Pallas kernels), and the outputs are unsorted and
+combined:
 
     y[t] = sum_k w[t, k] * FFN_{e[t, k]}(x[t])
 
@@ -19,29 +20,40 @@ import jax
 import jax.numpy as jnp
 
 from jmoe.experts import ACTIVATIONS, GATED
+from jmoe.grouped_matmul import scan_grouped_matmul
 
 Array = jax.Array
 
-# How the grouped matmul runs: XLA's ragged_dot, or the Pallas (Triton) kernel pair that
-# computes each row once (XLA's GPU ragged_dot did E dense products on the H100 we
-# measured; BENCHMARKS.md). "auto" is ragged_dot everywhere until a GPU run has shown the
-# Pallas kernels compiled, correct and faster (benchmarks/gpu_check.sh measures both);
-# "pallas" is opt-in (interpreted off GPU: slow, for tests).
-GROUPED_MATMULS = ("auto", "ragged_dot", "pallas")
+# How the grouped matmul runs (each computes ``rows[r] @ w[g(r)]``, 0 past the groups):
+#   "ragged_dot": XLA's jax.lax.ragged_dot. XLA:CPU and XLA:GPU (the H100 we measured,
+#                 jax 0.11.2) run it as E dense products over all rows (BENCHMARKS.md).
+#   "scan":       jmoe.grouped_matmul, a lax.scan over (row tile, expert) items: each row
+#                 once, plus at most E partial tiles. 7.6x faster than ragged_dot for a
+#                 dropless layer fwd+bwd on CPU (BENCHMARKS.md); not yet timed on a GPU.
+#   "pallas":     jmoe.pallas.grouped_matmul, the same schedule as Triton kernels; tested
+#                 in interpret mode, not yet run on a GPU (interpreted off GPU: slow).
+#   "auto":       scan on CPU (measured), ragged_dot elsewhere (TPU has a native grouped
+#                 matmul; on GPU nothing else has been measured yet).
+GROUPED_MATMULS = ("auto", "ragged_dot", "scan", "pallas")
 
 
 def resolve_grouped_matmul(name: str) -> str:
     if name not in GROUPED_MATMULS:
         raise ValueError(f"grouped_matmul must be one of {GROUPED_MATMULS}, got {name!r}")
-    return "ragged_dot" if name == "auto" else name
+    if name == "auto":
+        return "scan" if jax.default_backend() == "cpu" else "ragged_dot"
+    return name
 
 
 def _grouped_dot(rows: Array, w: Array, group_sizes: Array, matmul: str) -> Array:
     """``rows[r] @ w[g(r)]``: [N, K], [E, K, F] -> [N, F], 0 past the groups."""
-    if resolve_grouped_matmul(matmul) == "pallas":
+    matmul = resolve_grouped_matmul(matmul)
+    if matmul == "pallas":
         from jmoe.pallas.grouped_matmul import grouped_matmul  # Triton import only when asked
 
         return grouped_matmul(rows, w.astype(rows.dtype), group_sizes)
+    if matmul == "scan":
+        return scan_grouped_matmul(rows, w, group_sizes)
     return jax.lax.ragged_dot(rows, w, group_sizes)
 
 

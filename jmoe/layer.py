@@ -99,8 +99,11 @@ class MoE(nnx.Module):
         an all_gather emulation for tests), ``"padded"`` (worst-case
         ``all_to_all``), ``"auto"`` = ragged on GPU / TPU, padded elsewhere.
       grouped_matmul: a dropless layer's grouped matmul: ``"ragged_dot"``
-        (``jax.lax.ragged_dot``), ``"pallas"`` (:mod:`jmoe.pallas.grouped_matmul`,
-        interpreted off GPU; not yet measured on a GPU), ``"auto"`` = ragged_dot.
+        (``jax.lax.ragged_dot``), ``"scan"`` (:mod:`jmoe.grouped_matmul`: a loop
+        over row tiles, each row computed once), ``"pallas"``
+        (:mod:`jmoe.pallas.grouped_matmul`, interpreted off GPU; not yet measured on
+        a GPU); ``"auto"`` = scan on CPU, ragged_dot elsewhere
+        (:data:`jmoe.dropless.GROUPED_MATMULS` says why).
       rngs: ``params`` stream for init; the ``router`` stream (falls back to
         ``default``) draws jitter and the GShard random policy in train mode.
     """

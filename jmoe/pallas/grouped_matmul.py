@@ -15,12 +15,12 @@ row once.
 kernel reading ``w`` transposed) and ``dw = tgmm(x, dy)``. Both kernels write every
 output element exactly once (no atomics: deterministic).
 
-gmm's schedule (MegaBlocks / megablox style): the output rows are cut into tiles of
-``block_m``; a *work item* is a (row tile, group) pair whose rows overlap, so a tile
-that straddles a group boundary is visited once per group, each visit storing only its
-group's rows. There are at most ``tiles + E`` items (each group start adds one), a
-static bound; unused items store nothing. The rows past the last group form one more
-"group" whose items store zeros without computing.
+gmm's schedule (MegaBlocks / megablox style; :func:`jmoe.grouped_matmul.tile_schedule`):
+the output rows are cut into tiles of ``block_m``; a *work item* is a (row tile, group)
+pair whose rows overlap, so a tile that straddles a group boundary is visited once per
+group, each visit storing only its group's rows. There are at most ``tiles + E + 1``
+items, a static bound; unused items store nothing. The rows past the last group form
+one more "group" whose items store zeros without computing.
 """
 
 from __future__ import annotations
@@ -35,6 +35,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from jmoe.grouped_matmul import sum_over_extra_axes, tile_schedule
 from jmoe.pallas.kernels import _interpret_in_shard_map, _next_power_of_2, _varying_like, _zero, resolve_interpret
 
 Array = jax.Array
@@ -67,31 +68,6 @@ def _blocks(cfg: GmmConfig, k: int, f: int) -> tuple[int, int, int]:
     """Tiles capped at the next power of two of the dims (never below 16)."""
     cap = lambda b, n: max(16, min(b, _next_power_of_2(n)))  # noqa: E731
     return cfg.block_m, cap(cfg.block_n, f), cap(cfg.block_k, k)
-
-
-def gmm_schedule(group_sizes: Array, num_rows: int, block_m: int) -> tuple[Array, Array, Array, Array]:
-    """Work items of :func:`gmm`: ``(item_tile, item_start, item_end, item_expert)``, each
-    ``[tiles + E + 1]`` int32. Item i computes rows ``[item_start, item_end)`` of tile
-    ``item_tile`` with expert ``item_expert`` (E: the rows past the groups, output 0;
-    unused items have an empty row range)."""
-    num_experts = group_sizes.shape[0]
-    ends = jnp.cumsum(group_sizes.astype(jnp.int32))  # [E]
-    ends = jnp.minimum(ends, num_rows)
-    starts = jnp.concatenate([jnp.zeros((1,), jnp.int32), ends])  # [E + 1]
-    ends = jnp.concatenate([ends, jnp.full((1,), num_rows, jnp.int32)])  # [E + 1]: last = padding rows
-    nonempty = ends > starts
-    first = starts // block_m
-    last = jnp.maximum(ends - 1, 0) // block_m
-    count = jnp.where(nonempty, last - first + 1, 0)  # [E + 1] tiles per group
-    count_end = jnp.cumsum(count)  # [E + 1]
-    num_items = pl.cdiv(num_rows, block_m) + num_experts + 1
-    item = jnp.arange(num_items, dtype=jnp.int32)
-    group = jnp.searchsorted(count_end, item, side="right").astype(jnp.int32)  # [W]; E + 1 for unused items
-    used = group <= num_experts
-    g = jnp.minimum(group, num_experts)
-    tile = first[g] + item - (count_end[g] - count[g])
-    return (jnp.where(used, tile, 0), jnp.where(used, starts[g], 0), jnp.where(used, ends[g], 0),
-            g.astype(jnp.int32))
 
 
 def _gmm_kernel(tile_ref, start_ref, end_ref, expert_ref, x_ref, w_ref, out_ref, *,
@@ -147,7 +123,7 @@ def gmm(x: Array, w: Array, group_sizes: Array, *, transpose_w: bool = False,
     if _interpret_in_shard_map((x, w, group_sizes), config):
         return gmm_reference(x, w, group_sizes, transpose_w=transpose_w)
     block_m, block_n, block_k = _blocks(config, k_dim, f_dim)
-    schedule = gmm_schedule(group_sizes, num_rows, block_m)
+    schedule = tile_schedule(group_sizes, num_rows, block_m)
     kernel = functools.partial(_gmm_kernel, block_m=block_m, block_n=block_n, block_k=block_k,
                                transpose_w=transpose_w)
     return _call(kernel, jax.ShapeDtypeStruct((num_rows, f_dim), x.dtype),
@@ -210,30 +186,10 @@ def _grouped_matmul_fwd(x, w, group_sizes, config):
 def _grouped_matmul_bwd(config, residuals, dy):
     x, w, group_sizes = residuals
     dx = gmm(dy.astype(x.dtype), w, group_sizes, transpose_w=True, config=config)  # [N, K]
-    dx = _sum_over_extra_axes(dx, x)  # w split over "model": each shard holds part of dx
+    dx = sum_over_extra_axes(dx, x)  # w split over "model": each shard holds part of dx
     dw = tgmm(x, dy.astype(x.dtype), group_sizes, out_dtype=jnp.float32, config=config)  # [E, K, F]
-    dw = _sum_over_extra_axes(dw, w).astype(w.dtype)
+    dw = sum_over_extra_axes(dw, w).astype(w.dtype)
     return dx, dw, np.zeros(group_sizes.shape, jax.dtypes.float0)
-
-
-def _varying_axes(x) -> frozenset:
-    """The manual mesh axes (inside ``shard_map``) ``x`` varies over; jax 0.10 spells it
-    ``manual_axis_type.varying``, later versions ``vma``."""
-    aval = jax.typeof(x)
-    mat = getattr(aval, "manual_axis_type", None)
-    if mat is not None:
-        return frozenset(mat.varying)
-    return frozenset(getattr(aval, "vma", None) or ())
-
-
-def _sum_over_extra_axes(grad: Array, like: Array) -> Array:
-    """Inside ``shard_map``, the cotangent of an input that is the same on several devices
-    is the sum of their contributions: a weight replicated over ``data`` gets rows from
-    every replica, rows replicated over ``model`` meet a weight split over it. So: ``psum``
-    over the axes the gradient varies over and the input does not (what autodiff of
-    ``ragged_dot`` does by itself)."""
-    extra = tuple(sorted(_varying_axes(grad) - _varying_axes(like)))
-    return jax.lax.psum(grad, extra) if extra else grad
 
 
 grouped_matmul.defvjp(_grouped_matmul_fwd, _grouped_matmul_bwd)
