@@ -223,15 +223,15 @@ class MoE(nnx.Module):
     def draw_router_noise(self, groups_shape: tuple[int, ...]) -> tuple[Array | None, Array | None, Array | None]:
         """The router's random draws for groups ``[G, S, d]``, always in this order.
 
-        Returns ``(jitter [G, S, d] | None, eps [G, S, E] | None, key | None)``: the
-        multiplicative jitter ``U(1 - jitter, 1 + jitter)``; noisy top-k's standard
-        normal ``eps``; the key of GShard's random 2nd-expert policy. All None in
-        eval mode. The expert-parallel path draws the same over the global shapes,
-        so it matches one device.
+        Returns ``(jitter [G, S, d] | None, eps [G, S, E] | None, second_uniform [G, S]
+        | None)``: the multiplicative jitter ``U(1 - jitter, 1 + jitter)``; noisy
+        top-k's standard normal ``eps``; the ``U[0, 1)`` draws of GShard's random
+        2nd-expert policy. All None in eval mode. The expert-parallel path draws the
+        same over the global shapes and shards them, so it matches one device.
         """
         if self.deterministic:
             return None, None, None
-        jitter = eps = key = None
+        jitter = eps = second_uniform = None
         if self.jitter > 0:
             jitter = jax.random.uniform(
                 self.rngs(), groups_shape, minval=1.0 - self.jitter, maxval=1.0 + self.jitter
@@ -239,8 +239,8 @@ class MoE(nnx.Module):
         if self.router == "noisy_top_k":
             eps = jax.random.normal(self.rngs(), (*groups_shape[:2], self.num_experts), jnp.float32)
         elif self.second_expert_policy == "random":
-            key = self.rngs()
-        return jitter, eps, key
+            second_uniform = jax.random.uniform(self.rngs(), groups_shape[:2])  # [G, S]
+        return jitter, eps, second_uniform
 
     def plan_from_logits(
         self,
@@ -249,13 +249,13 @@ class MoE(nnx.Module):
         *,
         noise_logits: Array | None = None,
         eps: Array | None = None,
-        rng: Array | None = None,
+        second_uniform: Array | None = None,
     ) -> routing.RoutingPlan:
         """The layer's router on float32 logits ``[G, S, E]`` -> the routing plan.
 
         A pure function of its inputs: ``noise_logits`` (``x W_noise``) and ``eps``
-        feed noisy top-k; ``rng`` (None: keep every 2nd choice) feeds GShard's random
-        policy. Both the one-device path and, per device, the expert-parallel path
+        feed noisy top-k; ``second_uniform`` [G, S] (None: keep every 2nd choice)
+        feeds GShard's random policy. Both the one-device path and, per device, the expert-parallel path
         call it, so a router is wired in here only.
         """
         capacity = self.capacity(logits.shape[1])
@@ -271,18 +271,20 @@ class MoE(nnx.Module):
         return routing.tokens_choose(
             logits, k=self.k, capacity=capacity, priority=self.priority,
             batch_prioritized=self.batch_prioritized, normalize=self.normalize,
-            token_mask=token_mask, second_expert_policy="all" if rng is None else "random", rng=rng,
+            token_mask=token_mask, second_expert_policy="all" if second_uniform is None else "random",
+            second_uniform=second_uniform,
         )
 
     def route(self, groups: Array, token_mask: Array | None = None) -> routing.RoutingPlan:
         """groups [G, S, d] -> the routing plan (router logits in float32)."""
-        jitter, eps, key = self.draw_router_noise(groups.shape)
+        jitter, eps, second_uniform = self.draw_router_noise(groups.shape)
         router_in = groups.astype(jnp.float32)  # [G, S, d]
         if jitter is not None:
             router_in = router_in * jitter
         logits = router_in @ self.router_weight[...]  # [G, S, E] float32
         noise_logits = router_in @ self.noise_weight[...] if self.router == "noisy_top_k" else None
-        return self.plan_from_logits(logits, token_mask, noise_logits=noise_logits, eps=eps, rng=key)
+        return self.plan_from_logits(logits, token_mask, noise_logits=noise_logits, eps=eps,
+                                     second_uniform=second_uniform)
 
     def __call__(self, x: Array, *, token_mask: Array | None = None) -> tuple[Array, dict[str, Array]]:
         """x [B, S, d] or [T, d] -> (y of x's shape and dtype, aux losses and metrics).

@@ -594,8 +594,7 @@ def expert_parallel_moe(
     router_noise: Array | None = None,
     noise_weight: Array | None = None,
     router_eps: Array | None = None,
-    rng: Array | None = None,
-    assignments_per_token: int = 1,
+    router_uniform: Array | None = None,
     hierarchical: bool = False,
     a2a_chunks: int = 1,
     compute_dtype=jnp.float32,
@@ -610,8 +609,9 @@ def expert_parallel_moe(
       router_weight: [d, E] float32, replicated.
       expert_params: stacked expert weights (``w_in [E, d, f]``, ...), sharded by
         :func:`expert_param_specs`.
-      plan_fn: ``(logits [G_l, S, E] float32, token_mask [G_l, S] | None, rng | None)
-        -> RoutingPlan``, run on each device's own groups; with ``noise_weight`` it
+      plan_fn: ``(logits [G_l, S, E] float32, token_mask [G_l, S] | None,
+        uniform [G_l, S] | None) -> RoutingPlan``, run on each device's own groups
+        (``uniform``: its share of ``router_uniform``); with ``noise_weight`` it
         also gets the keywords ``noise_logits`` ([G_l, S, E] float32) and ``eps``
         (the device's share of ``router_eps``, or None).
       backend: dispatch backend name (``einsum``, ``gather``, ...).
@@ -624,11 +624,8 @@ def expert_parallel_moe(
         (its logits are ``router_in @ noise_weight``, jitter included), or None.
       router_eps: [G, S, E] the noisy top-k router's standard normal draws, drawn
         by the caller over the global shape (like ``router_noise``), or None.
-      rng: PRNG key for plan_fn (GShard's random policy); each device folds in its
-        token-shard index, so its draws differ from one device's (same law).
-      assignments_per_token: requested assignments per valid token (k for
-        tokens_choose, 1 for experts_choose): the weight of each device's
-        ``dropped_fraction`` in the global mean.
+      router_uniform: [G, S] U[0, 1) draws for plan_fn (GShard's random 2nd-expert
+        policy), drawn by the caller over the global shape, so results match one device.
       hierarchical: two-step all-to-all (``expert`` then ``expert_outer``).
       a2a_chunks: m; the capacity C is split into m chunks, each exchanged and
         computed separately so chunk i's experts can overlap chunk i+1's exchange.
@@ -675,14 +672,12 @@ def expert_parallel_moe(
         if "noise" in inputs:
             router_in = router_in * inputs["noise"]
         logits = router_in @ router_ws["router"]  # [G_l, S, E] float32
-        key = inputs.get("rng")
-        if key is not None and axes.token_axes:
-            key = jax.random.fold_in(key, jax.lax.axis_index(axes.token_axes))
+        uniform = inputs.get("uniform")  # [G_l, S] or None
         if "noise" in router_ws:  # noisy top-k
             noise_logits = router_in @ router_ws["noise"]  # [G_l, S, E] float32
-            plan = plan_fn(logits, mask, key, noise_logits=noise_logits, eps=inputs.get("eps"))
+            plan = plan_fn(logits, mask, uniform, noise_logits=noise_logits, eps=inputs.get("eps"))
         else:
-            plan = plan_fn(logits, mask, key)
+            plan = plan_fn(logits, mask, uniform)
         if dropless_experts:
             tokens = x.reshape(-1, d).astype(compute_dtype)  # [T_l, d]
             y = dropless_exchange_experts(
@@ -692,7 +687,7 @@ def expert_parallel_moe(
                 model_axis=axes.model_axis, model_size=model_size, exchange=dropless_exchange,
                 grouped_matmul=grouped_matmul,
             ).reshape(x.shape)  # [G_l, S, d]
-            aux = _reduce_aux(plan, mask, axes.token_axes, assignments_per_token)
+            aux = _reduce_aux(plan, mask, axes.token_axes)
             aux["padding_fraction"] = jnp.zeros((), jnp.float32)
             return y, aux
         capacity = plan.capacity
@@ -713,7 +708,7 @@ def expert_parallel_moe(
         expert_out = jnp.concatenate(outs, axis=2).reshape(num_experts, g_l * capacity, d)  # [E, G_l * C, d]
         y = dispatch_fn.combine(expert_out, plan)  # [G_l, S, d]
 
-        aux = _reduce_aux(plan, mask, axes.token_axes, assignments_per_token)
+        aux = _reduce_aux(plan, mask, axes.token_axes)
         return y, aux
 
     inputs = {"groups": groups}
@@ -724,8 +719,8 @@ def expert_parallel_moe(
         inputs["noise"], specs["noise"] = router_noise, token_spec
     if router_eps is not None:
         inputs["eps"], specs["eps"] = router_eps, token_spec
-    if rng is not None:
-        inputs["rng"], specs["rng"] = rng, P()
+    if router_uniform is not None:
+        inputs["uniform"], specs["uniform"] = router_uniform, token_spec
     router_ws = {"router": router_weight}
     if noise_weight is not None:
         router_ws["noise"] = noise_weight
@@ -738,14 +733,14 @@ def expert_parallel_moe(
     return fn(inputs, router_ws, expert_params)
 
 
-def _reduce_aux(plan: RoutingPlan, mask: Array | None, token_axes: tuple[str, ...],
-                assignments_per_token: int) -> dict[str, Array]:
+def _reduce_aux(plan: RoutingPlan, mask: Array | None, token_axes: tuple[str, ...]) -> dict[str, Array]:
     """Per-device aux -> the one-device values (inside shard_map).
 
     Per-group means (load balancing, padding, and any other aux value): ``pmean``
     (same G_l everywhere).
     Per-valid-token means (z_loss, entropy): ``psum(v_l * t_l) / psum(t_l)``.
-    dropped_fraction: ``psum(f_l * r_l) / psum(r_l)``, r_l = assignments_per_token * t_l.
+    dropped_fraction: ``psum(f_l * r_l) / psum(r_l)``, r_l = the plan's requested
+    assignments (k per valid token, less the 2nd choices GShard's random policy skipped).
     tokens_per_expert: ``psum``.
     importance_loss, load_loss (noisy top-k): from the ``psum`` of the plan's
     Importance / Load vectors [E] (sums over tokens), so the same on every device.
@@ -769,11 +764,11 @@ def _reduce_aux(plan: RoutingPlan, mask: Array | None, token_axes: tuple[str, ..
 
     if mask is None:
         # Every device has the same weight: a plain mean (exactly one device's mean of means).
-        z, ent, dropped = (jax.lax.pmean(aux[k], token_axes) for k in ("z_loss", "router_entropy", "dropped_fraction"))
+        z, ent = (jax.lax.pmean(aux[k], token_axes) for k in ("z_loss", "router_entropy"))
     else:
         z = weighted(aux["z_loss"], tokens)
         ent = weighted(aux["router_entropy"], tokens)
-        dropped = weighted(aux["dropped_fraction"], tokens * assignments_per_token)
+    dropped = weighted(aux["dropped_fraction"], plan.requested_assignments)
     out = {name: jax.lax.pmean(value, token_axes) for name, value in aux.items()}  # per-group means
     out.update(z_loss=z, router_entropy=ent, dropped_fraction=dropped,
                tokens_per_expert=jax.lax.psum(aux["tokens_per_expert"], token_axes), **summed)
@@ -788,28 +783,26 @@ def _reduce_aux(plan: RoutingPlan, mask: Array | None, token_axes: tuple[str, ..
 def moe_layer_on_mesh(module, groups: Array, token_mask: Array | None, mesh) -> tuple[Array, dict[str, Array]]:
     """``jmoe.MoE``'s forward on a mesh: :func:`expert_parallel_moe` with the layer's
     settings, its random draws (``MoE.draw_router_noise``, over the global shapes, so
-    jitter and noisy top-k's ``eps`` match one device) and its router
-    (``MoE.plan_from_logits``, run per device on the local groups).
+    jitter, noisy top-k's ``eps`` and GShard's random-policy draws match one device)
+    and its router (``MoE.plan_from_logits``, run per device on the local groups).
 
-    GShard's random policy folds the device index into its key, so its draws differ
-    from one device's (same distribution). A dropless layer (``capacity_factor=None``)
+    A dropless layer (``capacity_factor=None``)
     routes with capacity = group_size (nothing dropped) and runs
     :func:`dropless_exchange_experts`: a count exchange, then the assignment rows each
     way (padded all-to-all or ragged, ``MoE.dropless_exchange``) and a grouped matmul;
     ``padding_fraction`` is 0 as on one device.
     """
-    jitter, eps, key = module.draw_router_noise(groups.shape)  # global shapes: as on one device
+    jitter, eps, uniform = module.draw_router_noise(groups.shape)  # global shapes: as on one device
     noisy = module.router == "noisy_top_k"
 
-    def plan_fn(logits, mask, key, *, noise_logits=None, eps=None):
-        return module.plan_from_logits(logits, mask, noise_logits=noise_logits, eps=eps, rng=key)
+    def plan_fn(logits, mask, uniform, *, noise_logits=None, eps=None):
+        return module.plan_from_logits(logits, mask, noise_logits=noise_logits, eps=eps, second_uniform=uniform)
 
     return expert_parallel_moe(
         groups, module.router_weight[...], module.experts.params(), plan_fn,
         backend=module.dispatch, activation=module.experts.activation, mesh=mesh,
         token_mask=token_mask, router_noise=jitter, noise_weight=module.noise_weight[...] if noisy else None,
-        router_eps=eps, rng=key,
-        assignments_per_token=1 if module.router == "experts_choose" else module.k,
+        router_eps=eps, router_uniform=uniform,
         hierarchical=module.hierarchical_a2a, a2a_chunks=module.a2a_chunks, compute_dtype=module.dtype,
         dropless_experts=module.dropless, dropless_exchange=module.dropless_exchange,
         grouped_matmul=module.grouped_matmul,

@@ -118,6 +118,11 @@ class RoutingPlan:
         groups (0 for expert choice).
       z_loss: scalar, mean over tokens of ``logsumexp(logits)^2``.
       dropped_fraction: scalar, dropped assignments / requested assignments.
+      requested_assignments: scalar float32, the denominator of
+        ``dropped_fraction`` (valid tokens x k, less the 2nd choices GShard's
+        random policy skipped; valid tokens for expert choice): the weight of
+        this plan's ``dropped_fraction`` when plans over disjoint tokens (the
+        devices of a mesh) are averaged.
       tokens_per_expert: [E] float32, kept assignments per expert, summed over groups.
       padding_fraction: scalar, empty slots / (G * E * C).
       router_entropy: scalar, mean over tokens of ``-sum_e p_e log p_e``.
@@ -140,6 +145,7 @@ class RoutingPlan:
     load_balancing_loss: Array
     z_loss: Array
     dropped_fraction: Array
+    requested_assignments: Array
     tokens_per_expert: Array
     padding_fraction: Array
     router_entropy: Array
@@ -297,6 +303,7 @@ def tokens_choose(
     token_mask: Array | None = None,
     second_expert_policy: str = "all",
     rng: Array | None = None,
+    second_uniform: Array | None = None,
 ) -> RoutingPlan:
     """Each token picks its top-k experts; experts keep at most ``capacity`` of them.
 
@@ -317,9 +324,12 @@ def tokens_choose(
         0, and are left out of the losses and metrics.
       second_expert_policy: ``"all"`` keeps every choice; ``"random"`` (GShard,
         k=2 only) keeps the 2nd choice with probability
-        ``min(1, 2 * p2 / (p1 + p2))``, drawn with ``rng``. A 2nd choice left out
-        this way holds no slot and does not count as dropped.
-      rng: PRNG key, required by ``second_expert_policy="random"``.
+        ``min(1, 2 * p2 / (p1 + p2))``: kept where ``u < keep_prob``, u uniform in
+        [0, 1). A 2nd choice left out this way holds no slot and does not count
+        as dropped.
+      rng: PRNG key for the u draws ``[G, S]`` of ``second_expert_policy="random"``.
+      second_uniform: [G, S] the u draws themselves (instead of ``rng``), e.g.
+        drawn over a whole batch and sharded, so each device routes as one would.
 
     Top-k ties go to the lower expert index.
 
@@ -341,8 +351,10 @@ def tokens_choose(
     if second_expert_policy == "random":
         if k != 2:
             raise ValueError(f"second_expert_policy='random' is GShard's top-2 policy; needs k=2, got k={k}")
-        if rng is None:
-            raise ValueError("second_expert_policy='random' needs an rng key")
+        if rng is None and second_uniform is None:
+            raise ValueError("second_expert_policy='random' needs an rng key or second_uniform draws")
+        if second_uniform is not None and second_uniform.shape != (num_groups, group_size):
+            raise ValueError(f"second_uniform must be [G, S] = {[num_groups, group_size]}, got {list(second_uniform.shape)}")
 
     probs = router_probabilities(logits)  # [G, S, E]
     top_probs, top_experts = jax.lax.top_k(probs, k)  # [G, S, K] each
@@ -356,7 +368,8 @@ def tokens_choose(
     if second_expert_policy == "random":
         p1, p2 = top_probs[..., 0], top_probs[..., 1]  # [G, S]
         keep_prob = jnp.minimum(1.0, 2.0 * p2 / (p1 + p2))
-        keep_second = jax.random.uniform(rng, p2.shape) < keep_prob  # [G, S]
+        u = jax.random.uniform(rng, p2.shape) if second_uniform is None else second_uniform  # [G, S]
+        keep_second = u < keep_prob  # [G, S]
         requested = requested.at[..., 1].set(requested[..., 1] & keep_second)
 
     # Token order for the passes over choices (BPR sorts by top-1 probability).
@@ -391,7 +404,8 @@ def tokens_choose(
     token_weight = jnp.where(token_slot >= 0, weights, 0.0)  # [G, S, K]
     slot_token = _slots_from_tokens(top_experts, token_slot, num_experts, capacity)  # [G, E, C]
 
-    dropped = (jnp.sum(requested & (token_slot < 0)) / jnp.maximum(jnp.sum(requested), 1)).astype(jnp.float32)
+    num_requested = jnp.sum(requested).astype(jnp.float32)
+    dropped = (jnp.sum(requested & (token_slot < 0)) / jnp.maximum(num_requested, 1.0)).astype(jnp.float32)
     tokens_per_expert, padding = _slot_metrics(slot_token)
     return RoutingPlan(
         slot_token=slot_token,
@@ -401,6 +415,7 @@ def tokens_choose(
         load_balancing_loss=load_balancing_loss(probs, top_experts, mask),
         z_loss=z_loss(logits, mask),
         dropped_fraction=dropped,
+        requested_assignments=num_requested,
         tokens_per_expert=tokens_per_expert,
         padding_fraction=padding,
         router_entropy=router_entropy(probs, mask),
@@ -477,6 +492,7 @@ def experts_choose(logits: Array, *, capacity: int, token_mask: Array | None = N
         load_balancing_loss=jnp.zeros((), jnp.float32),
         z_loss=z_loss(logits, mask),
         dropped_fraction=dropped.astype(jnp.float32),
+        requested_assignments=jnp.sum(mask).astype(jnp.float32),
         tokens_per_expert=tokens_per_expert,
         padding_fraction=padding,
         router_entropy=router_entropy(probs, mask),

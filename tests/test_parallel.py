@@ -246,13 +246,25 @@ def test_no_mesh_or_trivial_mesh_keeps_one_device_path():
     assert parallel.expert_parallel_size(parallel.make_mesh(expert_outer=2, expert=4)) == 8
 
 
-def test_random_second_expert_policy_and_jitter_trace_on_mesh():
-    """GShard's random policy (per-device draws) and jitter go through shard_map (traced, not compiled)."""
+def test_random_second_expert_policy_with_jitter_matches_one_device():
+    """GShard's random 2nd-expert policy in train mode (with jitter) on a 2x4 mesh: its
+    U[0, 1) draws are made over the global [G, S] and sharded, so output, aux and gradients
+    equal one device's with the same keys."""
     mesh = parallel.make_mesh(data=2, expert=4)
-    x, _, _ = inputs(9, batch=8, seq=8, with_mask=False)
-    y, aux = trace_on_mesh(mesh, x, num_experts=8, k=2, second_expert_policy="random", jitter=0.1,
-                           deterministic=False)
-    assert y.shape == x.shape and aux["tokens_per_expert"].shape == (8,)
+    options = dict(num_experts=8, k=2, dispatch="gather", second_expert_policy="random", jitter=0.1,
+                   deterministic=False, capacity_factor=1.0)
+    x, mask, r = inputs(9, batch=16, seq=8, with_mask=True)
+    ref, ep = make_moe(None, **options), make_moe(mesh, **options)
+    parallel.shard_moe_params(ep, mesh)
+
+    @nnx.jit
+    def both(ref, ep, x):
+        return [_value_and_grads(layer, x, mask, r) for layer in (ref, ep)]
+
+    expected, actual = jax.device_get(both(ref, ep, x))
+    assert_tree_close(actual, expected)
+    # the policy really dropped some 2nd choices: fewer slots taken than k per valid token
+    assert float(np.sum(expected[1]["tokens_per_expert"])) < 2 * int(np.sum(mask))
 
 
 def test_noisy_top_k_matches_one_device_eval_and_train():
