@@ -20,13 +20,14 @@ def main(out: str) -> None:
         peak = data.get("matmul_tflops", {}).get("tflops")
         print(f"\nmatmul rate: {peak:.1f} TFLOP/s ({data['machine']})" if peak else "\nmatmul rate: not measured")
         for r in data["rows"]:
-            print(f"ragged_dot N={r['rows']} d={r['d']} f={r['f']} E={r['num_experts']}: fwd {r['ragged_fwd_ms']:.2f} ms "
-                  f"vs dense {r['dense_fwd_ms']:.2f} ms; f+b {r['ragged_fwd_bwd_ms']:.2f} vs {r['dense_fwd_bwd_ms']:.2f} ms; "
-                  f"custom calls {r['hlo_fwd']['custom_calls']}")
-            for name, p in r.get("pallas_gmm", {}).items():
+            base = r["dense_same_flops"]
+            print(f"grouped matmul N={r['rows']} d={r['d']} f={r['f']} E={r['num_experts']}: dense same FLOPs "
+                  f"fwd {base['fwd_ms']:.2f} ms, f+b {base['fwd_bwd_ms']:.2f} ms; ragged_dot custom calls "
+                  f"{r['hlo_ragged_fwd']['custom_calls']}")
+            for name, p in r["impls"].items():
                 text = p.get("error") or (f"fwd {p['fwd_ms']:.2f} ms ({p['tflops_fwd']:.0f} TFLOP/s), f+b "
                                           f"{p['fwd_bwd_ms']:.2f} ms ({p['tflops_fwd_bwd']:.0f}), err {p['rel_err_vs_loop']:.1e}")
-                print(f"  pallas gmm {name}: {text}")
+                print(f"  {name:<22} {text}")
     for path in sorted(glob.glob(os.path.join(out, "bench_layer_*.json"))):
         data = json.load(open(path))
         print(f"\n{os.path.basename(path)}  {data['machine']}")
