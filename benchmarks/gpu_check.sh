@@ -32,7 +32,7 @@ if [ "$SMOKE" = 1 ]; then
   SCALE=cpu; DTYPE=float32; BACKENDS=einsum,gather; ITERS=2; TRAIN="config=tiny steps=6 log_every=2 eval_every=6 ckpt_every=6"
   PALLAS="--small"; TESTS="tests/test_routing.py"; SWEEP_BACKENDS=einsum,gather
 else
-  SCALE=gpu; DTYPE=bfloat16; BACKENDS=gather,pallas,einsum; ITERS=10; TRAIN="config=small steps=120 log_every=20 eval_every=120 ckpt_every=120"
+  SCALE=gpu; DTYPE=bfloat16; BACKENDS=gather,pallas,einsum; ITERS=10; TRAIN="config=small steps=80 log_every=20 eval_every=80 ckpt_every=80"
   PALLAS=""; SWEEP_BACKENDS=gather,pallas
   TESTS="tests/test_grouped_matmul.py tests/test_dropless.py tests/test_dropless_parallel.py::test_dropless_exchange_one_expert_device_matches_dropless tests/test_pallas.py tests/test_layer.py"
 fi
@@ -53,9 +53,9 @@ step() {  # step NAME SECONDS COMMAND...: run with a time limit, log to OUT/NAME
 }
 
 : > "$OUT/steps.txt"
-step device 20 bash -c "nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>/dev/null; \
+step device 15 bash -c "nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>/dev/null; \
   $PY -c 'import jax, jaxlib, flax; print(\"jax\", jax.__version__, \"flax\", flax.__version__, \"backend\", jax.default_backend(), jax.devices())'"
-step ragged_dot 100 $PY benchmarks/ragged_dot_check.py $PALLAS --out "$OUT/ragged_dot.json"
+step ragged_dot 125 $PY benchmarks/ragged_dot_check.py $PALLAS --out "$OUT/ragged_dot.json"
 step tests 150 $PY -m pytest -q -rfEs -p no:cacheprovider $TESTS
 step bench_dropless 50 $PY benchmarks/bench_layer.py --suite dropless --scale $SCALE --dtype $DTYPE \
   --backends gather --iters $ITERS --out "$OUT"
@@ -66,7 +66,7 @@ step bench_peers 45 $PY benchmarks/bench_layer.py --suite peers --only fastmoe,t
   --backends $BACKENDS --iters $ITERS --out "$OUT"
 step bench_sweep 40 $PY benchmarks/bench_layer.py --suite sweep --scale $SCALE --dtype $DTYPE \
   --backends $SWEEP_BACKENDS --iters $ITERS --out "$OUT"
-step train 65 $PY train.py $TRAIN out_dir="$TRAIN_DIR"
+step train 45 $PY train.py $TRAIN out_dir="$TRAIN_DIR"
 mkdir -p "$OUT/train" && cp "$TRAIN_DIR"/*.jsonl "$TRAIN_DIR"/*.png "$TRAIN_DIR"/*.json "$OUT/train/" 2>/dev/null
 rm -rf "$TRAIN_DIR"
 echo
