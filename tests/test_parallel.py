@@ -58,6 +58,17 @@ def _value_and_grads(moe, x, mask, r):
     return y, aux, grads
 
 
+def values_and_grads(layers, x, mask, r):
+    """:func:`_value_and_grads` of each layer on the same inputs, in one ``nnx.jit`` (one
+    compile), fetched to the host."""
+
+    @nnx.jit
+    def run(layers, x):
+        return [_value_and_grads(layer, x, mask, r) for layer in layers]
+
+    return jax.device_get(run(layers, x))
+
+
 def value_and_grads(moe, x, mask, r):
     """:func:`_value_and_grads` of one layer, one compile."""
     return jax.device_get(nnx.jit(_value_and_grads)(moe, x, mask, r))
@@ -257,11 +268,7 @@ def test_random_second_expert_policy_with_jitter_matches_one_device():
     ref, ep = make_moe(None, **options), make_moe(mesh, **options)
     parallel.shard_moe_params(ep, mesh)
 
-    @nnx.jit
-    def both(ref, ep, x):
-        return [_value_and_grads(layer, x, mask, r) for layer in (ref, ep)]
-
-    expected, actual = jax.device_get(both(ref, ep, x))
+    expected, actual = values_and_grads([ref, ep], x, mask, r)
     assert_tree_close(actual, expected)
     # the policy really dropped some 2nd choices: fewer slots taken than k per valid token
     assert float(np.sum(expected[1]["tokens_per_expert"])) < 2 * int(np.sum(mask))
@@ -287,11 +294,7 @@ def test_noisy_top_k_matches_one_device_eval_and_train():
                 parallel.shard_moe_params(layer, mesh)
             layers.append(layer)
 
-    @nnx.jit
-    def all_four(layers, x):
-        return [_value_and_grads(layer, x, mask, r) for layer in layers]
-
-    ref_eval, ref_train, ep_eval, ep_train = jax.device_get(all_four(layers, x))
+    ref_eval, ref_train, ep_eval, ep_train = values_and_grads(layers, x, mask, r)
     assert_tree_close(ep_eval, ref_eval)
     assert_tree_close(ep_train, ref_train)
     assert not np.allclose(ref_train[0], ref_eval[0])  # train mode is noisy
