@@ -121,8 +121,16 @@ def dropless_experts(
     rows = tokens[order // k]  # [T*K, d] sorted by expert
     row_expert = token_expert.reshape(-1)[order]  # [T*K]
     out_sorted = grouped_ffn(rows, row_expert, group_sizes, params, activation, matmul)  # [T*K, d]
+    return unsort_and_combine(out_sorted, order, token_weight, tokens.dtype)
+
+
+def unsort_and_combine(out_sorted: Array, order: Array, token_weight: Array, dtype) -> Array:
+    """Expert-ordered outputs ``[T*K, d]`` (row i is assignment ``order[i]``) ->
+    ``y[t] = sum_k token_weight[t, k] * out[t, k]`` ``[T, d]``, summed in float32; an
+    assignment with weight 0 contributes exactly 0."""
+    num_tokens, k = token_weight.shape
     out = jnp.zeros_like(out_sorted).at[order].set(out_sorted, unique_indices=True)  # [T*K, d] assignment order
     out = out.reshape(num_tokens, k, -1).astype(jnp.float32)  # [T, K, d]
     kept = (token_weight != 0)[..., None]
     y = jnp.sum(jnp.where(kept, token_weight[..., None] * out, 0.0), axis=1)  # [T, d]
-    return y.astype(tokens.dtype)
+    return y.astype(dtype)

@@ -447,7 +447,7 @@ def dropless_exchange_experts(
 
     if exchange == "ragged":
         out_sorted = _ragged_exchange(rows, counts.reshape(n, e_l), experts, expert_axes)  # [A, d]
-        return _unsort_and_combine(out_sorted, order, token_weight, tokens.dtype)
+        return dropless.unsort_and_combine(out_sorted, order, token_weight, tokens.dtype)
     dest = token_expert.reshape(-1)[order] // e_l  # [A], non-decreasing
     counts = counts.reshape(n, e_l)  # [dest, E_l]
     send_counts = jnp.sum(counts, axis=1)  # [n]
@@ -477,17 +477,7 @@ def dropless_exchange_experts(
     # 5. home: reverse exchange, each row back at the buffer position it left from.
     back = a2a(y_recv.reshape(n, a, d))  # [dest, A, d]
     out_sorted = back[dest, pos - send_start[dest]]  # [A, d], expert order
-    return _unsort_and_combine(out_sorted, order, token_weight, tokens.dtype)
-
-
-def _unsort_and_combine(out_sorted: Array, order: Array, token_weight: Array, dtype) -> Array:
-    """Expert-ordered outputs [A, d] -> ``y[t] = sum_k w[t, k] out[t, k]`` [T_l, d] (float32 sum)."""
-    num_tokens, k = token_weight.shape
-    out = jnp.zeros_like(out_sorted).at[order].set(out_sorted, unique_indices=True)  # [A, d] assignment order
-    out = out.reshape(num_tokens, k, -1).astype(jnp.float32)  # [T_l, K, d]
-    kept = (token_weight != 0)[..., None]
-    y = jnp.sum(jnp.where(kept, token_weight[..., None] * out, 0.0), axis=1)  # [T_l, d]
-    return y.astype(dtype)
+    return dropless.unsort_and_combine(out_sorted, order, token_weight, tokens.dtype)
 
 
 def ragged_exchange_offsets(counts_all: Array, me: Array) -> dict[str, Array]:

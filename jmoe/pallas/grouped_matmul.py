@@ -36,7 +36,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from jmoe.grouped_matmul import sum_over_extra_axes, tile_schedule
-from jmoe.pallas.kernels import _interpret_in_shard_map, _next_power_of_2, _varying_like, _zero, resolve_interpret
+from jmoe.pallas.kernels import _call, _interpret_in_shard_map, _next_power_of_2, _zero
 
 Array = jax.Array
 
@@ -51,17 +51,6 @@ class GmmConfig:
     num_warps: int = 4
     num_stages: int | None = None
     interpret: bool | None = None
-
-
-def _call(kernel, out_shape, grid, args, cfg: GmmConfig, name: str):
-    return pl.pallas_call(
-        kernel,
-        out_shape=_varying_like(out_shape, args),
-        grid=grid,
-        compiler_params=plgpu.CompilerParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages),
-        interpret=resolve_interpret(cfg.interpret),
-        name=name,
-    )(*args)
 
 
 def _blocks(cfg: GmmConfig, k: int, f: int) -> tuple[int, int, int]:
@@ -127,7 +116,8 @@ def gmm(x: Array, w: Array, group_sizes: Array, *, transpose_w: bool = False,
     kernel = functools.partial(_gmm_kernel, block_m=block_m, block_n=block_n, block_k=block_k,
                                transpose_w=transpose_w)
     return _call(kernel, jax.ShapeDtypeStruct((num_rows, f_dim), x.dtype),
-                 (schedule[0].shape[0], pl.cdiv(f_dim, block_n)), (*schedule, x, w), config, "jmoe_gmm")
+                 (schedule[0].shape[0], pl.cdiv(f_dim, block_n)), (*schedule, x, w), config, "jmoe_gmm",
+                 poison=False)
 
 
 def _tgmm_kernel(start_ref, end_ref, x_ref, dy_ref, out_ref, *, block_m, block_n, block_k):
@@ -169,7 +159,7 @@ def tgmm(x: Array, dy: Array, group_sizes: Array, *, out_dtype=None, config: Gmm
     kernel = functools.partial(_tgmm_kernel, block_m=block_m, block_n=block_n, block_k=block_k)
     return _call(kernel, jax.ShapeDtypeStruct((num_experts, k_dim, f_dim), out_dtype),
                  (num_experts, pl.cdiv(k_dim, block_k), pl.cdiv(f_dim, block_n)),
-                 (starts, ends, x, dy), config, "jmoe_tgmm")
+                 (starts, ends, x, dy), config, "jmoe_tgmm", poison=False)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))

@@ -133,9 +133,10 @@ def _interpret_in_shard_map(args, cfg: KernelConfig) -> bool:
     return False
 
 
-def _call(kernel, out_shape, grid, args, cfg: KernelConfig, name: str, poison: bool):
-    """pallas_call with whole-array refs; ``poison`` aliases a NaN buffer to the output
-    (for tests; outside ``shard_map``)."""
+def _call(kernel, out_shape, grid, args, cfg, name: str, poison: bool):
+    """pallas_call with whole-array refs; ``cfg`` is a :class:`KernelConfig` or any config
+    with ``num_warps``, ``num_stages``, ``interpret`` (the grouped matmul's); ``poison``
+    aliases a NaN buffer to the output (for tests; outside ``shard_map``)."""
     out_shape = _varying_like(out_shape, args)
     if poison:
         args = (*args, jnp.full(out_shape.shape, jnp.nan, out_shape.dtype))
