@@ -4,8 +4,8 @@ Instead of fixed-capacity slots, the T * K assignments of a batch are sorted by
 expert (a stable sort, so results are deterministic), the experts run as one
 grouped matrix product over the sorted rows with per-expert group sizes
 (:data:`GROUPED_MATMULS`: ``jax.lax.ragged_dot``, the item loop of
-:mod:`jmoe.grouped_matmul`, or its Pallas kernels), and the outputs are unsorted and
-combined:
+:mod:`jmoe.grouped_matmul`, its Pallas kernels, or JAX's Mosaic GPU kernels for
+Hopper), and the outputs are unsorted and combined:
 
     y[t] = sum_k w[t, k] * FFN_{e[t, k]}(x[t])
 
@@ -32,9 +32,13 @@ Array = jax.Array
 #                 dropless layer fwd+bwd on CPU (BENCHMARKS.md); not yet timed on a GPU.
 #   "pallas":     jmoe.pallas.grouped_matmul, the same schedule as Triton kernels; tested
 #                 in interpret mode, not yet run on a GPU (interpreted off GPU: slow).
+#   "mosaic":     jmoe.pallas.mosaic_grouped_matmul: the Hopper (sm_90) kernels JAX ships
+#                 (jax.experimental.pallas.ops.gpu.ragged_dot_mgpu: TMA + wgmma) under
+#                 jmoe's VJP; bf16/f16 only. Tested in Mosaic GPU's interpret mode (the
+#                 backward needs jax >= 0.11 there), not yet run on a GPU.
 #   "auto":       scan on CPU (measured), ragged_dot elsewhere (TPU has a native grouped
 #                 matmul; on GPU nothing else has been measured yet).
-GROUPED_MATMULS = ("auto", "ragged_dot", "scan", "pallas")
+GROUPED_MATMULS = ("auto", "ragged_dot", "scan", "pallas", "mosaic")
 
 
 def resolve_grouped_matmul(name: str) -> str:
@@ -52,6 +56,10 @@ def _grouped_dot(rows: Array, w: Array, group_sizes: Array, matmul: str) -> Arra
         from jmoe.pallas.grouped_matmul import grouped_matmul  # Triton import only when asked
 
         return grouped_matmul(rows, w.astype(rows.dtype), group_sizes)
+    if matmul == "mosaic":
+        from jmoe.pallas.mosaic_grouped_matmul import mosaic_grouped_matmul  # Mosaic GPU import only when asked
+
+        return mosaic_grouped_matmul(rows, w.astype(rows.dtype), group_sizes)
     if matmul == "scan":
         return scan_grouped_matmul(rows, w, group_sizes)
     return jax.lax.ragged_dot(rows, w, group_sizes)

@@ -102,7 +102,8 @@ class MoE(nnx.Module):
         (``jax.lax.ragged_dot``), ``"scan"`` (:mod:`jmoe.grouped_matmul`: a loop
         over row tiles, each row computed once), ``"pallas"``
         (:mod:`jmoe.pallas.grouped_matmul`, interpreted off GPU; not yet measured on
-        a GPU); ``"auto"`` = scan on CPU, ragged_dot elsewhere
+        a GPU), ``"mosaic"`` (JAX's Hopper kernels, :mod:`jmoe.pallas.mosaic_grouped_matmul`;
+        bf16 / f16 ``dtype``; not yet measured on a GPU); ``"auto"`` = scan on CPU, ragged_dot elsewhere
         (:data:`jmoe.dropless.GROUPED_MATMULS` says why).
       rngs: ``params`` stream for init; the ``router`` stream (falls back to
         ``default``) draws jitter and the GShard random policy in train mode.

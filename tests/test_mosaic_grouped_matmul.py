@@ -1,0 +1,139 @@
+"""The Mosaic GPU grouped matmul (jmoe/pallas/mosaic_grouped_matmul.py, JAX's Hopper
+ragged-dot kernels under jmoe's VJP) against a float64 per-group loop and against
+jax.lax.ragged_dot: forward, dx, dw, rows past the groups, empty groups, argument checks.
+
+Off GPU the kernels run in Mosaic GPU's interpret mode (shared memory, TMA and
+barriers simulated on the CPU); on a GPU, compiled. The backward kernels are
+interpreted only on jax >= 0.11 (jax 0.10's interpreter has no transposed wgmma
+operand and no ``layout_cast``); their lowering to Mosaic GPU custom calls is checked
+on every version.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jmoe.pallas import mosaic_grouped_matmul as mg
+from tests.test_grouped_matmul import loop_gmm, loop_tgmm
+
+ON_GPU = jax.default_backend() == "gpu"
+JAX_VERSION = tuple(int(p) for p in jax.__version__.split(".")[:2])
+needs_interpreter_011 = pytest.mark.skipif(
+    not ON_GPU and JAX_VERSION < (0, 11),
+    reason=f"jax {jax.__version__}'s Mosaic GPU interpreter can't run the backward kernels (no transposed "
+           "wgmma operand, no layout_cast); a GPU or jax >= 0.11 runs them")
+
+# Small tiles so the test shapes span several row and column tiles.
+SMALL = mg.MosaicGmmConfig(block_m=64, block_n=64, block_k=64, max_concurrent_steps=2)
+
+# rows, K, F, group sizes (sum <= rows: the rest are rows past the groups)
+CASES = {
+    "straddling": (256, 128, 128, [70, 0, 101, 1, 40]),   # empty group, groups across 64-row tiles
+    "one-group-all": (192, 64, 128, [0, 192, 0]),        # one expert takes every row
+}
+
+
+@pytest.fixture
+def sm_count(monkeypatch):
+    """The dw kernel sizes its persistent grid by ``jax.devices()[0].core_count``, which
+    CPU devices lack: off GPU, pretend 4 SMs (the interpreter simulates that many)."""
+    if not hasattr(jax.devices()[0], "core_count"):
+        class FakeGpu:
+            core_count = 4
+
+        monkeypatch.setattr(jax, "devices", lambda *args, **kwargs: [FakeGpu()])
+
+
+def random_case(seed, n, k, f, sizes, dtype=jnp.bfloat16):
+    rng = np.random.default_rng(seed)
+    x = jnp.asarray(rng.normal(size=(n, k)), dtype)
+    w = jnp.asarray(rng.normal(size=(len(sizes), k, f)) / np.sqrt(k), dtype)
+    dy = jnp.asarray(rng.normal(size=(n, f)), dtype)
+    return x, w, jnp.asarray(sizes, jnp.int32), dy
+
+
+def assert_bf16_close(got, want):
+    """bf16 outputs of float32 accumulations: within a few bf16 ulps of the float64 value."""
+    got = np.asarray(got, np.float64)
+    np.testing.assert_allclose(got, want, rtol=2e-2, atol=2e-2 * max(1.0, float(np.abs(want).max())) / 8)
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_forward_kernel_matches_loop(name):
+    n, k, f, sizes = CASES[name]
+    x, w, gs, _ = random_case(1, n, k, f, sizes)
+    out = mg.mosaic_gmm(x, w, gs, config=SMALL)
+    assert out.shape == (n, f) and out.dtype == jnp.bfloat16
+    assert_bf16_close(out, loop_gmm(x, w, sizes))
+    assert np.all(np.asarray(out[sum(sizes):], np.float32) == 0.0)  # the kernel leaves them unwritten: zeroed
+
+
+@needs_interpreter_011
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_dx_kernel_matches_loop(name):
+    n, k, f, sizes = CASES[name]
+    _, w, gs, dy = random_case(1, n, k, f, sizes)
+    total = sum(sizes)
+    dx = mg.mosaic_gmm(dy, w, gs, transpose_w=True, config=SMALL)  # dy @ w^T per group
+    assert_bf16_close(dx, loop_gmm(dy, np.swapaxes(np.asarray(w, np.float64), 1, 2), sizes))
+    assert np.all(np.asarray(dx[total:], np.float32) == 0.0)
+
+
+@needs_interpreter_011
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_dw_kernel_matches_loop(name, sm_count):
+    n, k, f, sizes = CASES[name]
+    x, _, gs, dy = random_case(2, n, k, f, sizes)
+    dw = mg.mosaic_tgmm(x, dy, gs, config=SMALL)
+    assert dw.shape == (len(sizes), k, f)
+    assert_bf16_close(dw, loop_tgmm(x, dy, sizes, len(sizes)))
+    for e, size in enumerate(sizes):
+        if size == 0:
+            assert np.all(np.asarray(dw[e], np.float32) == 0.0), f"expert {e} has no rows: dw must be exactly 0"
+
+
+@needs_interpreter_011
+def test_gradients_match_ragged_dot(sm_count):
+    """jax.grad through the custom VJP == jax.grad through ragged_dot (float32 on the same
+    bf16 values), for a nonlinear loss so dy varies per row."""
+    n, k, f, sizes = CASES["straddling"]
+    x, w, gs, c = random_case(3, n, k, f, sizes)
+
+    def loss(fn, x, w):
+        return jnp.sum(jnp.sin(fn(x, w).astype(jnp.float32)) * c.astype(jnp.float32))
+
+    got = jax.grad(lambda x, w: loss(lambda a, b: mg.mosaic_grouped_matmul(a, b, gs, SMALL), x, w),
+                   argnums=(0, 1))(x, w)
+    want = jax.grad(lambda x, w: loss(lambda a, b: jax.lax.ragged_dot(a, b, gs), x, w),
+                    argnums=(0, 1))(x.astype(jnp.float32), w.astype(jnp.float32))
+    for g, r in zip(got, want):
+        assert g.dtype == jnp.bfloat16
+        assert_bf16_close(g, np.asarray(r, np.float64))
+    assert np.all(np.asarray(got[1][1], np.float32) == 0.0)  # expert 1 got no rows
+
+
+def test_all_kernels_lower_to_mosaic_gpu_for_cuda(sm_count):
+    """Forward + backward at the default tiles lower to Mosaic GPU custom calls for CUDA
+    without a GPU (Mosaic GPU's own lowering: tiles, shared memory layout, pipeline)."""
+    n, k, f, sizes = 1024, 256, 512, [300, 0, 500, 100]
+    x, w, gs, _ = random_case(4, n, k, f, sizes)
+    config = mg.MosaicGmmConfig(interpret=False)
+    traced = jax.jit(lambda x, w: jax.value_and_grad(
+        lambda x, w: jnp.sum(mg.mosaic_grouped_matmul(x, w, gs, config).astype(jnp.float32)),
+        argnums=(0, 1))(x, w)).trace(x, w)
+    text = traced.lower(lowering_platforms=("cuda",)).as_text()
+    assert text.count("custom_call @mosaic_gpu") == 3, "forward, dx and dw kernels"
+
+
+@pytest.mark.parametrize("bad, match", [
+    (dict(dtype=jnp.float32), "bfloat16 or both float16"),
+    (dict(k=96), "contraction dim = 96 must be a multiple of 64"),
+    (dict(w_k=64), r"x \[N, K\] and w \[E, K, F\]"),
+])
+def test_bad_arguments_fail_clearly(bad, match):
+    k = bad.get("k", 128)
+    x = jnp.zeros((64, k), bad.get("dtype", jnp.bfloat16))
+    w = jnp.zeros((2, bad.get("w_k", k), 128), bad.get("dtype", jnp.bfloat16))
+    with pytest.raises(ValueError, match=match):
+        mg.mosaic_gmm(x, w, jnp.array([32, 32], jnp.int32))
