@@ -46,7 +46,7 @@ class Workload:
     activation: str = "gelu"
     use_bias: bool = False
     balanced: bool = False  # force perfectly balanced routing (Megatron-Core's case)
-    grouped_matmul: str = "auto"  # dropless only: ragged_dot or jmoe's Pallas kernels
+    grouped_matmul: str = "auto"  # dropless only: jmoe.dropless.GROUPED_MATMULS
 
     @property
     def tokens(self) -> int:
@@ -64,7 +64,8 @@ def dropless_suite(scale: str) -> list[Workload]:
     rows = [Workload(f"dropless-cf{cf}", 16, 256, d, f, 16, 2, cf) for cf in (None, 1.0, 1.25, 2.0)]
     rows.insert(1, Workload("dropless-ragged-dot", 16, 256, d, f, 16, 2, None, grouped_matmul="ragged_dot"))
     rows.insert(2, Workload("dropless-scan", 16, 256, d, f, 16, 2, None, grouped_matmul="scan"))
-    if scale == "gpu":  # the Pallas grouped matmul (interpreted off GPU: far too slow for a CPU run)
+    if scale == "gpu":  # the Pallas grouped matmuls (interpreted off GPU: far too slow for a CPU run)
+        rows.insert(1, Workload("dropless-mosaic", 16, 256, d, f, 16, 2, None, grouped_matmul="mosaic"))
         rows.append(Workload("dropless-pallas-gmm", 16, 256, d, f, 16, 2, None, grouped_matmul="pallas"))
     return rows
 

@@ -9,7 +9,8 @@
 # Runs from the source tree (PYTHONPATH=.), installs nothing, downloads nothing. Steps, each
 # under its own time limit so one slow step cannot eat the others' time, most wanted first:
 #   1. the device (jax.devices, nvidia-smi)
-#   2. the card's dense matmul rate; ragged_dot vs jmoe's Pallas grouped matmul
+#   2. the card's dense matmul rate; ragged_dot vs the Mosaic (JAX's Hopper kernels), Pallas
+#      (Triton) and scan grouped matmuls
 #   3. the kernel / layer / dropless tests with Pallas compiled (not interpreted: they interpret
 #      only off GPU) and XLA's own ragged_all_to_all (one-device expert axis)
 #   4. dropless vs capacity factors (one layer, GPU scale, bf16)
@@ -34,7 +35,7 @@ if [ "$SMOKE" = 1 ]; then
 else
   SCALE=gpu; DTYPE=bfloat16; BACKENDS=gather,pallas,einsum; ITERS=10; TRAIN="config=small steps=80 log_every=20 eval_every=80 ckpt_every=80"
   PALLAS=""; SWEEP_BACKENDS=gather,pallas
-  TESTS="tests/test_grouped_matmul.py tests/test_dropless.py tests/test_dropless_parallel.py::test_dropless_exchange_one_expert_device_matches_dropless tests/test_pallas.py tests/test_layer.py"
+  TESTS="tests/test_mosaic_grouped_matmul.py tests/test_grouped_matmul.py tests/test_dropless.py tests/test_dropless_parallel.py::test_dropless_exchange_one_expert_device_matches_dropless tests/test_pallas.py tests/test_layer.py"
 fi
 TESTS=${GPU_CHECK_TESTS:-$TESTS}
 ONLY=${GPU_CHECK_ONLY:-}  # space-separated step names to run (a follow-up call); empty: all
@@ -55,18 +56,18 @@ step() {  # step NAME SECONDS COMMAND...: run with a time limit, log to OUT/NAME
 : > "$OUT/steps.txt"
 step device 15 bash -c "nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>/dev/null; \
   $PY -c 'import jax, jaxlib, flax; print(\"jax\", jax.__version__, \"flax\", flax.__version__, \"backend\", jax.default_backend(), jax.devices())'"
-step ragged_dot 125 $PY benchmarks/ragged_dot_check.py $PALLAS --out "$OUT/ragged_dot.json"
-step tests 150 $PY -m pytest -q -rfEs -p no:cacheprovider $TESTS
+step ragged_dot 170 $PY benchmarks/ragged_dot_check.py $PALLAS --out "$OUT/ragged_dot.json"
+step tests 140 $PY -m pytest -q -rfEs -p no:cacheprovider $TESTS
 step bench_dropless 50 $PY benchmarks/bench_layer.py --suite dropless --scale $SCALE --dtype $DTYPE \
   --backends gather --iters $ITERS --out "$OUT"
-step bench_pallas 60 $PY benchmarks/bench_pallas.py $PALLAS --out "$OUT/bench_pallas.json"
+step bench_pallas 50 $PY benchmarks/bench_pallas.py $PALLAS --out "$OUT/bench_pallas.json"
 step bench_mixtral 70 $PY benchmarks/bench_layer.py --suite peers --only mixtral --tag mixtral --scale $SCALE \
   --dtype $DTYPE --backends $BACKENDS --iters $ITERS --out "$OUT"
-step bench_peers 45 $PY benchmarks/bench_layer.py --suite peers --only fastmoe,tutel --scale $SCALE --dtype $DTYPE \
+step bench_peers 35 $PY benchmarks/bench_layer.py --suite peers --only fastmoe,tutel --scale $SCALE --dtype $DTYPE \
   --backends $BACKENDS --iters $ITERS --out "$OUT"
-step bench_sweep 40 $PY benchmarks/bench_layer.py --suite sweep --scale $SCALE --dtype $DTYPE \
+step bench_sweep 30 $PY benchmarks/bench_layer.py --suite sweep --scale $SCALE --dtype $DTYPE \
   --backends $SWEEP_BACKENDS --iters $ITERS --out "$OUT"
-step train 45 $PY train.py $TRAIN out_dir="$TRAIN_DIR"
+step train 40 $PY train.py $TRAIN out_dir="$TRAIN_DIR"
 mkdir -p "$OUT/train" && cp "$TRAIN_DIR"/*.jsonl "$TRAIN_DIR"/*.png "$TRAIN_DIR"/*.json "$OUT/train/" 2>/dev/null
 rm -rf "$TRAIN_DIR"
 echo

@@ -13,7 +13,8 @@ For N sorted rows, E experts with balanced group sizes, ``x [N, d] @ w[e] [d, f]
   shows E-sized dots; a grouped GEMM a ``ragged-dot`` or a grouped custom call);
 * for each implementation — ``ragged_dot``, ``scan`` (:mod:`jmoe.grouped_matmul`, one
   entry per ``--scan-block-m``), ``pallas`` (:mod:`jmoe.pallas.grouped_matmul`, a few tile
-  configs; GPU only unless ``--small``) — its error against a per-group float32 loop and
+  configs; GPU only unless ``--small``), ``mosaic`` (:mod:`jmoe.pallas.mosaic_grouped_matmul`,
+  JAX's Hopper kernels, a few tile configs; GPU sizes on a GPU only) — its error against a per-group float32 loop and
   the median time of forward and forward+backward, against one plain matmul
   ``[N, d] @ [d, f]`` of the same useful FLOPs (``2 N d f``; x3 with the backward). The
   backward is of ``sum(sin(y) * dy)``: a loss linear in y would let XLA drop the forward.
@@ -35,6 +36,7 @@ import jax.numpy as jnp
 from benchtools import matmul_tflops, median_time  # noqa: E402  (a script's own folder is on sys.path)
 from jmoe.grouped_matmul import scan_grouped_matmul
 from jmoe.pallas.grouped_matmul import GmmConfig, grouped_matmul
+from jmoe.pallas.mosaic_grouped_matmul import MosaicGmmConfig, mosaic_grouped_matmul
 
 
 def hlo_summary(text: str) -> dict:
@@ -100,6 +102,7 @@ def main() -> None:
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
     on_gpu = jax.default_backend() == "gpu"
+    mosaic = {}
     if args.small:
         shapes, dtype, peak_n = [(256, 64, 128, 8)], jnp.float32, 512
         pallas = {"16x16x16": GmmConfig(block_m=16, block_n=16, block_k=16)}
@@ -110,13 +113,20 @@ def main() -> None:
         pallas = {"default": GmmConfig(),
                   "128x128x64w8": GmmConfig(block_m=128, block_n=128, block_k=64, num_warps=8, num_stages=3),
                   "64x256x64w8": GmmConfig(block_m=64, block_n=256, block_k=64, num_warps=8, num_stages=3)}
+        # shared memory per config: stages * (bm * bk + bk * bn) * 2 B + bm * bn * 2 B (<= 227 KiB on H100)
+        mosaic = {"default": MosaicGmmConfig(),  # 128x128x64, 4 stages: 160 KiB
+                  "128x256x64s3": MosaicGmmConfig(block_n=256, max_concurrent_steps=3),  # 208 KiB
+                  "128x128x64s5g2": MosaicGmmConfig(max_concurrent_steps=5, grid_block_n=2)}  # 192 KiB
         if not on_gpu:
-            pallas = {}  # interpreted at these sizes would take hours
+            pallas, mosaic = {}, {}  # interpreted at these sizes would take hours
+    # most wanted first: a step cut at its time limit keeps the lines printed so far
     impls = {"ragged_dot": lambda x, w, g: jax.lax.ragged_dot(x, w, g)}
-    for bm in (int(v) for v in args.scan_block_m.split(",")):
-        impls[f"scan_bm{bm}"] = lambda x, w, g, bm=bm: scan_grouped_matmul(x, w, g, bm)
+    for name, cfg in mosaic.items():
+        impls[f"mosaic_{name}"] = lambda x, w, g, cfg=cfg: mosaic_grouped_matmul(x, w, g, cfg)
     for name, cfg in pallas.items():
         impls[f"pallas_{name}"] = lambda x, w, g, cfg=cfg: grouped_matmul(x, w, g, cfg)
+    for bm in (int(v) for v in args.scan_block_m.split(",")):
+        impls[f"scan_bm{bm}"] = lambda x, w, g, bm=bm: scan_grouped_matmul(x, w, g, bm)
 
     peak = matmul_tflops(peak_n, dtype, args.iters)
     print(f"dense matmul {peak_n}^3 {jnp.dtype(dtype).name}: {peak:.3g} TFLOP/s (this device's measured matmul rate)")

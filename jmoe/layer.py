@@ -176,6 +176,8 @@ class MoE(nnx.Module):
             noisy_weights[name] = float(default if weight is None else weight)
         dispatch_lib.resolve_backend(dispatch)  # fails early on an unknown name
         dropless.resolve_grouped_matmul(grouped_matmul)  # fails early on an unknown name
+        if grouped_matmul == "mosaic" and jnp.dtype(dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
+            raise ValueError(f"grouped_matmul='mosaic' (wgmma) needs dtype bfloat16 or float16, got {jnp.dtype(dtype)}")
         if dropless_exchange not in parallel.DROPLESS_EXCHANGES:
             raise ValueError(f"dropless_exchange must be one of {parallel.DROPLESS_EXCHANGES}, got {dropless_exchange!r}")
 

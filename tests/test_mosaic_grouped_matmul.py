@@ -154,6 +154,15 @@ def test_bad_arguments_fail_clearly(bad, match):
         mg.mosaic_gmm(x, w, jnp.array([32, 32], jnp.int32))
 
 
+def test_layer_rejects_mosaic_with_float32():
+    from flax import nnx
+
+    import jmoe
+
+    with pytest.raises(ValueError, match="needs dtype bfloat16 or float16, got float32"):
+        jmoe.MoE(64, 128, num_experts=4, capacity_factor=None, grouped_matmul="mosaic", rngs=nnx.Rngs(0))
+
+
 def _layers(mesh_sizes, matmuls, **options):
     from flax import nnx
 
