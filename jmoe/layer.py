@@ -98,6 +98,13 @@ class MoE(nnx.Module):
         ``"ragged"`` (``jax.lax.ragged_all_to_all``, only the valid rows; on CPU
         an all_gather emulation for tests), ``"padded"`` (worst-case
         ``all_to_all``), ``"auto"`` = ragged on GPU / TPU, padded elsewhere.
+      dropless_buffer_factor: a dropless layer on a mesh: None (the default) sizes
+        each device's receive buffer for the worst case (n x its T_l * k assignments:
+        nothing is ever dropped; the ragged exchange's buffer is [n * T_l * k, d]);
+        c >= 1 bounds it to ceil(c * T_l * k) rows (c = 1 holds perfectly balanced
+        routing): assignments that don't fit (the tail of a receiver's (local expert,
+        source) order) are dropped like capacity drops and counted in
+        ``dropped_fraction``. No effect on one device.
       grouped_matmul: a dropless layer's grouped matmul: ``"ragged_dot"``
         (``jax.lax.ragged_dot``), ``"scan"`` (:mod:`jmoe.grouped_matmul`: a loop
         over row tiles, each row computed once), ``"pallas"``
@@ -140,6 +147,7 @@ class MoE(nnx.Module):
         a2a_chunks: int = 1,
         dropless_exchange: str = "auto",
         grouped_matmul: str = "auto",
+        dropless_buffer_factor: float | None = None,
         rngs: nnx.Rngs,
     ):
         if router not in ROUTERS:
@@ -178,6 +186,11 @@ class MoE(nnx.Module):
         dropless.resolve_grouped_matmul(grouped_matmul)  # fails early on an unknown name
         if grouped_matmul == "mosaic" and jnp.dtype(dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
             raise ValueError(f"grouped_matmul='mosaic' (wgmma) needs dtype bfloat16 or float16, got {jnp.dtype(dtype)}")
+        if dropless_buffer_factor is not None:
+            if not self.dropless:
+                raise ValueError(f"dropless_buffer_factor={dropless_buffer_factor} is for a dropless layer "
+                                 f"(capacity_factor=None), got capacity_factor={capacity_factor}")
+            parallel.receive_buffer_rows(1, 1, dropless_buffer_factor)  # fails early on c < 1
         if dropless_exchange not in parallel.DROPLESS_EXCHANGES:
             raise ValueError(f"dropless_exchange must be one of {parallel.DROPLESS_EXCHANGES}, got {dropless_exchange!r}")
 
@@ -197,6 +210,7 @@ class MoE(nnx.Module):
         self.mesh, self.hierarchical_a2a, self.a2a_chunks = mesh, hierarchical_a2a, a2a_chunks
         self.dropless_exchange = dropless_exchange
         self.grouped_matmul = grouped_matmul
+        self.dropless_buffer_factor = dropless_buffer_factor
 
         self.router_weight = nnx.Param(
             nnx.initializers.lecun_normal()(rngs.params(), (d_model, num_experts), jnp.float32)

@@ -33,9 +33,11 @@ A dropless layer (``capacity_factor=None``) has no static capacity; per device
       all_to_all rows   [n, A, d] -> [n, A, d]   results home; unsort; combine
     exchange="ragged" (GPU / TPU: ``jax.lax.ragged_all_to_all``, only valid rows move):
       all_gather counts [n, n, E_l] int32        every device computes every offset
-      ragged_all_to_all [A, d] -> [n * A, d]     lands already ordered by (local expert, source)
-      ragged_dot over E_l groups
-      ragged_all_to_all [n * A, d] -> [A, d]     results home, in my sorted order; unsort; combine
+      ragged_all_to_all [A, d] -> [R, d]         lands already ordered by (local expert, source)
+      grouped matmul over E_l groups
+      ragged_all_to_all [R, d] -> [A, d]         results home, in my sorted order; unsort; combine
+    R = n * A (the worst case), or ceil(c * A) with ``dropless_buffer_factor`` c: rows past
+    R are dropped and counted in ``dropped_fraction``.
     exchange="auto" (the default) is "ragged" on GPU / TPU and "padded" elsewhere.
 
 Each expert's FFN acts row by row, so where a row sits in ``n * G_l * C`` does not
@@ -380,7 +382,8 @@ def dropless_exchange_experts(
     model_size: int = 1,
     exchange: str = "auto",
     grouped_matmul: str = "auto",
-) -> Array:
+    buffer_factor: float | None = None,
+) -> tuple[Array, Array]:
     """Dropless experts under expert parallelism (inside ``shard_map``), one device's view.
 
     ``y[t] = sum_k token_weight[t, k] * FFN_{token_expert[t, k]}(tokens[t])`` for this
@@ -411,12 +414,26 @@ def dropless_exchange_experts(
     on GPU / TPU; elsewhere :func:`ragged_all_to_all_emulated`, for tests). ``"auto"``:
     ragged on GPU / TPU, padded elsewhere.
 
+    Assignments that do not count (weight 0: padding tokens, GShard's skipped 2nd
+    choices) are sorted last and never sent: they take no buffer space or compute.
+
+    The receive buffer: a device computes at most R rows, R = ``n * A`` (the worst case:
+    every source sends it all its rows; nothing can be dropped) or, with
+    ``buffer_factor`` c >= 1, R = ceil(c * A) rounded up to a multiple of 8 (c = 1 holds
+    perfectly balanced routing). The ragged exchange's receive buffer is then ``[R, d]``
+    instead of ``[n * A, d]``. Rows that do not fit are dropped, the tail of the
+    receiver's (local expert, source) order (:func:`fit_to_buffer`); their output is 0
+    (as a capacity drop) and they are counted.
+
     Args:
       tokens: [T_l, d] (compute dtype); token_expert [T_l, K] int32 (global expert ids);
       token_weight [T_l, K] float32 (0: the assignment does not count).
       params: local expert weights ``w_in [E_l, d, f_l]``, ...
+      buffer_factor: None (R = n * A) or c >= 1 (R = ceil(c * A), rounded up to 8).
     Returns:
-      [T_l, d] in the tokens' dtype, accumulated in float32.
+      [T_l, d] in the tokens' dtype, accumulated in float32; and the number of
+      assignments the receive buffers dropped (int32 scalar; summed over the devices of
+      the expert axes it is the group's total).
     """
     if exchange not in DROPLESS_EXCHANGES:
         raise ValueError(f"exchange must be one of {DROPLESS_EXCHANGES}, got {exchange!r}")
@@ -427,12 +444,15 @@ def dropless_exchange_experts(
     n = expert_size
     e_l = num_experts // n
     a = num_tokens * k
+    buffer_rows = receive_buffer_rows(a, n, buffer_factor)
 
     def a2a(x):
         return x if n == 1 else _a2a(x, expert_axes)
 
     # 1. route locally: sort my assignments by expert; destination device = e // E_l.
-    order, counts = dropless.sort_by_expert(token_expert, num_experts)  # [A], [E]
+    # Weight-0 assignments get expert id E: sorted last, in no count, never sent.
+    routed = jnp.where(token_weight != 0, token_expert, num_experts)  # [T_l, K]
+    order, counts = dropless.sort_by_expert(routed, num_experts)  # [A], [E]
     rows = tokens[order // k]  # [A, d], expert order
     inner = {name: value for name, value in params.items() if name != "b_out"}
 
@@ -446,9 +466,10 @@ def dropless_exchange_experts(
         return y_local
 
     if exchange == "ragged":
-        out_sorted = _ragged_exchange(rows, counts.reshape(n, e_l), experts, expert_axes)  # [A, d]
-        return dropless.unsort_and_combine(out_sorted, order, token_weight, tokens.dtype)
-    dest = token_expert.reshape(-1)[order] // e_l  # [A], non-decreasing
+        out_sorted, dropped = _ragged_exchange(rows, counts.reshape(n, e_l), experts, expert_axes,
+                                               buffer_rows)  # [A, d]
+        return dropless.unsort_and_combine(out_sorted, order, token_weight, tokens.dtype), dropped
+    dest = jnp.minimum(routed.reshape(-1)[order] // e_l, n - 1)  # [A], non-decreasing (weight-0 rows: any)
     counts = counts.reshape(n, e_l)  # [dest, E_l]
     send_counts = jnp.sum(counts, axis=1)  # [n]
     send_start = jnp.cumsum(send_counts) - send_counts  # [n]: first sorted row for device j
@@ -463,24 +484,58 @@ def dropless_exchange_experts(
     send = jnp.where(send_valid[..., None], rows[jnp.minimum(take, a - 1)], jnp.zeros((), rows.dtype))  # [n, A, d]
     recv = a2a(send)  # [src, A, d]
 
-    # 4. order by (local expert, source, position); padding rows -> group E_l (past the end).
+    # 4. order by (local expert, source, position); padding rows and rows past the receive
+    #    buffer -> group E_l (past the end); the first R rows of that order hold every kept row.
     bounds = jnp.cumsum(recv_counts, axis=1)  # [src, E_l]
     local_expert = jnp.sum(pos[None, None, :] >= bounds[:, :, None], axis=1).astype(jnp.int32)  # [src, A]
-    local_expert = local_expert.reshape(-1)  # [n * A], source-major
-    local_order = jnp.argsort(local_expert, stable=True).astype(jnp.int32)  # [n * A]
-    group_sizes = jnp.sum(recv_counts, axis=0).astype(jnp.int32)  # [E_l]
-    x_local = recv.reshape(n * a, d)[local_order]  # [n * A, d]
+    kept = fit_to_buffer(recv_counts, buffer_rows)  # [src, E_l]
+    expert_of = jnp.minimum(local_expert, e_l - 1)  # [src, A]
+    rank = pos[None, :] - jnp.take_along_axis(bounds - recv_counts, expert_of, axis=1)  # [src, A]: place in its (src, e) chunk
+    fits = rank < jnp.take_along_axis(kept, expert_of, axis=1)  # [src, A]
+    local_expert = jnp.where(fits, local_expert, e_l).reshape(-1)  # [n * A], source-major
+    local_order = jnp.argsort(local_expert, stable=True).astype(jnp.int32)[:buffer_rows]  # [R]
+    group_sizes = jnp.sum(kept, axis=0).astype(jnp.int32)  # [E_l]
+    dropped = (jnp.sum(recv_counts) - jnp.sum(kept)).astype(jnp.int32)
+    x_local = recv.reshape(n * a, d)[local_order]  # [R, d]
     row_expert = jnp.minimum(local_expert[local_order], e_l - 1)  # padding rows: clamped, never read back
-    y_local = experts(x_local, row_expert, group_sizes)  # [n * A, d]
-    y_recv = jnp.zeros_like(y_local).at[local_order].set(y_local, unique_indices=True)  # [n * A, d] received order
+    y_local = experts(x_local, row_expert, group_sizes)  # [R, d]
+    y_recv = jnp.zeros((n * a, d), y_local.dtype).at[local_order].set(y_local, unique_indices=True)  # [n * A, d]
 
     # 5. home: reverse exchange, each row back at the buffer position it left from.
     back = a2a(y_recv.reshape(n, a, d))  # [dest, A, d]
     out_sorted = back[dest, pos - send_start[dest]]  # [A, d], expert order
-    return dropless.unsort_and_combine(out_sorted, order, token_weight, tokens.dtype)
+    return dropless.unsort_and_combine(out_sorted, order, token_weight, tokens.dtype), dropped
 
 
-def ragged_exchange_offsets(counts_all: Array, me: Array) -> dict[str, Array]:
+def receive_buffer_rows(num_assignments: int, expert_size: int, buffer_factor: float | None) -> int:
+    """R, the rows a device's experts compute per step: ``n * A`` (worst case) without a
+    factor, else ``ceil(c * A)`` rounded up to a multiple of 8, at most ``n * A``."""
+    worst = expert_size * num_assignments
+    if buffer_factor is None:
+        return worst
+    if not buffer_factor >= 1.0:
+        raise ValueError(f"buffer_factor must be >= 1 (1 holds perfectly balanced routing), got {buffer_factor}")
+    return min(worst, -(-math.ceil(buffer_factor * num_assignments) // 8) * 8)
+
+
+def fit_to_buffer(counts: Array, buffer_rows: int) -> Array:
+    """Rows kept by a receive buffer of ``buffer_rows`` rows laid out by (local expert, source).
+
+    ``counts[i, e]``: rows source i sends to my local expert e ([n_src, E_l]). Each
+    (i, e) chunk starts at ``offset[i, e] = sum_{e' < e} sum_{i'} counts[i', e'] +
+    sum_{i' < i} counts[i', e]``; what lies past the buffer is cut::
+
+        kept[i, e] = clip(buffer_rows - offset[i, e], 0, counts[i, e])
+
+    so a source keeps the first ``kept[i, e]`` of its rows for expert e (its sorted order).
+    """
+    n_src, e_l = counts.shape
+    flat = counts.T.reshape(-1)  # [E_l * n_src], expert-major
+    offset = (jnp.cumsum(flat) - flat).reshape(e_l, n_src).T  # [n_src, E_l]
+    return jnp.clip(buffer_rows - offset, 0, counts).astype(counts.dtype)
+
+
+def ragged_exchange_offsets(counts_all: Array, me: Array, kept_all: Array | None = None) -> dict[str, Array]:
     """Offsets and sizes of the two ragged all-to-alls, from everyone's counts.
 
     ``counts_all[i, j, e]``: rows device i sends to local expert e of device j
@@ -497,43 +552,54 @@ def ragged_exchange_offsets(counts_all: Array, me: Array) -> dict[str, Array]:
     Forward (me sends to j): input ``send_offset[me]``, sizes ``counts_all[me]``, output
     offsets (on j) ``recv_offset[me]``; I receive ``counts_all[:, me]``. The way home swaps
     the roles (input ``recv_offset[:, me]``, output ``send_offset[:, me]``).
+
+    With a bounded receive buffer, ``kept_all`` (:func:`fit_to_buffer` per receiver) gives
+    the sizes and the receive layout; the send offsets stay those of ``counts_all`` (the
+    sender's sorted rows), so a cut chunk sends its first rows.
     """
+    kept = counts_all if kept_all is None else kept_all
     n, _, e_l = counts_all.shape
     flat = counts_all.reshape(n, -1)  # [n_src, n_dst * E_l]
     send_offset = (jnp.cumsum(flat, axis=1) - flat).reshape(counts_all.shape)  # [n_src, n_dst, E_l]
-    per_expert = jnp.sum(counts_all, axis=0)  # [n_dst, E_l]: group sizes on each receiver
+    per_expert = jnp.sum(kept, axis=0)  # [n_dst, E_l]: group sizes on each receiver
     base = jnp.cumsum(per_expert, axis=1) - per_expert  # [n_dst, E_l]
-    recv_offset = base[None] + jnp.cumsum(counts_all, axis=0) - counts_all  # [n_src, n_dst, E_l]
+    recv_offset = base[None] + jnp.cumsum(kept, axis=0) - kept  # [n_src, n_dst, E_l]
     mine = lambda x: x.reshape(-1).astype(jnp.int32)  # noqa: E731
     return {
-        "fwd": (mine(send_offset[me]), mine(counts_all[me]), mine(recv_offset[me]), mine(counts_all[:, me])),
-        "back": (mine(recv_offset[:, me]), mine(counts_all[:, me]), mine(send_offset[:, me]), mine(counts_all[me])),
+        "fwd": (mine(send_offset[me]), mine(kept[me]), mine(recv_offset[me]), mine(kept[:, me])),
+        "back": (mine(recv_offset[:, me]), mine(kept[:, me]), mine(send_offset[:, me]), mine(kept[me])),
         "group_sizes": per_expert[me].astype(jnp.int32),  # [E_l]
     }
 
 
-def _ragged_exchange(rows: Array, counts: Array, experts: Callable, expert_axes: tuple[str, ...]) -> Array:
+def _ragged_exchange(rows: Array, counts: Array, experts: Callable, expert_axes: tuple[str, ...],
+                     buffer_rows: int) -> tuple[Array, Array]:
     """Expert-sorted rows [A, d] -> their experts' outputs [A, d], same order, moving
-    only the valid rows (``exchange="ragged"`` of :func:`dropless_exchange_experts`).
+    only the valid rows (``exchange="ragged"`` of :func:`dropless_exchange_experts`), and
+    the number of my rows the receivers' buffers dropped.
 
     ``counts`` [n, E_l]: my rows per (destination device, local expert). The receive
-    buffer is the worst case ``[n * A, d]`` (every source sends me all its rows); rows past
-    the received total stay zero and fall outside ``ragged_dot``'s groups.
+    buffer is ``[R, d]``, R = ``buffer_rows`` (``n * A``, the worst case, unless bounded);
+    rows past the received total stay zero and fall outside the grouped matmul's groups.
     """
     a, d = rows.shape
     n, e_l = counts.shape
     if not expert_axes:  # one expert device: nothing to exchange
         row_expert = jnp.repeat(jnp.arange(e_l, dtype=jnp.int32), counts[0], total_repeat_length=a)  # [A]
-        return experts(rows, row_expert, counts[0].astype(jnp.int32))
+        return experts(rows, row_expert, counts[0].astype(jnp.int32)), jnp.zeros((), jnp.int32)
     ragged = jax.lax.ragged_all_to_all if _has_ragged_all_to_all() else ragged_all_to_all_emulated
     counts_all = jax.lax.all_gather(counts, expert_axes)  # [n_src, n_dst, E_l]
-    offsets = ragged_exchange_offsets(counts_all, jax.lax.axis_index(expert_axes))
+    kept_all = jax.vmap(fit_to_buffer, in_axes=(1, None), out_axes=1)(counts_all, buffer_rows)  # [n_src, n_dst, E_l]
+    me = jax.lax.axis_index(expert_axes)
+    offsets = ragged_exchange_offsets(counts_all, me, kept_all)
     group_sizes = offsets["group_sizes"]  # [E_l]
-    recv = ragged(rows, jnp.zeros((n * a, d), rows.dtype), *offsets["fwd"], axis_name=expert_axes)  # [n * A, d]
+    recv = ragged(rows, jnp.zeros((buffer_rows, d), rows.dtype), *offsets["fwd"], axis_name=expert_axes)  # [R, d]
     ends = jnp.cumsum(group_sizes)  # [E_l]
-    row_expert = jnp.minimum(jnp.searchsorted(ends, jnp.arange(n * a), side="right"), e_l - 1)  # [n * A]
-    y_local = experts(recv, row_expert.astype(jnp.int32), group_sizes)  # [n * A, d]
-    return ragged(y_local, jnp.zeros((a, d), y_local.dtype), *offsets["back"], axis_name=expert_axes)  # [A, d]
+    row_expert = jnp.minimum(jnp.searchsorted(ends, jnp.arange(buffer_rows), side="right"), e_l - 1)  # [R]
+    y_local = experts(recv, row_expert.astype(jnp.int32), group_sizes)  # [R, d]
+    out = ragged(y_local, jnp.zeros((a, d), y_local.dtype), *offsets["back"], axis_name=expert_axes)  # [A, d]
+    dropped = jnp.sum(counts_all[me] - kept_all[me]).astype(jnp.int32)
+    return out, dropped
 
 
 def _has_ragged_all_to_all() -> bool:
@@ -591,6 +657,7 @@ def expert_parallel_moe(
     dropless_experts: bool = False,
     dropless_exchange: str = "auto",
     grouped_matmul: str = "auto",
+    dropless_buffer_factor: float | None = None,
 ) -> tuple[Array, dict[str, Array]]:
     """The MoE layer on a mesh, as a pure function.
 
@@ -627,7 +694,10 @@ def expert_parallel_moe(
         is 0. Not with ``hierarchical`` or ``a2a_chunks > 1``.
       dropless_exchange: ``"auto"`` / ``"padded"`` / ``"ragged"``: how a dropless layer
         moves its rows (see :func:`dropless_exchange_experts`); grouped_matmul: its
-        grouped matmul (:data:`jmoe.dropless.GROUPED_MATMULS`).
+        grouped matmul (:data:`jmoe.dropless.GROUPED_MATMULS`); dropless_buffer_factor:
+        None (the worst-case receive buffer: nothing dropped) or c >= 1: each device
+        computes at most ceil(c * T_l * K) rows, the rest is dropped and counted in
+        ``dropped_fraction`` (see :func:`dropless_exchange_experts`).
 
     Returns:
       y [G, S, d] (sharded over the token axes), and the aux dict of
@@ -670,16 +740,20 @@ def expert_parallel_moe(
             plan = plan_fn(logits, mask, uniform)
         if dropless_experts:
             tokens = x.reshape(-1, d).astype(compute_dtype)  # [T_l, d]
-            y = dropless_exchange_experts(
+            y, dropped = dropless_exchange_experts(
                 tokens, plan.token_expert.reshape(tokens.shape[0], -1),
                 plan.token_weight.reshape(tokens.shape[0], -1), params, activation,
                 num_experts=num_experts, expert_axes=axes.expert_axes, expert_size=math.prod(sizes),
                 model_axis=axes.model_axis, model_size=model_size, exchange=dropless_exchange,
-                grouped_matmul=grouped_matmul,
-            ).reshape(x.shape)  # [G_l, S, d]
+                grouped_matmul=grouped_matmul, buffer_factor=dropless_buffer_factor,
+            )
             aux = _reduce_aux(plan, mask, axes.token_axes)
             aux["padding_fraction"] = jnp.zeros((), jnp.float32)
-            return y, aux
+            if axes.token_axes:  # receive-buffer drops: summed over the token shards (model replicas hold copies)
+                requested = jax.lax.psum(plan.requested_assignments, axes.token_axes)
+                dropped = jax.lax.psum(dropped.astype(jnp.float32), axes.token_axes)
+                aux["dropped_fraction"] = aux["dropped_fraction"] + dropped / jnp.maximum(requested, 1.0)
+            return y.reshape(x.shape), aux  # [G_l, S, d]
         capacity = plan.capacity
         if capacity % a2a_chunks:
             raise ValueError(f"a2a_chunks={a2a_chunks} must divide the capacity C={capacity}")
@@ -795,5 +869,5 @@ def moe_layer_on_mesh(module, groups: Array, token_mask: Array | None, mesh) -> 
         router_eps=eps, router_uniform=uniform,
         hierarchical=module.hierarchical_a2a, a2a_chunks=module.a2a_chunks, compute_dtype=module.dtype,
         dropless_experts=module.dropless, dropless_exchange=module.dropless_exchange,
-        grouped_matmul=module.grouped_matmul,
+        grouped_matmul=module.grouped_matmul, dropless_buffer_factor=module.dropless_buffer_factor,
     )

@@ -244,7 +244,7 @@ def test_dropless_exchange_one_expert_device_matches_dropless(exchange):
         rows, whole = jax.sharding.PartitionSpec("expert"), jax.sharding.PartitionSpec()
         fn = jax.shard_map(
             lambda x, te, tw, p: parallel.dropless_exchange_experts(
-                x, te, tw, p, "gelu", num_experts=e, expert_axes=("expert",), expert_size=1, exchange=exchange),
+                x, te, tw, p, "gelu", num_experts=e, expert_axes=("expert",), expert_size=1, exchange=exchange)[0],
             mesh=mesh, in_specs=(rows, rows, rows, whole), out_specs=rows)
         return jnp.sum(fn(tokens, token_expert, token_weight, params) * cot)
 
@@ -255,3 +255,97 @@ def test_dropless_exchange_one_expert_device_matches_dropless(exchange):
     want = jax.jit(jax.value_and_grad(reference, argnums=(0, 1)))(tokens, params)
     assert_tree_close(got, want)
     assert float(jnp.max(jnp.abs(got[1][1]["w_in"][3]))) == 0.0  # expert 3 got no rows: zero gradient
+
+
+def test_fit_to_buffer_hand_example():
+    """counts[i, e] (2 sources, 2 local experts) laid out by (expert, source): (0,0) 3 rows
+    at 0, (0,1) 2 at 3, (1,0) 1 at 5, (1,1) 4 at 6."""
+    counts = jnp.array([[3, 1], [2, 4]], jnp.int32)
+    np.testing.assert_array_equal(parallel.fit_to_buffer(counts, 7), [[3, 1], [2, 1]])
+    np.testing.assert_array_equal(parallel.fit_to_buffer(counts, 4), [[3, 0], [1, 0]])
+    np.testing.assert_array_equal(parallel.fit_to_buffer(counts, 10), counts)
+    assert parallel.receive_buffer_rows(30, 4, None) == 120
+    assert parallel.receive_buffer_rows(30, 4, 1.0) == 32  # rounded up to 8
+    assert parallel.receive_buffer_rows(30, 4, 1.3) == 40
+    assert parallel.receive_buffer_rows(30, 4, 9.0) == 120  # never past the worst case
+    with pytest.raises(ValueError, match=">= 1"):
+        parallel.receive_buffer_rows(30, 4, 0.5)
+
+
+def kept_by_buffer(token_expert, token_weight, *, data, expert, num_experts, buffer_rows):
+    """numpy reference of the bounded receive buffer: [G, S, K] bool, True where the
+    assignment is computed. Token shard s = data index * expert + expert index (the groups'
+    sharding); within a data row, receiver j lays its buffer out by (local expert, source)
+    and keeps the first rows (fit_to_buffer); a source keeps its first assignments (flat
+    order t * K + k) for each expert."""
+    te = np.asarray(token_expert).reshape(data * expert, -1)  # [shards, T_l * K]
+    valid = np.asarray(token_weight).reshape(data * expert, -1) != 0
+    e_l = num_experts // expert
+    keep = np.zeros(te.shape, bool)
+    for dd in range(data):
+        shards = [dd * expert + i for i in range(expert)]
+        for j in range(expert):
+            counts = np.array([[np.sum(valid[s] & (te[s] == j * e_l + e)) for e in range(e_l)] for s in shards])
+            kept = np.asarray(parallel.fit_to_buffer(jnp.asarray(counts), buffer_rows))
+            for i, s in enumerate(shards):
+                for e in range(e_l):
+                    rows = np.flatnonzero(valid[s] & (te[s] == j * e_l + e))
+                    keep[s, rows[: kept[i, e]]] = True
+    return keep.reshape(np.shape(token_expert))
+
+
+@pytest.mark.parametrize("exchange, factor", [("ragged", 1.0), ("padded", 1.0), ("ragged", 1.5)])
+def test_bounded_receive_buffer_drops_the_tail_and_counts_it(exchange, factor):
+    """dropless_buffer_factor on a 2 x 4 mesh with the skewed router (half the tokens all
+    want one device) and a token mask: output, dropped_fraction and gradients (input,
+    router, expert weights) equal a one-device reference that computes exactly the
+    assignments a numpy model of the buffer keeps (masked tokens take no buffer space)."""
+    from jmoe import dropless
+    from jmoe.layer import group_tokens
+    from tests.test_parallel import _value_and_grads
+
+    mesh = parallel.make_mesh(data=2, expert=4)
+    x, mask, r = inputs(22, batch=16, seq=8, with_mask=True)
+    options = dict(num_experts=8, k=2, activation="swiglu", capacity_factor=None)
+    ref = make_moe(None, **options)
+    ep = make_moe(mesh, dropless_exchange=exchange, dropless_buffer_factor=factor, **options)
+    x, w = skewed(ref, x)
+    ep.router_weight[...] = w
+    parallel.shard_moe_params(ep, mesh)
+    y_ep, aux_ep, grads_ep = jax.device_get(nnx.jit(_value_and_grads)(ep, x, mask, r))
+
+    groups, _ = group_tokens(x, ref.group_size)  # [G, S, d]
+    group_mask = mask.reshape(groups.shape[:2])
+    plan = ref.plan_from_logits(groups.astype(jnp.float32) @ w, group_mask)
+    a_local = groups.shape[0] * groups.shape[1] * 2 // 8
+    keep = kept_by_buffer(plan.token_expert, plan.token_weight, data=2, expert=4, num_experts=8,
+                          buffer_rows=parallel.receive_buffer_rows(a_local, 4, factor))
+    requested = np.sum(np.asarray(plan.token_weight) != 0)
+    dropped = requested - np.sum(keep & (np.asarray(plan.token_weight) != 0))
+    assert dropped > 0.1 * requested  # the skew overflows the buffer
+    np.testing.assert_allclose(aux_ep["dropped_fraction"], dropped / requested, rtol=1e-6)
+
+    def reference(x, router_w, params):
+        groups, _ = group_tokens(x, ref.group_size)
+        plan = ref.plan_from_logits(groups.astype(jnp.float32) @ router_w, group_mask)
+        tokens = groups.reshape(-1, D_MODEL)
+        y = dropless.dropless_experts(tokens, plan.token_expert.reshape(tokens.shape[0], -1),
+                                      (plan.token_weight * keep).reshape(tokens.shape[0], -1), params, "swiglu")
+        aux = plan.aux()
+        total = (jnp.sum(y.reshape(x.shape) * r) + aux["load_balancing_loss"] + aux["z_loss"]
+                 + aux["router_entropy"] + aux["importance_loss"] + aux["load_loss"])
+        return total, y.reshape(x.shape)
+
+    params = ref.experts.params()
+    (_, y_ref), (g_x, g_router, g_params) = jax.device_get(
+        jax.jit(jax.value_and_grad(reference, argnums=(0, 1, 2), has_aux=True))(x, w, params))
+    assert_tree_close(y_ep, y_ref)
+    assert_tree_close(grads_ep, {"x": g_x, "router_weight": g_router,
+                                 **{f"experts.{name}": g for name, g in g_params.items()}})
+
+
+def test_buffer_factor_bad_values_fail_at_construction():
+    with pytest.raises(ValueError, match="capacity_factor=None"):
+        make_moe(None, num_experts=8, capacity_factor=1.25, dropless_buffer_factor=2.0)
+    with pytest.raises(ValueError, match=">= 1"):
+        make_moe(None, num_experts=8, capacity_factor=None, dropless_buffer_factor=0.5)
