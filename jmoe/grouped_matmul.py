@@ -136,8 +136,17 @@ def _fwd(x, w, group_sizes, block_m):
 def _bwd(block_m, residuals, dy):
     x, w, group_sizes = residuals
     dy = dy.astype(x.dtype)
-    dx = sum_over_extra_axes(_loop_gmm(dy, w.astype(x.dtype), group_sizes, block_m, transpose_w=True), x)
-    dw = sum_over_extra_axes(_loop_tgmm(x, dy, group_sizes, block_m), w).astype(w.dtype)
+    dx = _loop_gmm(dy, w.astype(x.dtype), group_sizes, block_m, transpose_w=True)  # [N, K]
+    dw = _loop_tgmm(x, dy, group_sizes, block_m)  # [E, K, F]
+    return vjp_outputs(dx, dw, x, w, group_sizes)
+
+
+def vjp_outputs(dx: Array, dw: Array, x: Array, w: Array, group_sizes: Array) -> tuple[Array, Array, np.ndarray]:
+    """A grouped matmul's computed gradients -> its custom VJP's outputs: dx and dw summed
+    over the mesh axes they vary over beyond their input's (:func:`sum_over_extra_axes`),
+    dw in w's dtype, and float0 for the integer group sizes."""
+    dx = sum_over_extra_axes(dx, x)  # w split over "model": each shard holds part of dx
+    dw = sum_over_extra_axes(dw, w).astype(w.dtype)  # w replicated over "data": every replica's rows count
     return dx, dw, np.zeros(group_sizes.shape, jax.dtypes.float0)
 
 

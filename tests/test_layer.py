@@ -10,7 +10,6 @@ from flax import nnx
 
 import jmoe
 from jmoe import dispatch, routing
-from jmoe.experts import expert_ffn
 
 BACKEND_NAMES = ["einsum", "gather"]
 

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from jmoe.pallas import mosaic_grouped_matmul as mg
+from tests import test_grouped_matmul
 from tests.test_grouped_matmul import loop_gmm, loop_tgmm
 
 ON_GPU = jax.default_backend() == "gpu"
@@ -60,12 +61,8 @@ def sm_count(monkeypatch):
     monkeypatch.setattr(transposed_ragged_dot_mgpu, "jax", JaxWithSms())
 
 
-def random_case(seed, n, k, f, sizes, dtype=jnp.bfloat16):
-    rng = np.random.default_rng(seed)
-    x = jnp.asarray(rng.normal(size=(n, k)), dtype)
-    w = jnp.asarray(rng.normal(size=(len(sizes), k, f)) / np.sqrt(k), dtype)
-    dy = jnp.asarray(rng.normal(size=(n, f)), dtype)
-    return x, w, jnp.asarray(sizes, jnp.int32), dy
+def random_case(seed, n, k, f, sizes):
+    return test_grouped_matmul.random_case(seed, n, k, f, sizes, jnp.bfloat16)
 
 
 def assert_bf16_close(got, want):

@@ -5,10 +5,8 @@ steps on a fixed text file; the whole module runs in about a minute on 2 cores.
 """
 
 import importlib.util
-import json
 import math
 import os
-import shutil
 
 import jax
 import numpy as np

@@ -30,12 +30,11 @@ import functools
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from jmoe.grouped_matmul import sum_over_extra_axes, tile_schedule
+from jmoe.grouped_matmul import tile_schedule, vjp_outputs
 from jmoe.pallas.kernels import _call, _interpret_in_shard_map, _next_power_of_2, _zero
 
 Array = jax.Array
@@ -176,10 +175,8 @@ def _grouped_matmul_fwd(x, w, group_sizes, config):
 def _grouped_matmul_bwd(config, residuals, dy):
     x, w, group_sizes = residuals
     dx = gmm(dy.astype(x.dtype), w, group_sizes, transpose_w=True, config=config)  # [N, K]
-    dx = sum_over_extra_axes(dx, x)  # w split over "model": each shard holds part of dx
     dw = tgmm(x, dy.astype(x.dtype), group_sizes, out_dtype=jnp.float32, config=config)  # [E, K, F]
-    dw = sum_over_extra_axes(dw, w).astype(w.dtype)
-    return dx, dw, np.zeros(group_sizes.shape, jax.dtypes.float0)
+    return vjp_outputs(dx, dw, x, w, group_sizes)
 
 
 grouped_matmul.defvjp(_grouped_matmul_fwd, _grouped_matmul_bwd)

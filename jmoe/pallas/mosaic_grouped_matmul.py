@@ -32,9 +32,8 @@ import functools
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-from jmoe.grouped_matmul import sum_over_extra_axes, varying_axes
+from jmoe.grouped_matmul import varying_axes, vjp_outputs
 from jmoe.pallas.kernels import resolve_interpret
 
 Array = jax.Array
@@ -176,10 +175,8 @@ def _bwd(config, residuals, dy):
     x, w, group_sizes = residuals
     dy = dy.astype(x.dtype)
     dx = mosaic_gmm(dy, w, group_sizes, transpose_w=True, config=config)  # [N, K]
-    dx = sum_over_extra_axes(dx, x)  # w split over "model": each shard holds part of dx
-    dw = mosaic_tgmm(x, dy, group_sizes, config=config)  # [E, K, F]
-    dw = sum_over_extra_axes(dw, w).astype(w.dtype)
-    return dx, dw, np.zeros(group_sizes.shape, jax.dtypes.float0)
+    dw = mosaic_tgmm(x, dy, group_sizes, config=config)  # [E, K, F] in x's dtype
+    return vjp_outputs(dx, dw, x, w, group_sizes)
 
 
 mosaic_grouped_matmul.defvjp(_fwd, _bwd)
