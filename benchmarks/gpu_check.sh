@@ -20,6 +20,9 @@
 # then a compact table (benchmarks/gpu_summary.py). Full JSON and logs land in OUT_DIR, and in one
 # archive (default OUT_DIR.tgz), refreshed after every step (the device tool returns only 8 files).
 # On the device machine: `bash benchmarks/gpu_check.sh /tmp/gpu_check $OUT/gpu_check.tgz`.
+# The next call wanted (issue 7: which grouped matmul is right and fastest on the GPU; 465 s of
+# step limits, timeout_s=500):
+#   GPU_CHECK_ONLY="device ragged_dot tests bench_dropless bench_pallas" bash benchmarks/gpu_check.sh /tmp/g $OUT/g.tgz
 set -u
 OUT=${1:?usage: gpu_check.sh OUT_DIR [ARCHIVE.tgz]}
 ARCHIVE=${2:-$OUT.tgz}
@@ -58,16 +61,16 @@ step device 15 bash -c "nvidia-smi --query-gpu=name,memory.total,driver_version 
   $PY -c 'import jax, jaxlib, flax; print(\"jax\", jax.__version__, \"flax\", flax.__version__, \"backend\", jax.default_backend(), jax.devices())'"
 step ragged_dot 170 $PY benchmarks/ragged_dot_check.py $PALLAS --out "$OUT/ragged_dot.json"
 step tests 140 $PY -m pytest -q -rfEs -p no:cacheprovider $TESTS
-step bench_dropless 50 $PY benchmarks/bench_layer.py --suite dropless --scale $SCALE --dtype $DTYPE \
+step bench_dropless 90 $PY benchmarks/bench_layer.py --suite dropless --scale $SCALE --dtype $DTYPE \
   --backends gather --iters $ITERS --out "$OUT"
 step bench_pallas 50 $PY benchmarks/bench_pallas.py $PALLAS --out "$OUT/bench_pallas.json"
-step bench_mixtral 70 $PY benchmarks/bench_layer.py --suite peers --only mixtral --tag mixtral --scale $SCALE \
+step bench_mixtral 60 $PY benchmarks/bench_layer.py --suite peers --only mixtral --tag mixtral --scale $SCALE \
   --dtype $DTYPE --backends $BACKENDS --iters $ITERS --out "$OUT"
-step bench_peers 35 $PY benchmarks/bench_layer.py --suite peers --only fastmoe,tutel --scale $SCALE --dtype $DTYPE \
+step bench_peers 25 $PY benchmarks/bench_layer.py --suite peers --only fastmoe,tutel --scale $SCALE --dtype $DTYPE \
   --backends $BACKENDS --iters $ITERS --out "$OUT"
-step bench_sweep 30 $PY benchmarks/bench_layer.py --suite sweep --scale $SCALE --dtype $DTYPE \
+step bench_sweep 20 $PY benchmarks/bench_layer.py --suite sweep --scale $SCALE --dtype $DTYPE \
   --backends $SWEEP_BACKENDS --iters $ITERS --out "$OUT"
-step train 40 $PY train.py $TRAIN out_dir="$TRAIN_DIR"
+step train 30 $PY train.py $TRAIN out_dir="$TRAIN_DIR"
 mkdir -p "$OUT/train" && cp "$TRAIN_DIR"/*.jsonl "$TRAIN_DIR"/*.png "$TRAIN_DIR"/*.json "$OUT/train/" 2>/dev/null
 rm -rf "$TRAIN_DIR"
 echo
