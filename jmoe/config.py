@@ -44,6 +44,13 @@ class Config:
     eval_capacity_factor: float = _field(2.0, "eval capacity factor", range=(1e-6, None))
     dropless: int = _field(0, "1 = dropless MoE layers (no capacity, grouped matmul; capacity factors unused)",
                            range=(0, 1))
+    grouped_matmul: str = _field("auto", "dropless: the grouped matmul (auto = scan on CPU, ragged_dot elsewhere)",
+                                 choices=("auto", "ragged_dot", "scan", "pallas", "mosaic"))
+    dropless_exchange: str = _field("auto", "dropless on a mesh: how rows move (auto = ragged on GPU/TPU)",
+                                    choices=("auto", "padded", "ragged"))
+    dropless_buffer_factor: float = _field(0.0, "dropless on a mesh: receive buffer = factor x local "
+                                                "assignments (>= 1; overflow dropped and counted); 0 = worst "
+                                                "case, nothing dropped", range=(0.0, None))
     priority: str = _field("choice", "who wins a slot: choice-major or token-major (token keeps a causal LM "
                                            "causal when k > 1)", choices=("choice", "token"))
     second_expert_policy: str = _field("all", "GShard's 2nd expert: all, or random (k=2)", choices=("all", "random"))
@@ -106,6 +113,9 @@ class Config:
             )
         if self.num_experts and not 1 <= self.k <= self.num_experts:
             raise ValueError(f"k={self.k} must be in [1, num_experts={self.num_experts}]")
+        if self.dropless_buffer_factor and not (self.dropless and self.dropless_buffer_factor >= 1.0):
+            raise ValueError(f"dropless_buffer_factor={self.dropless_buffer_factor} needs dropless=1 and a value "
+                             f">= 1 (0 = the worst-case buffer)")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -128,7 +128,9 @@ def build_model(cfg: Config, rngs: nnx.Rngs, mesh=None) -> model_lib.LM:
     moe_kwargs = dict(
         k=cfg.k, capacity_factor=None if cfg.dropless else cfg.capacity_factor,
         eval_capacity_factor=cfg.eval_capacity_factor, priority=cfg.priority,
-        second_expert_policy=cfg.second_expert_policy, router=cfg.router, dispatch=cfg.dispatch, jitter=cfg.jitter, group_size=cfg.group_size or None,
+        second_expert_policy=cfg.second_expert_policy, router=cfg.router, dispatch=cfg.dispatch, jitter=cfg.jitter,
+        group_size=cfg.group_size or None, grouped_matmul=cfg.grouped_matmul, dropless_exchange=cfg.dropless_exchange,
+        dropless_buffer_factor=cfg.dropless_buffer_factor or None,
     )
     if mesh is not None and parallel.uses_mesh(mesh):
         moe_kwargs["mesh"] = mesh

@@ -4,6 +4,7 @@ Each test trains a micro model (d_model 32, 2 blocks, 4 experts) for a few dozen
 steps on a fixed text file; the whole module runs in about a minute on 2 cores.
 """
 
+import dataclasses
 import importlib.util
 import math
 import os
@@ -11,7 +12,9 @@ import os
 import jax
 import numpy as np
 import pytest
+from flax import nnx
 
+import jmoe
 from jmoe import config as config_lib
 from jmoe import data as data_lib
 from jmoe import parallel
@@ -151,10 +154,26 @@ def test_unknown_key_lists_valid_keys(capsys):
     ("num_heads=3", "divisible|even"),
     ("k=5", r"must be in \[1, num_experts=4\]"),
     ("nokeyvalue", "expected key=value"),
+    ("dropless_buffer_factor=1.5", "needs dropless=1"),
+    ("grouped_matmul=cublas", "must be one of auto, ragged_dot, scan, pallas, mosaic"),
 ])
 def test_bad_values_are_clear_errors(arg, message):
     with pytest.raises(ValueError, match=message):
         config_lib.load_config("tiny", config_lib.parse_overrides([arg]))
+
+
+def test_dropless_keys_reach_the_layers_and_match_the_library():
+    from jmoe import dropless, parallel
+
+    fields = {f.name: f for f in dataclasses.fields(config_lib.Config)}
+    assert fields["grouped_matmul"].metadata["choices"] == dropless.GROUPED_MATMULS
+    assert fields["dropless_exchange"].metadata["choices"] == parallel.DROPLESS_EXCHANGES
+    cfg = config_lib.load_config("tiny", config_lib.parse_overrides(
+        ["dropless=1", "grouped_matmul=ragged_dot", "dropless_exchange=padded", "dropless_buffer_factor=1.5"]))
+    model = training.build_model(cfg, nnx.Rngs(0))
+    moes = [b.ffn for b in model.blocks if isinstance(b.ffn, jmoe.MoE)]
+    assert moes and all(m.dropless and m.grouped_matmul == "ragged_dot" and m.dropless_exchange == "padded"
+                        and m.dropless_buffer_factor == 1.5 for m in moes)
 
 
 def test_missing_data_path_and_config_name_are_clear_errors(tmp_path, capsys):
