@@ -102,9 +102,9 @@ class MoE(nnx.Module):
         each device's receive buffer for the worst case (n x its T_l * k assignments:
         nothing is ever dropped; the ragged exchange's buffer is [n * T_l * k, d]);
         c >= 1 bounds it to ceil(c * T_l * k) rows (c = 1 holds perfectly balanced
-        routing): assignments that don't fit (the tail of a receiver's (local expert,
-        source) order) are dropped like capacity drops and counted in
-        ``dropped_fraction``. No effect on one device.
+        routing): assignments that don't fit are dropped like capacity drops (each
+        (source, local expert) chunk keeps up to a common cap, a source its first
+        rows) and counted in ``dropped_fraction``. No effect on one device.
       grouped_matmul: a dropless layer's grouped matmul: ``"ragged_dot"``
         (``jax.lax.ragged_dot``), ``"scan"`` (:mod:`jmoe.grouped_matmul`: a loop
         over row tiles, each row computed once), ``"pallas"``

@@ -421,9 +421,9 @@ def dropless_exchange_experts(
     every source sends it all its rows; nothing can be dropped) or, with
     ``buffer_factor`` c >= 1, R = ceil(c * A) rounded up to a multiple of 8 (c = 1 holds
     perfectly balanced routing). The ragged exchange's receive buffer is then ``[R, d]``
-    instead of ``[n * A, d]``. Rows that do not fit are dropped, the tail of the
-    receiver's (local expert, source) order (:func:`fit_to_buffer`); their output is 0
-    (as a capacity drop) and they are counted.
+    instead of ``[n * A, d]``. Rows that do not fit are dropped: each (source, expert)
+    chunk keeps up to a common cap, a source its first rows (:func:`fit_to_buffer`); a
+    dropped row's output is 0 (as a capacity drop) and it is counted.
 
     Args:
       tokens: [T_l, d] (compute dtype); token_expert [T_l, K] int32 (global expert ids);
@@ -519,20 +519,37 @@ def receive_buffer_rows(num_assignments: int, expert_size: int, buffer_factor: f
 
 
 def fit_to_buffer(counts: Array, buffer_rows: int) -> Array:
-    """Rows kept by a receive buffer of ``buffer_rows`` rows laid out by (local expert, source).
+    """Rows kept by a receive buffer of ``buffer_rows`` rows: a common cap per chunk.
 
-    ``counts[i, e]``: rows source i sends to my local expert e ([n_src, E_l]). Each
-    (i, e) chunk starts at ``offset[i, e] = sum_{e' < e} sum_{i'} counts[i', e'] +
-    sum_{i' < i} counts[i', e]``; what lies past the buffer is cut::
+    ``counts[i, e]``: rows source i sends to my local expert e ([n_src, E_l]). When they
+    do not all fit, every (source, expert) chunk keeps up to the same number of rows L,
+    the largest level that fits, and the rows still free go one each to the first chunks
+    (in (expert, source) order) that were cut::
 
-        kept[i, e] = clip(buffer_rows - offset[i, e], 0, counts[i, e])
+        L = max { L : sum_{i,e} min(counts[i, e], L) <= buffer_rows }
+        kept[i, e] = min(counts[i, e], L) + [one of the first (buffer_rows - sum min(counts, L))
+                                             chunks with counts > L]
 
-    so a source keeps the first ``kept[i, e]`` of its rows for expert e (its sorted order).
+    So a cold expert behind a hot one keeps its rows, no source is always the one cut,
+    and a source keeps the first ``kept[i, e]`` of its rows for expert e (its sorted order).
     """
     n_src, e_l = counts.shape
-    flat = counts.T.reshape(-1)  # [E_l * n_src], expert-major
-    offset = (jnp.cumsum(flat) - flat).reshape(e_l, n_src).T  # [n_src, E_l]
-    return jnp.clip(buffer_rows - offset, 0, counts).astype(counts.dtype)
+    flat = counts.T.reshape(-1).astype(jnp.int32)  # [E_l * n_src], (expert, source) order
+    fits = lambda level: jnp.sum(jnp.minimum(flat, level)) <= buffer_rows  # noqa: E731
+
+    def bisect(_, bounds):  # invariant: fits(lo); the level is in [lo, hi]
+        lo, hi = bounds
+        mid = (lo + hi + 1) // 2
+        return jnp.where(fits(mid), mid, lo), jnp.where(fits(mid), hi, mid - 1)
+
+    top = jnp.max(flat)
+    level, _ = jax.lax.fori_loop(0, 32, bisect, (jnp.zeros_like(top), top))  # zeros_like: same mesh type
+    capped = jnp.minimum(flat, level)  # [E_l * n_src]
+    cut = flat > level
+    spare = buffer_rows - jnp.sum(capped)
+    extra = cut & (jnp.cumsum(cut) <= spare)  # one more row for the first `spare` cut chunks
+    kept = capped + extra.astype(jnp.int32)
+    return kept.reshape(e_l, n_src).T.astype(counts.dtype)
 
 
 def ragged_exchange_offsets(counts_all: Array, me: Array, kept_all: Array | None = None) -> dict[str, Array]:

@@ -258,12 +258,19 @@ def test_dropless_exchange_one_expert_device_matches_dropless(exchange):
 
 
 def test_fit_to_buffer_hand_example():
-    """counts[i, e] (2 sources, 2 local experts) laid out by (expert, source): (0,0) 3 rows
-    at 0, (0,1) 2 at 3, (1,0) 1 at 5, (1,1) 4 at 6."""
+    """counts[i, e] (2 sources, 2 local experts) = [[3, 1], [2, 4]]: each (source, expert)
+    chunk keeps up to a common cap L, spare rows go to the first cut chunks in (expert,
+    source) order."""
     counts = jnp.array([[3, 1], [2, 4]], jnp.int32)
-    np.testing.assert_array_equal(parallel.fit_to_buffer(counts, 7), [[3, 1], [2, 1]])
-    np.testing.assert_array_equal(parallel.fit_to_buffer(counts, 4), [[3, 0], [1, 0]])
-    np.testing.assert_array_equal(parallel.fit_to_buffer(counts, 10), counts)
+    np.testing.assert_array_equal(parallel.fit_to_buffer(counts, 7), [[2, 1], [2, 2]])  # L = 2, no spare
+    np.testing.assert_array_equal(parallel.fit_to_buffer(counts, 8), [[3, 1], [2, 2]])  # L = 2, 1 spare -> (0, 0)
+    np.testing.assert_array_equal(parallel.fit_to_buffer(counts, 4), [[1, 1], [1, 1]])  # L = 1
+    np.testing.assert_array_equal(parallel.fit_to_buffer(counts, 10), counts)  # everything fits
+    np.testing.assert_array_equal(parallel.fit_to_buffer(counts, 0), [[0, 0], [0, 0]])
+    # a hot expert (25 rows from each of 4 sources) before a cold one (1 row each), 32 rows:
+    # the cold expert keeps all of its rows (a cut at the end of the layout would drop them)
+    hot_cold = jnp.array([[25, 1]] * 4, jnp.int32)
+    np.testing.assert_array_equal(parallel.fit_to_buffer(hot_cold, 32), [[7, 1]] * 4)
     assert parallel.receive_buffer_rows(30, 4, None) == 120
     assert parallel.receive_buffer_rows(30, 4, 1.0) == 32  # rounded up to 8
     assert parallel.receive_buffer_rows(30, 4, 1.3) == 40
@@ -275,9 +282,9 @@ def test_fit_to_buffer_hand_example():
 def kept_by_buffer(token_expert, token_weight, *, data, expert, num_experts, buffer_rows):
     """numpy reference of the bounded receive buffer: [G, S, K] bool, True where the
     assignment is computed. Token shard s = data index * expert + expert index (the groups'
-    sharding); within a data row, receiver j lays its buffer out by (local expert, source)
-    and keeps the first rows (fit_to_buffer); a source keeps its first assignments (flat
-    order t * K + k) for each expert."""
+    sharding); within a data row, receiver j keeps ``fit_to_buffer`` rows of each (source,
+    local expert) chunk; a source keeps its first assignments (flat order t * K + k) for
+    each expert."""
     te = np.asarray(token_expert).reshape(data * expert, -1)  # [shards, T_l * K]
     valid = np.asarray(token_weight).reshape(data * expert, -1) != 0
     e_l = num_experts // expert
@@ -295,7 +302,7 @@ def kept_by_buffer(token_expert, token_weight, *, data, expert, num_experts, buf
 
 
 @pytest.mark.parametrize("exchange, factor", [("ragged", 1.0), ("padded", 1.0), ("ragged", 1.5)])
-def test_bounded_receive_buffer_drops_the_tail_and_counts_it(exchange, factor):
+def test_bounded_receive_buffer_drops_and_counts(exchange, factor):
     """dropless_buffer_factor on a 2 x 4 mesh with the skewed router (half the tokens all
     want one device) and a token mask: output, dropped_fraction and gradients (input,
     router, expert weights) equal a one-device reference that computes exactly the
