@@ -117,7 +117,7 @@ def dropless_experts(
       tokens: [T, d].
       token_expert: [T, K] int32.
       token_weight: [T, K] float32 (0 for an assignment that must not count,
-        e.g. a padding token).
+        e.g. a padding token: it is not computed).
       params: stacked expert weights (see :func:`jmoe.experts.expert_ffn`).
       matmul: grouped matmul implementation (:data:`GROUPED_MATMULS`).
     Returns:
@@ -125,9 +125,12 @@ def dropless_experts(
     """
     num_tokens, k = token_expert.shape
     num_experts = params["w_in"].shape[0]
-    order, group_sizes = sort_by_expert(token_expert, num_experts)  # [T*K], [E]
+    # Weight-0 assignments (padding tokens, skipped 2nd choices) get expert id E: sorted
+    # last, past every group, so a grouped matmul that skips such rows never computes them.
+    routed = jnp.where(token_weight != 0, token_expert, num_experts)  # [T, K]
+    order, group_sizes = sort_by_expert(routed, num_experts)  # [T*K], [E]
     rows = tokens[order // k]  # [T*K, d] sorted by expert
-    row_expert = token_expert.reshape(-1)[order]  # [T*K]
+    row_expert = jnp.minimum(routed.reshape(-1)[order], num_experts - 1)  # [T*K] (biases of rows past the groups: unused)
     out_sorted = grouped_ffn(rows, row_expert, group_sizes, params, activation, matmul)  # [T*K, d]
     return unsort_and_combine(out_sorted, order, token_weight, tokens.dtype)
 
