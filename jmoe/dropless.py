@@ -35,7 +35,9 @@ Array = jax.Array
 #   "mosaic":     jmoe.pallas.mosaic_grouped_matmul: the Hopper (sm_90) kernels JAX ships
 #                 (jax.experimental.pallas.ops.gpu.ragged_dot_mgpu: TMA + wgmma) under
 #                 jmoe's VJP; bf16/f16 only. Tested in Mosaic GPU's interpret mode (the
-#                 backward needs jax >= 0.11 there), not yet run on a GPU.
+#                 backward needs jax >= 0.11 there), not yet run on a GPU. It multiplies
+#                 row tiles past the groups too (not stored): on an expert mesh, bound
+#                 the receive buffer (dropless_buffer_factor).
 #   "auto":       scan on CPU (measured), ragged_dot elsewhere (TPU has a native grouped
 #                 matmul; on GPU nothing else has been measured yet).
 GROUPED_MATMULS = ("auto", "ragged_dot", "scan", "pallas", "mosaic")
