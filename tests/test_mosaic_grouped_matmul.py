@@ -35,6 +35,7 @@ SMALL = mg.MosaicGmmConfig(block_m=64, block_n=64, block_k=64, max_concurrent_st
 CASES = {
     "straddling": (256, 128, 128, [70, 0, 101, 1, 40]),   # empty group, groups across 64-row tiles
     "one-group-all": (192, 64, 128, [0, 192, 0]),        # one expert takes every row
+    "rows-not-tiled": (200, 64, 128, [50, 0, 90]),       # 200 rows: the last tile runs past the array
 }
 
 
