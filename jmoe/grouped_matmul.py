@@ -156,9 +156,14 @@ scan_grouped_matmul.defvjp(_fwd, _bwd)
 def _zeros_varying_like(shape, *like) -> Array:
     """float32 zeros that vary over the manual mesh axes ``like`` vary over (a loop carry
     inside ``shard_map`` must have its outputs' type); plain zeros outside."""
-    zeros = jnp.zeros(shape, jnp.float32)
-    axes = tuple(sorted(frozenset().union(*(varying_axes(a) for a in like))))
-    return jax.lax.pcast(zeros, axes, to="varying") if axes else zeros
+    return vary_like(jnp.zeros(shape, jnp.float32), *like)
+
+
+def vary_like(x: Array, *like: Array) -> Array:
+    """Inside ``shard_map``: ``x`` marked as varying over every manual mesh axis the
+    arrays ``like`` vary over (``pcast`` of the axes it lacks); a no-op outside."""
+    missing = frozenset().union(*(varying_axes(a) for a in like)) - varying_axes(x)
+    return jax.lax.pcast(x, tuple(sorted(missing)), to="varying") if missing else x
 
 
 def varying_axes(x) -> frozenset:

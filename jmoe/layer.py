@@ -184,8 +184,12 @@ class MoE(nnx.Module):
             noisy_weights[name] = float(default if weight is None else weight)
         dispatch_lib.resolve_backend(dispatch)  # fails early on an unknown name
         dropless.resolve_grouped_matmul(grouped_matmul)  # fails early on an unknown name
-        if grouped_matmul == "mosaic" and jnp.dtype(dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
-            raise ValueError(f"grouped_matmul='mosaic' (wgmma) needs dtype bfloat16 or float16, got {jnp.dtype(dtype)}")
+        if grouped_matmul == "mosaic":
+            from jmoe.pallas.mosaic_grouped_matmul import HALF_DTYPES  # Mosaic GPU import only when asked
+
+            if not any(jnp.dtype(dtype) == half for half in HALF_DTYPES):
+                raise ValueError(f"grouped_matmul='mosaic' (wgmma) needs dtype bfloat16 or float16, got "
+                                 f"{jnp.dtype(dtype)}")
         if dropless_buffer_factor is not None:
             if not self.dropless:
                 raise ValueError(f"dropless_buffer_factor={dropless_buffer_factor} is for a dropless layer "

@@ -764,12 +764,8 @@ def expert_parallel_moe(
                 model_axis=axes.model_axis, model_size=model_size, exchange=dropless_exchange,
                 grouped_matmul=grouped_matmul, buffer_factor=dropless_buffer_factor,
             )
-            aux = _reduce_aux(plan, mask, axes.token_axes)
+            aux = _reduce_aux(plan, mask, axes.token_axes, buffer_dropped=dropped)
             aux["padding_fraction"] = jnp.zeros((), jnp.float32)
-            if axes.token_axes:  # receive-buffer drops: summed over the token shards (model replicas hold copies)
-                requested = jax.lax.psum(plan.requested_assignments, axes.token_axes)
-                dropped = jax.lax.psum(dropped.astype(jnp.float32), axes.token_axes)
-                aux["dropped_fraction"] = aux["dropped_fraction"] + dropped / jnp.maximum(requested, 1.0)
             return y.reshape(x.shape), aux  # [G_l, S, d]
         capacity = plan.capacity
         if capacity % a2a_chunks:
@@ -814,14 +810,17 @@ def expert_parallel_moe(
     return fn(inputs, router_ws, expert_params)
 
 
-def _reduce_aux(plan: RoutingPlan, mask: Array | None, token_axes: tuple[str, ...]) -> dict[str, Array]:
+def _reduce_aux(plan: RoutingPlan, mask: Array | None, token_axes: tuple[str, ...],
+                buffer_dropped: Array | None = None) -> dict[str, Array]:
     """Per-device aux -> the one-device values (inside shard_map).
 
     Per-group means (load balancing, padding, and any other aux value): ``pmean``
     (same G_l everywhere).
     Per-valid-token means (z_loss, entropy): ``psum(v_l * t_l) / psum(t_l)``.
-    dropped_fraction: ``psum(f_l * r_l) / psum(r_l)``, r_l = the plan's requested
-    assignments (k per valid token, less the 2nd choices GShard's random policy skipped).
+    dropped_fraction: ``psum(f_l * r_l + b_l) / psum(r_l)``, r_l = the plan's requested
+    assignments (k per valid token, less the 2nd choices GShard's random policy skipped),
+    b_l = ``buffer_dropped``, the assignments a dropless exchange's bounded receive
+    buffers dropped (0 without one).
     tokens_per_expert: ``psum``.
     importance_loss, load_loss (noisy top-k): from the ``psum`` of the plan's
     Importance / Load vectors [E] (sums over tokens), so the same on every device.
@@ -839,9 +838,9 @@ def _reduce_aux(plan: RoutingPlan, mask: Array | None, token_axes: tuple[str, ..
     else:
         tokens = jnp.sum(mask.astype(jnp.float32))
 
-    def weighted(value, weight):
+    def weighted(value, weight, extra=0.0):  # psum(value * weight + extra) / psum(weight)
         total = jax.lax.psum(weight, token_axes)
-        return jax.lax.psum(value * weight, token_axes) / jnp.maximum(total, 1.0)
+        return jax.lax.psum(value * weight + extra, token_axes) / jnp.maximum(total, 1.0)
 
     if mask is None:
         # Every device has the same weight: a plain mean (exactly one device's mean of means).
@@ -849,7 +848,8 @@ def _reduce_aux(plan: RoutingPlan, mask: Array | None, token_axes: tuple[str, ..
     else:
         z = weighted(aux["z_loss"], tokens)
         ent = weighted(aux["router_entropy"], tokens)
-    dropped = weighted(aux["dropped_fraction"], plan.requested_assignments)
+    extra = 0.0 if buffer_dropped is None else buffer_dropped.astype(jnp.float32)
+    dropped = weighted(aux["dropped_fraction"], plan.requested_assignments, extra)
     out = {name: jax.lax.pmean(value, token_axes) for name, value in aux.items()}  # per-group means
     out.update(z_loss=z, router_entropy=ent, dropped_fraction=dropped,
                tokens_per_expert=jax.lax.psum(aux["tokens_per_expert"], token_axes), **summed)

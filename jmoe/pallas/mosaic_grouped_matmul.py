@@ -38,7 +38,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from jmoe.grouped_matmul import varying_axes, vjp_outputs
+from jmoe.grouped_matmul import vary_like, vjp_outputs
 from jmoe.pallas.kernels import resolve_interpret
 
 Array = jax.Array
@@ -104,13 +104,6 @@ def _check(x: Array, w: Array, group_sizes: Array, transpose_w: bool) -> None:
                          f"{x.dtype} and {w.dtype}")
 
 
-def _vary_like(out: Array, *inputs: Array) -> Array:
-    """Inside ``shard_map``: mark the kernel's output as varying over the mesh axes its
-    inputs vary over (the kernels' output types carry no such mark); a no-op outside."""
-    missing = frozenset().union(*(varying_axes(a) for a in inputs)) - varying_axes(out)
-    return jax.lax.pcast(out, tuple(sorted(missing)), to="varying") if missing else out
-
-
 def _zero_past_groups(out: Array, group_sizes: Array) -> Array:
     """Rows at or past ``sum(group_sizes)`` -> 0 (the kernels never write them)."""
     total = jnp.sum(group_sizes.astype(jnp.int32))
@@ -141,7 +134,7 @@ def mosaic_gmm(x: Array, w: Array, group_sizes: Array, *, transpose_w: bool = Fa
             x, w, group_sizes=group_sizes.astype(jnp.int32), block_m=config.block_m, block_n=block_n,
             block_k=block_k, max_concurrent_steps=config.max_concurrent_steps,
             grid_block_n=_grid_block_n(config, block_n, f_dim), transpose_rhs=transpose_w)  # [N, F]
-    out = _vary_like(out, x, w, group_sizes)
+    out = vary_like(out, x, w, group_sizes)  # the kernel's output type carries no mesh axes
     return _zero_past_groups(out, group_sizes)  # the kernel leaves rows past the groups unwritten
 
 
@@ -161,7 +154,7 @@ def mosaic_tgmm(x: Array, dy: Array, group_sizes: Array, *, config: MosaicGmmCon
             x, dy, group_sizes=group_sizes.astype(jnp.int32), block_m=block_m, block_n=block_n,
             block_k=config.block_k, max_concurrent_steps=config.max_concurrent_steps,
             grid_block_n=_grid_block_n(config, block_n, f_dim))  # [E, K, F]
-    return _vary_like(dw, x, dy, group_sizes)
+    return vary_like(dw, x, dy, group_sizes)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
