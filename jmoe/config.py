@@ -4,7 +4,9 @@ A :class:`Config` is one flat dataclass; ``train.py`` reads it to build the mode
 data, optimizer and mesh (nothing below ``train.py`` sees the whole config).
 Every key has a type and, where it matters, an allowed range or set of choices;
 :func:`load_config` and :func:`apply_overrides` reject unknown keys (listing the
-valid ones) and out-of-range values (naming the allowed range).
+valid ones) and out-of-range values (naming the allowed range). Every key also has a
+role (see :data:`ROLES`), from which :data:`MODEL_KEYS` (checked when a checkpoint is
+restored) and :data:`RUN_ONLY_KEYS` (left out of the compile cache's key) are derived.
 
 A config file ``configs/NAME.json`` holds a JSON object of keys to values; keys it
 leaves out take the defaults below. ``config=NAME`` on the command line picks
@@ -25,84 +27,97 @@ _POS = (1, None)  # integer >= 1
 _NONNEG = (0, None)
 
 
-def _field(default, doc: str, *, range=None, choices=None):
-    return dataclasses.field(default=default, metadata={"doc": doc, "range": range, "choices": choices})
+# What changing a key does; every field names its role in its metadata (one of):
+#   "model":   it defines the model's parameters (their tree and shapes, or what they mean): a checkpoint
+#              restores only into the same values (MODEL_KEYS, checked before restoring);
+#   "compile": it changes the compiled train / eval functions (part of the setup cache's key);
+#   "run":     it changes nothing inside the compiled functions (data, logging, checkpointing, multi-host,
+#              sampling, the debug NaN step, which is a runtime argument): RUN_ONLY_KEYS.
+ROLES = ("model", "compile", "run")
+
+
+def _field(default, doc: str, *, role: str, range=None, choices=None):
+    if role not in ROLES:
+        raise ValueError(f"role={role!r} must be one of {', '.join(ROLES)}")
+    return dataclasses.field(default=default, metadata={"doc": doc, "role": role, "range": range, "choices": choices})
 
 
 @dataclasses.dataclass(frozen=True)
 class Config:
     # --- model -------------------------------------------------------------
-    d_model: int = _field(128, "model width", range=_POS)
-    num_layers: int = _field(4, "Transformer blocks", range=_POS)
-    num_heads: int = _field(4, "attention heads (d_model must be divisible)", range=_POS)
-    d_ff: int = _field(512, "hidden width of the dense FFNs", range=_POS)
-    num_experts: int = _field(4, "experts per MoE layer; 0 = dense baseline", range=_NONNEG)
-    expert_d_ff: int = _field(512, "hidden width of each expert", range=_POS)
-    moe_every: int = _field(2, "an MoE FFN in every moe_every-th block (2 = Switch)", range=_POS)
-    k: int = _field(1, "experts per token (top-k)", range=_POS)
-    capacity_factor: float = _field(1.25, "train capacity factor", range=(1e-6, None))
-    eval_capacity_factor: float = _field(2.0, "eval capacity factor", range=(1e-6, None))
+    d_model: int = _field(128, "model width", role="model", range=_POS)
+    num_layers: int = _field(4, "Transformer blocks", role="model", range=_POS)
+    num_heads: int = _field(4, "attention heads (d_model must be divisible)", role="model", range=_POS)
+    d_ff: int = _field(512, "hidden width of the dense FFNs", role="model", range=_POS)
+    num_experts: int = _field(4, "experts per MoE layer; 0 = dense baseline", role="model", range=_NONNEG)
+    expert_d_ff: int = _field(512, "hidden width of each expert", role="model", range=_POS)
+    moe_every: int = _field(2, "an MoE FFN in every moe_every-th block (2 = Switch)", role="model", range=_POS)
+    k: int = _field(1, "experts per token (top-k)", role="compile", range=_POS)
+    capacity_factor: float = _field(1.25, "train capacity factor", role="compile", range=(1e-6, None))
+    eval_capacity_factor: float = _field(2.0, "eval capacity factor", role="compile", range=(1e-6, None))
     dropless: int = _field(0, "1 = dropless MoE layers (no capacity, grouped matmul; capacity factors unused)",
-                           range=(0, 1))
+                           role="compile", range=(0, 1))
     grouped_matmul: str = _field("auto", "dropless: the grouped matmul (auto = scan on CPU, ragged_dot elsewhere)",
-                                 choices=("auto", "ragged_dot", "scan", "pallas", "mosaic"))
+                                 role="compile", choices=("auto", "ragged_dot", "scan", "pallas", "mosaic"))
     dropless_exchange: str = _field("auto", "dropless on a mesh: how rows move (auto = ragged on GPU/TPU)",
-                                    choices=("auto", "padded", "ragged"))
+                                    role="compile", choices=("auto", "padded", "ragged"))
     dropless_buffer_factor: float = _field(0.0, "dropless on a mesh: receive buffer = factor x local "
                                                 "assignments (>= 1; overflow dropped and counted); 0 = worst "
-                                                "case, nothing dropped", range=(0.0, None))
+                                                "case, nothing dropped", role="compile", range=(0.0, None))
     priority: str = _field("choice", "who wins a slot: choice-major or token-major (token keeps a causal LM "
-                                           "causal when k > 1)", choices=("choice", "token"))
-    second_expert_policy: str = _field("all", "GShard's 2nd expert: all, or random (k=2)", choices=("all", "random"))
-    router: str = _field("tokens_choose", "router", choices=("tokens_choose", "experts_choose", "noisy_top_k"))
-    activation: str = _field("gelu", "FFN / expert activation", choices=("relu", "gelu", "swiglu", "geglu"))
-    dispatch: str = _field("auto", "MoE dispatch backend", choices=("auto", "einsum", "gather", "pallas"))
-    jitter: float = _field(0.0, "router input jitter in train mode", range=(0.0, 0.999))
-    group_size: int = _field(0, "tokens per routing group; 0 = one group per sequence", range=_NONNEG)
-    dtype: str = _field("float32", "activation dtype (router stays float32)", choices=("float32", "bfloat16"))
-    rope_base: float = _field(10000.0, "rotary embedding base", range=(1.0, None))
-    lb_weight: float = _field(0.01, "weight of the summed load-balancing loss", range=(0.0, None))
-    z_weight: float = _field(0.001, "weight of the summed router z-loss", range=(0.0, None))
+                                           "causal when k > 1)", role="compile", choices=("choice", "token"))
+    second_expert_policy: str = _field("all", "GShard's 2nd expert: all, or random (k=2)", role="compile",
+                                       choices=("all", "random"))
+    router: str = _field("tokens_choose", "router", role="model",
+                         choices=("tokens_choose", "experts_choose", "noisy_top_k"))
+    activation: str = _field("gelu", "FFN / expert activation", role="model",
+                             choices=("relu", "gelu", "swiglu", "geglu"))
+    dispatch: str = _field("auto", "MoE dispatch backend", role="compile",
+                           choices=("auto", "einsum", "gather", "pallas"))
+    jitter: float = _field(0.0, "router input jitter in train mode", role="compile", range=(0.0, 0.999))
+    group_size: int = _field(0, "tokens per routing group; 0 = one group per sequence", role="compile", range=_NONNEG)
+    dtype: str = _field("float32", "activation dtype (router stays float32)", role="compile",
+                        choices=("float32", "bfloat16"))
+    rope_base: float = _field(10000.0, "rotary embedding base", role="compile", range=(1.0, None))
+    lb_weight: float = _field(0.01, "weight of the summed load-balancing loss", role="compile", range=(0.0, None))
+    z_weight: float = _field(0.001, "weight of the summed router z-loss", role="compile", range=(0.0, None))
     # --- data --------------------------------------------------------------
-    data: str = _field("", "text file or directory; empty = the Python standard library sources")
-    val_percent: float = _field(5.0, "percent of files (or bytes, for one file) held out", range=(0.1, 50.0))
-    seq_len: int = _field(128, "tokens (bytes) per sequence", range=_POS)
-    batch_size: int = _field(16, "global batch size (sequences)", range=_POS)
+    data: str = _field("", "text file or directory; empty = the Python standard library sources", role="run")
+    val_percent: float = _field(5.0, "percent of files (or bytes, for one file) held out", role="run",
+                                range=(0.1, 50.0))
+    seq_len: int = _field(128, "tokens (bytes) per sequence", role="compile", range=_POS)
+    batch_size: int = _field(16, "global batch size (sequences)", role="compile", range=_POS)
     # --- optimisation -----------------------------------------------------
-    steps: int = _field(400, "training steps", range=_POS)
-    lr: float = _field(3e-3, "peak learning rate", range=(0.0, 1.0))
-    warmup_steps: int = _field(40, "linear warmup steps", range=_NONNEG)
-    min_lr_ratio: float = _field(0.1, "final lr / peak lr of the cosine decay", range=(0.0, 1.0))
-    weight_decay: float = _field(0.1, "AdamW weight decay (matrices only)", range=(0.0, None))
-    b1: float = _field(0.9, "Adam beta1", range=(0.0, 0.999999))
-    b2: float = _field(0.95, "Adam beta2", range=(0.0, 0.999999))
-    grad_clip: float = _field(1.0, "global gradient-norm clip; 0 = off", range=(0.0, None))
-    seed: int = _field(0, "seed of the init and of the data order", range=_NONNEG)
+    steps: int = _field(400, "training steps", role="compile", range=_POS)
+    lr: float = _field(3e-3, "peak learning rate", role="compile", range=(0.0, 1.0))
+    warmup_steps: int = _field(40, "linear warmup steps", role="compile", range=_NONNEG)
+    min_lr_ratio: float = _field(0.1, "final lr / peak lr of the cosine decay", role="compile", range=(0.0, 1.0))
+    weight_decay: float = _field(0.1, "AdamW weight decay (matrices only)", role="compile", range=(0.0, None))
+    b1: float = _field(0.9, "Adam beta1", role="compile", range=(0.0, 0.999999))
+    b2: float = _field(0.95, "Adam beta2", role="compile", range=(0.0, 0.999999))
+    grad_clip: float = _field(1.0, "global gradient-norm clip; 0 = off", role="compile", range=(0.0, None))
+    seed: int = _field(0, "seed of the init and of the data order", role="compile", range=_NONNEG)
     # --- run ---------------------------------------------------------------
-    out_dir: str = _field("", "run directory (log, plots, checkpoints); empty = runs/<config>")
-    eval_every: int = _field(100, "evaluate every N steps (and at the end)", range=_POS)
-    eval_batches: int = _field(8, "validation batches per evaluation", range=_POS)
-    log_every: int = _field(10, "fetch metrics / print progress every N steps", range=_POS)
-    ckpt_every: int = _field(200, "checkpoint every N steps (and at the end)", range=_POS)
-    keep_ckpts: int = _field(2, "checkpoints kept", range=_POS)
-    expert_parallel: int = _field(1, "size of the mesh's 'expert' axis", range=_POS)
-    num_devices: int = _field(0, "devices in the mesh (0 = all)", range=_NONNEG)
-    nan_at_step: int = _field(-1, "debug: make the loss NaN at this step (-1 = never)", range=(-1, None))
+    out_dir: str = _field("", "run directory (log, plots, checkpoints); empty = runs/<config>", role="run")
+    eval_every: int = _field(100, "evaluate every N steps (and at the end)", role="run", range=_POS)
+    eval_batches: int = _field(8, "validation batches per evaluation", role="run", range=_POS)
+    log_every: int = _field(10, "fetch metrics / print progress every N steps", role="run", range=_POS)
+    ckpt_every: int = _field(200, "checkpoint every N steps (and at the end)", role="run", range=_POS)
+    keep_ckpts: int = _field(2, "checkpoints kept", role="run", range=_POS)
+    expert_parallel: int = _field(1, "size of the mesh's 'expert' axis", role="compile", range=_POS)
+    num_devices: int = _field(0, "devices in the mesh (0 = all)", role="compile", range=_NONNEG)
+    nan_at_step: int = _field(-1, "debug: make the loss NaN at this step (-1 = never)", role="run", range=(-1, None))
     # --- multi-host ------------------------------------------------------------
-    distributed: str = _field("auto", "jax.distributed.initialize: auto (if env says so), on, off",
+    distributed: str = _field("auto", "jax.distributed.initialize: auto (if env says so), on, off", role="run",
                               choices=("auto", "on", "off"))
-    coordinator_address: str = _field("", "host:port of process 0 (or JAX_COORDINATOR_ADDRESS)")
-    num_processes: int = _field(0, "processes in the job (0 = from the environment)", range=_NONNEG)
-    process_id: int = _field(-1, "this process's index (-1 = from the environment)", range=(-1, None))
+    coordinator_address: str = _field("", "host:port of process 0 (or JAX_COORDINATOR_ADDRESS)", role="run")
+    num_processes: int = _field(0, "processes in the job (0 = from the environment)", role="run", range=_NONNEG)
+    process_id: int = _field(-1, "this process's index (-1 = from the environment)", role="run", range=(-1, None))
     # --- sampling --------------------------------------------------------------
-    prompt: str = _field("def ", "sample mode: the prompt")
-    sample_len: int = _field(200, "sample mode: bytes to generate", range=_POS)
-    temperature: float = _field(0.8, "sample mode: temperature (0 = greedy)", range=(0.0, None))
-    top_k: int = _field(0, "sample mode: keep the top_k logits (0 = all)", range=_NONNEG)
-
-    # Keys that define the model's parameters: a checkpoint restores only into the same values.
-    MODEL_KEYS = ("d_model", "num_layers", "num_heads", "d_ff", "num_experts", "expert_d_ff",
-                  "moe_every", "activation")
+    prompt: str = _field("def ", "sample mode: the prompt", role="run")
+    sample_len: int = _field(200, "sample mode: bytes to generate", role="run", range=_POS)
+    temperature: float = _field(0.8, "sample mode: temperature (0 = greedy)", role="run", range=(0.0, None))
+    top_k: int = _field(0, "sample mode: keep the top_k logits (0 = all)", role="run", range=_NONNEG)
 
     def __post_init__(self):
         for f in dataclasses.fields(self):
@@ -119,6 +134,17 @@ class Config:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+def keys_with_role(role: str) -> tuple[str, ...]:
+    """The keys of ``role`` (see :data:`ROLES`), in field order."""
+    return tuple(f.name for f in dataclasses.fields(Config) if f.metadata["role"] == role)
+
+
+# Keys that define the model's parameters: a checkpoint restores only into the same values.
+MODEL_KEYS = Config.MODEL_KEYS = keys_with_role("model")
+# Keys that change nothing inside the compiled functions: normalised away in the setup cache's key.
+RUN_ONLY_KEYS = keys_with_role("run")
 
 
 def keys() -> list[str]:

@@ -120,6 +120,18 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(text_file, tmp_pat
     assert text.startswith("def ")
 
 
+def test_resume_with_another_router_is_a_clear_error(text_file, tmp_path):
+    """``router=noisy_top_k`` adds parameters: resuming a tokens_choose checkpoint with it must name the key,
+    not fail inside orbax on the mismatched parameter tree."""
+    out = str(tmp_path / "run_router")
+    cfg = micro(text_file, steps=2, eval_every=2, ckpt_every=2)
+    training.train(cfg, out, print_fn=lambda *a: None, plots=False)
+    with pytest.raises(ValueError, match="checkpoint's model differs") as err:
+        training.train(dataclasses.replace(cfg, steps=4, router="noisy_top_k"), out, print_fn=lambda *a: None,
+                       plots=False)
+    assert "router='tokens_choose' vs 'noisy_top_k'" in str(err.value) and len(str(err.value)) < 300
+
+
 def test_sample_is_deterministic_and_extends_the_prompt(uninterrupted):
     out, _ = uninterrupted
     s, params, _ = training.load_for_inference(out, num_devices=1)
@@ -174,6 +186,36 @@ def test_dropless_keys_reach_the_layers_and_match_the_library():
     moes = [b.ffn for b in model.blocks if isinstance(b.ffn, jmoe.MoE)]
     assert moes and all(m.dropless and m.grouped_matmul == "ragged_dot" and m.dropless_exchange == "padded"
                         and m.dropless_buffer_factor == 1.5 for m in moes)
+
+
+def test_every_config_key_has_exactly_one_role():
+    fields = dataclasses.fields(config_lib.Config)
+    assert all(f.metadata["role"] in config_lib.ROLES for f in fields)
+    by_role = {role: [f.name for f in fields if f.metadata["role"] == role] for role in config_lib.ROLES}
+    assert sorted(sum(by_role.values(), [])) == sorted(config_lib.keys())  # a partition of the keys
+    assert config_lib.Config.MODEL_KEYS == config_lib.MODEL_KEYS == tuple(by_role["model"])
+    assert config_lib.RUN_ONLY_KEYS == tuple(by_role["run"]) and training.RUN_ONLY_KEYS == config_lib.RUN_ONLY_KEYS
+    assert "router" in config_lib.MODEL_KEYS and "data" in config_lib.RUN_ONLY_KEYS
+
+
+def test_a_choice_that_changes_the_parameter_tree_is_a_model_key():
+    """Every value of every ``choices`` key, one at a time: those giving other parameter paths, shapes or dtypes
+    than the default (a checkpoint would not restore) must be model keys, checked before restoring."""
+    base = micro("unused")
+
+    def tree(cfg):
+        params = nnx.state(nnx.eval_shape(lambda: training.build_model(cfg, nnx.Rngs(0))), nnx.Param)
+        return jax.tree.map(lambda x: (x.shape, x.dtype), nnx.to_pure_dict(params))
+
+    needs = {("second_expert_policy", "random"): {"k": 2}, ("grouped_matmul", "mosaic"): {"dtype": "bfloat16"}}
+    want = tree(base)
+    changing = set()
+    for f in dataclasses.fields(config_lib.Config):
+        for value in f.metadata["choices"] or ():
+            if tree(dataclasses.replace(base, **{f.name: value, **needs.get((f.name, value), {})})) != want:
+                changing.add(f.name)
+    assert {"router", "activation"} <= changing  # noisy_top_k's noise weights, the gated activations' w_gate
+    assert changing <= set(config_lib.MODEL_KEYS)
 
 
 def test_missing_data_path_and_config_name_are_clear_errors(tmp_path, capsys):

@@ -1,0 +1,88 @@
+"""Training: mesh, optimizer, the jit-compiled train / eval steps, checkpoints, logging, plots.
+
+The train state is two plain pytrees of arrays: ``params`` (the model's
+``nnx.Param`` values as a nested dict, ``nnx.to_pure_dict(nnx.state(model, nnx.Param))``)
+and the optax ``opt_state`` over them. The model is rebuilt inside each step
+with ``nnx.merge(graphdef, params, rngs)``; the non-parameter state (the MoE
+layers' router RNG streams) is not carried between steps: step ``i`` uses the
+initial keys folded with ``i``, so a step's randomness depends only on
+``(seed, i)`` and a resumed run repeats an uninterrupted one exactly.
+
+Checkpoints (orbax, one directory per step under ``<out_dir>/checkpoints``)
+hold three items: ``params`` and ``opt_state`` flattened to ``{"path": array}``
+dicts, and the run's ``config`` as JSON. Orbax writes a step to a temporary
+directory and renames it when complete, so a run killed mid-save leaves the
+previous checkpoint loadable. They are restored with the target shardings of
+the current mesh, so a checkpoint moves between meshes.
+
+Loss: ``lm + lb_weight * sum_layers(load_balancing) + z_weight * sum_layers(z_loss)`` (plus the
+noisy top-k router's own weighted losses, see :func:`jmoe.model.total_loss`); bits per byte
+``= lm / ln 2`` (one token is one byte).
+
+Modules (each name below is also importable from ``jmoe.training``):
+
+- :mod:`~jmoe.training.distributed`: ``jax.distributed.initialize`` when asked to;
+- :mod:`~jmoe.training.mesh`: the mesh and the batch / parameter / optimizer-state shardings (the one
+  module that calls :mod:`jmoe.parallel`);
+- :mod:`~jmoe.training.build`: the model, the optimizer, the cached :class:`Setup` and its jitted steps;
+- :mod:`~jmoe.training.trees`: pytrees as ``{"key/path": leaf}`` dicts;
+- :mod:`~jmoe.training.checkpoints`: save / restore, and the model-compatibility check;
+- :mod:`~jmoe.training.logs`: the metrics log, the progress line, peak FLOP/s, plots;
+- :mod:`~jmoe.training.loop`: :func:`train` and :func:`evaluate`;
+- :mod:`~jmoe.training.sampling`: :func:`load_for_inference` and :func:`sample`.
+"""
+
+from jmoe.config import RUN_ONLY_KEYS
+from jmoe.training.build import (LN2, Setup, build_model, cached_setup, fold_rngs, global_norm, init_opt_state,
+                                 make_eval_step, make_next_logits, make_optimizer, make_schedule, make_train_step,
+                                 setup)
+from jmoe.training.checkpoints import (check_compatible, checkpoint_manager, read_checkpoint_config,
+                                       restore_checkpoint, save_checkpoint)
+from jmoe.training.distributed import maybe_initialize_distributed
+from jmoe.training.logs import PEAK_FLOPS, MetricsLog, main_print, peak_flops, progress_line, read_log, write_plots
+from jmoe.training.loop import NonFiniteLossError, evaluate, global_batch, train
+from jmoe.training.mesh import batch_sharding, make_mesh, opt_state_shardings, param_shardings
+from jmoe.training.sampling import load_for_inference, sample
+from jmoe.training.trees import flatten, unflatten_like
+
+__all__ = [
+    "LN2",
+    "PEAK_FLOPS",
+    "RUN_ONLY_KEYS",
+    "MetricsLog",
+    "NonFiniteLossError",
+    "Setup",
+    "batch_sharding",
+    "build_model",
+    "cached_setup",
+    "check_compatible",
+    "checkpoint_manager",
+    "evaluate",
+    "flatten",
+    "fold_rngs",
+    "global_batch",
+    "global_norm",
+    "init_opt_state",
+    "load_for_inference",
+    "main_print",
+    "make_eval_step",
+    "make_mesh",
+    "make_next_logits",
+    "make_optimizer",
+    "make_schedule",
+    "make_train_step",
+    "maybe_initialize_distributed",
+    "opt_state_shardings",
+    "param_shardings",
+    "peak_flops",
+    "progress_line",
+    "read_checkpoint_config",
+    "read_log",
+    "restore_checkpoint",
+    "sample",
+    "save_checkpoint",
+    "setup",
+    "train",
+    "unflatten_like",
+    "write_plots",
+]

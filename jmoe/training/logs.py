@@ -1,0 +1,118 @@
+"""What a run reports: the JSON-lines metrics log, the progress line, MFU against the device's peak
+FLOP/s (:data:`PEAK_FLOPS`), and the loss / expert-load plots drawn from the log."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import numpy as np
+
+# bf16 dense peak FLOP/s per device, matched against jax's device_kind (lower case).
+PEAK_FLOPS = (
+    ("h200", 989e12), ("h100", 989e12), ("a100", 312e12), ("l40s", 362e12), ("a10g", 125e12),
+    ("l4", 121e12), ("v100", 125e12), ("tpu v6", 918e12), ("tpu v5p", 459e12), ("tpu v5 lite", 197e12),
+    ("tpu v5e", 197e12), ("tpu v5", 459e12), ("tpu v4", 275e12),
+)
+
+
+def peak_flops(device) -> float | None:
+    """The device's bf16 dense peak FLOP/s if known (MFU is reported against it), else None."""
+    kind = getattr(device, "device_kind", "").lower()
+    for name, peak in PEAK_FLOPS:
+        if name in kind:
+            return peak
+    return None
+
+
+class MetricsLog:
+    """JSON lines at ``path`` (process 0 only). On resume from step N, lines after N are dropped."""
+
+    def __init__(self, path: str, resume_step: int, enabled: bool):
+        self.path, self.enabled = path, enabled
+        if not enabled:
+            return
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        kept = []
+        if resume_step > 0 and os.path.exists(path):
+            with open(path) as fh:
+                kept = [line for line in fh if json.loads(line).get("step", 0) <= resume_step]
+        with open(path, "w") as fh:
+            fh.writelines(kept)
+
+    def write(self, record: dict) -> None:
+        if self.enabled:
+            with open(self.path, "a") as fh:
+                fh.write(json.dumps(record) + "\n")
+
+
+def read_log(path: str) -> list[dict]:
+    with open(path) as fh:
+        return [json.loads(line) for line in fh if line.strip()]
+
+
+def progress_line(step: int, total: int, rec: dict, width: int = 20) -> str:
+    done = int(width * step / total)
+    tps = rec.get("tokens_per_s")
+    drop = rec.get("dropped_fraction") or []
+    parts = [f"step {step:>6}/{total} [{'#' * done}{'.' * (width - done)}]", f"loss {rec['loss']:.4f}",
+             f"lm {rec['lm_loss']:.4f}"]
+    if drop:
+        parts.append(f"drop {np.mean(drop):.3f}")
+    parts.append(f"{tps / 1e3:.1f}k tok/s" if tps else "- tok/s")
+    if rec.get("mfu") is not None:
+        parts.append(f"mfu {100 * rec['mfu']:.1f}%")
+    return " | ".join(parts)
+
+
+def main_print(*args, **kwargs) -> None:
+    print(*args, **kwargs, flush=True, file=sys.stdout)
+
+
+def write_plots(log_path: str) -> list[str]:
+    """``loss.png`` (train / validation loss) and, for MoE runs, ``expert_load.png`` (per MoE layer,
+    the fraction of kept assignments per expert over steps) next to the log. Returns the paths."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = read_log(log_path)
+    train = [r for r in records if r.get("kind") == "train"]
+    evals = [r for r in records if r.get("kind") == "eval"]
+    out_dir, paths = os.path.dirname(log_path), []
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    if train:
+        ax.plot([r["step"] for r in train], [r["lm_loss"] for r in train], label="train LM loss", lw=1)
+    if evals:
+        ax.plot([r["step"] for r in evals], [r["val_loss"] for r in evals], "o-", label="validation loss")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (nats / byte)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    paths.append(os.path.join(out_dir, "loss.png"))
+    fig.savefig(paths[-1], dpi=100)
+    plt.close(fig)
+
+    loads = [r for r in train if r.get("tokens_per_expert")]
+    if loads:
+        tpe = np.asarray([r["tokens_per_expert"] for r in loads], np.float64)  # [T, L, E]
+        frac = tpe / np.maximum(tpe.sum(-1, keepdims=True), 1e-9)  # [T, L, E]
+        steps = [r["step"] for r in loads]
+        num_layers = frac.shape[1]
+        fig, axes = plt.subplots(num_layers, 1, figsize=(8, 2.2 * num_layers), squeeze=False)
+        for layer in range(num_layers):
+            ax = axes[layer, 0]
+            im = ax.imshow(frac[:, layer].T, aspect="auto", origin="lower", cmap="viridis",
+                           extent=(steps[0], steps[-1], -0.5, frac.shape[2] - 0.5), vmin=0)
+            ax.set_ylabel(f"MoE layer {layer}\nexpert")
+            fig.colorbar(im, ax=ax, label="share of tokens")
+        axes[-1, 0].set_xlabel("step")
+        fig.tight_layout()
+        paths.append(os.path.join(out_dir, "expert_load.png"))
+        fig.savefig(paths[-1], dpi=100)
+        plt.close(fig)
+    return paths

@@ -1,0 +1,58 @@
+"""Inference from a run directory: load a checkpoint with its saved config on a fresh mesh, and sample bytes."""
+
+from __future__ import annotations
+
+import os
+
+import jax
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from jmoe import config as config_lib
+from jmoe import data as data_lib
+from jmoe.training.build import Setup, cached_setup
+from jmoe.training.checkpoints import checkpoint_manager, read_checkpoint_config, restore_checkpoint
+from jmoe.training.mesh import make_mesh
+from jmoe.training.trees import abstract
+
+
+def load_for_inference(out_dir: str, *, expert_parallel: int = 1, num_devices: int = 0,
+                       step: int | None = None) -> tuple[Setup, dict, int]:
+    """The latest (or ``step``) checkpoint of ``out_dir``, with its saved config, on a fresh mesh."""
+    mgr = checkpoint_manager(out_dir)
+    step = step if step is not None else mgr.latest_step()
+    if step is None:
+        raise FileNotFoundError(f"no checkpoint in {os.path.join(out_dir, 'checkpoints')}")
+    saved = read_checkpoint_config(mgr, step)
+    known = set(config_lib.keys())  # a checkpoint from an older version may hold retired keys
+    cfg = config_lib.from_dict({**{k: v for k, v in saved.items() if k in known},
+                                "expert_parallel": expert_parallel, "num_devices": num_devices})
+    mesh = make_mesh(expert_parallel, num_devices)
+    s = cached_setup(cfg, mesh)
+    params, _ = restore_checkpoint(mgr, step, abstract(s.abstract_params, s.param_shardings))
+    mgr.close()
+    return s, params, step
+
+
+def sample(s: Setup, params, prompt: str, length: int, temperature: float = 0.8, top_k: int = 0,
+           seed: int = 0) -> str:
+    """Generate ``length`` bytes after ``prompt`` (eval mode, no KV cache: each new byte re-reads the
+    last ``seq_len`` bytes, a static-shape window, so one compiled function serves every position)."""
+    seq_len = s.cfg.seq_len
+    repl = NamedSharding(s.mesh, P())
+    tokens = list(data_lib.encode(prompt)) or [ord("\n")]
+    rng = np.random.default_rng(seed)
+    for _ in range(length):
+        ctx = tokens[-seq_len:]
+        window = np.zeros((1, seq_len), np.int32)
+        window[0, :len(ctx)] = ctx  # right padding is invisible to the causal model
+        logits = np.asarray(s.next_logits(params, jax.device_put(window, repl), len(ctx) - 1), np.float64)
+        if temperature <= 0:
+            tokens.append(int(np.argmax(logits)))
+            continue
+        logits = logits / temperature
+        if top_k:
+            logits[logits < np.sort(logits)[-top_k]] = -np.inf
+        p = np.exp(logits - logits.max())
+        tokens.append(int(rng.choice(len(p), p=p / p.sum())))
+    return data_lib.decode(tokens)
