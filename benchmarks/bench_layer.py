@@ -30,6 +30,7 @@ from flax import nnx
 
 from benchtools import median_time  # noqa: E402  (a script's own folder is on sys.path)
 import jmoe
+from jmoe import routing
 from jmoe.experts import GATED, expert_ffn
 
 
@@ -46,7 +47,7 @@ class Workload:
     activation: str = "gelu"
     use_bias: bool = False
     balanced: bool = False  # force perfectly balanced routing (Megatron-Core's case)
-    grouped_matmul: str = "auto"  # dropless only: jmoe.dropless.GROUPED_MATMULS
+    grouped_matmul: str = "auto"  # dropless only: jmoe.grouped_matmul.GROUPED_MATMULS
 
     @property
     def tokens(self) -> int:
@@ -93,14 +94,23 @@ def peers_suite(scale: str) -> list[Workload]:
     ]
 
 
-class BalancedMoE(jmoe.MoE):
-    """The layer with router logits that send token t to experts t, t+1, ... (mod E)."""
+@dataclasses.dataclass(frozen=True)
+class BalancedRouter(routing.TokensChoose):
+    """Token choice on router logits that send token t to experts t, t+1, ... (mod E)."""
 
-    def plan_from_logits(self, logits, token_mask=None, **kwargs):
+    def plan(self, logits, *args):
         S, E = logits.shape[1:]
         rank = (jnp.arange(E)[None, :] - jnp.arange(S)[:, None]) % E  # [S, E]
         balanced = 0.0 * logits - rank.astype(jnp.float32)  # 0 * logits keeps the router in the graph
-        return super().plan_from_logits(balanced, token_mask, **kwargs)
+        return super().plan(balanced, *args)
+
+
+class BalancedMoE(jmoe.MoE):
+    """The layer with :class:`BalancedRouter`."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.router = BalancedRouter(**dataclasses.asdict(self.router))
 
 
 def temp_bytes(jitted, *args) -> int | None:

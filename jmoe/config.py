@@ -3,7 +3,7 @@
 A :class:`Config` is one flat dataclass; ``train.py`` reads it to build the model,
 data, optimizer and mesh (nothing below ``train.py`` sees the whole config).
 Every key has a type and, where it matters, an allowed range or set of choices;
-:func:`load_config` and :func:`apply_overrides` reject unknown keys (listing the
+:func:`load_config` and :func:`parse_overrides` reject unknown keys (listing the
 valid ones) and out-of-range values (naming the allowed range). Every key also has a
 role (see :data:`ROLES`), from which :data:`MODEL_KEYS` (checked when a checkpoint is
 restored) and :data:`RUN_ONLY_KEYS` (left out of the compile cache's key) are derived.
@@ -20,6 +20,13 @@ import json
 import math
 import os
 from typing import Any
+
+from jmoe.dispatch import NAMES as DISPATCH_NAMES
+from jmoe.experts import ACTIVATIONS
+from jmoe.grouped_matmul import NAMES as GROUPED_MATMUL_NAMES
+from jmoe.parallel.dropless_exchange import NAMES as DROPLESS_EXCHANGE_NAMES
+from jmoe.routing import NAMES as ROUTER_NAMES
+from jmoe.routing import PRIORITIES, SECOND_EXPERT_POLICIES
 
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
 
@@ -58,22 +65,22 @@ class Config:
     dropless: int = _field(0, "1 = dropless MoE layers (no capacity, grouped matmul; capacity factors unused)",
                            role="compile", range=(0, 1))
     grouped_matmul: str = _field("auto", "dropless: the grouped matmul (auto = scan on CPU, ragged_dot elsewhere)",
-                                 role="compile", choices=("auto", "ragged_dot", "scan", "pallas", "mosaic"))
+                                 role="compile", choices=GROUPED_MATMUL_NAMES)
     dropless_exchange: str = _field("auto", "dropless on a mesh: how rows move (auto = ragged on GPU/TPU)",
-                                    role="compile", choices=("auto", "padded", "ragged"))
+                                    role="compile", choices=DROPLESS_EXCHANGE_NAMES)
     dropless_buffer_factor: float = _field(0.0, "dropless on a mesh: receive buffer = factor x local "
                                                 "assignments (>= 1; overflow dropped and counted); 0 = worst "
                                                 "case, nothing dropped", role="compile", range=(0.0, None))
     priority: str = _field("choice", "who wins a slot: choice-major or token-major (token keeps a causal LM "
-                                           "causal when k > 1)", role="compile", choices=("choice", "token"))
+                                           "causal when k > 1)", role="compile", choices=PRIORITIES)
     second_expert_policy: str = _field("all", "GShard's 2nd expert: all, or random (k=2)", role="compile",
-                                       choices=("all", "random"))
+                                       choices=SECOND_EXPERT_POLICIES)
     router: str = _field("tokens_choose", "router", role="model",
-                         choices=("tokens_choose", "experts_choose", "noisy_top_k"))
+                         choices=ROUTER_NAMES)
     activation: str = _field("gelu", "FFN / expert activation", role="model",
-                             choices=("relu", "gelu", "swiglu", "geglu"))
+                             choices=tuple(ACTIVATIONS))
     dispatch: str = _field("auto", "MoE dispatch backend", role="compile",
-                           choices=("auto", "einsum", "gather", "pallas"))
+                           choices=DISPATCH_NAMES)
     jitter: float = _field(0.0, "router input jitter in train mode", role="compile", range=(0.0, 0.999))
     group_size: int = _field(0, "tokens per routing group; 0 = one group per sequence", role="compile", range=_NONNEG)
     dtype: str = _field("float32", "activation dtype (router stays float32)", role="compile",

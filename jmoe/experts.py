@@ -28,13 +28,15 @@ ACTIVATIONS: dict[str, Callable[[Array], Array]] = {
 GATED = ("swiglu", "geglu")
 
 
-def expert_ffn(x: Array, params: dict[str, Array], activation: str) -> Array:
+def expert_ffn(x: Array, params: dict[str, Array], activation: str, model_axis: str | None = None) -> Array:
     """The bank's math as a pure function of stacked weights.
 
     Args:
       x: [E, N, d] tokens already dispatched to each expert.
       params: ``w_in [E, d, f]``, ``w_out [E, f, d]``, gated: ``w_gate [E, d, f]``,
         optional ``b_in [E, f]``, ``b_out [E, d]``.
+      model_axis: inside ``shard_map``, the mesh axis the hidden dim f is split over
+        (:func:`sum_over_model`), or None.
     Returns:
       [E, N, d].
     """
@@ -46,10 +48,17 @@ def expert_ffn(x: Array, params: dict[str, Array], activation: str) -> Array:
         h = act(jnp.einsum("end,edf->enf", x, params["w_gate"])) * h
     else:
         h = act(h)
-    y = jnp.einsum("enf,efd->end", h, params["w_out"])  # [E, N, d]
+    y = sum_over_model(jnp.einsum("enf,efd->end", h, params["w_out"]), model_axis)  # [E, N, d]
     if "b_out" in params:
         y = y + params["b_out"][:, None, :]
     return y
+
+
+def sum_over_model(y_partial: Array, model_axis: str | None) -> Array:
+    """The FFN output from the shards of its hidden dim: ``y = sum_j act(x W_in[:, f_j])
+    W_out[f_j, :]`` (the activation is elementwise in f, so each shard f_j computes its
+    part and one ``psum`` over ``model_axis`` adds them, before the output bias)."""
+    return y_partial if model_axis is None else jax.lax.psum(y_partial, model_axis)
 
 
 def _stacked_init(key: Array, shape: tuple[int, ...], dtype) -> Array:

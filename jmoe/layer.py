@@ -1,4 +1,4 @@
-"""The MoE Flax NNX layer: router -> plan -> dispatch -> experts -> combine.
+"""The MoE Flax NNX layer: a thin module over the one forward (:mod:`jmoe.forward`).
 
 ``y, aux = MoE(...)(x)`` with x ``[B, S, d]`` (or ``[T, d]``). Tokens are split
 row-major into groups of ``group_size`` (default: one sequence per group, or
@@ -14,20 +14,18 @@ connection carries it on.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jmoe import dispatch as dispatch_lib
-from jmoe import dropless
-from jmoe import noisy
-from jmoe import parallel
-from jmoe import routing
+from jmoe import parallel, routing
 from jmoe.experts import ExpertBank
+from jmoe.forward import Pipeline, moe_forward
+from jmoe.options import CapacityOptions, DroplessOptions, MeshOptions, check_combination
 
 Array = jax.Array
-
-ROUTERS = ("tokens_choose", "experts_choose", "noisy_top_k")
 
 
 def group_tokens(x: Array, group_size: int | None) -> tuple[Array, tuple[int, ...]]:
@@ -61,26 +59,24 @@ class MoE(nnx.Module):
         train and eval mode; ``eval_capacity_factor`` is then ignored).
       min_capacity, capacity_multiple_of: see :func:`jmoe.routing.expert_capacity`.
       group_size: tokens per routing group (default: the sequence length).
-      router: ``"tokens_choose"`` (Switch/GShard/top-k), ``"experts_choose"``
-        or ``"noisy_top_k"`` (Shazeer et al. 2017, :mod:`jmoe.noisy`: a second
-        float32 weight ``noise_weight`` [d, E], zero-initialised as in the
-        paper; Gaussian noise ``eps * softplus(x W_noise)`` on the logits in
-        train mode only; combine weights = softmax over the noisy top k, so
-        ``normalize`` has no effect; ``second_expert_policy`` must be "all").
+      router: a name of :data:`jmoe.routing.ROUTERS` (token choice: Switch / GShard /
+        top-k, the default; expert choice; noisy top-k, Shazeer et al. 2017, with a
+        second float32 weight ``noise_weight`` [d, E] and Gaussian noise on the logits in
+        train mode only).
       activation: ``relu``, ``gelu``, ``swiglu``, ``geglu``.
       use_bias: biases in the expert FFNs.
-      dispatch: ``"auto"`` (pallas on GPU, else gather), ``"einsum"``,
-        ``"gather"`` or ``"pallas"`` (:mod:`jmoe.pallas`; interpreted off GPU).
-        All compute the same function (:mod:`jmoe.dispatch`).
+      dispatch: a name of :data:`jmoe.dispatch.BACKENDS` (``"auto"``: the platform's
+        choice). All compute the same function (:mod:`jmoe.dispatch`).
       priority, batch_prioritized, normalize, second_expert_policy: router
-        options of :func:`jmoe.routing.tokens_choose`.
+        options (:class:`jmoe.routing.token_choice.TokensChoose`; noisy top-k has the
+        first two); None = the router's default. An option the router does not have is
+        an error unless it is at its default.
       jitter: multiplicative router-input noise ``x * U(1 - jitter, 1 + jitter)``
         in train mode (Switch); 0 disables it.
       importance_loss_weight, load_loss_weight: coefficients (>= 0) of the
         noisy top-k importance and load losses (``aux["importance_loss"]``,
-        ``aux["load_loss"]``, already weighted). Default None: the paper's 0.1
-        for ``router="noisy_top_k"``; other routers report both losses as 0
-        and reject a non-zero coefficient.
+        ``aux["load_loss"]``, already weighted). Default None: the paper's 0.1.
+        Every router's extra losses are in ``aux`` (0 for the routers without them).
       dtype: activation / expert compute dtype; param_dtype: expert weights.
       mesh, hierarchical_a2a, a2a_chunks: expert parallelism
         (:mod:`jmoe.parallel`). The mesh is ``mesh`` if given, else the ambient
@@ -92,12 +88,10 @@ class MoE(nnx.Module):
         ``expert_outer``); ``a2a_chunks``: split capacity into chunks to
         overlap exchange and expert compute (must divide C). A dropless layer
         on a mesh exchanges counts, then its assignment rows each way
-        (:func:`jmoe.parallel.dropless_exchange_experts`); it supports neither
+        (:mod:`jmoe.parallel.dropless_exchange`); it supports neither
         ``hierarchical_a2a`` nor ``a2a_chunks > 1``.
-      dropless_exchange: how a dropless layer on a mesh moves rows:
-        ``"ragged"`` (``jax.lax.ragged_all_to_all``, only the valid rows; on CPU
-        an all_gather emulation for tests), ``"padded"`` (worst-case
-        ``all_to_all``), ``"auto"`` = ragged on GPU / TPU, padded elsewhere.
+      dropless_exchange: how a dropless layer on a mesh moves rows, a name of
+        :data:`jmoe.parallel.DROPLESS_EXCHANGES` (``"auto"``: the platform's choice).
       dropless_buffer_factor: a dropless layer on a mesh: None (the default) sizes
         each device's receive buffer for the worst case (n x its T_l * k assignments:
         nothing is ever dropped; the ragged exchange's buffer is [n * T_l * k, d]);
@@ -105,13 +99,9 @@ class MoE(nnx.Module):
         routing): assignments that don't fit are dropped like capacity drops (each
         (source, local expert) chunk keeps up to a common cap, a source its first
         rows) and counted in ``dropped_fraction``. No effect on one device.
-      grouped_matmul: a dropless layer's grouped matmul: ``"ragged_dot"``
-        (``jax.lax.ragged_dot``), ``"scan"`` (:mod:`jmoe.grouped_matmul`: a loop
-        over row tiles, each row computed once), ``"pallas"``
-        (:mod:`jmoe.pallas.grouped_matmul`, interpreted off GPU; not yet measured on
-        a GPU), ``"mosaic"`` (JAX's Hopper kernels, :mod:`jmoe.pallas.mosaic_grouped_matmul`;
-        bf16 / f16 ``dtype``; not yet measured on a GPU); ``"auto"`` = scan on CPU, ragged_dot elsewhere
-        (:data:`jmoe.dropless.GROUPED_MATMULS` says why).
+      grouped_matmul: a dropless layer's grouped matmul, a name of
+        :data:`jmoe.grouped_matmul.GROUPED_MATMULS` (``"auto"``: the platform's choice;
+        each implementation's module says what it needs and what was measured).
       rngs: ``params`` stream for init; the ``router`` stream (falls back to
         ``default``) draws jitter and the GShard random policy in train mode.
     """
@@ -132,10 +122,10 @@ class MoE(nnx.Module):
         activation: str = "gelu",
         use_bias: bool = False,
         dispatch: str = "auto",
-        priority: str = "choice",
-        batch_prioritized: bool = False,
-        normalize: bool = False,
-        second_expert_policy: str = "all",
+        priority: str | None = None,
+        batch_prioritized: bool | None = None,
+        normalize: bool | None = None,
+        second_expert_policy: str | None = None,
         jitter: float = 0.0,
         importance_loss_weight: float | None = None,
         load_loss_weight: float | None = None,
@@ -150,82 +140,35 @@ class MoE(nnx.Module):
         dropless_buffer_factor: float | None = None,
         rngs: nnx.Rngs,
     ):
-        if router not in ROUTERS:
-            raise ValueError(f"router must be one of {ROUTERS}, got {router!r}")
-        if not 1 <= k <= num_experts:
-            raise ValueError(f"k={k} must be in [1, num_experts={num_experts}]")
-        self.dropless = capacity_factor is None
-        if self.dropless and router == "experts_choose":
-            raise ValueError("capacity_factor=None (dropless) needs a tokens-choose router, not 'experts_choose'")
-        for name, factor in (("capacity_factor", capacity_factor), ("eval_capacity_factor", eval_capacity_factor)):
-            if factor is None and self.dropless:
-                continue
-            if not factor > 0:
-                raise ValueError(f"{name} must be > 0, got {factor}")
-        if priority not in routing.PRIORITIES:
-            raise ValueError(f"priority must be one of {routing.PRIORITIES}, got {priority!r}")
-        if second_expert_policy not in routing.SECOND_EXPERT_POLICIES:
-            raise ValueError(
-                f"second_expert_policy must be one of {routing.SECOND_EXPERT_POLICIES}, got {second_expert_policy!r}"
-            )
-        if second_expert_policy == "random" and k != 2:
-            raise ValueError(f"second_expert_policy='random' needs k=2, got k={k}")
-        if not 0.0 <= jitter < 1.0:
-            raise ValueError(f"jitter must be in [0, 1), got {jitter}")
-        if router == "noisy_top_k" and second_expert_policy != "all":
-            raise ValueError(f"router='noisy_top_k' needs second_expert_policy='all', got {second_expert_policy!r}")
-        noisy_weights = {}
-        for name, weight in (("importance_loss_weight", importance_loss_weight), ("load_loss_weight", load_loss_weight)):
-            if weight is not None and not weight >= 0:
-                raise ValueError(f"{name} must be >= 0, got {weight}")
-            if weight and router != "noisy_top_k":
-                raise ValueError(f"{name}={weight} needs router='noisy_top_k', got router={router!r}")
-            default = 0.1 if router == "noisy_top_k" else 0.0
-            noisy_weights[name] = float(default if weight is None else weight)
-        dispatch_lib.resolve_backend(dispatch)  # fails early on an unknown name
-        dropless.resolve_grouped_matmul(grouped_matmul)  # fails early on an unknown name
-        if grouped_matmul == "mosaic":
-            from jmoe.pallas.mosaic_grouped_matmul import HALF_DTYPES  # Mosaic GPU import only when asked
+        router_options = dict(priority=priority, batch_prioritized=batch_prioritized, normalize=normalize,
+                              second_expert_policy=second_expert_policy,
+                              importance_loss_weight=importance_loss_weight, load_loss_weight=load_loss_weight)
+        self.router = routing.make_router(router, k=k, jitter=jitter,
+                                          **{n: v for n, v in router_options.items() if v is not None})
+        self.capacity_options = CapacityOptions(capacity_factor, eval_capacity_factor, min_capacity,
+                                                capacity_multiple_of)
+        self.dropless_options = DroplessOptions(grouped_matmul, dropless_exchange, dropless_buffer_factor)
+        self.mesh_options = MeshOptions(mesh, hierarchical_a2a, a2a_chunks)
+        check_combination(self.router, num_experts, self.capacity_options, self.dropless_options,
+                          self.mesh_options, dispatch, dtype)
+        self.d_model, self.num_experts, self.group_size = d_model, num_experts, group_size
+        self.dispatch, self.dtype, self.deterministic = dispatch, dtype, deterministic
 
-            if not any(jnp.dtype(dtype) == half for half in HALF_DTYPES):
-                raise ValueError(f"grouped_matmul='mosaic' (wgmma) needs dtype bfloat16 or float16, got "
-                                 f"{jnp.dtype(dtype)}")
-        if dropless_buffer_factor is not None:
-            if not self.dropless:
-                raise ValueError(f"dropless_buffer_factor={dropless_buffer_factor} is for a dropless layer "
-                                 f"(capacity_factor=None), got capacity_factor={capacity_factor}")
-            parallel.receive_buffer_rows(1, 1, dropless_buffer_factor)  # fails early on c < 1
-        if dropless_exchange not in parallel.DROPLESS_EXCHANGES:
-            raise ValueError(f"dropless_exchange must be one of {parallel.DROPLESS_EXCHANGES}, got {dropless_exchange!r}")
-
-        self.d_model, self.d_ff, self.num_experts, self.k = d_model, d_ff, num_experts, k
-        self.capacity_factor, self.eval_capacity_factor = capacity_factor, eval_capacity_factor
-        self.min_capacity, self.capacity_multiple_of = min_capacity, capacity_multiple_of
-        self.group_size = group_size
-        self.router = router
-        self.dispatch = dispatch
-        self.priority, self.batch_prioritized = priority, batch_prioritized
-        self.normalize, self.second_expert_policy = normalize, second_expert_policy
-        self.jitter = jitter
-        self.importance_loss_weight = noisy_weights["importance_loss_weight"]
-        self.load_loss_weight = noisy_weights["load_loss_weight"]
-        self.dtype = dtype
-        self.deterministic = deterministic
-        self.mesh, self.hierarchical_a2a, self.a2a_chunks = mesh, hierarchical_a2a, a2a_chunks
-        self.dropless_exchange = dropless_exchange
-        self.grouped_matmul = grouped_matmul
-        self.dropless_buffer_factor = dropless_buffer_factor
-
-        self.router_weight = nnx.Param(
-            nnx.initializers.lecun_normal()(rngs.params(), (d_model, num_experts), jnp.float32)
-        )
-        if router == "noisy_top_k":
-            self.noise_weight = nnx.Param(jnp.zeros((d_model, num_experts), jnp.float32))  # W_noise
+        for name, value in self.router.init_params(rngs.params(), d_model, num_experts).items():
+            setattr(self, name, nnx.Param(value))  # router_weight [d, E] float32, ...
         self.experts = ExpertBank(
             num_experts, d_model, d_ff, activation=activation, use_bias=use_bias,
             dtype=dtype, param_dtype=param_dtype, rngs=rngs,
         )
         self.rngs = rngs["router"].fork()
+
+    @property
+    def k(self) -> int:
+        return self.router.k
+
+    @property
+    def dropless(self) -> bool:
+        return self.capacity_options.dropless
 
     def capacity(self, group_size: int) -> int:
         """Slots per expert and group for the current mode (train / eval).
@@ -233,79 +176,31 @@ class MoE(nnx.Module):
         Dropless: ``group_size``, the most one expert can receive (a token's k
         experts are distinct), so the routing plan never drops.
         """
-        if self.dropless:
-            return group_size
-        factor = self.eval_capacity_factor if self.deterministic else self.capacity_factor
-        return routing.expert_capacity(
-            group_size, self.num_experts, k=self.k, capacity_factor=factor,
-            min_capacity=self.min_capacity, multiple_of=self.capacity_multiple_of,
-        )
+        slots = self.capacity_options.slots(group_size, self.num_experts, self.router.k, not self.deterministic)
+        return group_size if slots is None else slots
 
-    def draw_router_noise(self, groups_shape: tuple[int, ...]) -> tuple[Array | None, Array | None, Array | None]:
-        """The router's random draws for groups ``[G, S, d]``, always in this order.
+    def pipeline(self, group_size: int) -> Pipeline:
+        """What the forward computes for groups of ``group_size`` tokens in the current mode."""
+        slots = self.capacity_options.slots(group_size, self.num_experts, self.router.k, not self.deterministic)
+        return Pipeline(self.router, slots, self.experts.activation, self.dtype, self.dispatch,
+                        self.dropless_options.grouped_matmul)
 
-        Returns ``(jitter [G, S, d] | None, eps [G, S, E] | None, second_uniform [G, S]
-        | None)``: the multiplicative jitter ``U(1 - jitter, 1 + jitter)``; noisy
-        top-k's standard normal ``eps``; the ``U[0, 1)`` draws of GShard's random
-        2nd-expert policy. All None in eval mode. The expert-parallel path draws the
-        same over the global shapes and shards them, so it matches one device.
-        """
+    def params(self) -> dict:
+        """``{"router": {name: [d, E] float32}, "experts": {w_in: [E, d, f], ...}}``."""
+        return {"router": {name: getattr(self, name)[...] for name in self.router.params},
+                "experts": self.experts.params()}
+
+    def draws(self, groups_shape: tuple[int, ...]) -> dict[str, Array]:
+        """The router's random draws for groups ``[G, S, d]`` (none in eval mode), over the
+        global shapes: the mesh path shards them, so it matches one device."""
         if self.deterministic:
-            return None, None, None
-        jitter = eps = second_uniform = None
-        if self.jitter > 0:
-            jitter = jax.random.uniform(
-                self.rngs(), groups_shape, minval=1.0 - self.jitter, maxval=1.0 + self.jitter
-            )  # [G, S, d]
-        if self.router == "noisy_top_k":
-            eps = jax.random.normal(self.rngs(), (*groups_shape[:2], self.num_experts), jnp.float32)
-        elif self.second_expert_policy == "random":
-            second_uniform = jax.random.uniform(self.rngs(), groups_shape[:2])  # [G, S]
-        return jitter, eps, second_uniform
-
-    def plan_from_logits(
-        self,
-        logits: Array,
-        token_mask: Array | None = None,
-        *,
-        noise_logits: Array | None = None,
-        eps: Array | None = None,
-        second_uniform: Array | None = None,
-    ) -> routing.RoutingPlan:
-        """The layer's router on float32 logits ``[G, S, E]`` -> the routing plan.
-
-        A pure function of its inputs: ``noise_logits`` (``x W_noise``) and ``eps``
-        feed noisy top-k; ``second_uniform`` [G, S] (None: keep every 2nd choice)
-        feeds GShard's random policy. Both the one-device path and, per device, the expert-parallel path
-        call it, so a router is wired in here only.
-        """
-        capacity = self.capacity(logits.shape[1])
-        if self.router == "experts_choose":
-            capacity = min(capacity, logits.shape[1])  # an expert takes each token at most once
-            return routing.experts_choose(logits, capacity=capacity, token_mask=token_mask)
-        if self.router == "noisy_top_k":
-            return noisy.noisy_top_k(
-                logits, noise_logits, k=self.k, capacity=capacity, eps=eps,
-                importance_weight=self.importance_loss_weight, load_weight=self.load_loss_weight,
-                priority=self.priority, batch_prioritized=self.batch_prioritized, token_mask=token_mask,
-            )
-        return routing.tokens_choose(
-            logits, k=self.k, capacity=capacity, priority=self.priority,
-            batch_prioritized=self.batch_prioritized, normalize=self.normalize,
-            token_mask=token_mask, second_expert_policy="all" if second_uniform is None else "random",
-            second_uniform=second_uniform,
-        )
+            return {}
+        return self.router.draw(self.rngs, groups_shape, self.num_experts)
 
     def route(self, groups: Array, token_mask: Array | None = None) -> routing.RoutingPlan:
         """groups [G, S, d] -> the routing plan (router logits in float32)."""
-        jitter, eps, second_uniform = self.draw_router_noise(groups.shape)
-        router_in = groups.astype(jnp.float32)  # [G, S, d]
-        if jitter is not None:
-            router_in = router_in * jitter
-        logits = router_in @ self.router_weight[...]  # [G, S, E] float32
-        noise_logits = router_in @ self.noise_weight[...] if self.router == "noisy_top_k" else None
-        return self.plan_from_logits(logits, token_mask, noise_logits=noise_logits, eps=eps,
-                                     second_uniform=second_uniform)
+        return self.router.route(self.params()["router"], groups, self.draws(groups.shape), token_mask,
+                                 self.capacity(groups.shape[1]))
 
     def __call__(self, x: Array, *, token_mask: Array | None = None) -> tuple[Array, dict[str, Array]]:
         """x [B, S, d] or [T, d] -> (y of x's shape and dtype, aux losses and metrics).
@@ -321,21 +216,14 @@ class MoE(nnx.Module):
             if token_mask.shape != x.shape[:-1]:
                 raise ValueError(f"token_mask must have shape {x.shape[:-1]}, got {token_mask.shape}")
             mask = token_mask.reshape(groups.shape[:2])
-        mesh = parallel.resolve_mesh(self.mesh)
+        forward = functools.partial(moe_forward, self.pipeline(groups.shape[1]))
+        mesh = parallel.resolve_mesh(self.mesh_options.mesh)
         if parallel.uses_mesh(mesh):  # expert parallelism under shard_map
-            y, aux = parallel.moe_layer_on_mesh(self, groups, mask, mesh)
-            return y.reshape(shape).astype(x.dtype), aux
-        plan = self.route(groups, mask)
-        if self.dropless:
-            tokens = groups.reshape(-1, self.d_model).astype(self.dtype)  # [T, d]
-            y = dropless.dropless_experts(
-                tokens, plan.token_expert.reshape(tokens.shape[0], -1),
-                plan.token_weight.reshape(tokens.shape[0], -1), self.experts.params(), self.experts.activation,
-                self.grouped_matmul,
-            )  # [T, d]
-            return y.reshape(shape).astype(x.dtype), {**plan.aux(), "padding_fraction": jnp.zeros((), jnp.float32)}
-        backend = dispatch_lib.get_backend(self.dispatch)
-        expert_in = backend.dispatch(groups.astype(self.dtype), plan)  # [E, G * C, d]
-        expert_out = self.experts(expert_in)  # [E, G * C, d]
-        y = backend.combine(expert_out, plan)  # [G, S, d]
-        return y.reshape(shape).astype(x.dtype), plan.aux()
+            y, aux = parallel.forward_on_mesh(
+                forward, mesh, self.params(), groups, mask, self.draws(groups.shape),
+                hierarchical=self.mesh_options.hierarchical_a2a, a2a_chunks=self.mesh_options.a2a_chunks,
+                dropless_exchange=self.dropless_options.exchange, buffer_factor=self.dropless_options.buffer_factor,
+            )
+        else:
+            y, aux = forward(self.params(), groups, mask, self.draws(groups.shape))
+        return y.reshape(shape).astype(x.dtype), routing.complete_aux(aux)

@@ -25,13 +25,14 @@ import optax
 from flax import nnx
 
 import jmoe
+from jmoe import routing
 from jmoe.experts import ExpertBank
 
 Array = jax.Array
 
 # Per-layer MoE metrics kept in aux (stacked over MoE layers); the two losses are summed.
 LAYER_METRICS = ("dropped_fraction", "padding_fraction", "router_entropy", "tokens_per_expert")
-AUX_LOSSES = ("load_balancing_loss", "z_loss", "importance_loss", "load_loss")
+AUX_LOSSES = ("load_balancing_loss", "z_loss", *routing.EXTRA_LOSSES)  # the routers' own losses last
 
 
 # ----------------------------------------------------------------------------
@@ -86,10 +87,11 @@ def lm_loss(logits: Array, targets: Array) -> Array:
 
 def total_loss(lm: Array, aux: dict[str, Array], lb_weight: float, z_weight: float) -> Array:
     """``lm + lb_weight * sum_layers(load_balancing) + z_weight * sum_layers(z_loss)
-    + sum_layers(importance_loss + load_loss)``; the last two are the noisy top-k router's losses,
+    + sum_layers(extra losses)``; the extra losses are the routers' own
+    (:data:`jmoe.routing.EXTRA_LOSSES`, e.g. noisy top-k's importance and load losses),
     already weighted by the layer (0 for the other routers)."""
-    return (lm + lb_weight * aux["load_balancing_loss"] + z_weight * aux["z_loss"]
-            + aux["importance_loss"] + aux["load_loss"])
+    extra = sum((aux[name] for name in routing.EXTRA_LOSSES), jnp.zeros((), jnp.float32))
+    return lm + lb_weight * aux["load_balancing_loss"] + z_weight * aux["z_loss"] + extra
 
 
 def is_moe_layer(layer: int, num_experts: int, moe_every: int) -> bool:

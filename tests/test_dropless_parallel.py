@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from jmoe import parallel
+from jmoe import parallel, routing
 from tests.test_parallel import (D_MODEL, _collectives, assert_tree_close, inputs, make_moe, trace_on_mesh,
                                  values_and_grads)
 
@@ -323,7 +323,8 @@ def test_bounded_receive_buffer_drops_and_counts(exchange, factor):
 
     groups, _ = group_tokens(x, ref.group_size)  # [G, S, d]
     group_mask = mask.reshape(groups.shape[:2])
-    plan = ref.plan_from_logits(groups.astype(jnp.float32) @ w, group_mask)
+    router_in = groups.astype(jnp.float32)
+    plan = ref.router.plan(router_in @ w, router_in, {}, {}, group_mask, ref.capacity(groups.shape[1]))
     a_local = groups.shape[0] * groups.shape[1] * 2 // 8
     keep = kept_by_buffer(plan.token_expert, plan.token_weight, data=2, expert=4, num_experts=8,
                           buffer_rows=parallel.receive_buffer_rows(a_local, 4, factor))
@@ -334,11 +335,12 @@ def test_bounded_receive_buffer_drops_and_counts(exchange, factor):
 
     def reference(x, router_w, params):
         groups, _ = group_tokens(x, ref.group_size)
-        plan = ref.plan_from_logits(groups.astype(jnp.float32) @ router_w, group_mask)
+        router_in = groups.astype(jnp.float32)
+        plan = ref.router.plan(router_in @ router_w, router_in, {}, {}, group_mask, ref.capacity(groups.shape[1]))
         tokens = groups.reshape(-1, D_MODEL)
         y = dropless.dropless_experts(tokens, plan.token_expert.reshape(tokens.shape[0], -1),
                                       (plan.token_weight * keep).reshape(tokens.shape[0], -1), params, "swiglu")
-        aux = plan.aux()
+        aux = routing.complete_aux(plan.aux())
         total = (jnp.sum(y.reshape(x.shape) * r) + aux["load_balancing_loss"] + aux["z_loss"]
                  + aux["router_entropy"] + aux["importance_loss"] + aux["load_loss"])
         return total, y.reshape(x.shape)

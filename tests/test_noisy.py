@@ -1,4 +1,4 @@
-"""Noisy top-k gating (jmoe.noisy, router="noisy_top_k") against hand values, numpy and Monte Carlo."""
+"""Noisy top-k gating (jmoe.routing.noisy, router="noisy_top_k") against hand values, numpy and Monte Carlo."""
 
 import jax
 import jax.numpy as jnp
@@ -9,7 +9,8 @@ from flax import nnx
 from scipy.stats import norm
 
 import jmoe
-from jmoe import noisy, routing
+from jmoe import routing
+from jmoe.routing import noisy
 from tests.reference import softmax64, tokens_choose_ref
 
 BACKEND_NAMES = ["einsum", "gather"]
@@ -90,15 +91,15 @@ def test_losses_hand_example():
     noise_logits = jnp.full((1, 2, 3), inv_softplus(1.0))
     plan = noisy.noisy_top_k(clean, noise_logits, k=1, capacity=2, importance_weight=0.1, load_weight=0.2)
     # G is one-hot on the top expert: Importance = [1, 1, 0], mean 2/3, var 2/9 -> CV^2 = 1/2.
-    np.testing.assert_allclose(plan.importance_loss, 0.1 * 0.5, rtol=1e-5)
+    np.testing.assert_allclose(plan.aux()["importance_loss"], 0.1 * 0.5, rtol=1e-5)
     # P(x, i) = Phi(c_i - max_{j != i} c_j): token 0 -> Phi([1, -1, -2]), token 1 -> Phi([-1, 1, -2]).
     load = np.array([norm.cdf(1) + norm.cdf(-1), norm.cdf(-1) + norm.cdf(1), 2 * norm.cdf(-2)])
     np.testing.assert_allclose(load, [1.0, 1.0, 0.0455], atol=1e-4)
-    np.testing.assert_allclose(plan.load_loss, 0.2 * cv2_ref(load), rtol=1e-5)
+    np.testing.assert_allclose(plan.aux()["load_loss"], 0.2 * cv2_ref(load), rtol=1e-5)
     # A masked-out token leaves both sums: Importance = [1, 0, 0] -> CV^2 = E - 1 = 2.
     masked = noisy.noisy_top_k(clean, noise_logits, k=1, capacity=2, token_mask=jnp.array([[True, False]]))
-    np.testing.assert_allclose(masked.importance_loss, 0.1 * 2.0, rtol=1e-5)
-    np.testing.assert_allclose(masked.load_loss, 0.1 * cv2_ref(norm.cdf([1, -1, -2])), rtol=1e-5)
+    np.testing.assert_allclose(masked.aux()["importance_loss"], 0.1 * 2.0, rtol=1e-5)
+    np.testing.assert_allclose(masked.aux()["load_loss"], 0.1 * cv2_ref(norm.cdf([1, -1, -2])), rtol=1e-5)
 
 
 def test_losses_random_example_against_numpy():
@@ -116,8 +117,8 @@ def test_losses_random_example_against_numpy():
         top = np.argsort(-row)[:2]
         gates[t, top] = softmax64(row[top])
         load += norm.cdf((c.reshape(-1, 4)[t] - kth_excluding_ref(row, 2)) / sigma.reshape(-1, 4)[t])
-    np.testing.assert_allclose(plan.importance_loss, 0.1 * cv2_ref(gates.sum(0)), rtol=1e-4)
-    np.testing.assert_allclose(plan.load_loss, 0.1 * cv2_ref(load), rtol=1e-4)
+    np.testing.assert_allclose(plan.aux()["importance_loss"], 0.1 * cv2_ref(gates.sum(0)), rtol=1e-4)
+    np.testing.assert_allclose(plan.aux()["load_loss"], 0.1 * cv2_ref(load), rtol=1e-4)
 
 
 # ---------------------------------------------------------------- smooth load vs Monte Carlo
@@ -204,13 +205,14 @@ def make_layer(dispatch="gather", **kwargs):
 
 
 def test_aux_has_the_same_structure_for_every_router():
-    """The layer returns ``plan.aux()``: same keys for every router, noisy losses 0 for the others."""
+    """The layer returns ``complete_aux(plan.aux())``: same keys for every router, noisy losses 0 for the others."""
     logits = jax.random.normal(jax.random.key(0), (1, 8, 4))
     auxes = {
         "tokens_choose": routing.tokens_choose(logits, k=2, capacity=4).aux(),
         "experts_choose": routing.experts_choose(logits, capacity=4).aux(),
         "noisy_top_k": noisy.noisy_top_k(logits, logits, k=2, capacity=4, rng=jax.random.key(1)).aux(),
     }
+    auxes = {router: routing.complete_aux(aux) for router, aux in auxes.items()}
     for router, aux in auxes.items():
         assert jax.tree.structure(aux) == jax.tree.structure(auxes["noisy_top_k"]), router
         if router != "noisy_top_k":
@@ -237,7 +239,7 @@ def test_eval_is_deterministic_and_noise_free():
                              capacity=moe.capacity(16))
     np.testing.assert_array_equal(eval_1.slot_token, plan.slot_token)
     np.testing.assert_allclose(eval_1.token_weight, plan.token_weight, rtol=1e-6)
-    np.testing.assert_allclose(eval_1.load_loss, plan.load_loss, rtol=1e-6)
+    np.testing.assert_allclose(eval_1.aux()["load_loss"], plan.aux()["load_loss"], rtol=1e-6)
 
 
 @nnx.jit
@@ -269,7 +271,7 @@ def test_load_loss_alone_reaches_both_logits():
     clean = jax.random.normal(jax.random.key(3), (1, 8, 4))
     noise_logits = jax.random.normal(jax.random.key(4), (1, 8, 4))
     grad = jax.jit(jax.grad(
-        lambda c, n: noisy.noisy_top_k(c, n, k=2, capacity=4, rng=jax.random.key(5)).load_loss, argnums=(0, 1)))
+        lambda c, n: noisy.noisy_top_k(c, n, k=2, capacity=4, rng=jax.random.key(5)).aux()["load_loss"], argnums=(0, 1)))
     for name, g in zip(("clean", "noise"), grad(clean, noise_logits)):
         assert np.all(np.isfinite(g)) and np.max(np.abs(g)) > 0, name
 

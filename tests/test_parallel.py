@@ -132,7 +132,7 @@ def test_ambient_mesh_and_user_sharding_metadata():
                           kernel_metadata={"out_sharding": (None, "expert")})
         assert proj.kernel[...].sharding.spec == jax.P(None, "expert")
         moe = make_moe(None, num_experts=8)  # no mesh= argument: the ambient mesh is used
-        assert parallel.uses_mesh(parallel.resolve_mesh(moe.mesh))
+        assert parallel.uses_mesh(parallel.resolve_mesh(moe.mesh_options.mesh))
     x, _, _ = inputs(1, batch=8, seq=8, with_mask=False)
 
     @nnx.jit

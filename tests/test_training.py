@@ -175,17 +175,18 @@ def test_bad_values_are_clear_errors(arg, message):
 
 
 def test_dropless_keys_reach_the_layers_and_match_the_library():
-    from jmoe import dropless, parallel
+    from jmoe import grouped_matmul, parallel
+    from jmoe.options import DroplessOptions
 
     fields = {f.name: f for f in dataclasses.fields(config_lib.Config)}
-    assert fields["grouped_matmul"].metadata["choices"] == dropless.GROUPED_MATMULS
-    assert fields["dropless_exchange"].metadata["choices"] == parallel.DROPLESS_EXCHANGES
+    assert fields["grouped_matmul"].metadata["choices"] == grouped_matmul.GROUPED_MATMULS.names
+    assert fields["dropless_exchange"].metadata["choices"] == parallel.DROPLESS_EXCHANGES.names
     cfg = config_lib.load_config("tiny", config_lib.parse_overrides(
         ["dropless=1", "grouped_matmul=ragged_dot", "dropless_exchange=padded", "dropless_buffer_factor=1.5"]))
     model = training.build_model(cfg, nnx.Rngs(0))
     moes = [b.ffn for b in model.blocks if isinstance(b.ffn, jmoe.MoE)]
-    assert moes and all(m.dropless and m.grouped_matmul == "ragged_dot" and m.dropless_exchange == "padded"
-                        and m.dropless_buffer_factor == 1.5 for m in moes)
+    assert moes and all(m.dropless and m.dropless_options == DroplessOptions("ragged_dot", "padded", 1.5)
+                        for m in moes)
 
 
 def test_every_config_key_has_exactly_one_role():

@@ -11,8 +11,8 @@ nothing to ``dw`` (the expert-parallel receive buffer has such rows). This is wh
 ragged_dot as E dense products over all rows (BENCHMARKS.md), this computes each
 row once.
 
-``grouped_matmul`` is ``gmm`` with a custom VJP: ``dx = gmm(dy, w^T)`` (the same
-kernel reading ``w`` transposed) and ``dw = tgmm(x, dy)``. Both kernels write every
+``grouped_matmul`` is ``gmm`` under the one grouped-matmul VJP (:mod:`jmoe.grouped_matmul.vjp`):
+``dx = gmm(dy, w^T)`` (the same kernel reading ``w`` transposed) and ``dw = tgmm(x, dy)``. Both kernels write every
 output element exactly once (no atomics: deterministic).
 
 gmm's schedule (MegaBlocks / megablox style; :func:`jmoe.grouped_matmul.tile_schedule`):
@@ -34,7 +34,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from jmoe.grouped_matmul import tile_schedule, vjp_outputs
+from jmoe.grouped_matmul.scan import tile_schedule
+from jmoe.grouped_matmul.vjp import GmmKernels, grouped_matmul_vjp
 from jmoe.pallas.kernels import _call, _interpret_in_shard_map, _next_power_of_2, _zero
 
 Array = jax.Array
@@ -161,25 +162,17 @@ def tgmm(x: Array, dy: Array, group_sizes: Array, *, out_dtype=None, config: Gmm
                  (starts, ends, x, dy), config, "jmoe_tgmm", poison=False)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+KERNELS = GmmKernels(
+    gmm=lambda x, w, group_sizes, *, transpose_w, config: gmm(x, w, group_sizes, transpose_w=transpose_w,
+                                                             config=config),
+    tgmm=lambda x, dy, group_sizes, *, config: tgmm(x, dy, group_sizes, out_dtype=jnp.float32, config=config),
+)
+
+
 def grouped_matmul(x: Array, w: Array, group_sizes: Array, config: GmmConfig = GmmConfig()) -> Array:
     """Differentiable :func:`gmm`: ``[N, K], [E, K, F], [E] -> [N, F]`` (like
-    ``jax.lax.ragged_dot``); gradients to x and w, none to group_sizes."""
-    return gmm(x, w, group_sizes, config=config)
-
-
-def _grouped_matmul_fwd(x, w, group_sizes, config):
-    return gmm(x, w, group_sizes, config=config), (x, w, group_sizes)
-
-
-def _grouped_matmul_bwd(config, residuals, dy):
-    x, w, group_sizes = residuals
-    dx = gmm(dy.astype(x.dtype), w, group_sizes, transpose_w=True, config=config)  # [N, K]
-    dw = tgmm(x, dy.astype(x.dtype), group_sizes, out_dtype=jnp.float32, config=config)  # [E, K, F]
-    return vjp_outputs(dx, dw, x, w, group_sizes)
-
-
-grouped_matmul.defvjp(_grouped_matmul_fwd, _grouped_matmul_bwd)
+    ``jax.lax.ragged_dot``); gradients to x and w (:mod:`jmoe.grouped_matmul.vjp`)."""
+    return grouped_matmul_vjp(x, w, group_sizes, KERNELS, config)
 
 
 def gmm_reference(x: Array, w: Array, group_sizes: Array, *, transpose_w: bool = False) -> Array:

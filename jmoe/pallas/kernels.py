@@ -44,6 +44,9 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from jmoe import platform
+from jmoe.compat import any_varying, varying_shape
+
 Array = jax.Array
 
 
@@ -91,30 +94,8 @@ class KernelConfig:
 
 
 def resolve_interpret(interpret: bool | None) -> bool:
-    """None -> interpret unless ``jax.default_backend() == "gpu"``."""
-    if interpret is None:
-        return jax.default_backend() != "gpu"
-    return bool(interpret)
-
-
-def _varying_like(out_shape: jax.ShapeDtypeStruct, args) -> jax.ShapeDtypeStruct:
-    """``out_shape`` marked as varying over the manual mesh axes its inputs vary over.
-
-    Inside ``jax.shard_map`` (with its default ``check_vma=True``) a pallas_call
-    output must say how it varies across the mesh; outside, the mark is empty and
-    ignored. jax 0.10 spells it ``manual_axis_type`` (a ``ManualAxisType``);
-    older / other versions ``vma`` (a frozenset): both are handled.
-    """
-    avals = [jax.typeof(a) for a in args]
-    mats = [m for m in (getattr(a, "manual_axis_type", None) for a in avals) if m is not None]
-    if mats:
-        varying = frozenset().union(*(m.varying for m in mats))
-        mat = type(mats[0])(varying=varying)
-        return jax.ShapeDtypeStruct(out_shape.shape, out_shape.dtype, manual_axis_type=mat)
-    vmas = [v for v in (getattr(a, "vma", None) for a in avals) if v is not None]
-    if vmas:
-        return jax.ShapeDtypeStruct(out_shape.shape, out_shape.dtype, vma=frozenset().union(*vmas))
-    return out_shape
+    """None -> interpret unless the platform is a GPU (:func:`jmoe.platform.interpret`)."""
+    return platform.interpret(interpret)
 
 
 def _interpret_in_shard_map(args, cfg: KernelConfig) -> bool:
@@ -123,21 +104,14 @@ def _interpret_in_shard_map(args, cfg: KernelConfig) -> bool:
     fails there in jax 0.10 ("gather requires varying manual axes to match"), so
     the callers then compute their pure-jnp reference instead: the same function,
     and off GPU only (compiled kernels run inside shard_map as they are)."""
-    if not resolve_interpret(cfg.interpret):
-        return False
-    for a in args:
-        aval = jax.typeof(a)
-        mat = getattr(aval, "manual_axis_type", None)
-        if (mat is not None and mat.varying) or getattr(aval, "vma", None):
-            return True
-    return False
+    return resolve_interpret(cfg.interpret) and any_varying(args)
 
 
 def _call(kernel, out_shape, grid, args, cfg, name: str, poison: bool):
     """pallas_call with whole-array refs; ``cfg`` is a :class:`KernelConfig` or any config
     with ``num_warps``, ``num_stages``, ``interpret`` (the grouped matmul's); ``poison``
     aliases a NaN buffer to the output (for tests; outside ``shard_map``)."""
-    out_shape = _varying_like(out_shape, args)
+    out_shape = varying_shape(out_shape, args)
     if poison:
         args = (*args, jnp.full(out_shape.shape, jnp.nan, out_shape.dtype))
         kernel = _ignore_poison(kernel)

@@ -11,7 +11,7 @@ they follow its Mosaic GPU API; jmoe only calls them): a persistent grid over th
 SMs, TMA loads into a software pipeline of shared-memory stages, ``wgmma`` with a
 float32 accumulator, one program per (row tile, group) item, as in MegaBlocks. They
 are written for Hopper (sm_90: H100, H200). This module adds what a layer needs:
-the custom VJP, argument checks with clear errors, and zeros for the rows past
+the one grouped-matmul VJP (:mod:`jmoe.grouped_matmul.vjp`), argument checks with clear errors, and zeros for the rows past
 ``sum(group_sizes)`` (the kernels leave those rows unwritten; the expert-parallel
 receive buffer has such rows).
 
@@ -31,15 +31,14 @@ kernels skip such tiles).
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import functools
 
 import jax
 import jax.numpy as jnp
 
-from jmoe.grouped_matmul import vary_like, vjp_outputs
-from jmoe.pallas.kernels import resolve_interpret
+from jmoe.compat import mosaic_gpu_interpret_mode, vary_like
+from jmoe.grouped_matmul.vjp import GmmKernels, grouped_matmul_vjp
+from jmoe.platform import interpret
 
 Array = jax.Array
 
@@ -81,17 +80,6 @@ def _grid_block_n(config: MosaicGmmConfig, block_n: int, f_dim: int) -> int:
     return config.grid_block_n if f_dim % (block_n * config.grid_block_n) == 0 else 1
 
 
-def _interpret_mode(interpret: bool):
-    """Mosaic GPU's interpret mode (public in jax >= 0.11, private in 0.10)."""
-    if not interpret:
-        return contextlib.nullcontext()
-    try:
-        from jax.experimental.pallas.mosaic_gpu import force_gpu_interpret_mode
-    except ImportError:
-        from jax._src.pallas.mosaic_gpu.interpret.params import force_gpu_interpret_mode
-    return force_gpu_interpret_mode()
-
-
 def _check(x: Array, w: Array, group_sizes: Array, transpose_w: bool) -> None:
     if x.ndim != 2 or w.ndim != 3 or w.shape[2 if transpose_w else 1] != x.shape[1]:
         raise ValueError(f"mosaic grouped matmul needs x [N, K] and w [E, K, F] ([E, F, K] transposed), got "
@@ -129,7 +117,7 @@ def mosaic_gmm(x: Array, w: Array, group_sizes: Array, *, transpose_w: bool = Fa
     f_dim = w.shape[1] if transpose_w else w.shape[2]
     block_k = _fit(config.block_k, k_dim, "the contraction dim")
     block_n = _fit(config.block_n, f_dim, "the output dim")
-    with _interpret_mode(resolve_interpret(config.interpret)):
+    with mosaic_gpu_interpret_mode(interpret(config.interpret)):
         out = ragged_dot_mgpu.ragged_dot(
             x, w, group_sizes=group_sizes.astype(jnp.int32), block_m=config.block_m, block_n=block_n,
             block_k=block_k, max_concurrent_steps=config.max_concurrent_steps,
@@ -149,7 +137,7 @@ def mosaic_tgmm(x: Array, dy: Array, group_sizes: Array, *, config: MosaicGmmCon
     k_dim, f_dim = x.shape[1], dy.shape[1]
     block_m = _fit(config.block_m, k_dim, "the weight's input dim")
     block_n = _fit(config.block_n, f_dim, "the weight's output dim")
-    with _interpret_mode(resolve_interpret(config.interpret)):
+    with mosaic_gpu_interpret_mode(interpret(config.interpret)):
         dw = transposed_ragged_dot_mgpu.transposed_ragged_dot(
             x, dy, group_sizes=group_sizes.astype(jnp.int32), block_m=block_m, block_n=block_n,
             block_k=config.block_k, max_concurrent_steps=config.max_concurrent_steps,
@@ -157,24 +145,15 @@ def mosaic_tgmm(x: Array, dy: Array, group_sizes: Array, *, config: MosaicGmmCon
     return vary_like(dw, x, dy, group_sizes)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+KERNELS = GmmKernels(
+    gmm=lambda x, w, group_sizes, *, transpose_w, config: mosaic_gmm(x, w, group_sizes, transpose_w=transpose_w,
+                                                                    config=config),
+    tgmm=lambda x, dy, group_sizes, *, config: mosaic_tgmm(x, dy, group_sizes, config=config),
+)
+
+
 def mosaic_grouped_matmul(x: Array, w: Array, group_sizes: Array,
                           config: MosaicGmmConfig = MosaicGmmConfig()) -> Array:
     """Differentiable :func:`mosaic_gmm`: ``[N, K], [E, K, F], [E] -> [N, F]`` (like
-    ``jax.lax.ragged_dot``); gradients to x and w, none to group_sizes."""
-    return mosaic_gmm(x, w, group_sizes, config=config)
-
-
-def _fwd(x, w, group_sizes, config):
-    return mosaic_gmm(x, w, group_sizes, config=config), (x, w, group_sizes)
-
-
-def _bwd(config, residuals, dy):
-    x, w, group_sizes = residuals
-    dy = dy.astype(x.dtype)
-    dx = mosaic_gmm(dy, w, group_sizes, transpose_w=True, config=config)  # [N, K]
-    dw = mosaic_tgmm(x, dy, group_sizes, config=config)  # [E, K, F] in x's dtype
-    return vjp_outputs(dx, dw, x, w, group_sizes)
-
-
-mosaic_grouped_matmul.defvjp(_fwd, _bwd)
+    ``jax.lax.ragged_dot``); gradients to x and w (:mod:`jmoe.grouped_matmul.vjp`)."""
+    return grouped_matmul_vjp(x, w, group_sizes, KERNELS, config)

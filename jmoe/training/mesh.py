@@ -39,13 +39,10 @@ def batch_sharding(mesh) -> NamedSharding:
 
 
 def param_shardings(mesh, params: dict) -> dict:
-    """Expert weights (paths through ``experts``) per :func:`jmoe.parallel.expert_param_specs`;
-    everything else replicated."""
+    """MoE parameters per :func:`jmoe.parallel.moe_param_spec` (the library's one placement
+    rule); everything else replicated."""
     def spec(path, x):
-        keys = [getattr(k, "key", None) for k in path]
-        if "experts" in keys and keys[-1] in ("w_in", "w_gate", "w_out", "b_in", "b_out"):
-            return NamedSharding(mesh, parallel.expert_param_specs({keys[-1]: x}, mesh)[keys[-1]])
-        return NamedSharding(mesh, P())
+        return NamedSharding(mesh, parallel.moe_param_spec(path, mesh) or P())
 
     return jax.tree_util.tree_map_with_path(spec, params)
 

@@ -11,20 +11,21 @@ cuts the rows into tiles of ``block_m`` and loops (``lax.scan``) over the work i
 ``N / block_m + E + 1`` of them. An item is one ``[block_m, K] @ [K, F]`` product, so the
 work is ``(N + E * block_m) * K * F`` multiply-adds instead of ``E * N * K * F``.
 
-The VJP is written out (:func:`scan_grouped_matmul`): ``dx`` is the same loop with
-``w[e]^T``, ``dw[e]`` accumulates ``x_tile^T dy_tile`` over the items of expert e in the
-loop's carry (updated in place). Rows past the groups add nothing and get zero gradient.
-The Pallas GPU kernels (:mod:`jmoe.pallas.grouped_matmul`) use the same schedule.
+Under the one grouped-matmul VJP (:mod:`jmoe.grouped_matmul`): ``dx`` is the same loop
+with ``w[e]^T`` (:func:`scan_gmm` with ``transpose_w``), ``dw[e]`` accumulates
+``x_tile^T dy_tile`` over the items of expert e in the loop's carry, updated in place
+(:func:`scan_tgmm`). Rows past the groups add nothing and get zero gradient. The Pallas
+GPU kernels (:mod:`jmoe.pallas.grouped_matmul`) use the same schedule.
 """
 
 from __future__ import annotations
 
-import functools
-
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax import lax
+
+from jmoe.compat import vary_like
+from jmoe.grouped_matmul.vjp import GmmKernels, grouped_matmul_vjp
 
 Array = jax.Array
 
@@ -90,7 +91,7 @@ def _loop_gmm(x: Array, w: Array, group_sizes: Array, block_m: int, transpose_w:
 
         return lax.cond(expert < num_experts, compute, lambda out: out, out), None
 
-    out = _zeros_varying_like((x_tiles.shape[0], block_m, f_dim), x, w, group_sizes)
+    out = vary_like(jnp.zeros((x_tiles.shape[0], block_m, f_dim), jnp.float32), x, w, group_sizes)
     out, _ = lax.scan(step, out, schedule)
     return out.reshape(-1, f_dim)[:num_rows].astype(x.dtype)
 
@@ -114,73 +115,36 @@ def _loop_tgmm(x: Array, dy: Array, group_sizes: Array, block_m: int) -> Array:
 
         return lax.cond(expert < num_experts, accumulate, lambda dw: dw, dw), None
 
-    dw = _zeros_varying_like((num_experts, k_dim, dy.shape[1]), x, dy, group_sizes)
+    dw = vary_like(jnp.zeros((num_experts, k_dim, dy.shape[1]), jnp.float32), x, dy, group_sizes)
     dw, _ = lax.scan(step, dw, schedule)
     return dw
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def scan_grouped_matmul(x: Array, w: Array, group_sizes: Array, block_m: int = 128) -> Array:
+BLOCK_M = 128
+
+
+def scan_gmm(x: Array, w: Array, group_sizes: Array, *, transpose_w: bool = False, block_m: int = BLOCK_M) -> Array:
+    """``out[r] = x[r] @ w[g(r)]`` (``w[g(r)]^T`` with ``transpose_w``): [N, K], [E, K, F]
+    -> [N, F] in x's dtype (float32 accumulation), 0 past ``sum(group_sizes)``."""
+    return _loop_gmm(x, w.astype(x.dtype), group_sizes, block_m, transpose_w)
+
+
+def scan_tgmm(x: Array, dy: Array, group_sizes: Array, *, block_m: int = BLOCK_M) -> Array:
+    """``dw[e] = x[rows of e]^T dy[rows of e]``: [E, K, F] float32."""
+    return _loop_tgmm(x, dy, group_sizes, block_m)
+
+
+KERNELS = GmmKernels(
+    gmm=lambda x, w, group_sizes, *, transpose_w, config: scan_gmm(x, w, group_sizes, transpose_w=transpose_w,
+                                                                  block_m=config),
+    tgmm=lambda x, dy, group_sizes, *, config: scan_tgmm(x, dy, group_sizes, block_m=config),
+)
+
+
+def scan_grouped_matmul(x: Array, w: Array, group_sizes: Array, block_m: int = BLOCK_M) -> Array:
     """``out[r] = x[r] @ w[g(r)]``: [N, K], [E, K, F], [E] int -> [N, F] in x's dtype
     (float32 accumulation), 0 for rows past ``sum(group_sizes)``; gradients to x and w."""
     if x.ndim != 2 or w.ndim != 3 or w.shape[1] != x.shape[1] or group_sizes.shape != (w.shape[0],):
         raise ValueError(f"scan_grouped_matmul needs x [N, K], w [E, K, F], group_sizes [E]; got "
                          f"{list(x.shape)}, {list(w.shape)}, {list(group_sizes.shape)}")
-    return _loop_gmm(x, w.astype(x.dtype), group_sizes, block_m, transpose_w=False)
-
-
-def _fwd(x, w, group_sizes, block_m):
-    return scan_grouped_matmul(x, w, group_sizes, block_m), (x, w, group_sizes)
-
-
-def _bwd(block_m, residuals, dy):
-    x, w, group_sizes = residuals
-    dy = dy.astype(x.dtype)
-    dx = _loop_gmm(dy, w.astype(x.dtype), group_sizes, block_m, transpose_w=True)  # [N, K]
-    dw = _loop_tgmm(x, dy, group_sizes, block_m)  # [E, K, F]
-    return vjp_outputs(dx, dw, x, w, group_sizes)
-
-
-def vjp_outputs(dx: Array, dw: Array, x: Array, w: Array, group_sizes: Array) -> tuple[Array, Array, np.ndarray]:
-    """A grouped matmul's computed gradients -> its custom VJP's outputs: dx and dw summed
-    over the mesh axes they vary over beyond their input's (:func:`sum_over_extra_axes`),
-    dw in w's dtype, and float0 for the integer group sizes."""
-    dx = sum_over_extra_axes(dx, x)  # w split over "model": each shard holds part of dx
-    dw = sum_over_extra_axes(dw, w).astype(w.dtype)  # w replicated over "data": every replica's rows count
-    return dx, dw, np.zeros(group_sizes.shape, jax.dtypes.float0)
-
-
-scan_grouped_matmul.defvjp(_fwd, _bwd)
-
-
-def _zeros_varying_like(shape, *like) -> Array:
-    """float32 zeros that vary over the manual mesh axes ``like`` vary over (a loop carry
-    inside ``shard_map`` must have its outputs' type); plain zeros outside."""
-    return vary_like(jnp.zeros(shape, jnp.float32), *like)
-
-
-def vary_like(x: Array, *like: Array) -> Array:
-    """Inside ``shard_map``: ``x`` marked as varying over every manual mesh axis the
-    arrays ``like`` vary over (``pcast`` of the axes it lacks); a no-op outside."""
-    missing = frozenset().union(*(varying_axes(a) for a in like)) - varying_axes(x)
-    return jax.lax.pcast(x, tuple(sorted(missing)), to="varying") if missing else x
-
-
-def varying_axes(x) -> frozenset:
-    """The manual mesh axes (inside ``shard_map``) ``x`` varies over; jax 0.10 spells it
-    ``manual_axis_type.varying``, later versions ``vma``."""
-    aval = jax.typeof(x)
-    mat = getattr(aval, "manual_axis_type", None)
-    if mat is not None:
-        return frozenset(mat.varying)
-    return frozenset(getattr(aval, "vma", None) or ())
-
-
-def sum_over_extra_axes(grad: Array, like: Array) -> Array:
-    """Inside ``shard_map``, the cotangent of an input that is the same on several devices
-    is the sum of their contributions (a custom VJP must say so itself): a weight
-    replicated over ``data`` gets rows from every replica, rows replicated over ``model``
-    meet a weight split over it. So: ``psum`` over the axes the gradient varies over and
-    the input does not (what autodiff of ``ragged_dot`` does by itself)."""
-    extra = tuple(sorted(varying_axes(grad) - varying_axes(like)))
-    return jax.lax.psum(grad, extra) if extra else grad
+    return grouped_matmul_vjp(x, w, group_sizes, KERNELS, block_m)

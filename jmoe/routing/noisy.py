@@ -25,10 +25,10 @@ Losses, over every valid token of the batch (all groups together):
 * ``CV(v)^2 = Var(v) / (Mean(v)^2 + 1e-10)`` over the E experts, with the
   population variance (divide by E); the epsilon keeps an all-zero v at 0.
 
-The plan carries the vectors ``expert_importance`` / ``expert_load`` [E] and the
-losses are computed from them by :func:`balance_loss` (the one definition): on
-an expert-parallel mesh each device's vectors are summed over the devices first
-(:func:`jmoe.parallel.expert_parallel_moe`), so the losses are the whole batch's.
+The plan carries both losses as :class:`~jmoe.routing.plan.ExtraLoss` of the vectors
+``Importance`` / ``Load`` [E] (sums over tokens), computed by :func:`balance_loss` (the
+one definition): on an expert-parallel mesh each device's vectors are summed over the
+devices first, so the losses are the whole batch's.
 
 :func:`noisy_top_k` builds a :class:`~jmoe.routing.RoutingPlan` by handing
 ``KeepTopK(H, k)`` to :func:`jmoe.routing.tokens_choose`: its float32 softmax is
@@ -38,13 +38,17 @@ through the same capacity / priority machinery as every other router.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
 from jax.scipy.stats import norm
 
-from jmoe import routing
+from jmoe.routing.plan import ExtraLoss, RoutingPlan, z_loss
+from jmoe.routing.router import Router
+from jmoe.routing.token_choice import tokens_choose
 
 Array = jax.Array
 
@@ -101,6 +105,16 @@ def cv_squared(values: Array, epsilon: float = CV_EPSILON) -> Array:
     mean = jnp.mean(values, axis=-1)
     var = jnp.mean((values - mean[..., None]) ** 2, axis=-1)
     return var / (mean**2 + epsilon)
+
+
+@dataclasses.dataclass(frozen=True)
+class BalanceLoss:
+    """``weight * CV(v)^2`` as a static, hashable finalizer of an :class:`ExtraLoss`."""
+
+    weight: float
+
+    def __call__(self, values: Array) -> Array:
+        return balance_loss(values, self.weight)
 
 
 def balance_loss(values: Array | None, weight: float) -> Array:
@@ -191,7 +205,7 @@ def noisy_top_k(
     priority: str = "choice",
     batch_prioritized: bool = False,
     token_mask: Array | None = None,
-) -> routing.RoutingPlan:
+) -> RoutingPlan:
     """Noisy top-k gating as a routing plan (tokens choose experts).
 
     Each token's top k of ``H`` (see the module docstring) request a slot in
@@ -201,10 +215,9 @@ def noisy_top_k(
     (softmax over the k kept experts, taken before capacity drops).
 
     Aux values of the plan:
-      importance_loss: ``importance_weight * CV(Importance)^2``, from the plan's
-        ``expert_importance`` (Importance [E]);
-      load_loss: ``load_weight * CV(Load)^2`` (smooth estimator), from its
-        ``expert_load`` (Load [E]);
+      importance_loss: ``importance_weight * CV(Importance)^2``, an extra loss of the
+        statistic Importance [E];
+      load_loss: ``load_weight * CV(Load)^2`` (smooth estimator), of Load [E];
       z_loss: from the clean logits ``c`` (H outside the top k is -inf);
       load_balancing_loss: Switch ``E * sum_e f_e * P_e`` with ``P_e`` the mean
         gate ``G(x)_e`` and ``f_e`` the fraction of tokens with e in their noisy top k;
@@ -250,7 +263,7 @@ def noisy_top_k(
         eps = jax.random.normal(rng, clean.shape, jnp.float32)  # [G, S, E]
     h = noisy_logits(clean, noise_logits, eps)  # [G, S, E]
     sparse = keep_top_k(h, k)  # [G, S, E], -inf off the top k
-    plan = routing.tokens_choose(
+    plan = tokens_choose(
         sparse, k=k, capacity=capacity, priority=priority, batch_prioritized=batch_prioritized,
         normalize=False, token_mask=token_mask,
     )
@@ -258,9 +271,48 @@ def noisy_top_k(
     mask = None if token_mask is None else token_mask.astype(bool)
     valid = jnp.ones(clean.shape[:2], bool) if mask is None else mask  # [G, S]
     return plan.replace(
-        z_loss=routing.z_loss(clean, valid),
-        expert_importance=importance(gate_values, mask),  # [E]
-        expert_load=smooth_load(clean, h, noise_logits, k, mask),  # [E]
-        importance_weight=importance_weight,
-        load_weight=load_weight,
+        z_loss=z_loss(clean, valid),
+        extra_losses={
+            "importance_loss": ExtraLoss(importance(gate_values, mask), BalanceLoss(importance_weight)),  # [E]
+            "load_loss": ExtraLoss(smooth_load(clean, h, noise_logits, k, mask), BalanceLoss(load_weight)),  # [E]
+        },
     )
+
+
+@dataclasses.dataclass(frozen=True)
+class NoisyTopK(Router):
+    """:func:`noisy_top_k` as a router: a second float32 weight ``noise_weight [d, E]``,
+    zero-initialised as in the paper; ``eps [G, S, E]`` drawn in train mode only; the
+    importance and load losses (coefficients >= 0, the paper's 0.1 by default)."""
+
+    name = "noisy_top_k"
+    params = ("router_weight", "noise_weight")
+    extra_losses = ("importance_loss", "load_loss")
+
+    priority: str = "choice"
+    batch_prioritized: bool = False
+    importance_loss_weight: float = dataclasses.field(default=0.1, metadata={"off": 0.0})
+    load_loss_weight: float = dataclasses.field(default=0.1, metadata={"off": 0.0})
+
+    def __post_init__(self):
+        super().__post_init__()
+        _check_weight("importance_loss_weight", self.importance_loss_weight)
+        _check_weight("load_loss_weight", self.load_loss_weight)
+
+    def init_params(self, key: Array, d_model: int, num_experts: int) -> dict[str, Array]:
+        return {**super().init_params(key, d_model, num_experts),
+                "noise_weight": jnp.zeros((d_model, num_experts), jnp.float32)}  # W_noise
+
+    def draw(self, key_fn: Callable[[], Array], groups_shape: tuple[int, ...], num_experts: int) -> dict[str, Array]:
+        """Jitter, then the standard normal ``eps [G, S, E]``."""
+        draws = super().draw(key_fn, groups_shape, num_experts)
+        draws["eps"] = jax.random.normal(key_fn(), (*groups_shape[:2], num_experts), jnp.float32)
+        return draws
+
+    def plan(self, logits, router_in, params, draws, token_mask, capacity) -> RoutingPlan:
+        noise_logits = router_in @ params["noise_weight"]  # [G, S, E] float32
+        return noisy_top_k(
+            logits, noise_logits, k=self.k, capacity=capacity, eps=draws.get("eps"),
+            importance_weight=float(self.importance_loss_weight), load_weight=float(self.load_loss_weight),
+            priority=self.priority, batch_prioritized=self.batch_prioritized, token_mask=token_mask,
+        )

@@ -1,0 +1,75 @@
+"""Differences between the jax versions jmoe runs on, in one place.
+
+* ``shard_map``: public as ``jax.shard_map`` (the experimental import as a fallback).
+* The manual mesh axes a value varies over inside ``shard_map``: jax 0.10 spells them
+  ``aval.manual_axis_type.varying``, later versions ``aval.vma``.
+* Mosaic GPU's interpret mode: public in jax >= 0.11, private in 0.10.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import jax
+
+try:
+    shard_map = jax.shard_map
+except AttributeError:  # pragma: no cover
+    from jax.experimental.shard_map import shard_map  # noqa: F401
+
+
+def varying_axes(x) -> frozenset:
+    """The manual mesh axes (inside ``shard_map``) ``x`` varies over; empty outside."""
+    aval = jax.typeof(x)
+    mat = getattr(aval, "manual_axis_type", None)
+    if mat is not None:
+        return frozenset(mat.varying)
+    return frozenset(getattr(aval, "vma", None) or ())
+
+
+def vary_like(x, *like):
+    """Inside ``shard_map``: ``x`` marked as varying over every manual mesh axis the
+    arrays ``like`` vary over (``pcast`` of the axes it lacks); a no-op outside."""
+    missing = frozenset().union(*(varying_axes(a) for a in like)) - varying_axes(x)
+    return jax.lax.pcast(x, tuple(sorted(missing)), to="varying") if missing else x
+
+
+def sum_over_extra_axes(grad, like):
+    """Inside ``shard_map``, the cotangent of an input that is the same on several devices
+    is the sum of their contributions (a custom VJP must say so itself): a weight
+    replicated over ``data`` gets rows from every replica, rows replicated over ``model``
+    meet a weight split over it. So: ``psum`` over the axes the gradient varies over and
+    the input does not (what autodiff of ``ragged_dot`` does by itself)."""
+    extra = tuple(sorted(varying_axes(grad) - varying_axes(like)))
+    return jax.lax.psum(grad, extra) if extra else grad
+
+
+def varying_shape(out_shape: jax.ShapeDtypeStruct, args) -> jax.ShapeDtypeStruct:
+    """``out_shape`` marked as varying over the manual mesh axes ``args`` vary over (a
+    ``pallas_call`` output inside ``shard_map`` must say so); unchanged outside."""
+    avals = [jax.typeof(a) for a in args]
+    mats = [m for m in (getattr(a, "manual_axis_type", None) for a in avals) if m is not None]
+    if mats:
+        varying = frozenset().union(*(m.varying for m in mats))
+        mat = type(mats[0])(varying=varying)
+        return jax.ShapeDtypeStruct(out_shape.shape, out_shape.dtype, manual_axis_type=mat)
+    vmas = [v for v in (getattr(a, "vma", None) for a in avals) if v is not None]
+    if vmas:
+        return jax.ShapeDtypeStruct(out_shape.shape, out_shape.dtype, vma=frozenset().union(*vmas))
+    return out_shape
+
+
+def any_varying(args) -> bool:
+    """True when any of ``args`` varies over a manual mesh axis (inside ``shard_map``)."""
+    return any(varying_axes(a) for a in args)
+
+
+def mosaic_gpu_interpret_mode(interpret: bool):
+    """A context running Mosaic GPU kernels in interpret mode (a no-op when False)."""
+    if not interpret:
+        return contextlib.nullcontext()
+    try:
+        from jax.experimental.pallas.mosaic_gpu import force_gpu_interpret_mode
+    except ImportError:
+        from jax._src.pallas.mosaic_gpu.interpret.params import force_gpu_interpret_mode
+    return force_gpu_interpret_mode()

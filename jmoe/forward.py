@@ -1,0 +1,90 @@
+"""The MoE layer's one forward: the same function on one device and, per device, on a mesh.
+
+::
+
+    (params, groups [G, S, d], token_mask [G, S], draws, exchange)
+      route      plan = router.route(params["router"], groups, draws, token_mask, C)
+      capacity   dispatch -> [E, G * C, d]; exchange.capacity_experts; combine -> [G, S, d]
+      dropless   exchange.dropless_experts: sort by expert, grouped FFN, unsort + combine
+      aux        exchange.reduce_aux(plan, ...): the plan's losses and metrics
+
+The exchange is the only step that differs: :class:`LocalExchange` (one device: the
+identity around the experts) here, :class:`jmoe.parallel.MeshExchange` (all-to-all for
+capacity; counts + rows for dropless; aux reduced over devices) inside ``shard_map``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from jmoe import dispatch as dispatch_lib
+from jmoe import dropless
+from jmoe.experts import expert_ffn
+from jmoe.routing import Router, RoutingPlan
+
+Array = jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class Pipeline:
+    """What the forward computes (static, hashable).
+
+    ``capacity``: slots per expert and group, or None for a dropless layer (MegaBlocks:
+    every assignment computed by a grouped matmul; the plan is routed with C = S, so it
+    drops nothing). ``dispatch``: the capacity path's backend; ``grouped_matmul``: the
+    dropless path's.
+    """
+
+    router: Router
+    capacity: int | None
+    activation: str
+    compute_dtype: Any = jnp.float32
+    dispatch: str = "auto"
+    grouped_matmul: str = "auto"
+
+
+@dataclasses.dataclass(frozen=True)
+class LocalExchange:
+    """One device: nothing moves; the experts run on the dispatched rows."""
+
+    def capacity_experts(self, expert_in: Array, params: dict[str, Array], activation: str, capacity: int) -> Array:
+        return expert_ffn(expert_in, params, activation)  # [E, G * C, d]
+
+    def dropless_experts(self, tokens: Array, token_expert: Array, token_weight: Array, params: dict[str, Array],
+                         activation: str, grouped_matmul: str, num_experts: int) -> tuple[Array, Array]:
+        y = dropless.dropless_experts(tokens, token_expert, token_weight, params, activation, grouped_matmul)
+        return y, jnp.zeros((), jnp.int32)  # [T, d], nothing dropped
+
+    def reduce_aux(self, plan: RoutingPlan, mask: Array | None, buffer_dropped: Array | None = None):
+        return plan.aux()
+
+
+def moe_forward(pipeline: Pipeline, params: dict, groups: Array, token_mask: Array | None, draws: dict[str, Array],
+                exchange=LocalExchange()) -> tuple[Array, dict[str, Array]]:
+    """The layer on groups: ``groups [G, S, d] -> (y [G, S, d], aux)``.
+
+    ``params = {"router": {...}, "experts": {"w_in": [E, d, f], ...}}`` (on a mesh: the
+    device's local experts); ``draws``: the router's random draws ``[G, S, ...]`` (empty
+    in eval mode). A token dropped by every expert it chose gets y = 0.
+    """
+    num_groups, group_size, d = groups.shape
+    capacity = group_size if pipeline.capacity is None else pipeline.capacity
+    plan = pipeline.router.route(params["router"], groups, draws, token_mask, capacity)
+    experts = params["experts"]
+    if pipeline.capacity is None:
+        tokens = groups.reshape(-1, d).astype(pipeline.compute_dtype)  # [T, d]
+        y, buffer_dropped = exchange.dropless_experts(
+            tokens, plan.token_expert.reshape(tokens.shape[0], -1), plan.token_weight.reshape(tokens.shape[0], -1),
+            experts, pipeline.activation, pipeline.grouped_matmul, plan.num_experts,
+        )  # [T, d]
+        aux = exchange.reduce_aux(plan, token_mask, buffer_dropped)
+        return y.reshape(groups.shape), {**aux, "padding_fraction": jnp.zeros((), jnp.float32)}
+    backend = dispatch_lib.get_backend(pipeline.dispatch)
+    expert_in = backend.dispatch(groups.astype(pipeline.compute_dtype), plan)  # [E, G * C, d]
+    expert_out = exchange.capacity_experts(expert_in, experts, pipeline.activation, plan.capacity)  # [E, G * C, d]
+    y = backend.combine(expert_out, plan)  # [G, S, d]
+    return y, exchange.reduce_aux(plan, token_mask)

@@ -1,0 +1,110 @@
+"""The layer's options, grouped by what they configure; each group validates itself.
+
+``jmoe.MoE`` keeps its flat keyword arguments and assembles them into these groups and a
+router (:func:`jmoe.routing.make_router`); :func:`check_combination` holds the few rules
+that span groups. Every check runs at construction, before any tracing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+
+from jmoe import grouped_matmul as gmm_lib
+from jmoe.dispatch import BACKENDS
+from jmoe.parallel.dropless_exchange import DROPLESS_EXCHANGES, receive_buffer_rows
+from jmoe.routing import Router, expert_capacity
+
+
+def _positive_factor(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0 or not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+
+
+def _int_at_least(name: str, value, low: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class CapacityOptions:
+    """Slots per expert and group (:func:`jmoe.routing.expert_capacity`), train and eval.
+
+    ``capacity_factor=None`` makes the layer dropless (``eval_capacity_factor`` unused).
+    """
+
+    capacity_factor: float | None = 1.25
+    eval_capacity_factor: float = 2.0
+    min_capacity: int = 1
+    multiple_of: int = 1
+
+    def __post_init__(self):
+        if self.capacity_factor is not None:
+            _positive_factor("capacity_factor", self.capacity_factor)
+        if not (self.dropless and self.eval_capacity_factor is None):
+            _positive_factor("eval_capacity_factor", self.eval_capacity_factor)
+        _int_at_least("min_capacity", self.min_capacity, 0)
+        _int_at_least("capacity_multiple_of", self.multiple_of, 1)
+
+    @property
+    def dropless(self) -> bool:
+        return self.capacity_factor is None
+
+    def slots(self, group_size: int, num_experts: int, k: int, train: bool) -> int | None:
+        """C for the mode (train / eval); None for a dropless layer."""
+        if self.dropless:
+            return None
+        return expert_capacity(group_size, num_experts, k=k,
+                               capacity_factor=self.capacity_factor if train else self.eval_capacity_factor,
+                               min_capacity=self.min_capacity, multiple_of=self.multiple_of)
+
+
+@dataclasses.dataclass(frozen=True)
+class DroplessOptions:
+    """A dropless layer's grouped matmul, and on a mesh its row exchange and receive buffer
+    (None: the worst case, nothing dropped; c >= 1: ceil(c * T_l * K) rows per device)."""
+
+    grouped_matmul: str = "auto"
+    exchange: str = "auto"
+    buffer_factor: float | None = None
+
+    def __post_init__(self):
+        gmm_lib.GROUPED_MATMULS.check(self.grouped_matmul)
+        DROPLESS_EXCHANGES.check(self.exchange)
+        if self.buffer_factor is not None:
+            receive_buffer_rows(1, 1, self.buffer_factor)  # the one check of c
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshOptions:
+    """Expert parallelism: the mesh (None: the ambient one of ``jax.set_mesh``), the
+    capacity path's hierarchical (2DH) all-to-all and its chunks (each must divide C)."""
+
+    mesh: jax.sharding.Mesh | jax.sharding.AbstractMesh | None = None
+    hierarchical_a2a: bool = False
+    a2a_chunks: int = 1
+
+    def __post_init__(self):
+        _int_at_least("a2a_chunks", self.a2a_chunks, 1)
+
+
+def check_combination(router: Router, num_experts: int, capacity: CapacityOptions, dropless: DroplessOptions,
+                      mesh: MeshOptions, dispatch: str, dtype) -> None:
+    """The rules that span option groups."""
+    router.check_experts(num_experts)
+    BACKENDS.check(dispatch)
+    gmm_lib.check_dtype(dropless.grouped_matmul, dtype)
+    if capacity.dropless and not router.supports_dropless:
+        raise ValueError(f"capacity_factor=None (dropless) needs a router that tokens choose; "
+                         f"router={router.name!r} needs a capacity")
+    if dropless.buffer_factor is not None and not capacity.dropless:
+        raise ValueError(f"dropless_buffer_factor={dropless.buffer_factor} is for a dropless layer "
+                         f"(capacity_factor=None), got capacity_factor={capacity.capacity_factor}")
+    if capacity.dropless and (mesh.hierarchical_a2a or mesh.a2a_chunks != 1):
+        raise ValueError(
+            f"a dropless layer (capacity_factor=None) on a mesh supports neither hierarchical_a2a nor "
+            f"a2a_chunks > 1 (got hierarchical_a2a={mesh.hierarchical_a2a}, a2a_chunks={mesh.a2a_chunks}): its "
+            f"exchange is one all-to-all of rows each way"
+        )

@@ -1,0 +1,93 @@
+"""Where parameters live on a mesh: the expert weights on the expert axes (and their
+hidden dim on ``model``), everything else replicated; global arrays across processes."""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from jmoe.parallel.mesh import MeshAxes
+from jmoe.routing import PARAM_NAMES as ROUTER_PARAMS
+
+EXPERT_WEIGHTS = ("w_in", "w_gate", "w_out", "b_in", "b_out")
+
+
+def expert_param_specs(params: dict, mesh) -> dict[str, P]:
+    """PartitionSpecs of the expert weights on ``mesh``.
+
+    ``w_in / w_gate [E, d, f]: P(expert_axes, None, "model")``,
+    ``w_out [E, f, d]: P(expert_axes, "model", None)``,
+    ``b_in [E, f]: P(expert_axes, "model")``, ``b_out [E, d]: P(expert_axes, None)``.
+    """
+    axes = MeshAxes.of(mesh)
+    e = axes.expert_axes or None
+    m = axes.model_axis
+    table = {"w_in": P(e, None, m), "w_gate": P(e, None, m), "w_out": P(e, m, None),
+             "b_in": P(e, m), "b_out": P(e, None)}
+    return {name: table[name] for name in params}
+
+
+def moe_param_spec(path, mesh) -> P | None:
+    """The PartitionSpec of a ``jmoe.MoE`` parameter by its path in a model's state (the
+    one placement rule; NNX state paths or ``jax.tree_util`` key paths): expert weights
+    (``.../experts/w_in`` ...) per :func:`expert_param_specs`, router weights replicated,
+    None for anything else (not an MoE parameter).
+    """
+    keys = [str(getattr(k, "key", getattr(k, "name", k))) for k in path]
+    if "experts" in keys:
+        names = [k for k in keys[keys.index("experts") + 1:] if k in EXPERT_WEIGHTS]
+        if names:
+            return expert_param_specs({names[0]: None}, mesh)[names[0]]
+    if keys and keys[-1] in ROUTER_PARAMS:
+        return P()
+    return None
+
+
+def shard_moe_params(tree, mesh: Mesh):
+    """Place the ``jmoe.MoE`` layers' parameters in ``tree`` (an NNX module or state) on ``mesh``.
+
+    Each by :func:`moe_param_spec`: expert weights on the expert axes, the router's
+    weights replicated. Other variables are left as they are (place them with their own
+    ``out_sharding`` metadata). Returns nothing for a module (updated in place), the new
+    state for a state.
+    """
+    from flax import nnx
+
+    is_module = isinstance(tree, nnx.Module)
+    state = nnx.state(tree) if is_module else tree
+
+    def place(path, value):
+        spec = moe_param_spec(path, mesh)
+        if spec is None or not hasattr(value, "shape"):
+            return value
+        return to_global(value, mesh, spec)
+
+    new_state = jax.tree_util.tree_map_with_path(place, state)
+    if is_module:
+        nnx.update(tree, new_state)
+        return None
+    return new_state
+
+
+def to_global(tree, mesh: Mesh, spec: P = P()):
+    """Every array leaf of ``tree`` as a global ``jax.Array`` with ``NamedSharding(mesh, spec)``.
+
+    Works across processes (``jax.distributed``): each process must hold the
+    same host value; it contributes the shards of its own devices
+    (``jax.make_array_from_callback``). PRNG key arrays are moved as key data.
+    """
+    sharding = NamedSharding(mesh, spec)
+
+    def place(value):
+        if not hasattr(value, "shape"):
+            return value
+        if isinstance(value, jax.Array) and jax.dtypes.issubdtype(value.dtype, jax.dtypes.prng_key):
+            data = place(jax.random.key_data(value))
+            return jax.random.wrap_key_data(data, impl=jax.random.key_impl(value))
+        if sharding.is_fully_addressable:
+            return jax.device_put(value, sharding)
+        host = np.asarray(value)
+        return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+
+    return jax.tree_util.tree_map(place, tree)

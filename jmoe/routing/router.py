@@ -1,0 +1,79 @@
+"""The router base: what every router shares (flaxformer's one base, V-MoE's
+router-returns-a-plan).
+
+A router is a frozen dataclass of its options (validated in ``__post_init__``) with
+
+* ``init_params(key, d_model, num_experts)``: its float32 weights by name
+  (``router_weight [d, E]`` for all; a router may add its own);
+* ``draw(key_fn, groups_shape, num_experts)``: its random draws in train mode, over
+  the *global* ``[G, S, ...]`` shapes (the mesh path shards them over the token axes,
+  so a mesh routes exactly as one device);
+* ``route(params, groups, draws, token_mask, capacity) -> RoutingPlan``: done once here:
+  the float32 router input, multiplicative jitter ``x * U(1 - jitter, 1 + jitter)``
+  (Switch), the router matmul ``logits = x W_r``; then the subclass's
+  :meth:`Router.plan` from the logits.
+
+A router's own losses travel in ``RoutingPlan.extra_losses`` under the names in its
+``extra_losses`` class attribute.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable, ClassVar
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jmoe.routing.plan import RoutingPlan
+
+Array = jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class Router:
+    """Options every router has: ``k`` (experts per token, for expert choice the average
+    that sets the capacity) and ``jitter`` (0 disables it)."""
+
+    name: ClassVar[str] = ""
+    params: ClassVar[tuple[str, ...]] = ("router_weight",)  # what init_params returns
+    extra_losses: ClassVar[tuple[str, ...]] = ()
+    supports_dropless: ClassVar[bool] = True
+
+    k: int = 1
+    jitter: float = 0.0
+
+    def __post_init__(self):
+        if isinstance(self.k, bool) or not isinstance(self.k, int) or self.k < 1:
+            raise ValueError(f"k={self.k!r} must be an integer >= 1")
+        if not 0.0 <= self.jitter < 1.0:
+            raise ValueError(f"jitter must be in [0, 1), got {self.jitter}")
+
+    def check_experts(self, num_experts: int) -> None:
+        if self.k > num_experts:
+            raise ValueError(f"k={self.k} must be in [1, num_experts={num_experts}]")
+
+    def init_params(self, key: Array, d_model: int, num_experts: int) -> dict[str, Array]:
+        return {"router_weight": nnx.initializers.lecun_normal()(key, (d_model, num_experts), jnp.float32)}
+
+    def draw(self, key_fn: Callable[[], Array], groups_shape: tuple[int, ...], num_experts: int) -> dict[str, Array]:
+        """Train-mode draws for groups ``[G, S, d]``: ``jitter [G, S, d]`` when jitter > 0."""
+        if self.jitter <= 0:
+            return {}
+        return {"jitter": jax.random.uniform(key_fn(), groups_shape, minval=1.0 - self.jitter,
+                                             maxval=1.0 + self.jitter)}  # [G, S, d]
+
+    def route(self, params: dict[str, Array], groups: Array, draws: dict[str, Array], token_mask: Array | None,
+              capacity: int) -> RoutingPlan:
+        """groups [G, S, d] -> the routing plan (router logits in float32)."""
+        router_in = groups.astype(jnp.float32)  # [G, S, d]
+        if "jitter" in draws:
+            router_in = router_in * draws["jitter"]
+        logits = router_in @ params["router_weight"]  # [G, S, E] float32
+        return self.plan(logits, router_in, params, draws, token_mask, capacity)
+
+    def plan(self, logits: Array, router_in: Array, params: dict[str, Array], draws: dict[str, Array],
+             token_mask: Array | None, capacity: int) -> RoutingPlan:
+        """float32 logits [G, S, E] (and the router input, for routers with more weights) -> the plan."""
+        raise NotImplementedError
