@@ -25,6 +25,7 @@ from jmoe.dispatch import NAMES as DISPATCH_NAMES
 from jmoe.experts import ACTIVATIONS
 from jmoe.grouped_matmul import NAMES as GROUPED_MATMUL_NAMES
 from jmoe.parallel.dropless_exchange import NAMES as DROPLESS_EXCHANGE_NAMES
+from jmoe.routing import DEFAULT_ROUTER
 from jmoe.routing import NAMES as ROUTER_NAMES
 from jmoe.routing import PRIORITIES, SECOND_EXPERT_POLICIES
 
@@ -75,7 +76,7 @@ class Config:
                                            "causal when k > 1)", role="compile", choices=PRIORITIES)
     second_expert_policy: str = _field("all", "GShard's 2nd expert: all, or random (k=2)", role="compile",
                                        choices=SECOND_EXPERT_POLICIES)
-    router: str = _field("tokens_choose", "router", role="model",
+    router: str = _field(DEFAULT_ROUTER, "router", role="model",
                          choices=ROUTER_NAMES)
     activation: str = _field("gelu", "FFN / expert activation", role="model",
                              choices=tuple(ACTIVATIONS))

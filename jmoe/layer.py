@@ -118,7 +118,7 @@ class MoE(nnx.Module):
         min_capacity: int = 1,
         capacity_multiple_of: int = 1,
         group_size: int | None = None,
-        router: str = "tokens_choose",
+        router: str = routing.DEFAULT_ROUTER,
         activation: str = "gelu",
         use_bias: bool = False,
         dispatch: str = "auto",

@@ -246,7 +246,7 @@ def test_dropless_layer_with_mosaic_lowers_for_cuda(sm_count, monkeypatch):
 
     import jmoe
 
-    monkeypatch.setattr(mg, "resolve_interpret", lambda interpret: False)  # as on a GPU
+    monkeypatch.setattr(mg, "interpret", lambda flag: False)  # as on a GPU
     layer = nnx.eval_shape(lambda: jmoe.MoE(256, 512, num_experts=8, k=2, capacity_factor=None, dtype=jnp.bfloat16,
                                             grouped_matmul="mosaic", activation="swiglu", deterministic=True,
                                             rngs=nnx.Rngs(0)))

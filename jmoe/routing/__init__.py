@@ -24,12 +24,13 @@ from jmoe.routing.plan import ExtraLoss, RoutingPlan, router_probabilities, z_lo
 from jmoe.routing.router import Router
 from jmoe.routing.token_choice import PRIORITIES, SECOND_EXPERT_POLICIES, TokensChoose, tokens_choose
 
-__all__ = ["EXTRA_LOSSES", "ExtraLoss", "NAMES", "PARAM_NAMES", "PRIORITIES", "ROUTERS", "Router", "RoutingPlan",
+__all__ = ["DEFAULT_ROUTER", "EXTRA_LOSSES", "ExtraLoss", "NAMES", "PARAM_NAMES", "PRIORITIES", "ROUTERS", "Router", "RoutingPlan",
            "SECOND_EXPERT_POLICIES", "complete_aux", "expert_capacity", "experts_choose", "make_router",
            "router_probabilities", "tokens_choose", "z_loss"]
 
 ROUTERS: dict[str, type[Router]] = {cls.name: cls for cls in (TokensChoose, ExpertsChoose, NoisyTopK)}
 NAMES = tuple(ROUTERS)
+DEFAULT_ROUTER = TokensChoose.name
 
 # Every router's parameter names (all float32, replicated on a mesh).
 PARAM_NAMES = tuple(dict.fromkeys(name for cls in ROUTERS.values() for name in cls.params))

@@ -111,6 +111,40 @@ def tokens_choose(
     else:
         order = jnp.broadcast_to(jnp.arange(group_size), (num_groups, group_size))
 
+    token_slot = assign_slots(top_experts, requested, order, capacity=capacity, priority=priority,
+                              num_experts=num_experts)  # [G, S, K]
+
+    token_weight = jnp.where(token_slot >= 0, weights, 0.0)  # [G, S, K]
+    slot_token = slots_from_tokens(top_experts, token_slot, num_experts, capacity)  # [G, E, C]
+
+    num_requested = jnp.sum(requested).astype(jnp.float32)
+    dropped = (jnp.sum(requested & (token_slot < 0)) / jnp.maximum(num_requested, 1.0)).astype(jnp.float32)
+    tokens_per_expert, padding = slot_metrics(slot_token)
+    return RoutingPlan(
+        slot_token=slot_token,
+        token_expert=top_experts.astype(jnp.int32),
+        token_slot=token_slot.astype(jnp.int32),
+        token_weight=token_weight.astype(jnp.float32),
+        load_balancing_loss=load_balancing_loss(probs, top_experts, mask),
+        z_loss=z_loss(logits, mask),
+        dropped_fraction=dropped,
+        requested_assignments=num_requested,
+        tokens_per_expert=tokens_per_expert,
+        padding_fraction=padding,
+        router_entropy=router_entropy(probs, mask),
+    )
+
+
+def assign_slots(top_experts: Array, requested: Array, order: Array, *, capacity: int, priority: str,
+                 num_experts: int) -> Array:
+    """Each requested assignment's slot in its expert, in priority order: ``token_slot [G, S, K]``
+    int32, -1 where not requested or over ``capacity``.
+
+    ``top_experts`` / ``requested`` [G, S, K]; ``order`` [G, S] the token order of each pass
+    (identity, or BPR's); ``priority`` choice-major (all 1st choices, then 2nd, ...) or
+    token-major.
+    """
+    num_groups, group_size, k = top_experts.shape
     # Assignments in priority order: [G, S, K] -> [G, A] with A = S * K.
     expert_in_order = jnp.take_along_axis(top_experts, order[..., None], axis=1)  # [G, S, K]
     requested_in_order = jnp.take_along_axis(requested, order[..., None], axis=1)  # [G, S, K]
@@ -133,26 +167,7 @@ def tokens_choose(
         slot_in_order = slot_flat.reshape(num_groups, group_size, k)
     inverse_order = jnp.argsort(order, axis=-1)  # [G, S]
     token_slot = jnp.take_along_axis(slot_in_order, inverse_order[..., None], axis=1)  # [G, S, K]
-
-    token_weight = jnp.where(token_slot >= 0, weights, 0.0)  # [G, S, K]
-    slot_token = slots_from_tokens(top_experts, token_slot, num_experts, capacity)  # [G, E, C]
-
-    num_requested = jnp.sum(requested).astype(jnp.float32)
-    dropped = (jnp.sum(requested & (token_slot < 0)) / jnp.maximum(num_requested, 1.0)).astype(jnp.float32)
-    tokens_per_expert, padding = slot_metrics(slot_token)
-    return RoutingPlan(
-        slot_token=slot_token,
-        token_expert=top_experts.astype(jnp.int32),
-        token_slot=token_slot.astype(jnp.int32),
-        token_weight=token_weight.astype(jnp.float32),
-        load_balancing_loss=load_balancing_loss(probs, top_experts, mask),
-        z_loss=z_loss(logits, mask),
-        dropped_fraction=dropped,
-        requested_assignments=num_requested,
-        tokens_per_expert=tokens_per_expert,
-        padding_fraction=padding,
-        router_entropy=router_entropy(probs, mask),
-    )
+    return token_slot
 
 
 @dataclasses.dataclass(frozen=True)
