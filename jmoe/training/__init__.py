@@ -26,7 +26,8 @@ Modules (each name below is also importable from ``jmoe.training``):
   module that calls :mod:`jmoe.parallel`);
 - :mod:`~jmoe.training.build`: the model, the optimizer, the cached :class:`Setup` and its jitted steps;
 - :mod:`~jmoe.training.trees`: pytrees as ``{"key/path": leaf}`` dicts;
-- :mod:`~jmoe.training.checkpoints`: save / restore, and the model-compatibility check;
+- :mod:`~jmoe.training.checkpoints`: save / restore, the model-compatibility check, and the fallback past a
+  corrupt checkpoint (set aside as ``<step>.corrupt``);
 - :mod:`~jmoe.training.logs`: the metrics log, the progress line, peak FLOP/s, plots;
 - :mod:`~jmoe.training.loop`: :func:`train` and :func:`evaluate`;
 - :mod:`~jmoe.training.sampling`: :func:`load_for_inference` and :func:`sample`.
@@ -36,16 +37,18 @@ from jmoe.config import RUN_ONLY_KEYS
 from jmoe.training.build import (LN2, Setup, build_model, cached_setup, fold_rngs, global_norm, init_opt_state,
                                  make_eval_step, make_next_logits, make_optimizer, make_schedule, make_train_step,
                                  setup)
-from jmoe.training.checkpoints import (check_compatible, checkpoint_manager, read_checkpoint_config,
-                                       restore_checkpoint, save_checkpoint)
+from jmoe.training.checkpoints import (IncompatibleCheckpointError, check_compatible, checkpoint_manager,
+                                       read_checkpoint_config, restore_checkpoint, restore_newest, save_checkpoint,
+                                       set_aside)
 from jmoe.training.distributed import maybe_initialize_distributed
-from jmoe.training.logs import PEAK_FLOPS, MetricsLog, main_print, peak_flops, progress_line, read_log, write_plots
+from jmoe.training.logs import PEAK_FLOPS, MetricsLog, main_print, main_warn, peak_flops, progress_line, read_log, write_plots
 from jmoe.training.loop import NonFiniteLossError, evaluate, global_batch, train
 from jmoe.training.mesh import batch_sharding, make_mesh, opt_state_shardings, param_shardings
 from jmoe.training.sampling import load_for_inference, sample
 from jmoe.training.trees import flatten, unflatten_like
 
 __all__ = [
+    "IncompatibleCheckpointError",
     "LN2",
     "PEAK_FLOPS",
     "RUN_ONLY_KEYS",
@@ -65,6 +68,7 @@ __all__ = [
     "init_opt_state",
     "load_for_inference",
     "main_print",
+    "main_warn",
     "make_eval_step",
     "make_mesh",
     "make_next_logits",
@@ -79,8 +83,10 @@ __all__ = [
     "read_checkpoint_config",
     "read_log",
     "restore_checkpoint",
+    "restore_newest",
     "sample",
     "save_checkpoint",
+    "set_aside",
     "setup",
     "train",
     "unflatten_like",

@@ -6,12 +6,18 @@ directory and renames it when complete, so a run killed mid-save leaves the
 previous checkpoint loadable. They are restored with the target shardings of
 the current mesh, so a checkpoint moves between meshes. A checkpoint restores only into a config
 with the same :data:`~jmoe.config.MODEL_KEYS` (:func:`check_compatible`, before anything is read).
+
+A step that does not restore (a truncated or emptied file) is reported by number and set aside, renamed
+``<step>.corrupt`` (kept for inspection, invisible to orbax), and the next older step is tried
+(:func:`restore_newest`): a resumed run loses only the steps after the newest checkpoint that restores.
 """
 
 from __future__ import annotations
 
 import os
+from typing import Any, Callable
 
+import jax
 import orbax.checkpoint as ocp
 
 from jmoe.config import MODEL_KEYS, Config
@@ -54,12 +60,60 @@ def restore_checkpoint(mgr: ocp.CheckpointManager, step: int, params_target, opt
     return params, unflatten_like(opt_state_target, out["opt_state"])
 
 
+class IncompatibleCheckpointError(ValueError):
+    """The checkpoint is intact but holds another model (its :data:`~jmoe.config.MODEL_KEYS` differ)."""
+
+
 def check_compatible(saved: dict, cfg: Config) -> None:
     """A checkpoint restores only into a model with the same parameter-defining keys."""
     diff = {k: (saved.get(k), getattr(cfg, k)) for k in MODEL_KEYS if saved.get(k) != getattr(cfg, k)}
     if diff:
-        raise ValueError(
+        raise IncompatibleCheckpointError(
             "the checkpoint's model differs from this config (saved, requested): "
             + ", ".join(f"{k}={a!r} vs {b!r}" for k, (a, b) in diff.items())
             + "; use another out_dir or the saved values"
         )
+
+
+def describe_error(e: BaseException, limit: int = 200) -> str:
+    """``Type: first line of the message`` (orbax / tensorstore messages run to pages)."""
+    lines = str(e).strip().splitlines()
+    text = f"{type(e).__name__}: {lines[0] if lines else ''}"
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def set_aside(mgr: ocp.CheckpointManager, step: int) -> str:
+    """Rename step ``step``'s directory to ``<step>.corrupt`` (``.corrupt-N`` if taken; process 0 renames,
+    every process waits for it) and make ``mgr`` forget the step. Returns the new path."""
+    src = os.path.join(str(mgr.directory), str(step))
+    dst, n = src + ".corrupt", 1
+    while os.path.exists(dst):
+        dst, n = f"{src}.corrupt-{n}", n + 1
+    if jax.process_index() == 0:
+        os.rename(src, dst)
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(f"jmoe_set_aside_{step}")
+    mgr.reload()
+    return dst
+
+
+def restore_newest(mgr: ocp.CheckpointManager, restore: Callable[[int], Any], warn: Callable[[str], None], *,
+                   move: bool = True) -> tuple[int | None, Any]:
+    """``(step, restore(step))`` for the newest step whose ``restore`` succeeds, or ``(None, None)``.
+
+    A step that fails is reported through ``warn`` by number and set aside (:func:`set_aside`; only skipped
+    when ``move=False``). An :class:`IncompatibleCheckpointError` is not corruption: it propagates.
+    """
+    for step in sorted(mgr.all_steps(), reverse=True):
+        try:
+            return step, restore(step)
+        except IncompatibleCheckpointError:
+            raise
+        except Exception as e:  # noqa: BLE001 - orbax / tensorstore / json raise many types for a bad file
+            where = os.path.join(str(mgr.directory), str(step))
+            action = f"set aside as {set_aside(mgr, step)}" if move else "skipped"
+            warn(f"checkpoint step {step} ({where}) does not restore ({describe_error(e)}): {action}; "
+                 f"trying the previous checkpoint")
+    return None, None

@@ -70,6 +70,11 @@ def main_print(*args, **kwargs) -> None:
     print(*args, **kwargs, flush=True, file=sys.stdout)
 
 
+def main_warn(message: str) -> None:
+    """``warning: message`` on stderr."""
+    print(f"warning: {message}", flush=True, file=sys.stderr)
+
+
 def write_plots(log_path: str) -> list[str]:
     """``loss.png`` (train / validation loss) and, for MoE runs, ``expert_load.png`` (per MoE layer,
     the fraction of kept assignments per expert over steps) next to the log. Returns the paths."""

@@ -24,8 +24,8 @@ from jmoe import data as data_lib
 from jmoe.config import Config
 from jmoe.training.build import LN2, Setup, init_opt_state, setup
 from jmoe.training.checkpoints import (check_compatible, checkpoint_manager, read_checkpoint_config,
-                                       restore_checkpoint, save_checkpoint)
-from jmoe.training.logs import MetricsLog, peak_flops, progress_line, write_plots
+                                       restore_checkpoint, restore_newest, save_checkpoint)
+from jmoe.training.logs import MetricsLog, main_warn, peak_flops, progress_line, write_plots
 from jmoe.training.mesh import batch_sharding, make_mesh
 
 Array = jax.Array
@@ -180,8 +180,23 @@ def _run_steps(run: _Run, params, opt_state, start: int, stop_after: int | None)
     return params, last_good
 
 
-def train(cfg: Config, out_dir: str, *, print_fn=print, plots: bool = True, stop_after: int | None = None) -> dict:
-    """Train (resuming from the latest checkpoint in ``out_dir``); returns a summary dict.
+def _resume(mgr: ocp.CheckpointManager, cfg: Config, params, opt_state, say, warn) -> tuple[int, Any, Any]:
+    """``(start, params, opt_state)`` from the newest checkpoint that restores (a corrupt newer one is reported
+    and set aside), or ``(0, params, opt_state)`` unchanged when none does."""
+    def restore(step):
+        check_compatible(read_checkpoint_config(mgr, step), cfg)
+        return restore_checkpoint(mgr, step, params, opt_state)
+
+    start, restored = restore_newest(mgr, restore, warn)
+    if start is None:
+        return 0, params, opt_state
+    say(f"resumed from {mgr.directory} step {start}")
+    return start, *restored
+
+
+def train(cfg: Config, out_dir: str, *, print_fn=print, warn_fn=None, plots: bool = True,
+          stop_after: int | None = None) -> dict:
+    """Train (resuming from the newest checkpoint in ``out_dir`` that restores); returns a summary dict.
 
     ``stop_after`` ends the run after that step without a final checkpoint (as if it
     were killed; for tests of resumption).
@@ -191,16 +206,13 @@ def train(cfg: Config, out_dir: str, *, print_fn=print, plots: bool = True, stop
     """
     is_main = jax.process_index() == 0
     say = print_fn if is_main else (lambda *a, **k: None)
+    warn = (warn_fn or main_warn) if is_main else (lambda *a, **k: None)
     mesh = make_mesh(cfg.expert_parallel, cfg.num_devices)
     corpus = data_lib.load_corpus(cfg.data, cfg.val_percent, min_bytes=cfg.seq_len + 2)
     s, params = setup(cfg, mesh)
     opt_state = init_opt_state(s, params)
     mgr = checkpoint_manager(out_dir, cfg.keep_ckpts)
-    start = mgr.latest_step() or 0
-    if start:
-        check_compatible(read_checkpoint_config(mgr, start), cfg)
-        params, opt_state = restore_checkpoint(mgr, start, params, opt_state)
-        say(f"resumed from {mgr.directory} step {start}")
+    start, params, opt_state = _resume(mgr, cfg, params, opt_state, say, warn)
     log = _open_log(s, corpus, out_dir, start, is_main)
     say(f"{s.num_params / 1e6:.2f}M parameters ({s.active_params / 1e6:.2f}M active/token), "
         f"mesh {dict(mesh.shape)}, data {corpus.source} ({len(corpus.train) / 1e6:.1f}M train bytes)")

