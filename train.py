@@ -10,7 +10,9 @@ Usage:
 
 Any config key can be overridden as key=value. The run directory (out_dir,
 default runs/<config>) gets metrics.jsonl, loss.png, expert_load.png and
-checkpoints/; rerunning the same command resumes from the latest checkpoint.
+checkpoints/; rerunning the same command resumes from the latest checkpoint
+(a corrupt one is reported and set aside as checkpoints/<step>.corrupt). One run
+at a time per out_dir: a second one exits with an error (out_dir/.lock).
 Multi-host: the same command on every host, with JAX_COORDINATOR_ADDRESS (or
 SLURM / Open MPI / TPU environment), or coordinator_address= num_processes=
 process_id=.
@@ -65,6 +67,9 @@ def main(argv: list[str]) -> int:
     except training.NonFiniteLossError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    except training.OutDirInUseError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

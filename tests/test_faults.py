@@ -7,12 +7,16 @@ a timeout, so a hang fails the test instead of stalling the suite.
 
 import os
 import shutil
+import subprocess
+import sys
+import time
 
 import numpy as np
 import pytest
 
 from jmoe import config as config_lib
 from jmoe import training
+from tests.processes import ROOT, cpu_env
 from tests.test_training import MICRO
 
 SHORT = dict(MICRO, steps=6, ckpt_every=2, eval_every=6)
@@ -89,3 +93,45 @@ def test_sample_skips_a_corrupt_latest_checkpoint(finished, tmp_path):
     with pytest.raises(ValueError, match="checkpoint step 4 .* does not restore"):
         corrupt(os.path.join(out, "checkpoints", "4"), "empty_metadata")
         training.load_for_inference(out, num_devices=1, step=4)
+
+
+# ----------------------------------------------------------------------------
+# 2. One run per out_dir: a second one refuses at once; a dead run's lock is taken over
+# ----------------------------------------------------------------------------
+
+HOLD_LOCK = """
+import sys, time
+from jmoe.training.lock import out_dir_lock
+with out_dir_lock(sys.argv[1]):
+    print("locked", flush=True)
+    time.sleep(120)
+"""
+
+
+def cli_args(text_file, out, **kw):
+    return [f"{k}={v}" for k, v in {**SHORT, **kw}.items()] + [f"data={text_file}", f"out_dir={out}"]
+
+
+def test_second_run_on_one_out_dir_refuses_at_once_and_a_dead_runs_lock_is_taken_over(text_file, tmp_path):
+    out = str(tmp_path / "run")
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, out], env=cpu_env(1), cwd=ROOT,
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        t0 = time.perf_counter()
+        second = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), *cli_args(text_file, out)],
+                                env=cpu_env(1), cwd=ROOT, capture_output=True, text=True, timeout=120)
+        assert time.perf_counter() - t0 < 60  # refused before any compilation
+        assert second.returncode == 2, second.stderr[-2000:]
+        assert f"error: out_dir {out} is in use by another run (pid {holder.pid}" in second.stderr
+        assert "Traceback" not in second.stderr and not os.path.exists(os.path.join(out, "metrics.jsonl"))
+        with pytest.raises(training.OutDirInUseError, match=f"pid {holder.pid}"):
+            training.train(short(text_file), out, print_fn=lambda *a: None, plots=False)
+    finally:
+        holder.kill()
+        holder.wait(timeout=30)
+    warnings = []  # the holder was killed: its lock file still names it, but no process holds the lock
+    with training.out_dir_lock(out, warnings.append) as path:
+        assert training.is_locked(out) and open(path).read() == f"{os.getpid()}\n"
+    assert len(warnings) == 1 and f"pid {holder.pid}" in warnings[0] and "stale" in warnings[0]
+    assert not training.is_locked(out)

@@ -28,6 +28,7 @@ Modules (each name below is also importable from ``jmoe.training``):
 - :mod:`~jmoe.training.trees`: pytrees as ``{"key/path": leaf}`` dicts;
 - :mod:`~jmoe.training.checkpoints`: save / restore, the model-compatibility check, and the fallback past a
   corrupt checkpoint (set aside as ``<step>.corrupt``);
+- :mod:`~jmoe.training.lock`: one run per ``out_dir`` (``flock`` on ``<out_dir>/.lock``);
 - :mod:`~jmoe.training.logs`: the metrics log, the progress line, peak FLOP/s, plots;
 - :mod:`~jmoe.training.loop`: :func:`train` and :func:`evaluate`;
 - :mod:`~jmoe.training.sampling`: :func:`load_for_inference` and :func:`sample`.
@@ -41,6 +42,7 @@ from jmoe.training.checkpoints import (IncompatibleCheckpointError, check_compat
                                        read_checkpoint_config, restore_checkpoint, restore_newest, save_checkpoint,
                                        set_aside)
 from jmoe.training.distributed import maybe_initialize_distributed
+from jmoe.training.lock import OutDirInUseError, is_locked, out_dir_lock
 from jmoe.training.logs import PEAK_FLOPS, MetricsLog, main_print, main_warn, peak_flops, progress_line, read_log, write_plots
 from jmoe.training.loop import NonFiniteLossError, evaluate, global_batch, train
 from jmoe.training.mesh import batch_sharding, make_mesh, opt_state_shardings, param_shardings
@@ -54,6 +56,7 @@ __all__ = [
     "RUN_ONLY_KEYS",
     "MetricsLog",
     "NonFiniteLossError",
+    "OutDirInUseError",
     "Setup",
     "batch_sharding",
     "build_model",
@@ -66,6 +69,7 @@ __all__ = [
     "global_batch",
     "global_norm",
     "init_opt_state",
+    "is_locked",
     "load_for_inference",
     "main_print",
     "main_warn",
@@ -77,6 +81,7 @@ __all__ = [
     "make_train_step",
     "maybe_initialize_distributed",
     "opt_state_shardings",
+    "out_dir_lock",
     "param_shardings",
     "peak_flops",
     "progress_line",

@@ -8,6 +8,7 @@ noisy top-k router's own weighted losses, see :func:`jmoe.model.total_loss`); bi
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -25,6 +26,7 @@ from jmoe.config import Config
 from jmoe.training.build import LN2, Setup, init_opt_state, setup
 from jmoe.training.checkpoints import (check_compatible, checkpoint_manager, read_checkpoint_config,
                                        restore_checkpoint, restore_newest, save_checkpoint)
+from jmoe.training.lock import out_dir_lock
 from jmoe.training.logs import MetricsLog, main_warn, peak_flops, progress_line, write_plots
 from jmoe.training.mesh import batch_sharding, make_mesh
 
@@ -202,11 +204,18 @@ def train(cfg: Config, out_dir: str, *, print_fn=print, warn_fn=None, plots: boo
     were killed; for tests of resumption).
 
     Raises :class:`NonFiniteLossError` on a NaN / inf loss (no checkpoint is written
-    after it; the last good one is kept).
+    after it; the last good one is kept), and :class:`~jmoe.training.lock.OutDirInUseError` at once when
+    another live process runs in ``out_dir`` (process 0 holds ``<out_dir>/.lock`` for the whole run).
     """
     is_main = jax.process_index() == 0
     say = print_fn if is_main else (lambda *a, **k: None)
     warn = (warn_fn or main_warn) if is_main else (lambda *a, **k: None)
+    with out_dir_lock(out_dir, warn) if is_main else contextlib.nullcontext():
+        return _train(cfg, out_dir, say, warn, plots, stop_after)
+
+
+def _train(cfg: Config, out_dir: str, say, warn, plots: bool, stop_after: int | None) -> dict:
+    is_main = jax.process_index() == 0
     mesh = make_mesh(cfg.expert_parallel, cfg.num_devices)
     corpus = data_lib.load_corpus(cfg.data, cfg.val_percent, min_bytes=cfg.seq_len + 2)
     s, params = setup(cfg, mesh)
