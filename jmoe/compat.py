@@ -4,13 +4,17 @@
 * The manual mesh axes a value varies over inside ``shard_map``: jax 0.10 spells them
   ``aval.manual_axis_type.varying``, later versions ``aval.vma``.
 * Mosaic GPU's interpret mode: public in jax >= 0.11, private in 0.10.
+* The derivative of ``erf`` inside ``shard_map`` (jax 0.12): :func:`normal_cdf`.
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
 
 import jax
+import jax.numpy as jnp
+from jax.scipy.stats import norm
 
 try:
     shard_map = jax.shard_map
@@ -73,3 +77,21 @@ def mosaic_gpu_interpret_mode(interpret: bool):
     except ImportError:
         from jax._src.pallas.mosaic_gpu.interpret.params import force_gpu_interpret_mode
     return force_gpu_interpret_mode()
+
+
+@jax.custom_jvp
+def normal_cdf(x):
+    """The standard normal CDF ``Phi(x)``, differentiable inside ``shard_map`` on every jax.
+
+    jax 0.12 differentiates ``erf`` through ``lax.polynomial`` with constant coefficients
+    that do not vary over the manual mesh axes, which ``shard_map``'s type check rejects
+    ("Primitive polynomial requires varying manual axes to match"); here the derivative
+    is the normal density written out: ``Phi'(x) = exp(-x^2 / 2) / sqrt(2 pi)``.
+    """
+    return norm.cdf(x)
+
+
+@normal_cdf.defjvp
+def _normal_cdf_jvp(primals, tangents):
+    (x,), (dx,) = primals, tangents
+    return normal_cdf(x), dx * jnp.exp(-0.5 * x * x) / math.sqrt(2.0 * math.pi)

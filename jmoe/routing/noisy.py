@@ -44,8 +44,8 @@ from typing import Callable
 
 import jax
 import jax.numpy as jnp
-from jax.scipy.stats import norm
 
+from jmoe.compat import normal_cdf
 from jmoe.routing.plan import ExtraLoss, RoutingPlan, z_loss
 from jmoe.routing.router import Router
 from jmoe.routing.token_choice import tokens_choose
@@ -161,7 +161,7 @@ def prob_in_top_k(clean_logits: Array, h: Array, noise_logits: Array, k: int) ->
         return jnp.ones_like(clean)
     threshold = kth_excluding(h.astype(jnp.float32), k)  # [..., E]
     sigma = jnp.maximum(noise_std(noise_logits), MIN_NOISE_STD)  # [..., E]
-    return norm.cdf((clean - threshold) / sigma)
+    return normal_cdf((clean - threshold) / sigma)
 
 
 def _masked_sum(per_token: Array, token_mask: Array | None) -> Array:
