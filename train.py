@@ -70,11 +70,27 @@ def main(argv: list[str]) -> int:
     except training.OutDirInUseError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # train() has finished the save in flight and said which checkpoint is kept
+        print("error: interrupted (Ctrl-C)", file=sys.stderr)
+        return 130
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0
 
 
+def run(argv: list[str]) -> int:
+    try:
+        return main(argv)
+    except KeyboardInterrupt:  # before training started (imports, compilation): nothing to save
+        print("error: interrupted (Ctrl-C)", file=sys.stderr)
+        return 130
+
+
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    code = run(sys.argv[1:])
+    if code == 130:  # interrupted: the checkpoint manager is closed; threads that libraries (orbax, tensorstore)
+        sys.stdout.flush()  # left behind must not hold the exit
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)

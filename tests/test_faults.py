@@ -6,9 +6,13 @@ a timeout, so a hang fails the test instead of stalling the suite.
 """
 
 import os
+import queue
+import re
 import shutil
+import signal
 import subprocess
 import sys
+import threading
 import time
 
 import numpy as np
@@ -135,3 +139,65 @@ def test_second_run_on_one_out_dir_refuses_at_once_and_a_dead_runs_lock_is_taken
         assert training.is_locked(out) and open(path).read() == f"{os.getpid()}\n"
     assert len(warnings) == 1 and f"pid {holder.pid}" in warnings[0] and "stale" in warnings[0]
     assert not training.is_locked(out)
+
+
+# ----------------------------------------------------------------------------
+# 3. Ctrl-C during an async checkpoint save: a prompt exit, every time, the last complete checkpoint kept
+# ----------------------------------------------------------------------------
+
+
+class Lines:
+    """A child's combined output, read by a thread (so waiting for a line has a deadline)."""
+
+    def __init__(self, proc):
+        self.lines, self.queue = [], queue.Queue()
+        self.thread = threading.Thread(target=self._read, args=(proc,), daemon=True)
+        self.thread.start()
+
+    def _read(self, proc):
+        for line in proc.stdout:
+            self.lines.append(line)
+            self.queue.put(line)
+        self.queue.put(None)
+
+    def wait_for(self, pattern, timeout):
+        deadline = time.monotonic() + timeout
+        while (left := deadline - time.monotonic()) > 0:
+            line = self.queue.get(timeout=left)
+            if line is None or re.search(pattern, line):
+                return line
+        return None
+
+    def text(self):
+        self.thread.join(timeout=10)
+        return "".join(self.lines)
+
+
+def test_ctrl_c_during_async_saves_exits_promptly_and_keeps_the_last_complete_checkpoint(text_file, tmp_path):
+    """A save at every step, so SIGINT lands during (or right next to) an async save; three delays."""
+    for trial, delay in enumerate((0.1, 0.6, 1.2)):
+        out = str(tmp_path / f"run{trial}")
+        args = cli_args(text_file, out, steps=100000, ckpt_every=1, eval_every=100000, log_every=1)
+        proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "train.py"), *args], env=cpu_env(1), cwd=ROOT,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        lines = Lines(proc)
+        try:
+            assert lines.wait_for(r"^step +2/100000", 120), lines.text()[-3000:]
+            time.sleep(delay)
+            proc.send_signal(signal.SIGINT)
+            t0 = time.perf_counter()
+            proc.wait(timeout=30)
+            assert time.perf_counter() - t0 < 30
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(timeout=30)
+        text = lines.text()
+        assert proc.returncode == 130 and "Traceback" not in text, text[-3000:]
+        kept = re.search(r"interrupted \(Ctrl-C\): the last complete checkpoint is step (\d+)", text)
+        assert kept and "error: interrupted (Ctrl-C)" in text, text[-3000:]
+        steps = [int(d) for d in os.listdir(os.path.join(out, "checkpoints")) if d.isdigit()]
+        assert max(steps) == int(kept.group(1)) >= 2
+        assert not training.is_locked(out)
+    s, params, step = training.load_for_inference(out, num_devices=1)
+    assert step == int(kept.group(1))

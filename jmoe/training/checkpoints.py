@@ -117,3 +117,31 @@ def restore_newest(mgr: ocp.CheckpointManager, restore: Callable[[int], Any], wa
             warn(f"checkpoint step {step} ({where}) does not restore ({describe_error(e)}): {action}; "
                  f"trying the previous checkpoint")
     return None, None
+
+
+def latest_on_disk(mgr: ocp.CheckpointManager) -> int | None:
+    """The newest committed step in the manager's directory (read from the disk, not the manager's cache)."""
+    try:
+        steps = [int(d) for d in os.listdir(str(mgr.directory)) if d.isdigit()]
+    except OSError:
+        return None
+    return max(steps, default=None)
+
+
+def close_manager(mgr: ocp.CheckpointManager, warn: Callable[[str], None], unwinding: bool = False) -> int | None:
+    """Let the save in flight finish (Ctrl-C meanwhile: exit at once), close ``mgr``; returns the newest complete
+    step. Also on the way out of an exception: an interpreter shutting down under orbax's writer thread can
+    hang. When ``unwinding``, an error here is only reported, not to hide the exception being raised."""
+    from jmoe.training.interrupt import default_sigint_while
+
+    def close():
+        mgr.wait_until_finished()
+        mgr.close()
+
+    try:
+        default_sigint_while(close)
+    except Exception as e:  # noqa: BLE001
+        if not unwinding:
+            raise
+        warn(f"closing the checkpoint manager of {mgr.directory} failed: {describe_error(e)}")
+    return latest_on_disk(mgr)

@@ -24,8 +24,9 @@ import orbax.checkpoint as ocp
 from jmoe import data as data_lib
 from jmoe.config import Config
 from jmoe.training.build import LN2, Setup, init_opt_state, setup
-from jmoe.training.checkpoints import (check_compatible, checkpoint_manager, read_checkpoint_config,
+from jmoe.training.checkpoints import (check_compatible, checkpoint_manager, close_manager, read_checkpoint_config,
                                        restore_checkpoint, restore_newest, save_checkpoint)
+from jmoe.training.interrupt import StopOnSigint
 from jmoe.training.lock import out_dir_lock
 from jmoe.training.logs import MetricsLog, main_warn, peak_flops, progress_line, write_plots
 from jmoe.training.mesh import batch_sharding, make_mesh
@@ -127,6 +128,7 @@ class _Run:
     log: MetricsLog
     say: Callable
     metrics: _TrainMetrics
+    stop: StopOnSigint  # Ctrl-C: stop after the current step
     evals: list[dict] = dataclasses.field(default_factory=list)  # evaluations after step 0
 
     def evaluate(self, params, step: int) -> dict[str, Any]:
@@ -155,7 +157,8 @@ def _open_log(s: Setup, corpus: data_lib.Corpus, out_dir: str, start: int, is_ma
 
 def _run_steps(run: _Run, params, opt_state, start: int, stop_after: int | None) -> tuple[Any, int]:
     """Steps ``start + 1 ..`` to ``steps`` (or ``stop_after``): flush / print every ``log_every``, evaluate
-    every ``eval_every``, save every ``ckpt_every`` (and at the end). Returns the params and the last saved step."""
+    every ``eval_every``, save every ``ckpt_every`` (and at the end); stop early after ``stop_after`` or a Ctrl-C
+    (``run.stop``). Returns the params and the last saved step."""
     s, cfg = run.s, run.s.cfg
     last_good = start
     for i in range(start, cfg.steps):
@@ -177,7 +180,7 @@ def _run_steps(run: _Run, params, opt_state, start: int, stop_after: int | None)
             last_good = done
         if at_eval or at_ckpt:
             run.metrics.restart_clock()  # leave evaluation and saving out of tokens/s
-        if stop_after is not None and done >= stop_after:
+        if (stop_after is not None and done >= stop_after) or run.stop.requested:
             break
     return params, last_good
 
@@ -196,6 +199,11 @@ def _resume(mgr: ocp.CheckpointManager, cfg: Config, params, opt_state, say, war
     return start, *restored
 
 
+def _interrupted(latest: int | None, mgr: ocp.CheckpointManager) -> str:
+    return (f"interrupted (Ctrl-C): the last complete checkpoint is step {latest} in {mgr.directory}; "
+            f"rerun the same command to resume from it")
+
+
 def train(cfg: Config, out_dir: str, *, print_fn=print, warn_fn=None, plots: bool = True,
           stop_after: int | None = None) -> dict:
     """Train (resuming from the newest checkpoint in ``out_dir`` that restores); returns a summary dict.
@@ -204,7 +212,8 @@ def train(cfg: Config, out_dir: str, *, print_fn=print, warn_fn=None, plots: boo
     were killed; for tests of resumption).
 
     Raises :class:`NonFiniteLossError` on a NaN / inf loss (no checkpoint is written
-    after it; the last good one is kept), and :class:`~jmoe.training.lock.OutDirInUseError` at once when
+    after it; the last good one is kept), :class:`KeyboardInterrupt` after a Ctrl-C (the loop stops after the
+    current step and the save in flight finishes first, see :mod:`~jmoe.training.interrupt`), and :class:`~jmoe.training.lock.OutDirInUseError` at once when
     another live process runs in ``out_dir`` (process 0 holds ``<out_dir>/.lock`` for the whole run).
     """
     is_main = jax.process_index() == 0
@@ -221,18 +230,27 @@ def _train(cfg: Config, out_dir: str, say, warn, plots: bool, stop_after: int | 
     s, params = setup(cfg, mesh)
     opt_state = init_opt_state(s, params)
     mgr = checkpoint_manager(out_dir, cfg.keep_ckpts)
-    start, params, opt_state = _resume(mgr, cfg, params, opt_state, say, warn)
-    log = _open_log(s, corpus, out_dir, start, is_main)
-    say(f"{s.num_params / 1e6:.2f}M parameters ({s.active_params / 1e6:.2f}M active/token), "
-        f"mesh {dict(mesh.shape)}, data {corpus.source} ({len(corpus.train) / 1e6:.1f}M train bytes)")
-    run = _Run(s, corpus, mgr, log, say, _TrainMetrics(s, log, mgr))
-    if start == 0:
-        run.evaluate(params, 0)
-    params, last_good = _run_steps(run, params, opt_state, start, stop_after)
-    if run.metrics.pending:
-        run.metrics.flush()
-    mgr.wait_until_finished()
-    mgr.close()
+    with StopOnSigint() as stop:
+        try:
+            start, params, opt_state = _resume(mgr, cfg, params, opt_state, say, warn)
+            log = _open_log(s, corpus, out_dir, start, is_main)
+            say(f"{s.num_params / 1e6:.2f}M parameters ({s.active_params / 1e6:.2f}M active/token), "
+                f"mesh {dict(mesh.shape)}, data {corpus.source} ({len(corpus.train) / 1e6:.1f}M train bytes)")
+            run = _Run(s, corpus, mgr, log, say, _TrainMetrics(s, log, mgr), stop)
+            if start == 0:
+                run.evaluate(params, 0)
+            params, last_good = _run_steps(run, params, opt_state, start, stop_after)
+            if run.metrics.pending:
+                run.metrics.flush()
+        except BaseException as e:
+            latest = close_manager(mgr, warn, unwinding=True)
+            if isinstance(e, KeyboardInterrupt):
+                warn(_interrupted(latest, mgr))
+            raise
+        latest = close_manager(mgr, warn)
+    if stop.requested:
+        warn(_interrupted(latest, mgr))
+        raise KeyboardInterrupt
     paths = write_plots(log.path) if plots and is_main else []
     if paths:
         say("plots: " + ", ".join(paths))
