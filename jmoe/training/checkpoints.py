@@ -76,7 +76,12 @@ def check_compatible(saved: dict, cfg: Config) -> None:
 
 
 def describe_error(e: BaseException, limit: int = 200) -> str:
-    """``Type: first line of the message`` (orbax / tensorstore messages run to pages)."""
+    """``Type: first line of the message`` of the innermost cause (orbax / tensorstore wrap the telling error in
+    generic ones; their messages run to pages)."""
+    seen = {id(e)}
+    while e.__cause__ is not None and id(e.__cause__) not in seen:
+        e = e.__cause__
+        seen.add(id(e))
     lines = str(e).strip().splitlines()
     text = f"{type(e).__name__}: {lines[0] if lines else ''}"
     return text if len(text) <= limit else text[:limit - 3] + "..."
