@@ -3,7 +3,9 @@
 Corpus: every ``*.py`` file of the running interpreter's standard library
 (``sysconfig.get_paths()["stdlib"]``, without site-/dist-packages), or the text
 files under ``data=PATH`` (a file or a directory; files with a NUL byte in their
-first 8 KiB are skipped as binary). Files are read in sorted path order.
+first 8 KiB are skipped as binary; only regular files are read: a FIFO, socket or
+device in the directory is skipped, it could block forever). Files are read in sorted
+path order.
 
 Validation split, fixed and deterministic: a file is held out iff
 ``crc32(relative path) % 10000 < val_percent * 100``. A single file is split by
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import stat
 import sysconfig
 import zlib
 
@@ -44,13 +47,21 @@ def stdlib_dir() -> str:
     return sysconfig.get_paths()["stdlib"]
 
 
+def is_regular_file(path: str) -> bool:
+    """A regular file (after symlinks); not a FIFO, socket or device, whose reads can block forever."""
+    try:
+        return stat.S_ISREG(os.stat(path).st_mode)
+    except OSError:
+        return False
+
+
 def list_files(root: str, pattern_ext: str | None) -> list[str]:
-    """Sorted relative paths of the files under ``root`` (ending in ``pattern_ext`` when given)."""
+    """Sorted relative paths of the regular files under ``root`` (ending in ``pattern_ext`` when given)."""
     out = []
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames[:] = sorted(d for d in dirnames if d not in _SKIP_DIRS)
         for name in filenames:
-            if pattern_ext is None or name.endswith(pattern_ext):
+            if (pattern_ext is None or name.endswith(pattern_ext)) and is_regular_file(os.path.join(dirpath, name)):
                 out.append(os.path.relpath(os.path.join(dirpath, name), root))
     return sorted(out)
 
@@ -79,6 +90,9 @@ def load_corpus(path: str = "", val_percent: float = 5.0, min_bytes: int = 1) ->
     if path:
         if not os.path.exists(path):
             raise FileNotFoundError(f"data path {path!r} does not exist (give a text file or a directory of text files)")
+        if not (os.path.isdir(path) or is_regular_file(path)):
+            raise ValueError(f"data path {path!r} is neither a regular file nor a directory (a FIFO, socket or "
+                             f"device is not read: it could block forever)")
         if os.path.isfile(path):
             data = np.frombuffer(_read(path, skip_binary=False), np.uint8)
             n_val = int(len(data) * val_percent / 100)

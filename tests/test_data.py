@@ -1,6 +1,7 @@
 """Byte data: splits are fixed, batch i depends only on (seed, i), processes load disjoint shares."""
 
 import os
+import threading
 
 import numpy as np
 import pytest
@@ -79,3 +80,22 @@ def test_validation_batches_are_fixed_and_cover_the_split():
     first = data_lib.val_batch(val, 0, 3, 4, 8)
     last = data_lib.val_batch(val, 2, 3, 4, 8)
     assert first[0][0, 0] == 0 and int(last[1][-1, -1]) == 999 % 256
+
+
+def test_a_fifo_in_the_data_directory_is_skipped_not_read(text_dir):
+    """Opening a FIFO for reading blocks until a writer comes: the load must not touch it. Run in a thread with
+    a deadline; on a hang, the test opens the FIFO for writing (the reader sees EOF) so nothing stays stuck."""
+    fifo = text_dir / "pipe.txt"
+    os.mkfifo(fifo)
+    result = {}
+    thread = threading.Thread(target=lambda: result.update(corpus=data_lib.load_corpus(str(text_dir), 20)),
+                              daemon=True)
+    thread.start()
+    thread.join(timeout=20)
+    if thread.is_alive():
+        os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))  # release the blocked reader
+        thread.join(timeout=20)
+        pytest.fail("load_corpus blocked on a FIFO in the data directory")
+    assert result["corpus"].num_files == 40
+    with pytest.raises(ValueError, match="neither a regular file nor a directory"):
+        data_lib.load_corpus(str(fifo))
