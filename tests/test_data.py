@@ -50,6 +50,11 @@ def test_validation_split_is_by_file_and_deterministic(text_dir):
     assert 0 < len(held) < 40
     want = b"\n".join((text_dir / f).read_bytes() for f in held)
     assert a.val.tobytes() == want
+    # The train side: exactly the other text files, and no held-out file's content leaks into it.
+    kept = [f for f in sorted(os.listdir(text_dir)) if f.endswith(".txt") and f not in held]
+    train = a.train.tobytes()
+    assert train == b"\n".join((text_dir / f).read_bytes() for f in kept)
+    assert not any((text_dir / f).read_bytes() in train for f in held)
     assert a.num_files == 40  # the binary file is skipped
     assert b"\0" not in a.train.tobytes()
 
