@@ -6,7 +6,7 @@ Usage:
   python train.py config=small steps=2000      # a named config (configs/NAME.json) + overrides
   python train.py config=tiny_dense            # the dense baseline matched to tiny's active FLOPs
   python train.py sample out_dir=runs/tiny prompt="def main(" sample_len=300
-  python train.py help                         # every key, its default and allowed values
+  python train.py help                         # (or --help) every key, its default and allowed values
 
 Any config key can be overridden as key=value. The run directory (out_dir,
 default runs/<config>) gets metrics.jsonl, loss.png, expert_load.png and
@@ -27,6 +27,8 @@ import sys
 def parse_args(argv: list[str]) -> tuple[str, str, list[str]]:
     """argv -> (mode, config name, ["key=value", ...])."""
     mode = "train"
+    if any(a in ("-h", "--help") for a in argv):
+        return "help", "tiny", []
     if argv and argv[0] in ("train", "sample", "help"):
         mode, argv = argv[0], argv[1:]
     name, rest = "tiny", []

@@ -201,3 +201,21 @@ def test_ctrl_c_during_async_saves_exits_promptly_and_keeps_the_last_complete_ch
         assert not training.is_locked(out)
     s, params, step = training.load_for_inference(out, num_devices=1)
     assert step == int(kept.group(1))
+
+
+# ----------------------------------------------------------------------------
+# 5. The command line: --help, bad out_dir, top_k above the vocabulary, a truncated metrics log, nan_at_step
+# ----------------------------------------------------------------------------
+
+
+def _train_main():
+    from tests.test_training import _train_main
+
+    return _train_main()
+
+
+@pytest.mark.parametrize("flag", ["--help", "-h"])
+def test_help_flag_lists_the_keys(flag, capsys):
+    assert _train_main()([flag]) == 0
+    out = capsys.readouterr().out
+    assert "Keys:" in out and "num_experts" in out and "out_dir" in out
