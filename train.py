@@ -40,6 +40,18 @@ def parse_args(argv: list[str]) -> tuple[str, str, list[str]]:
     return mode, name, rest
 
 
+def out_dir_problem(out_dir: str) -> str | None:
+    """Why ``out_dir`` cannot be created or written (a file in its path, a read-only parent), else None; checked
+    before JAX starts, so the error comes at once."""
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+        with open(os.path.join(out_dir, ".lock"), "a"):  # the run's lock file (see jmoe/training/lock.py)
+            pass
+    except OSError as e:
+        return f"out_dir {out_dir!r} cannot be created or written: {e.strerror or e} ({e.filename or out_dir})"
+    return None
+
+
 def main(argv: list[str]) -> int:
     from jmoe import config as config_lib
 
@@ -54,6 +66,9 @@ def main(argv: list[str]) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     out_dir = cfg.out_dir or os.path.join("runs", os.path.basename(name).removesuffix(".json"))
+    if mode == "train" and (problem := out_dir_problem(out_dir)):
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
 
     from jmoe import training
 

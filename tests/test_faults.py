@@ -219,3 +219,28 @@ def test_help_flag_lists_the_keys(flag, capsys):
     assert _train_main()([flag]) == 0
     out = capsys.readouterr().out
     assert "Keys:" in out and "num_experts" in out and "out_dir" in out
+
+
+def _bad_out_dir_run(text_file, out):
+    t0 = time.perf_counter()
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), *cli_args(text_file, out)],
+                          env=cpu_env(1), cwd=ROOT, capture_output=True, text=True, timeout=120)
+    return proc, time.perf_counter() - t0
+
+
+def test_out_dir_under_a_file_is_one_error_line_before_jax_starts(text_file, tmp_path):
+    (tmp_path / "afile").write_text("x")
+    out = str(tmp_path / "afile" / "run")
+    proc, seconds = _bad_out_dir_run(text_file, out)
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.stderr.startswith(f"error: out_dir {out!r} cannot be created or written: Not a directory")
+    assert len(proc.stderr.strip().splitlines()) == 1 and seconds < 30
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only directories")
+def test_out_dir_under_a_read_only_parent_is_one_error_line(text_file, tmp_path):
+    parent = tmp_path / "ro"
+    parent.mkdir(mode=0o555)
+    proc, _ = _bad_out_dir_run(text_file, str(parent / "run"))
+    assert proc.returncode == 2 and "Permission denied" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
