@@ -244,3 +244,11 @@ def test_out_dir_under_a_read_only_parent_is_one_error_line(text_file, tmp_path)
     proc, _ = _bad_out_dir_run(text_file, str(parent / "run"))
     assert proc.returncode == 2 and "Permission denied" in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_sample_top_k_above_the_vocabulary_keeps_every_logit(finished):
+    s, params, _ = training.load_for_inference(finished, num_devices=1)
+    many = training.sample(s, params, "def ", 8, temperature=1.0, top_k=1000, seed=3)
+    assert many == training.sample(s, params, "def ", 8, temperature=1.0, top_k=0, seed=3)
+    assert training.sample(s, params, "def ", 8, temperature=1.0, top_k=1, seed=3) == \
+        training.sample(s, params, "def ", 8, temperature=0.0)  # and top_k=1 is greedy

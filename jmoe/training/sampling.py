@@ -56,7 +56,8 @@ def load_for_inference(out_dir: str, *, expert_parallel: int = 1, num_devices: i
 def sample(s: Setup, params, prompt: str, length: int, temperature: float = 0.8, top_k: int = 0,
            seed: int = 0) -> str:
     """Generate ``length`` bytes after ``prompt`` (eval mode, no KV cache: each new byte re-reads the
-    last ``seq_len`` bytes, a static-shape window, so one compiled function serves every position)."""
+    last ``seq_len`` bytes, a static-shape window, so one compiled function serves every position).
+    ``top_k`` keeps the ``top_k`` largest logits; 0, or a value of at least the vocabulary (256), keeps all."""
     seq_len = s.cfg.seq_len
     repl = NamedSharding(s.mesh, P())
     tokens = list(data_lib.encode(prompt)) or [ord("\n")]
@@ -70,7 +71,7 @@ def sample(s: Setup, params, prompt: str, length: int, temperature: float = 0.8,
             tokens.append(int(np.argmax(logits)))
             continue
         logits = logits / temperature
-        if top_k:
+        if 0 < top_k < len(logits):  # top_k >= the vocabulary keeps every logit
             logits[logits < np.sort(logits)[-top_k]] = -np.inf
         p = np.exp(logits - logits.max())
         tokens.append(int(rng.choice(len(p), p=p / p.sum())))
