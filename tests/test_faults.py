@@ -252,3 +252,21 @@ def test_sample_top_k_above_the_vocabulary_keeps_every_logit(finished):
     assert many == training.sample(s, params, "def ", 8, temperature=1.0, top_k=0, seed=3)
     assert training.sample(s, params, "def ", 8, temperature=1.0, top_k=1, seed=3) == \
         training.sample(s, params, "def ", 8, temperature=0.0)  # and top_k=1 is greedy
+
+
+def test_resume_drops_a_partial_last_line_of_the_metrics_log(finished, text_file, tmp_path):
+    out = str(tmp_path / "run")
+    shutil.copytree(finished, out)
+    path = os.path.join(out, "metrics.jsonl")
+    with open(path) as fh:
+        lines = fh.readlines()
+    with open(path, "w") as fh:  # a run killed while writing its last record
+        fh.writelines(lines[:-1] + [lines[-1][: len(lines[-1]) // 2]])
+    warnings = []
+    training.train(short(text_file), out, print_fn=lambda *a: None, warn_fn=warnings.append, plots=False)
+    assert len(warnings) == 1 and f"{path}, line {len(lines)}: dropped a partial last record" in warnings[0]
+    assert train_losses(out) == train_losses(finished)  # every line parses again
+    with open(path, "a") as fh:  # a bad line that is not the last: a clear error naming the file and line
+        fh.write("{not json\n" + lines[0])
+    with pytest.raises(ValueError, match=f"{path}, line {len(lines) + 1}: not a JSON record"):
+        training.train(short(text_file), out, print_fn=lambda *a: None, plots=False)

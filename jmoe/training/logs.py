@@ -27,17 +27,17 @@ def peak_flops(device) -> float | None:
 
 
 class MetricsLog:
-    """JSON lines at ``path`` (process 0 only). On resume from step N, lines after N are dropped."""
+    """JSON lines at ``path`` (process 0 only). On resume from step N, lines after N are dropped, and so is a
+    partial last line (a run killed while writing it), with a warning naming the file."""
 
-    def __init__(self, path: str, resume_step: int, enabled: bool):
+    def __init__(self, path: str, resume_step: int, enabled: bool, warn=None):
         self.path, self.enabled = path, enabled
         if not enabled:
             return
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
         kept = []
         if resume_step > 0 and os.path.exists(path):
-            with open(path) as fh:
-                kept = [line for line in fh if json.loads(line).get("step", 0) <= resume_step]
+            kept = [json.dumps(r) + "\n" for r in read_log(path, warn) if r.get("step", 0) <= resume_step]
         with open(path, "w") as fh:
             fh.writelines(kept)
 
@@ -47,9 +47,21 @@ class MetricsLog:
                 fh.write(json.dumps(record) + "\n")
 
 
-def read_log(path: str) -> list[dict]:
+def read_log(path: str, warn=None) -> list[dict]:
+    """The records of a metrics log. A last line that does not parse (a run killed while writing it) is
+    dropped, with ``warn(message)`` when given; a bad line before it is a ValueError naming the file and line."""
     with open(path) as fh:
-        return [json.loads(line) for line in fh if line.strip()]
+        lines = [(n, line) for n, line in enumerate(fh, 1) if line.strip()]
+    records = []
+    for i, (n, line) in enumerate(lines):
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as e:
+            if i < len(lines) - 1:
+                raise ValueError(f"{path}, line {n}: not a JSON record ({e}); fix or remove the line") from None
+            if warn is not None:
+                warn(f"{path}, line {n}: dropped a partial last record ({len(line)} bytes, {e})")
+    return records
 
 
 def progress_line(step: int, total: int, rec: dict, width: int = 20) -> str:

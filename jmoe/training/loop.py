@@ -139,14 +139,14 @@ class _Run:
         return ev
 
 
-def _open_log(s: Setup, corpus: data_lib.Corpus, out_dir: str, start: int, is_main: bool) -> MetricsLog:
+def _open_log(s: Setup, corpus: data_lib.Corpus, out_dir: str, start: int, is_main: bool, warn) -> MetricsLog:
     """Write ``config.json``, open ``metrics.jsonl`` (dropping records after ``start``) and log the start."""
     cfg, mesh = s.cfg, s.mesh
     if is_main:
         os.makedirs(out_dir, exist_ok=True)
         with open(os.path.join(out_dir, "config.json"), "w") as fh:
             json.dump(cfg.to_dict(), fh, indent=1)
-    log = MetricsLog(os.path.join(out_dir, "metrics.jsonl"), start, is_main)
+    log = MetricsLog(os.path.join(out_dir, "metrics.jsonl"), start, is_main, warn)
     log.write({"kind": "start", "step": start, "num_params": s.num_params, "active_params": s.active_params,
                "flops_per_token": s.flops_per_token, "devices": len(mesh.devices.flat),
                "device_kind": jax.devices()[0].device_kind, "processes": jax.process_count(),
@@ -233,7 +233,7 @@ def _train(cfg: Config, out_dir: str, say, warn, plots: bool, stop_after: int | 
     with StopOnSigint() as stop:
         try:
             start, params, opt_state = _resume(mgr, cfg, params, opt_state, say, warn)
-            log = _open_log(s, corpus, out_dir, start, is_main)
+            log = _open_log(s, corpus, out_dir, start, is_main, warn)
             say(f"{s.num_params / 1e6:.2f}M parameters ({s.active_params / 1e6:.2f}M active/token), "
                 f"mesh {dict(mesh.shape)}, data {corpus.source} ({len(corpus.train) / 1e6:.1f}M train bytes)")
             run = _Run(s, corpus, mgr, log, say, _TrainMetrics(s, log, mgr), stop)
