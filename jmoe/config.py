@@ -114,7 +114,8 @@ class Config:
     keep_ckpts: int = _field(2, "checkpoints kept", role="run", range=_POS)
     expert_parallel: int = _field(1, "size of the mesh's 'expert' axis", role="compile", range=_POS)
     num_devices: int = _field(0, "devices in the mesh (0 = all)", role="compile", range=_NONNEG)
-    nan_at_step: int = _field(-1, "debug: make the loss NaN at this step (-1 = never)", role="run", range=(-1, None))
+    nan_at_step: int = _field(-1, "debug: make the loss NaN at this step (numbered from 1 as in the log; -1 = never)",
+                              role="run", range=(-1, None))
     # --- multi-host ------------------------------------------------------------
     distributed: str = _field("auto", "jax.distributed.initialize: auto (if env says so), on, off", role="run",
                               choices=("auto", "on", "off"))
@@ -136,6 +137,8 @@ class Config:
             )
         if self.num_experts and not 1 <= self.k <= self.num_experts:
             raise ValueError(f"k={self.k} must be in [1, num_experts={self.num_experts}]")
+        if self.nan_at_step == 0:
+            raise ValueError("nan_at_step=0 never happens: steps are numbered from 1, as in the log (-1 = never)")
         if self.dropless_buffer_factor and not (self.dropless and self.dropless_buffer_factor >= 1.0):
             raise ValueError(f"dropless_buffer_factor={self.dropless_buffer_factor} needs dropless=1 and a value "
                              f">= 1 (0 = the worst-case buffer)")

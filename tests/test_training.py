@@ -110,9 +110,11 @@ def test_checkpoint_from_expert_parallel_mesh_restores_on_one_device(text_file, 
 
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(text_file, tmp_path):
     out = str(tmp_path / "run_nan")
-    cfg = micro(text_file, ckpt_every=2, nan_at_step=4)  # step index 4 = the 5th step
-    with pytest.raises(training.NonFiniteLossError, match="step 5.*last good checkpoint is step 4"):
+    cfg = micro(text_file, ckpt_every=2, nan_at_step=5)  # the step logged as 5 (steps are numbered from 1)
+    with pytest.raises(training.NonFiniteLossError, match="at step 5: .*last good checkpoint is step 4"):
         training.train(cfg, out, print_fn=lambda *a: None, plots=False)
+    logged = losses(os.path.join(out, "metrics.jsonl"), key="loss")
+    assert sorted(logged) == [1, 2, 3, 4, 5] and math.isnan(logged[5]) and math.isfinite(logged[4])
     s, params, step = training.load_for_inference(out, num_devices=1)
     assert step == 4
     assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(params))
@@ -168,6 +170,7 @@ def test_unknown_key_lists_valid_keys(capsys):
     ("nokeyvalue", "expected key=value"),
     ("dropless_buffer_factor=1.5", "needs dropless=1"),
     ("grouped_matmul=cublas", "must be one of auto, ragged_dot, scan, pallas, mosaic"),
+    ("nan_at_step=0", "steps are numbered from 1"),
 ])
 def test_bad_values_are_clear_errors(arg, message):
     with pytest.raises(ValueError, match=message):

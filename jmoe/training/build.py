@@ -159,8 +159,9 @@ def fold_rngs(rngs_state, step: Array):
 
 def make_train_step(s: Setup) -> Callable:
     """``step_fn(params, opt_state, step, inputs, targets, nan_at_step) -> (params, opt_state, metrics)``,
-    jitted. ``nan_at_step`` (a debug hook for the non-finite-loss path) makes step ``step == nan_at_step``'s
-    loss NaN; -1 never does.
+    jitted. ``step`` is the 0-based step index (it folds the RNGs and sets the lr); the log numbers that step
+    ``step + 1`` (the steps done). ``nan_at_step`` (a debug hook for the non-finite-loss path) is a step number
+    as logged: the loss of the step logged as ``nan_at_step`` is NaN; -1 never.
 
     Metrics (device arrays): ``loss`` (total), ``lm_loss``, ``bits_per_byte``,
     ``load_balancing_loss`` and ``z_loss`` (summed over layers), ``grad_norm``,
@@ -174,7 +175,7 @@ def make_train_step(s: Setup) -> Callable:
         logits, aux = model(inputs)  # [B, S, V]
         lm = model_lib.lm_loss(logits, targets)
         loss = model_lib.total_loss(lm, aux, cfg.lb_weight, cfg.z_weight)
-        loss = loss * jnp.where(step == nan_at_step, jnp.nan, 1.0)
+        loss = loss * jnp.where(step + 1 == nan_at_step, jnp.nan, 1.0)  # step + 1: the logged number
         return loss, (lm, aux)
 
     def step_fn(params, opt_state, step, inputs, targets, nan_at_step):
