@@ -72,19 +72,63 @@ def _check_expert_out(expert_out: Array, plan: RoutingPlan) -> None:
 
 
 def einsum_dispatch(x: Array, plan: RoutingPlan) -> Array:
-    """One-hot dispatch: ``slots[g, e, c] = sum_s mask[g, s, e, c] * x[g, s]``."""
+    """One-hot dispatch: ``slots[g, e, c] = sum_s mask[g, s, e, c] * x[g, s]``.
+
+    A non-finite entry would reach every slot of its group through ``0 * NaN``; when x
+    has one (``lax.cond``: the common case pays one check), the contraction runs on the
+    finite part and each slot takes its own token's non-finite entries back, so a NaN
+    stays with its token as in the index backends.
+    """
     _check(x, plan)
     mask = plan.dispatch_mask().astype(x.dtype)  # [G, S, E, C]
-    slots = jnp.einsum("gsec,gsd->gecd", mask, x)  # [G, E, C, d]
-    return _to_expert_major(slots)
+
+    def plain(x):
+        return jnp.einsum("gsec,gsd->gecd", mask, x)  # [G, E, C, d]
+
+    def isolated(x):
+        finite, codes = _split_non_finite(x)  # [G, S, d] each
+        slot_codes = jnp.einsum("gsec,gsd->gecd", mask.astype(jnp.float32), codes)  # one token per slot
+        return _keep_non_finite(plain(finite), slot_codes)
+
+    return _to_expert_major(jax.lax.cond(jnp.all(jnp.isfinite(x)), plain, isolated, x))
 
 
 def einsum_combine(expert_out: Array, plan: RoutingPlan) -> Array:
-    """One-hot combine: ``y[g, s] = sum_{e, c} combine[g, s, e, c] * out[g, e, c]``."""
+    """One-hot combine: ``y[g, s] = sum_{e, c} combine[g, s, e, c] * out[g, e, c]``; a slot's
+    non-finite entries reach only the tokens that combine it (as in :func:`einsum_dispatch`)."""
     _check_expert_out(expert_out, plan)
-    slots = _to_group_major(expert_out, plan)  # [G, E, C, d]
-    y = jnp.einsum("gsec,gecd->gsd", plan.combine_array(), slots.astype(jnp.float32))
+    slots = _to_group_major(expert_out, plan).astype(jnp.float32)  # [G, E, C, d]
+    combine = plan.combine_array()  # [G, S, E, C]
+
+    def plain(slots):
+        return jnp.einsum("gsec,gecd->gsd", combine, slots)  # [G, S, d]
+
+    def isolated(slots):
+        finite, codes = _split_non_finite(slots)
+        used = (combine != 0).astype(jnp.float32)  # [G, S, E, C]: the slots a token combines
+        kinds = jnp.stack([codes == code for code in _CODES], axis=-1).astype(jnp.float32)  # [G, E, C, d, 3]
+        counts = jnp.einsum("gsec,gecdn->gsdn", used, kinds)  # [G, S, d, 3]: NaN, +inf, -inf terms
+        nan = (counts[..., 0] > 0) | ((counts[..., 1] > 0) & (counts[..., 2] > 0))
+        y = jnp.where(counts[..., 1] > 0, jnp.inf, jnp.where(counts[..., 2] > 0, -jnp.inf, plain(finite)))
+        return jnp.where(nan, jnp.nan, y)
+
+    y = jax.lax.cond(jnp.all(jnp.isfinite(slots)), plain, isolated, slots)
     return y.astype(expert_out.dtype)
+
+
+_CODES = (1.0, 2.0, 3.0)  # NaN, +inf, -inf
+
+
+def _split_non_finite(x: Array) -> tuple[Array, Array]:
+    """``x`` with its non-finite entries zeroed, and their codes (0 finite, 1 NaN, 2 +inf, 3 -inf)."""
+    codes = jnp.where(jnp.isnan(x), 1.0, jnp.where(x == jnp.inf, 2.0, jnp.where(x == -jnp.inf, 3.0, 0.0)))
+    return jnp.where(codes == 0, x, jnp.zeros((), x.dtype)), codes.astype(jnp.float32)
+
+
+def _keep_non_finite(values: Array, codes: Array) -> Array:
+    """``values`` with each entry whose code says NaN / +inf / -inf set to it."""
+    special = jnp.where(codes == 1, jnp.nan, jnp.where(codes == 2, jnp.inf, -jnp.inf)).astype(values.dtype)
+    return jnp.where(codes == 0, values, special)
 
 
 # ----------------------------------------------------------------------------

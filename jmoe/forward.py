@@ -69,9 +69,12 @@ def moe_forward(pipeline: Pipeline, params: dict, groups: Array, token_mask: Arr
 
     ``params = {"router": {...}, "experts": {"w_in": [E, d, f], ...}}`` (on a mesh: the
     device's local experts); ``draws``: the router's random draws ``[G, S, ...]`` (empty
-    in eval mode). A token dropped by every expert it chose gets y = 0.
+    in eval mode). A token dropped by every expert it chose gets y = 0; so does a masked
+    token (``token_mask`` False), whose input is never read.
     """
     num_groups, group_size, d = groups.shape
+    if token_mask is not None:  # masked tokens are never read: a NaN there reaches no output, loss or gradient
+        groups = jnp.where(token_mask[..., None], groups, jnp.zeros((), groups.dtype))
     capacity = group_size if pipeline.capacity is None else pipeline.capacity
     plan = pipeline.router.route(params["router"], groups, draws, token_mask, capacity)
     experts = params["experts"]

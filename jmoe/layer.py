@@ -23,7 +23,7 @@ from flax import nnx
 from jmoe import parallel, routing
 from jmoe.experts import ExpertBank
 from jmoe.forward import Pipeline, moe_forward
-from jmoe.options import CapacityOptions, DroplessOptions, MeshOptions, check_combination
+from jmoe.options import CapacityOptions, DroplessOptions, MeshOptions, check_combination, check_layer
 
 Array = jax.Array
 
@@ -41,6 +41,27 @@ def group_tokens(x: Array, group_size: int | None) -> tuple[Array, tuple[int, ..
             f"by group_size={group_size}"
         )
     return tokens.reshape(-1, group_size, x.shape[-1]), x.shape
+
+
+def check_input(x: Array, d_model: int) -> Array:
+    """``x`` if it is a floating-point ``[..., d_model]`` array with tokens, else a clear error."""
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+        raise ValueError(f"MoE input must be floating point, got {x.dtype} (cast it first: the output "
+                         f"has the input's dtype)")
+    if x.shape[-1] != d_model:
+        raise ValueError(f"MoE input's last dim must be d_model={d_model}, got shape {x.shape}")
+    if x.size == 0:
+        raise ValueError(f"MoE input has no tokens: shape {x.shape}")
+    return x
+
+
+def check_token_mask(token_mask: Array, x: Array) -> Array:
+    """A boolean mask of ``x``'s shape without d, else a clear error."""
+    if token_mask.dtype != jnp.bool_:
+        raise ValueError(f"token_mask must be boolean (True = a real token), got {token_mask.dtype}")
+    if token_mask.shape != x.shape[:-1]:
+        raise ValueError(f"token_mask must have shape {x.shape[:-1]}, got {token_mask.shape}")
+    return token_mask
 
 
 class MoE(nnx.Module):
@@ -140,6 +161,7 @@ class MoE(nnx.Module):
         dropless_buffer_factor: float | None = None,
         rngs: nnx.Rngs,
     ):
+        check_layer(d_model, d_ff, num_experts, dtype, param_dtype)
         router_options = dict(priority=priority, batch_prioritized=batch_prioritized, normalize=normalize,
                               second_expert_policy=second_expert_policy,
                               importance_loss_weight=importance_loss_weight, load_loss_weight=load_loss_weight)
@@ -208,14 +230,10 @@ class MoE(nnx.Module):
         ``token_mask`` (x's shape without d) marks padding tokens with False:
         they take no expert slot, get output 0, and are left out of the losses.
         """
-        if x.shape[-1] != self.d_model:
-            raise ValueError(f"MoE input's last dim must be d_model={self.d_model}, got shape {x.shape}")
-        groups, shape = group_tokens(x, self.group_size)  # [G, S, d]
+        groups, shape = group_tokens(check_input(x, self.d_model), self.group_size)  # [G, S, d]
         mask = None
         if token_mask is not None:
-            if token_mask.shape != x.shape[:-1]:
-                raise ValueError(f"token_mask must have shape {x.shape[:-1]}, got {token_mask.shape}")
-            mask = token_mask.reshape(groups.shape[:2])
+            mask = check_token_mask(token_mask, x).reshape(groups.shape[:2])
         forward = functools.partial(moe_forward, self.pipeline(groups.shape[1]))
         mesh = parallel.resolve_mesh(self.mesh_options.mesh)
         if parallel.uses_mesh(mesh):  # expert parallelism under shard_map

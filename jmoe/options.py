@@ -11,6 +11,7 @@ import dataclasses
 import math
 
 import jax
+import jax.numpy as jnp
 
 from jmoe import grouped_matmul as gmm_lib
 from jmoe.dispatch import BACKENDS
@@ -53,12 +54,14 @@ class CapacityOptions:
         return self.capacity_factor is None
 
     def slots(self, group_size: int, num_experts: int, k: int, train: bool) -> int | None:
-        """C for the mode (train / eval); None for a dropless layer."""
+        """C for the mode (train / eval), at most what a group can fill (S, rounded up to
+        ``multiple_of``: a token takes an expert at most once); None for a dropless layer."""
         if self.dropless:
             return None
-        return expert_capacity(group_size, num_experts, k=k,
-                               capacity_factor=self.capacity_factor if train else self.eval_capacity_factor,
-                               min_capacity=self.min_capacity, multiple_of=self.multiple_of)
+        capacity = expert_capacity(group_size, num_experts, k=k,
+                                   capacity_factor=self.capacity_factor if train else self.eval_capacity_factor,
+                                   min_capacity=self.min_capacity, multiple_of=self.multiple_of)
+        return min(capacity, -(-group_size // self.multiple_of) * self.multiple_of)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,6 +91,19 @@ class MeshOptions:
 
     def __post_init__(self):
         _int_at_least("a2a_chunks", self.a2a_chunks, 1)
+
+
+def check_layer(d_model, d_ff, num_experts, dtype, param_dtype) -> None:
+    """Sizes are integers >= 1; the activation and parameter dtypes are floating point."""
+    for name, value in (("d_model", d_model), ("d_ff", d_ff), ("num_experts", num_experts)):
+        _int_at_least(name, value, 1)
+    for name, value in (("dtype", dtype), ("param_dtype", param_dtype)):
+        try:
+            ok = jnp.issubdtype(jnp.dtype(value), jnp.floating)
+        except TypeError:
+            ok = False
+        if not ok:
+            raise ValueError(f"{name} must be a floating-point dtype, got {value!r}")
 
 
 def check_combination(router: Router, num_experts: int, capacity: CapacityOptions, dropless: DroplessOptions,

@@ -7,6 +7,7 @@ the name ``"auto"`` resolves to. Nothing else in jmoe asks which backend it runs
 
 from __future__ import annotations
 
+import warnings
 from typing import Generic, TypeVar
 
 import jax
@@ -23,10 +24,22 @@ def current() -> str:
 
 
 def interpret(flag: bool | None) -> bool:
-    """A kernel's interpret flag: None -> interpret unless the platform is a GPU."""
+    """A kernel's interpret flag: None -> interpret unless the platform is a GPU (with a
+    warning, once: the GPU kernels then run in Pallas's interpreter, correct but slow)."""
     if flag is None:
-        return current() != "gpu"
+        flag = current() != "gpu"
+        if flag and not _warned:
+            _warned.append(True)
+            warnings.warn(f"jmoe: a GPU kernel runs in Pallas's interpreter on {current()} (slow; for tests); "
+                          f"choose an 'auto' or XLA implementation here", InterpretedKernelWarning, stacklevel=3)
     return bool(flag)
+
+
+_warned: list[bool] = []  # once per process
+
+
+class InterpretedKernelWarning(UserWarning):
+    """A GPU kernel ran in Pallas's interpreter (off GPU)."""
 
 
 def has_ragged_all_to_all() -> bool:

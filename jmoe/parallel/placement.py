@@ -7,7 +7,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from jmoe.parallel.mesh import MeshAxes
+from jmoe.parallel.mesh import MeshAxes, expert_parallel_size
 from jmoe.routing import PARAM_NAMES as ROUTER_PARAMS
 
 EXPERT_WEIGHTS = ("w_in", "w_gate", "w_out", "b_in", "b_out")
@@ -28,20 +28,38 @@ def expert_param_specs(params: dict, mesh) -> dict[str, P]:
     return {name: table[name] for name in params}
 
 
-def moe_param_spec(path, mesh) -> P | None:
+def moe_param_spec(path, mesh, shape: tuple[int, ...] | None = None) -> P | None:
     """The PartitionSpec of a ``jmoe.MoE`` parameter by its path in a model's state (the
     one placement rule; NNX state paths or ``jax.tree_util`` key paths): expert weights
     (``.../experts/w_in`` ...) per :func:`expert_param_specs`, router weights replicated,
     None for anything else (not an MoE parameter).
+
+    With the weight's ``shape``: leading dims beyond the weight's own (layers stacked with
+    ``nnx.vmap``: ``w_in [L, E, d, f]``) stay unsplit, and an expert count the expert axes
+    do not divide is a ValueError naming ``num_experts``.
     """
     keys = [str(getattr(k, "key", getattr(k, "name", k))) for k in path]
     if "experts" in keys:
         names = [k for k in keys[keys.index("experts") + 1:] if k in EXPERT_WEIGHTS]
         if names:
-            return expert_param_specs({names[0]: None}, mesh)[names[0]]
+            spec = expert_param_specs({names[0]: None}, mesh)[names[0]]
+            return spec if shape is None else _for_shape(spec, shape, mesh, "/".join(keys))
     if keys and keys[-1] in ROUTER_PARAMS:
         return P()
     return None
+
+
+def _for_shape(spec: P, shape: tuple[int, ...], mesh, where: str) -> P:
+    """``spec`` of an expert weight for an array of ``shape``: None for the leading stacked
+    dims; the expert dim checked against the expert-parallel size."""
+    lead = len(shape) - len(spec)
+    if lead < 0:
+        raise ValueError(f"{where}: shape {tuple(shape)} has fewer dims than its spec {spec}")
+    n = expert_parallel_size(mesh)
+    if shape[lead] % n:
+        raise ValueError(f"{where}: num_experts={shape[lead]} is not divisible by the expert-parallel size "
+                         f"|expert_outer| x |expert| = {n} of mesh {dict(mesh.shape)}")
+    return P(*([None] * lead), *spec)
 
 
 def shard_moe_params(tree, mesh: Mesh):
@@ -58,7 +76,7 @@ def shard_moe_params(tree, mesh: Mesh):
     state = nnx.state(tree) if is_module else tree
 
     def place(path, value):
-        spec = moe_param_spec(path, mesh)
+        spec = moe_param_spec(path, mesh, getattr(value, "shape", None))
         if spec is None or not hasattr(value, "shape"):
             return value
         return to_global(value, mesh, spec)

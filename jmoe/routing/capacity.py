@@ -23,24 +23,20 @@ def expert_capacity(
     factor 1.5 gives 3.
 
     Raises:
-      ValueError: naming the bad argument, for non-positive sizes or factor,
-        ``k < 1`` or ``k > num_experts``, negative ``min_capacity``,
-        ``multiple_of < 1``, or a capacity that comes out 0.
+      ValueError: naming the bad argument, for non-integer or non-positive sizes,
+        a factor that is not finite and > 0, ``k < 1`` or ``k > num_experts``, negative
+        ``min_capacity``, ``multiple_of < 1``, or a capacity that comes out 0.
     """
-    if tokens_per_group < 1:
-        raise ValueError(f"tokens_per_group must be >= 1, got {tokens_per_group}")
-    if num_experts < 1:
-        raise ValueError(f"num_experts must be >= 1, got {num_experts}")
-    if k < 1:
-        raise ValueError(f"k must be >= 1, got {k}")
+    for name, value, low in (("tokens_per_group", tokens_per_group, 1), ("num_experts", num_experts, 1),
+                             ("k", k, 1), ("min_capacity", min_capacity, 0), ("multiple_of", multiple_of, 1)):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(f"{name} must be an integer, got {value!r}")
+        if value < low:
+            raise ValueError(f"{name} must be >= {low}, got {value}")
     if k > num_experts:
         raise ValueError(f"k={k} must be <= num_experts={num_experts}")
-    if not capacity_factor > 0:
-        raise ValueError(f"capacity_factor must be > 0, got {capacity_factor}")
-    if min_capacity < 0:
-        raise ValueError(f"min_capacity must be >= 0, got {min_capacity}")
-    if multiple_of < 1:
-        raise ValueError(f"multiple_of must be >= 1, got {multiple_of}")
+    if not (capacity_factor > 0 and math.isfinite(capacity_factor)):
+        raise ValueError(f"capacity_factor must be finite and > 0, got {capacity_factor}")
     # Rounded to 9 digits first so that 1.1 * 10 / 11 stays exactly 1 (no float noise).
     capacity = math.ceil(round(k * capacity_factor * tokens_per_group / num_experts, 9))
     capacity = max(capacity, min_capacity)

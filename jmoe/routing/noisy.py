@@ -167,7 +167,7 @@ def prob_in_top_k(clean_logits: Array, h: Array, noise_logits: Array, k: int) ->
 def _masked_sum(per_token: Array, token_mask: Array | None) -> Array:
     """[G, S, E] -> [E]: sum over the valid tokens of every group."""
     if token_mask is not None:
-        per_token = per_token * token_mask.astype(jnp.float32)[..., None]
+        per_token = jnp.where(token_mask.astype(bool)[..., None], per_token, 0.0)
     return jnp.sum(per_token.reshape(-1, per_token.shape[-1]), axis=0)
 
 

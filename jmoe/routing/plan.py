@@ -165,9 +165,10 @@ def check_logits(logits: Array, token_mask: Array | None) -> Array:
 
 
 def masked_mean(values: Array, mask: Array) -> Array:
-    """Mean of ``values`` over entries where ``mask`` (0 when there are none)."""
-    mask = mask.astype(jnp.float32)
-    return jnp.sum(values * mask) / jnp.maximum(jnp.sum(mask), 1.0)
+    """Mean of ``values`` over entries where ``mask`` (0 when there are none); values off the
+    mask are never read (a NaN in a masked-out token does not reach the mean)."""
+    mask = mask.astype(bool)
+    return jnp.sum(jnp.where(mask, values, 0.0)) / jnp.maximum(jnp.sum(mask.astype(jnp.float32)), 1.0)
 
 
 def z_loss(logits: Array, token_mask: Array) -> Array:
@@ -195,11 +196,11 @@ def load_balancing_loss(probs: Array, top_experts: Array, token_mask: Array) -> 
       token_mask: [G, S] bool.
     """
     num_experts = probs.shape[-1]
-    mask = token_mask.astype(jnp.float32)[..., None]  # [G, S, 1]
-    count = jnp.maximum(jnp.sum(mask, axis=1), 1.0)  # [G, 1]
+    mask = token_mask.astype(bool)[..., None]  # [G, S, 1]
+    count = jnp.maximum(jnp.sum(mask.astype(jnp.float32), axis=1), 1.0)  # [G, 1]
     selected = jnp.sum(jax.nn.one_hot(top_experts, num_experts, dtype=jnp.float32), axis=2)  # [G, S, E]
-    f = jnp.sum(selected * mask, axis=1) / count  # [G, E]
-    p = jnp.sum(probs * mask, axis=1) / count  # [G, E]
+    f = jnp.sum(jnp.where(mask, selected, 0.0), axis=1) / count  # [G, E]
+    p = jnp.sum(jnp.where(mask, probs, 0.0), axis=1) / count  # [G, E]: masked tokens never read
     return jnp.mean(num_experts * jnp.sum(f * p, axis=-1))
 
 

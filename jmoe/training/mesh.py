@@ -42,7 +42,7 @@ def param_shardings(mesh, params: dict) -> dict:
     """MoE parameters per :func:`jmoe.parallel.moe_param_spec` (the library's one placement
     rule); everything else replicated."""
     def spec(path, x):
-        return NamedSharding(mesh, parallel.moe_param_spec(path, mesh) or P())
+        return NamedSharding(mesh, parallel.moe_param_spec(path, mesh, x.shape) or P())
 
     return jax.tree_util.tree_map_with_path(spec, params)
 
