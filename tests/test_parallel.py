@@ -9,6 +9,7 @@ checks share one compile (compiles dominate the CPU time).
 import re
 from collections import Counter
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -75,14 +76,16 @@ def value_and_grads(moe, x, mask, r):
 
 
 def assert_tree_close(actual, expected, rtol=2e-5):
-    flat_a = jax.tree_util.tree_leaves_with_path(actual)
-    flat_e = jax.tree_util.tree_leaves_with_path(expected)
-    assert [p for p, _ in flat_a] == [p for p, _ in flat_e]
-    for (path, a), (_, e) in zip(flat_a, flat_e):
+    """Same tree structure, and every leaf close in float64 (chex), with an absolute
+    tolerance scaled by the leaf's largest magnitude."""
+    chex.assert_trees_all_equal_structs(actual, expected)
+    for (path, a), (_, e) in zip(jax.tree_util.tree_leaves_with_path(actual), jax.tree_util.tree_leaves_with_path(expected)):
         e = np.asarray(e, np.float64)
         scale = 1.0 + np.max(np.abs(e), initial=0.0)
-        np.testing.assert_allclose(np.asarray(a, np.float64), e, rtol=rtol, atol=rtol * scale,
-                                   err_msg=jax.tree_util.keystr(path))
+        try:
+            chex.assert_trees_all_close(np.asarray(a, np.float64), e, rtol=rtol, atol=rtol * scale)
+        except AssertionError as err:
+            raise AssertionError(f"{jax.tree_util.keystr(path)}: {err}") from None
 
 
 def inputs(key, batch, seq, with_mask):
