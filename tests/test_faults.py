@@ -99,6 +99,18 @@ def test_sample_skips_a_corrupt_latest_checkpoint(finished, tmp_path):
         training.load_for_inference(out, num_devices=1, step=4)
 
 
+def test_sample_during_a_run_skips_a_corrupt_checkpoint_without_moving_it(finished, tmp_path):
+    """While a run holds the out_dir lock, the directory is that run's: a bad step is skipped, not renamed."""
+    out = str(tmp_path / "run")
+    shutil.copytree(finished, out)
+    corrupt(os.path.join(out, "checkpoints", "6"), "truncate")
+    warnings = []
+    with training.out_dir_lock(out):
+        _, _, step = training.load_for_inference(out, num_devices=1, warn_fn=warnings.append)
+    assert step == 4 and len(warnings) == 1 and "checkpoint step 6" in warnings[0] and "skipped" in warnings[0]
+    assert sorted(os.listdir(os.path.join(out, "checkpoints"))) == ["4", "6"]
+
+
 # ----------------------------------------------------------------------------
 # 2. One run per out_dir: a second one refuses at once; a dead run's lock is taken over
 # ----------------------------------------------------------------------------
@@ -174,24 +186,28 @@ class Lines:
 
 
 def test_ctrl_c_during_async_saves_exits_promptly_and_keeps_the_last_complete_checkpoint(text_file, tmp_path):
-    """A save at every step, so SIGINT lands during (or right next to) an async save; three delays."""
-    for trial, delay in enumerate((0.1, 0.6, 1.2)):
-        out = str(tmp_path / f"run{trial}")
-        args = cli_args(text_file, out, steps=100000, ckpt_every=1, eval_every=100000, log_every=1)
-        proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "train.py"), *args], env=cpu_env(1), cwd=ROOT,
-                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        lines = Lines(proc)
-        try:
-            assert lines.wait_for(r"^step +2/100000", 120), lines.text()[-3000:]
+    """A save at every step, so SIGINT lands during (or right next to) an async save; three runs at once, each
+    interrupted at another moment; each must exit within 30 s, cleanly, naming the checkpoint it kept."""
+    outs = [str(tmp_path / f"run{trial}") for trial in range(3)]
+    procs = [subprocess.Popen([sys.executable, os.path.join(ROOT, "train.py"),
+                               *cli_args(text_file, out, steps=100000, ckpt_every=1, eval_every=100000, log_every=1)],
+                              env=cpu_env(1), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for out in outs]
+    readers = [Lines(proc) for proc in procs]
+    try:
+        for proc, lines, delay in zip(procs, readers, (0.1, 0.6, 1.2)):
+            assert lines.wait_for(r"^step +2/100000", 180), lines.text()[-3000:]
             time.sleep(delay)
             proc.send_signal(signal.SIGINT)
             t0 = time.perf_counter()
             proc.wait(timeout=30)
             assert time.perf_counter() - t0 < 30
-        finally:
+    finally:
+        for proc in procs:
             if proc.poll() is None:
                 proc.kill()
                 proc.wait(timeout=30)
+    for proc, lines, out in zip(procs, readers, outs):
         text = lines.text()
         assert proc.returncode == 130 and "Traceback" not in text, text[-3000:]
         kept = re.search(r"interrupted \(Ctrl-C\): the last complete checkpoint is step (\d+)", text)

@@ -28,6 +28,7 @@ Modules (each name below is also importable from ``jmoe.training``):
 - :mod:`~jmoe.training.trees`: pytrees as ``{"key/path": leaf}`` dicts;
 - :mod:`~jmoe.training.checkpoints`: save / restore, the model-compatibility check, and the fallback past a
   corrupt checkpoint (set aside as ``<step>.corrupt``);
+- :mod:`~jmoe.training.interrupt`: Ctrl-C stops the loop after the current step (the save in flight finishes);
 - :mod:`~jmoe.training.lock`: one run per ``out_dir`` (``flock`` on ``<out_dir>/.lock``);
 - :mod:`~jmoe.training.logs`: the metrics log, the progress line, peak FLOP/s, plots;
 - :mod:`~jmoe.training.loop`: :func:`train` and :func:`evaluate`;
