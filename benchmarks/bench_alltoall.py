@@ -103,8 +103,8 @@ def main() -> None:
         sent, messages = bytes_sent(payload, outer, inner, hierarchical)
 
         def exchange(slots, hierarchical=hierarchical):
-            there = parallel.exchange_to_experts(slots, (outer, inner), axes, hierarchical)
-            return parallel.exchange_to_tokens(there, (outer, inner), axes, hierarchical)
+            there = parallel.exchange_to_experts(slots, axes, hierarchical)
+            return parallel.exchange_to_tokens(there, axes, hierarchical)
 
         slots = jax.random.normal(jax.random.key(1), (n * args.experts, rows, args.d_model))  # per device [E, G_l*C, d]
         exchange_fn = jax.jit(jax.shard_map(exchange, mesh=mesh, in_specs=P(axes.token_axes),

@@ -2,7 +2,7 @@
 
 from jmoe.dispatch import BACKENDS
 from jmoe.experts import ExpertBank
-from jmoe.layer import MoE
+from jmoe.layer import MoE, sown_aux
 from jmoe.routing import RoutingPlan, expert_capacity, experts_choose, tokens_choose
 
 __all__ = [
@@ -12,6 +12,7 @@ __all__ = [
     "RoutingPlan",
     "expert_capacity",
     "experts_choose",
+    "sown_aux",
     "tokens_choose",
 ]
 __version__ = "0.1.0"

@@ -82,8 +82,10 @@ class ExpertBank(nnx.Module):
         use_bias: bool = False,
         dtype=jnp.float32,
         param_dtype=jnp.float32,
+        sharding: dict[str, dict] | None = None,
         rngs: nnx.Rngs,
     ):
+        """``sharding``: Flax variable metadata per weight name (``out_sharding``, ...)."""
         if activation not in ACTIVATIONS:
             raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, got {activation!r}")
         if min(num_experts, d_model, d_ff) < 1:
@@ -94,13 +96,14 @@ class ExpertBank(nnx.Module):
         self.activation = activation
         self.dtype = dtype
         e, d, f = num_experts, d_model, d_ff
-        self.w_in = nnx.Param(_stacked_init(rngs.params(), (e, d, f), param_dtype))
+        meta = (sharding or {}).get
+        self.w_in = nnx.Param(_stacked_init(rngs.params(), (e, d, f), param_dtype), **meta("w_in", {}))
         if activation in GATED:
-            self.w_gate = nnx.Param(_stacked_init(rngs.params(), (e, d, f), param_dtype))
-        self.w_out = nnx.Param(_stacked_init(rngs.params(), (e, f, d), param_dtype))
+            self.w_gate = nnx.Param(_stacked_init(rngs.params(), (e, d, f), param_dtype), **meta("w_gate", {}))
+        self.w_out = nnx.Param(_stacked_init(rngs.params(), (e, f, d), param_dtype), **meta("w_out", {}))
         if use_bias:
-            self.b_in = nnx.Param(jnp.zeros((e, f), param_dtype))
-            self.b_out = nnx.Param(jnp.zeros((e, d), param_dtype))
+            self.b_in = nnx.Param(jnp.zeros((e, f), param_dtype), **meta("b_in", {}))
+            self.b_out = nnx.Param(jnp.zeros((e, d), param_dtype), **meta("b_out", {}))
 
     def params(self) -> dict[str, Array]:
         """The weights as a plain dict (in the compute dtype), for :func:`expert_ffn`."""

@@ -28,19 +28,55 @@ from jmoe.options import CapacityOptions, DroplessOptions, MeshOptions, check_co
 Array = jax.Array
 
 
-def group_tokens(x: Array, group_size: int | None) -> tuple[Array, tuple[int, ...]]:
-    """[B, S, d] or [T, d] -> [G, group_size, d] (row-major), and the input's shape."""
+def sown_aux(sown, *, pop: bool = True) -> dict[str, Array]:
+    """The aux values that ``sow_aux=True`` layers sowed, each summed over the layers and
+    calls. ``sown``: the model (its ``nnx.Intermediate`` variables; ``pop``: removed, ready
+    for the next step) or the intermediates ``nnx.capture(model, nnx.Intermediate)`` returned.
+    The losses are then what a model adds to its objective: ``lb_weight * out["load_balancing_loss"]``."""
+    if isinstance(sown, nnx.Module):
+        sown = nnx.pop(sown, nnx.Intermediate) if pop else nnx.state(sown, nnx.Intermediate)
+    totals: dict[str, Array] = {}
+    for path, variable in nnx.to_flat_state(sown):
+        name = str(path[-1])  # the aux key the layer sowed under; the value is a tuple, one per call
+        values = variable.get_value() if hasattr(variable, "get_value") else variable
+        for value in values:
+            totals[name] = totals[name] + value if name in totals else value
+    return totals
+
+
+def router_stream(rngs: nnx.Rngs, router: routing.Router) -> nnx.RngStream:
+    """The random stream of a router that draws: ``rngs``'s ``router`` stream, else its
+    ``default`` one, else a clear error."""
+    for name in ("router", "default"):
+        if name in rngs:
+            return rngs[name].fork()
+    raise ValueError(f"router={router.name!r} draws random numbers in train mode ({router.draws_random}): give "
+                     f"rngs a 'router' (or 'default') stream, e.g. nnx.Rngs(params=0, router=1); it has "
+                     f"{sorted(rngs)}")
+
+
+def group_size_for(x: Array, group_size: int | None, train: bool) -> int:
+    """Tokens per routing group for ``x`` ([B, S, d] or [T, d]): ``group_size`` (default:
+    the sequence length S, or all T tokens of a 2-D input). In eval mode, a 3-D input whose
+    token count ``group_size`` does not divide, with ``S < group_size`` (a decode step
+    ``[B, 1, d]``), is routed one sequence per group."""
     if x.ndim not in (2, 3):
         raise ValueError(f"MoE input must be [B, S, d] or [T, d], got shape {x.shape}")
-    tokens = x.reshape(-1, x.shape[-1])  # [T, d]
+    num_tokens = x.size // x.shape[-1]
     if group_size is None:
-        group_size = x.shape[-2]
-    if group_size < 1 or tokens.shape[0] % group_size:
-        raise ValueError(
-            f"the token count {tokens.shape[0]} (input shape {x.shape}) is not divisible "
-            f"by group_size={group_size}"
-        )
-    return tokens.reshape(-1, group_size, x.shape[-1]), x.shape
+        return x.shape[-2]
+    if group_size >= 1 and num_tokens % group_size == 0:
+        return group_size
+    if not train and x.ndim == 3 and x.shape[1] < group_size:
+        return x.shape[1]
+    raise ValueError(f"the token count {num_tokens} (input shape {x.shape}) is not divisible "
+                     f"by group_size={group_size}")
+
+
+def group_tokens(x: Array, group_size: int | None) -> tuple[Array, tuple[int, ...]]:
+    """[B, S, d] or [T, d] -> [G, group_size, d] (row-major, as in train mode), and x's shape."""
+    size = group_size_for(x, group_size, train=True)
+    return x.reshape(-1, size, x.shape[-1]), x.shape
 
 
 def check_input(x: Array, d_model: int) -> Array:
@@ -123,8 +159,15 @@ class MoE(nnx.Module):
       grouped_matmul: a dropless layer's grouped matmul, a name of
         :data:`jmoe.grouped_matmul.GROUPED_MATMULS` (``"auto"``: the platform's choice;
         each implementation's module says what it needs and what was measured).
-      rngs: ``params`` stream for init; the ``router`` stream (falls back to
-        ``default``) draws jitter and the GShard random policy in train mode.
+      sow_aux: return y alone and record the aux values with ``self.sow(nnx.Intermediate, ...)``
+        (a drop-in MLP for ``nnx.Sequential``); :func:`sown_aux` collects and sums them.
+      rngs: ``params`` stream for init; only a router that draws random numbers (jitter,
+        GShard's random policy, noisy top-k) needs the ``router`` stream (else ``default``).
+      expert_axes, model_axis: the mesh axes that hold the experts / split each expert's
+        hidden dim, when they are not named ``("expert_outer", "expert")`` / ``"model"``.
+        Every other mesh axis holds tokens. A mesh known at construction (``mesh=`` or
+        ``jax.set_mesh``) also gives the parameters their ``out_sharding`` metadata, so
+        they are created in place and ``nnx.get_partition_spec`` reports it.
     """
 
     def __init__(
@@ -154,11 +197,14 @@ class MoE(nnx.Module):
         param_dtype=jnp.float32,
         deterministic: bool = False,
         mesh: jax.sharding.Mesh | None = None,
+        expert_axes: tuple[str, ...] | None = None,
+        model_axis: str | None = None,
         hierarchical_a2a: bool = False,
         a2a_chunks: int = 1,
         dropless_exchange: str = "auto",
         grouped_matmul: str = "auto",
         dropless_buffer_factor: float | None = None,
+        sow_aux: bool = False,
         rngs: nnx.Rngs,
     ):
         check_layer(d_model, d_ff, num_experts, dtype, param_dtype)
@@ -170,19 +216,22 @@ class MoE(nnx.Module):
         self.capacity_options = CapacityOptions(capacity_factor, eval_capacity_factor, min_capacity,
                                                 capacity_multiple_of)
         self.dropless_options = DroplessOptions(grouped_matmul, dropless_exchange, dropless_buffer_factor)
-        self.mesh_options = MeshOptions(mesh, hierarchical_a2a, a2a_chunks)
+        self.mesh_options = MeshOptions(mesh, hierarchical_a2a, a2a_chunks, expert_axes, model_axis)
         check_combination(self.router, num_experts, self.capacity_options, self.dropless_options,
                           self.mesh_options, dispatch, dtype)
         self.d_model, self.num_experts, self.group_size = d_model, num_experts, group_size
         self.dispatch, self.dtype, self.deterministic = dispatch, dtype, deterministic
+        self.sow_aux = sow_aux
 
+        mesh, axes = self._mesh_axes()
+        sharding = {} if mesh is None else parallel.param_sharding(axes, mesh if self.mesh_options.mesh else None)
         for name, value in self.router.init_params(rngs.params(), d_model, num_experts).items():
-            setattr(self, name, nnx.Param(value))  # router_weight [d, E] float32, ...
+            setattr(self, name, nnx.Param(value, **sharding.get(name, {})))  # router_weight [d, E] float32, ...
         self.experts = ExpertBank(
             num_experts, d_model, d_ff, activation=activation, use_bias=use_bias,
-            dtype=dtype, param_dtype=param_dtype, rngs=rngs,
+            dtype=dtype, param_dtype=param_dtype, sharding=sharding, rngs=rngs,
         )
-        self.rngs = rngs["router"].fork()
+        self.rngs = router_stream(rngs, self.router) if self.router.draws_random else None
 
     @property
     def k(self) -> int:
@@ -201,7 +250,7 @@ class MoE(nnx.Module):
         slots = self.capacity_options.slots(group_size, self.num_experts, self.router.k, not self.deterministic)
         return group_size if slots is None else slots
 
-    def pipeline(self, group_size: int) -> Pipeline:
+    def _pipeline(self, group_size: int) -> Pipeline:
         """What the forward computes for groups of ``group_size`` tokens in the current mode."""
         slots = self.capacity_options.slots(group_size, self.num_experts, self.router.k, not self.deterministic)
         return Pipeline(self.router, slots, self.experts.activation, self.dtype, self.dispatch,
@@ -215,7 +264,7 @@ class MoE(nnx.Module):
     def draws(self, groups_shape: tuple[int, ...]) -> dict[str, Array]:
         """The router's random draws for groups ``[G, S, d]`` (none in eval mode), over the
         global shapes: the mesh path shards them, so it matches one device."""
-        if self.deterministic:
+        if self.deterministic or self.rngs is None:
             return {}
         return self.router.draw(self.rngs, groups_shape, self.num_experts)
 
@@ -224,24 +273,39 @@ class MoE(nnx.Module):
         return self.router.route(self.params()["router"], groups, self.draws(groups.shape), token_mask,
                                  self.capacity(groups.shape[1]))
 
-    def __call__(self, x: Array, *, token_mask: Array | None = None) -> tuple[Array, dict[str, Array]]:
-        """x [B, S, d] or [T, d] -> (y of x's shape and dtype, aux losses and metrics).
+    def __call__(self, x: Array, *, token_mask: Array | None = None):
+        """x [B, S, d] or [T, d] -> (y of x's shape and dtype, aux losses and metrics); with
+        ``sow_aux=True`` only y, the aux values sown as ``nnx.Intermediate`` (:func:`sown_aux`).
 
         ``token_mask`` (x's shape without d) marks padding tokens with False:
         they take no expert slot, get output 0, and are left out of the losses.
         """
-        groups, shape = group_tokens(check_input(x, self.d_model), self.group_size)  # [G, S, d]
-        mask = None
+        check_input(x, self.d_model)
         if token_mask is not None:
-            mask = check_token_mask(token_mask, x).reshape(groups.shape[:2])
-        forward = functools.partial(moe_forward, self.pipeline(groups.shape[1]))
-        mesh = parallel.resolve_mesh(self.mesh_options.mesh)
-        if parallel.uses_mesh(mesh):  # expert parallelism under shard_map
+            check_token_mask(token_mask, x)
+        group_size = group_size_for(x, self.group_size, not self.deterministic)
+        groups_shape = (x.size // (group_size * self.d_model), group_size, self.d_model)  # [G, S, d]
+        forward = functools.partial(moe_forward, self._pipeline(group_size))
+        mesh, axes = self._mesh_axes()
+        if parallel.uses_mesh(mesh, axes):  # under shard_map: expert / model parallel, or an explicit mesh
             y, aux = parallel.forward_on_mesh(
-                forward, mesh, self.params(), groups, mask, self.draws(groups.shape),
+                forward, mesh, axes, self.params(), x, token_mask, self.draws(groups_shape), group_size=group_size,
                 hierarchical=self.mesh_options.hierarchical_a2a, a2a_chunks=self.mesh_options.a2a_chunks,
                 dropless_exchange=self.dropless_options.exchange, buffer_factor=self.dropless_options.buffer_factor,
             )
         else:
-            y, aux = forward(self.params(), groups, mask, self.draws(groups.shape))
-        return y.reshape(shape).astype(x.dtype), routing.complete_aux(aux)
+            mask = None if token_mask is None else token_mask.reshape(groups_shape[:2])
+            y, aux = forward(self.params(), x.reshape(groups_shape), mask, self.draws(groups_shape))
+        y, aux = y.reshape(x.shape).astype(x.dtype), routing.complete_aux(aux)
+        if not self.sow_aux:
+            return y, aux
+        for name, value in aux.items():
+            self.sow(nnx.Intermediate, name, value)
+        return y
+
+    def _mesh_axes(self) -> tuple:
+        """The mesh the layer runs on (``mesh=`` or the ambient one; None) and its axes' roles."""
+        mesh = parallel.resolve_mesh(self.mesh_options.mesh)
+        if mesh is None:
+            return None, None
+        return mesh, parallel.MeshAxes.of(mesh, self.mesh_options.expert_axes, self.mesh_options.model_axis)

@@ -83,14 +83,21 @@ class DroplessOptions:
 @dataclasses.dataclass(frozen=True)
 class MeshOptions:
     """Expert parallelism: the mesh (None: the ambient one of ``jax.set_mesh``), the
-    capacity path's hierarchical (2DH) all-to-all and its chunks (each must divide C)."""
+    capacity path's hierarchical (2DH) all-to-all and its chunks (each must divide C), and
+    the mesh axes that hold experts / split their hidden dim (None: jmoe's names)."""
 
     mesh: jax.sharding.Mesh | jax.sharding.AbstractMesh | None = None
     hierarchical_a2a: bool = False
     a2a_chunks: int = 1
+    expert_axes: tuple[str, ...] | None = None
+    model_axis: str | None = None
 
     def __post_init__(self):
         _int_at_least("a2a_chunks", self.a2a_chunks, 1)
+        if self.expert_axes is not None:
+            if isinstance(self.expert_axes, str) or not all(isinstance(a, str) for a in self.expert_axes):
+                raise ValueError(f"expert_axes must be a tuple of mesh axis names, got {self.expert_axes!r}")
+            object.__setattr__(self, "expert_axes", tuple(self.expert_axes))
 
 
 def check_layer(d_model, d_ff, num_experts, dtype, param_dtype) -> None:

@@ -29,17 +29,18 @@ from jmoe.parallel.mesh import (
     axis_size,
     check_mesh,
     expert_parallel_size,
+    is_explicit,
     make_mesh,
     resolve_mesh,
     uses_mesh,
 )
-from jmoe.parallel.placement import expert_param_specs, moe_param_spec, shard_moe_params, to_global
+from jmoe.parallel.placement import expert_param_specs, moe_param_spec, param_sharding, shard_moe_params, to_global
 from jmoe.parallel.shard import MeshExchange, forward_on_mesh, reduce_aux
 
 __all__ = [
     "AXES", "DATA", "DROPLESS_EXCHANGES", "EXPERT", "EXPERT_OUTER", "MODEL", "MeshAxes", "MeshExchange",
     "axis_size", "check_mesh", "dropless_exchange_experts", "exchange_experts", "exchange_to_experts",
     "exchange_to_tokens", "expert_param_specs", "expert_parallel_size", "fit_to_buffer", "forward_on_mesh",
-    "make_mesh", "moe_param_spec", "ragged_all_to_all_emulated", "ragged_exchange_offsets",
+    "is_explicit", "make_mesh", "moe_param_spec", "param_sharding", "ragged_all_to_all_emulated", "ragged_exchange_offsets",
     "receive_buffer_rows", "reduce_aux", "resolve_mesh", "shard_moe_params", "to_global", "uses_mesh",
 ]

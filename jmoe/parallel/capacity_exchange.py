@@ -20,7 +20,7 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
-from jmoe.parallel.mesh import EXPERT, EXPERT_OUTER, MeshAxes
+from jmoe.parallel.mesh import MeshAxes
 
 Array = jax.Array
 
@@ -31,29 +31,35 @@ def tiled_all_to_all(x: Array, axis) -> Array:
     return jax.lax.all_to_all(x, axis, 0, 0, tiled=True)
 
 
-def exchange_to_experts(x: Array, mesh_sizes: tuple[int, int], axes: MeshAxes, hierarchical: bool) -> Array:
+def _outer_inner(axes: MeshAxes) -> tuple[str, str, int, int]:
+    """The two expert axes of the hierarchical exchange (outer, inner) and their sizes."""
+    outer, inner = axes.expert_axes
+    return outer, inner, axes.size(outer), axes.size(inner)
+
+
+def exchange_to_experts(x: Array, axes: MeshAxes, hierarchical: bool) -> Array:
     """[E, N, d] rows for every expert -> [E_l, n * N, d] rows from every device for mine.
 
-    ``mesh_sizes = (n_o, n_i)``: sizes of ``expert_outer`` and ``expert``; n = n_o n_i;
-    expert block b = o * n_i + i lives on device (o, i).
+    n = the product of the expert axes' sizes; with two expert axes (outer o, inner i,
+    sizes n_o, n_i) expert block b = o * n_i + i lives on device (o, i).
 
-    Flat: one all-to-all over both expert axes. Hierarchical (Tutel 2DH): first
-    within ``expert`` (each message is the n_o blocks for one inner destination),
-    then across ``expert_outer`` (each message is n_i blocks), with a swap of the
-    two block axes before and after the first exchange; the result is the same.
+    Flat: one all-to-all over the expert axes. Hierarchical (Tutel 2DH): first within
+    the inner axis (each message is the n_o blocks for one inner destination), then
+    across the outer one (each message is n_i blocks), with a swap of the two block
+    axes before and after the first exchange; the result is the same.
     """
-    n_o, n_i = mesh_sizes
-    n = n_o * n_i
+    n = axes.expert_size
     num_experts, rows, d = x.shape
     e_l = num_experts // n
     if n == 1:  # experts not split (only "model" > 1): nothing to exchange
         return x
     if hierarchical:
+        outer, inner, n_o, n_i = _outer_inner(axes)
         x = x.reshape(n_o, n_i, e_l, rows, d)  # [dest o, dest i, E_l, N, d]
         x = jnp.swapaxes(x, 0, 1)  # [dest i, dest o, E_l, N, d]: group by inner destination
-        x = tiled_all_to_all(x, EXPERT)  # [src i, dest o, E_l, N, d]
+        x = tiled_all_to_all(x, inner)  # [src i, dest o, E_l, N, d]
         x = jnp.swapaxes(x, 0, 1)  # [dest o, src i, E_l, N, d]
-        x = tiled_all_to_all(x, EXPERT_OUTER)  # [src o, src i, E_l, N, d]
+        x = tiled_all_to_all(x, outer)  # [src o, src i, E_l, N, d]
         x = x.reshape(n, e_l, rows, d)  # [src, E_l, N, d]
     else:
         x = x.reshape(n, e_l, rows, d)  # [dest, E_l, N, d]
@@ -61,20 +67,20 @@ def exchange_to_experts(x: Array, mesh_sizes: tuple[int, int], axes: MeshAxes, h
     return jnp.swapaxes(x, 0, 1).reshape(e_l, n * rows, d)  # [E_l, n * N, d]
 
 
-def exchange_to_tokens(y: Array, mesh_sizes: tuple[int, int], axes: MeshAxes, hierarchical: bool) -> Array:
+def exchange_to_tokens(y: Array, axes: MeshAxes, hierarchical: bool) -> Array:
     """Inverse of :func:`exchange_to_experts`: [E_l, n * N, d] -> [E, N, d]."""
-    n_o, n_i = mesh_sizes
-    n = n_o * n_i
+    n = axes.expert_size
     e_l, total, d = y.shape
     rows = total // n
     if n == 1:
         return y
     y = jnp.swapaxes(y.reshape(e_l, n, rows, d), 0, 1)  # [src, E_l, N, d]
     if hierarchical:
+        outer, inner, n_o, n_i = _outer_inner(axes)
         y = y.reshape(n_o, n_i, e_l, rows, d)  # [src o, src i, E_l, N, d]
-        y = tiled_all_to_all(y, EXPERT_OUTER)  # [expert o, src i, E_l, N, d]
+        y = tiled_all_to_all(y, outer)  # [expert o, src i, E_l, N, d]
         y = jnp.swapaxes(y, 0, 1)  # [src i, expert o, E_l, N, d]
-        y = tiled_all_to_all(y, EXPERT)  # [expert i, expert o, E_l, N, d]
+        y = tiled_all_to_all(y, inner)  # [expert i, expert o, E_l, N, d]
         y = jnp.swapaxes(y, 0, 1)  # [expert o, expert i, E_l, N, d]
     else:
         y = tiled_all_to_all(y, axes.expert_axes)  # [expert block, E_l, N, d]
@@ -82,7 +88,7 @@ def exchange_to_tokens(y: Array, mesh_sizes: tuple[int, int], axes: MeshAxes, hi
 
 
 def exchange_experts(expert_in: Array, experts: Callable[[Array], Array], *, capacity: int, chunks: int,
-                     mesh_sizes: tuple[int, int], axes: MeshAxes, hierarchical: bool) -> Array:
+                     axes: MeshAxes, hierarchical: bool) -> Array:
     """``[E, G_l * C, d]`` slots -> their experts' outputs, same layout, through the exchange.
 
     ``experts``: the local experts ``[E_l, N, d] -> [E_l, N, d]``. With ``chunks`` = m > 1 the
@@ -98,7 +104,7 @@ def exchange_experts(expert_in: Array, experts: Callable[[Array], Array], *, cap
     outs = []
     for j in range(chunks):
         xj = chunks_in[:, :, j].reshape(num_experts, g_l * cc, d)  # [E, G_l * C/m, d]
-        xj = exchange_to_experts(xj, mesh_sizes, axes, hierarchical)  # [E_l, n * G_l * C/m, d]
-        yj = exchange_to_tokens(experts(xj), mesh_sizes, axes, hierarchical)  # [E, G_l * C/m, d]
+        xj = exchange_to_experts(xj, axes, hierarchical)  # [E_l, n * G_l * C/m, d]
+        yj = exchange_to_tokens(experts(xj), axes, hierarchical)  # [E, G_l * C/m, d]
         outs.append(yj.reshape(num_experts, g_l, 1, cc, d))
     return jnp.concatenate(outs, axis=2).reshape(num_experts, g_l * capacity, d)  # [E, G_l * C, d]

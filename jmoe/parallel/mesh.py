@@ -96,55 +96,94 @@ def axis_size(mesh, name: str) -> int:
     return dict(mesh.shape).get(name, 1) if mesh is not None else 1
 
 
+def is_explicit(mesh) -> bool:
+    """True when any axis of ``mesh`` has explicit sharding (``jax.make_mesh``'s default):
+    arrays then carry their sharding in their type."""
+    return mesh is not None and any(t == AxisType.Explicit for t in getattr(mesh, "axis_types", ()))
+
+
 @dataclasses.dataclass(frozen=True)
 class MeshAxes:
-    """Which mesh axes play which role (only those in the mesh)."""
+    """Which mesh axes play which role, and their sizes.
 
-    token_axes: tuple[str, ...]  # groups are sharded over these: data, expert_outer, expert
-    expert_axes: tuple[str, ...]  # experts are sharded over these: expert_outer, expert
+    Defaults: experts over ``("expert_outer", "expert")`` (those in the mesh), the expert
+    hidden dim over ``"model"``; every other axis holds tokens (data parallelism, whatever
+    its name: ``"data"``, a tutorial's ``"batch"``). ``expert_axes`` / ``model_axis`` name
+    other axes for those roles.
+    """
+
+    token_axes: tuple[str, ...]  # groups are sharded over these: the data axes, then the expert axes
+    expert_axes: tuple[str, ...]  # experts are sharded over these (outer first)
     model_axis: str | None  # the expert hidden dim f is sharded over this (None when size 1)
+    sizes: tuple[tuple[str, int], ...] = ()  # every mesh axis and its size
 
     @classmethod
-    def of(cls, mesh) -> "MeshAxes":
+    def of(cls, mesh, expert_axes: Sequence[str] | None = None, model_axis: str | None = None) -> "MeshAxes":
         names = tuple(mesh.axis_names)
+        for name in (*(expert_axes or ()), *([model_axis] if model_axis else [])):
+            if name not in names:
+                raise ValueError(f"mesh axis {name!r} is not in the mesh, whose axes are {names}")
+        experts = tuple(expert_axes) if expert_axes is not None else tuple(a for a in (EXPERT_OUTER, EXPERT)
+                                                                              if a in names)
+        model = MODEL if model_axis is None else model_axis
+        if model in experts:
+            raise ValueError(f"mesh axis {model!r} cannot hold both experts and the expert hidden dim")
         return cls(
-            token_axes=tuple(a for a in (DATA, EXPERT_OUTER, EXPERT) if a in names),
-            expert_axes=tuple(a for a in (EXPERT_OUTER, EXPERT) if a in names),
-            model_axis=MODEL if axis_size(mesh, MODEL) > 1 else None,  # size 1: nothing to split
+            token_axes=tuple(a for a in names if a not in experts and a != model) + experts,
+            expert_axes=experts,
+            model_axis=model if axis_size(mesh, model) > 1 else None,  # size 1: nothing to split
+            sizes=tuple((a, int(n)) for a, n in dict(mesh.shape).items()),
         )
+
+    def size(self, *names: str) -> int:
+        """The product of the sizes of axes ``names`` (1 for none)."""
+        sizes = dict(self.sizes)
+        return math.prod(sizes.get(a, 1) for a in names)
+
+    @property
+    def expert_size(self) -> int:
+        """n, the number of devices the experts are split over."""
+        return self.size(*self.expert_axes)
 
 
 def expert_parallel_size(mesh) -> int:
     """n = |expert_outer| x |expert| (1 without a mesh): how many ways experts are split."""
-    return axis_size(mesh, EXPERT_OUTER) * axis_size(mesh, EXPERT)
+    return 1 if mesh is None else MeshAxes.of(mesh).expert_size
 
 
-def uses_mesh(mesh) -> bool:
-    """True when ``mesh`` asks for the sharded layer path (expert or model axis > 1)."""
-    return expert_parallel_size(mesh) * axis_size(mesh, MODEL) > 1
+def uses_mesh(mesh, axes: MeshAxes | None = None) -> bool:
+    """True when the layer runs under ``shard_map`` on ``mesh``: experts or their hidden dim
+    are split (expert or model axis > 1), or the mesh has explicit axes and > 1 device (its
+    arrays' types carry their sharding; the layer then shards tokens itself)."""
+    if mesh is None:
+        return False
+    axes = MeshAxes.of(mesh) if axes is None else axes
+    split = axes.expert_size * (axes.size(axes.model_axis) if axes.model_axis else 1) > 1
+    return split or (is_explicit(mesh) and axes.size(*dict(axes.sizes)) > 1)
 
 
-def check_mesh(mesh, *, num_experts: int, num_groups: int, d_ff: int, hierarchical: bool = False) -> None:
+def check_mesh(axes: MeshAxes, *, num_experts: int, num_groups: int, d_ff: int, hierarchical: bool = False) -> None:
     """Raise a clear ``ValueError`` for a mesh / shape the EP path does not support."""
-    n = expert_parallel_size(mesh)
+    mesh_shape = dict(axes.sizes)
+    n = axes.expert_size
     if num_experts % n:
         raise ValueError(
             f"num_experts={num_experts} is not divisible by the expert-parallel size "
-            f"|expert_outer| x |expert| = {n} of mesh {dict(mesh.shape)}; use an expert axis "
+            f"{' x '.join(f'|{a}|' for a in axes.expert_axes)} = {n} of mesh {mesh_shape}; use an expert axis "
             f"that divides num_experts and give the other devices to 'model' or 'data'"
         )
-    shards = math.prod(axis_size(mesh, a) for a in (DATA, EXPERT_OUTER, EXPERT))
+    shards = axes.size(*axes.token_axes)
     if num_groups % shards:
         raise ValueError(
             f"the number of groups G={num_groups} (batch x seq / group_size) is not divisible by "
-            f"|data| x |expert_outer| x |expert| = {shards} of mesh {dict(mesh.shape)}: every device "
+            f"{' x '.join(f'|{a}|' for a in axes.token_axes)} = {shards} of mesh {mesh_shape}: every device "
             f"must route whole groups of its own"
         )
-    m = axis_size(mesh, MODEL)
+    m = axes.size(axes.model_axis) if axes.model_axis else 1
     if d_ff % m:
-        raise ValueError(f"d_ff={d_ff} is not divisible by the 'model' axis size {m}")
-    if hierarchical and EXPERT_OUTER not in mesh.axis_names:
+        raise ValueError(f"d_ff={d_ff} is not divisible by the {axes.model_axis!r} axis size {m}")
+    if hierarchical and len(axes.expert_axes) != 2:
         raise ValueError(
-            f"hierarchical all-to-all needs a mesh with an 'expert_outer' axis (make_mesh(expert_outer=...)), "
-            f"got axes {tuple(mesh.axis_names)}"
+            f"hierarchical all-to-all needs two expert axes (outer, inner; make_mesh(expert_outer=...)), "
+            f"got expert axes {axes.expert_axes} of mesh axes {tuple(mesh_shape)}"
         )

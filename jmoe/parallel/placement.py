@@ -7,25 +7,35 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from jmoe.parallel.mesh import MeshAxes, expert_parallel_size
+from jmoe.parallel.mesh import MeshAxes
 from jmoe.routing import PARAM_NAMES as ROUTER_PARAMS
 
 EXPERT_WEIGHTS = ("w_in", "w_gate", "w_out", "b_in", "b_out")
 
 
 def expert_param_specs(params: dict, mesh) -> dict[str, P]:
-    """PartitionSpecs of the expert weights on ``mesh``.
+    """PartitionSpecs of the expert weights on ``mesh`` (or its :class:`MeshAxes`).
 
-    ``w_in / w_gate [E, d, f]: P(expert_axes, None, "model")``,
-    ``w_out [E, f, d]: P(expert_axes, "model", None)``,
-    ``b_in [E, f]: P(expert_axes, "model")``, ``b_out [E, d]: P(expert_axes, None)``.
+    ``w_in / w_gate [E, d, f]: P(expert_axes, None, model)``,
+    ``w_out [E, f, d]: P(expert_axes, model, None)``,
+    ``b_in [E, f]: P(expert_axes, model)``, ``b_out [E, d]: P(expert_axes, None)``.
     """
-    axes = MeshAxes.of(mesh)
+    axes = mesh if isinstance(mesh, MeshAxes) else MeshAxes.of(mesh)
     e = axes.expert_axes or None
     m = axes.model_axis
     table = {"w_in": P(e, None, m), "w_gate": P(e, None, m), "w_out": P(e, m, None),
              "b_in": P(e, m), "b_out": P(e, None)}
     return {name: table[name] for name in params}
+
+
+def param_sharding(axes: MeshAxes, mesh=None) -> dict[str, dict]:
+    """Flax ``out_sharding`` metadata of an MoE layer's parameters by name: the expert weights
+    per :func:`expert_param_specs`, the router weights replicated (``mesh``: a concrete mesh
+    to place them on, when it is not the ambient one)."""
+    specs = {**expert_param_specs(dict.fromkeys(EXPERT_WEIGHTS), axes),
+             **{name: P(None, None) for name in ROUTER_PARAMS}}
+    extra = {} if mesh is None else {"mesh": mesh}
+    return {name: {"out_sharding": tuple(spec), **extra} for name, spec in specs.items()}
 
 
 def moe_param_spec(path, mesh, shape: tuple[int, ...] | None = None) -> P | None:
@@ -55,10 +65,10 @@ def _for_shape(spec: P, shape: tuple[int, ...], mesh, where: str) -> P:
     lead = len(shape) - len(spec)
     if lead < 0:
         raise ValueError(f"{where}: shape {tuple(shape)} has fewer dims than its spec {spec}")
-    n = expert_parallel_size(mesh)
-    if shape[lead] % n:
+    axes = mesh if isinstance(mesh, MeshAxes) else MeshAxes.of(mesh)
+    if shape[lead] % axes.expert_size:
         raise ValueError(f"{where}: num_experts={shape[lead]} is not divisible by the expert-parallel size "
-                         f"|expert_outer| x |expert| = {n} of mesh {dict(mesh.shape)}")
+                         f"{axes.expert_size} (axes {axes.expert_axes}) of mesh {dict(axes.sizes)}")
     return P(*([None] * lead), *spec)
 
 
@@ -105,6 +115,10 @@ def to_global(tree, mesh: Mesh, spec: P = P()):
             return jax.random.wrap_key_data(data, impl=jax.random.key_impl(value))
         if sharding.is_fully_addressable:
             return jax.device_put(value, sharding)
+        if isinstance(value, jax.Array) and not value.is_fully_addressable:  # already global (created in place)
+            if value.sharding.is_equivalent_to(sharding, value.ndim):
+                return value
+            return jax.jit(lambda v: v, out_shardings=sharding)(value)
         host = np.asarray(value)
         return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
 

@@ -34,7 +34,7 @@ from jmoe.compat import shard_map
 from jmoe.experts import expert_ffn
 from jmoe.parallel.capacity_exchange import exchange_experts
 from jmoe.parallel.dropless_exchange import dropless_exchange_experts
-from jmoe.parallel.mesh import EXPERT, EXPERT_OUTER, MeshAxes, axis_size, check_mesh
+from jmoe.parallel.mesh import MeshAxes, check_mesh, is_explicit
 from jmoe.parallel.placement import expert_param_specs
 from jmoe.routing.plan import RoutingPlan
 
@@ -45,13 +45,12 @@ Array = jax.Array
 class MeshExchange:
     """The exchange step of the one forward (:mod:`jmoe.forward`) inside ``shard_map``.
 
-    ``mesh_sizes = (|expert_outer|, |expert|)``; ``hierarchical`` / ``chunks``: the capacity
+    ``hierarchical`` / ``chunks``: the capacity
     path's 2DH and chunked all-to-all; ``dropless_exchange`` / ``buffer_factor``: the
     dropless path's row exchange and receive-buffer bound.
     """
 
     axes: MeshAxes
-    mesh_sizes: tuple[int, int]
     hierarchical: bool = False
     chunks: int = 1
     dropless_exchange: str = "auto"
@@ -63,14 +62,14 @@ class MeshExchange:
             return expert_ffn(x, params, activation, self.axes.model_axis)
 
         return exchange_experts(expert_in, local_experts, capacity=capacity, chunks=self.chunks,
-                                mesh_sizes=self.mesh_sizes, axes=self.axes, hierarchical=self.hierarchical)
+                                axes=self.axes, hierarchical=self.hierarchical)
 
     def dropless_experts(self, tokens: Array, token_expert: Array, token_weight: Array, params: dict[str, Array],
                          activation: str, grouped_matmul: str, num_experts: int) -> tuple[Array, Array]:
         """[T_l, d] -> (y [T_l, d], assignments the receive buffers dropped)."""
         return dropless_exchange_experts(
             tokens, token_expert, token_weight, params, activation, num_experts=num_experts,
-            expert_axes=self.axes.expert_axes, expert_size=math.prod(self.mesh_sizes),
+            expert_axes=self.axes.expert_axes, expert_size=self.axes.expert_size,
             model_axis=self.axes.model_axis, exchange=self.dropless_exchange, grouped_matmul=grouped_matmul,
             buffer_factor=self.buffer_factor,
         )
@@ -122,33 +121,61 @@ def reduce_aux(plan: RoutingPlan, mask: Array | None, token_axes: tuple[str, ...
     return out
 
 
-def forward_on_mesh(forward: Callable, mesh, params: dict, groups: Array, token_mask: Array | None,
-                    draws: dict[str, Array], *, hierarchical: bool = False, a2a_chunks: int = 1,
+def forward_on_mesh(forward: Callable, mesh, axes: MeshAxes, params: dict, x: Array, token_mask: Array | None,
+                    draws: dict[str, Array], *, group_size: int, hierarchical: bool = False, a2a_chunks: int = 1,
                     dropless_exchange: str = "auto", buffer_factor: float | None = None):
     """``forward(params, groups, token_mask, draws, exchange) -> (y, aux)`` run per device
     under ``jax.shard_map`` with a :class:`MeshExchange`.
 
-    ``params = {"router": {...}, "experts": {...}}``: the router's weights replicated, the
-    expert weights per :func:`expert_param_specs`; ``groups [G, S, d]``, ``token_mask
-    [G, S]`` and every draw ``[G, S, ...]`` sharded over the token axes. Returns y
-    ``[G, S, d]`` sharded like the groups and the aux values (equal on every device).
+    ``x [..., d]`` (``[B, S, d]`` or ``[T, d]``): its T tokens are split over the token axes
+    and each device cuts its own into groups of ``group_size`` (row-major, so the groups
+    are the one-device layer's); ``token_mask`` has x's shape without d; every draw is
+    ``[G, group_size, ...]`` over the global groups. ``params = {"router": {...}, "experts":
+    {...}}``: the router's weights replicated, the expert weights per
+    :func:`expert_param_specs`. On a mesh with explicit axes every input is resharded to
+    those specs first (its type says where it lives), and y comes back with x's sharding.
+    Returns y of x's shape and the aux values (equal on every device).
     """
+    d = x.shape[-1]
+    num_tokens = x.size // d
     w_in = params["experts"]["w_in"]  # [E, d, f]
-    check_mesh(mesh, num_experts=w_in.shape[0], num_groups=groups.shape[0], d_ff=w_in.shape[2],
+    check_mesh(axes, num_experts=w_in.shape[0], num_groups=num_tokens // group_size, d_ff=w_in.shape[2],
                hierarchical=hierarchical)
-    axes = MeshAxes.of(mesh)
-    exchange = MeshExchange(axes, (axis_size(mesh, EXPERT_OUTER), axis_size(mesh, EXPERT)), hierarchical,
-                            a2a_chunks, dropless_exchange, buffer_factor)
+    exchange = MeshExchange(axes, hierarchical, a2a_chunks, dropless_exchange, buffer_factor)
     token_spec = P(axes.token_axes or None)
-    inputs = {"groups": groups, "draws": draws}
+    explicit = is_explicit(mesh)
+    inputs = {"tokens": _flat(x, x.ndim - 1, token_spec, explicit),  # [T, d]
+              "draws": {k: _flat(v, 2, token_spec, explicit) for k, v in draws.items()}}  # [T, ...]
     if token_mask is not None:
-        inputs["mask"] = token_mask
+        inputs["mask"] = _flat(token_mask, token_mask.ndim, token_spec, explicit)  # [T]
+    input_specs = jax.tree.map(lambda _: token_spec, inputs)
     param_specs = {"router": jax.tree.map(lambda _: P(), params["router"]),
-                   "experts": expert_param_specs(params["experts"], mesh)}
+                   "experts": expert_param_specs(params["experts"], axes)}
+    if explicit:  # shard_map wants inputs whose types match its in_specs
+        inputs, params = jax.tree.map(jax.sharding.reshard, (inputs, params), (input_specs, param_specs))
 
     def local(inputs, params):
-        return forward(params, inputs["groups"], inputs.get("mask"), inputs["draws"], exchange)
+        groups = inputs["tokens"].reshape(-1, group_size, d)  # [G_l, S, d]
+        mask = inputs.get("mask")
+        mask = None if mask is None else mask.reshape(groups.shape[:2])  # [G_l, S]
+        local_draws = {k: v.reshape(*groups.shape[:2], *v.shape[1:]) for k, v in inputs["draws"].items()}
+        y, aux = forward(params, groups, mask, local_draws, exchange)
+        return y.reshape(-1, d), aux  # [T_l, d]
 
-    fn = shard_map(local, mesh=mesh, in_specs=(jax.tree.map(lambda _: token_spec, inputs), param_specs),
-                   out_specs=(token_spec, P()))  # aux: replicated
-    return fn(inputs, params)
+    fn = shard_map(local, mesh=mesh, in_specs=(input_specs, param_specs), out_specs=(token_spec, P()))
+    y, aux = fn(inputs, params)  # [T, d], aux replicated
+    if explicit:
+        y = jnp.reshape(y, x.shape, out_sharding=P(*token_spec, *[None] * (x.ndim - 1)))
+        return jax.sharding.reshard(y, jax.typeof(x).sharding.spec), aux
+    return y.reshape(x.shape), aux
+
+
+def _flat(v: Array, lead: int, token_spec: P, explicit: bool) -> Array:
+    """``v`` with its ``lead`` token dims merged into one leading dim ``[T, ...]`` (x ``[B, S, d]``,
+    a mask ``[B, S]``, draws ``[G, S, ...]``). On an explicit mesh the merge keeps the tokens
+    split over the token axes."""
+    shape = (math.prod(v.shape[:lead]), *v.shape[lead:])
+    if not explicit:
+        return v.reshape(shape)
+    v = jax.sharding.reshard(v, P(*token_spec, *[None] * (v.ndim - 1)))
+    return jnp.reshape(v, shape, out_sharding=P(*token_spec, *[None] * (len(shape) - 1)))

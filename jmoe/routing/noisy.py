@@ -299,6 +299,10 @@ class NoisyTopK(Router):
         _check_weight("importance_loss_weight", self.importance_loss_weight)
         _check_weight("load_loss_weight", self.load_loss_weight)
 
+    @property
+    def draws_random(self) -> str:
+        return ", ".join(d for d in (super().draws_random, "the logit noise eps") if d)
+
     def init_params(self, key: Array, d_model: int, num_experts: int) -> dict[str, Array]:
         return {**super().init_params(key, d_model, num_experts),
                 "noise_weight": jnp.zeros((d_model, num_experts), jnp.float32)}  # W_noise

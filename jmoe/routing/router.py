@@ -50,6 +50,11 @@ class Router:
         if not 0.0 <= self.jitter < 1.0:
             raise ValueError(f"jitter must be in [0, 1), got {self.jitter}")
 
+    @property
+    def draws_random(self) -> str:
+        """What the router draws in train mode ("" when nothing): it then needs a random stream."""
+        return "jitter" if self.jitter > 0 else ""
+
     def check_experts(self, num_experts: int) -> None:
         if self.k > num_experts:
             raise ValueError(f"k={self.k} must be in [1, num_experts={num_experts}]")

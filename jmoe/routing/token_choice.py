@@ -191,6 +191,11 @@ class TokensChoose(Router):
         if self.second_expert_policy == "random" and self.k != 2:
             raise ValueError(f"second_expert_policy='random' needs k=2, got k={self.k}")
 
+    @property
+    def draws_random(self) -> str:
+        drawn = [super().draws_random, "the random 2nd-expert policy" if self.second_expert_policy == "random" else ""]
+        return ", ".join(d for d in drawn if d)
+
     def draw(self, key_fn: Callable[[], Array], groups_shape: tuple[int, ...], num_experts: int) -> dict[str, Array]:
         """Jitter, then GShard's ``second_uniform [G, S]`` U[0, 1) draws (random policy)."""
         draws = super().draw(key_fn, groups_shape, num_experts)
