@@ -12,3 +12,16 @@ if "xla_force_host_platform_device_count" not in _flags:
 
 # Tests compare against float64 references: on a GPU, float32 matmuls must not drop to TF32.
 os.environ.setdefault("JAX_DEFAULT_MATMUL_PRECISION", "highest")
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def text_file(tmp_path_factory):
+    # Real text from a fixed source, so the test does not depend on the machine's stdlib version.
+    lines = [f"def function_{i}(x, y):\n    return x * {i} + y  # value {i % 7}\n\n" for i in range(600)]
+    path = tmp_path_factory.mktemp("data") / "corpus.txt"
+    path.write_text("".join(lines))
+    return str(path)
+
+

@@ -26,14 +26,6 @@ from tests.test_training import MICRO
 SHORT = dict(MICRO, steps=6, ckpt_every=2, eval_every=6)
 
 
-@pytest.fixture(scope="module")
-def text_file(tmp_path_factory):
-    lines = [f"def function_{i}(x, y):\n    return x * {i} + y  # value {i % 7}\n\n" for i in range(600)]
-    path = tmp_path_factory.mktemp("data") / "corpus.txt"
-    path.write_text("".join(lines))
-    return str(path)
-
-
 def short(text_file, **kw):
     return config_lib.from_dict({**SHORT, "data": text_file, **kw})
 

@@ -29,15 +29,6 @@ MICRO = dict(
 )
 
 
-@pytest.fixture(scope="module")
-def text_file(tmp_path_factory):
-    # Real text from a fixed source, so the test does not depend on the machine's stdlib version.
-    lines = [f"def function_{i}(x, y):\n    return x * {i} + y  # value {i % 7}\n\n" for i in range(600)]
-    path = tmp_path_factory.mktemp("data") / "corpus.txt"
-    path.write_text("".join(lines))
-    return str(path)
-
-
 def micro(text_file, **kw):
     return config_lib.from_dict({**MICRO, "data": text_file, **kw})
 
