@@ -24,6 +24,7 @@ from typing import Any
 from jmoe.dispatch import NAMES as DISPATCH_NAMES
 from jmoe.experts import ACTIVATIONS
 from jmoe.grouped_matmul import NAMES as GROUPED_MATMUL_NAMES
+from jmoe.model import ATTENTION_IMPLS, EMBEDDINGS
 from jmoe.parallel.dropless_exchange import NAMES as DROPLESS_EXCHANGE_NAMES
 from jmoe.routing import DEFAULT_ROUTER
 from jmoe.routing import NAMES as ROUTER_NAMES
@@ -87,6 +88,11 @@ class Config:
     dtype: str = _field("float32", "activation dtype (router stays float32)", role="compile",
                         choices=("float32", "bfloat16"))
     rope_base: float = _field(10000.0, "rotary embedding base", role="compile", range=(1.0, None))
+    attention: str = _field("auto", "attention implementation (jax.nn.dot_product_attention): auto = cudnn on a "
+                                    "GPU when the dtype and head dim allow, else xla", role="compile",
+                            choices=ATTENTION_IMPLS)
+    embedding: str = _field("gather", "token embedding: a row gather, or a one-hot matmul (same values; float32 "
+                                      "backward)", role="compile", choices=EMBEDDINGS)
     lb_weight: float = _field(0.01, "weight of the summed load-balancing loss", role="compile", range=(0.0, None))
     z_weight: float = _field(0.001, "weight of the summed router z-loss", role="compile", range=(0.0, None))
     # --- data --------------------------------------------------------------

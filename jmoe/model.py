@@ -2,7 +2,14 @@
 
 Pre-norm blocks (``x + attn(norm(x))``, then ``x + ffn(norm(x))``), RMSNorm,
 rotary position embeddings, causal multi-head attention through
-``jax.nn.dot_product_attention`` (the fused kernel on GPUs). Block ``i``'s FFN is
+``jax.nn.dot_product_attention`` with the implementation named by ``attention``
+(:data:`ATTENTION_IMPLS`): ``"xla"`` is XLA's unfused path (float32 logits
+``[B, N, S, S]``, the masked half computed too), ``"cudnn"`` cuDNN's fused
+flash-attention kernel (GPU only; bf16/fp16, head_dim a multiple of 8, <= 128), and
+``"auto"`` (the default) picks cuDNN on a GPU when the dtype and shape allow, else XLA.
+The token embedding is a row gather (``embedding="gather"``) or a one-hot matmul
+(``"onehot"``: the same values, exactly; its backward sums the rows' gradients in
+float32 as a matmul instead of a scatter-add in the activation dtype). Block ``i``'s FFN is
 a :class:`jmoe.MoE` when ``num_experts > 0`` and ``i % moe_every == moe_every - 1``
 (Switch: every other layer, starting with the second), else a dense FFN with the
 same activation. ``num_experts = 0`` gives the dense baseline.
@@ -19,13 +26,15 @@ router of every MoE layer computes its probabilities in float32 whatever
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
 
 import jmoe
-from jmoe import routing
+from jmoe import platform, routing
 from jmoe.experts import ExpertBank
 
 Array = jax.Array
@@ -33,6 +42,8 @@ Array = jax.Array
 # Per-layer MoE metrics kept in aux (stacked over MoE layers); the two losses are summed.
 LAYER_METRICS = ("dropped_fraction", "padding_fraction", "router_entropy", "tokens_per_expert")
 AUX_LOSSES = ("load_balancing_loss", "z_loss", *routing.EXTRA_LOSSES)  # the routers' own losses last
+ATTENTION_IMPLS = ("auto", "xla", "cudnn")  # jax.nn.dot_product_attention's implementation; auto: see attention_impl
+EMBEDDINGS = ("gather", "onehot")  # how tokens become vectors; see onehot_embed
 
 
 # ----------------------------------------------------------------------------
@@ -77,6 +88,54 @@ def apply_rotary(x: Array, positions: Array, base: float = 10000.0) -> Array:
     return y.astype(x.dtype)
 
 
+def attention_impl(name: str, dtype, head_dim: int) -> str:
+    """The implementation ``jax.nn.dot_product_attention`` gets for ``name`` (one of
+    :data:`ATTENTION_IMPLS`): ``"auto"`` is ``"cudnn"`` on a GPU when the activations are
+    bf16/fp16 and ``head_dim`` is a multiple of 8 and at most 128 (cuDNN's flash-attention
+    limits), else ``"xla"``; the others name themselves."""
+    if name not in ATTENTION_IMPLS:
+        raise ValueError(f"attention={name!r} must be one of {', '.join(ATTENTION_IMPLS)}")
+    if name != "auto":
+        return name
+    fits = jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)) and head_dim % 8 == 0 \
+        and head_dim <= 128
+    return "cudnn" if fits and platform.current() == "gpu" else "xla"
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def onehot_embed(tokens: Array, table: Array, dtype) -> Array:
+    """``table[tokens]`` in ``dtype`` as a one-hot matmul: tokens [...] int, table [V, d] -> [..., d].
+
+    Exact: every output is ``1 * table[t]`` plus zeros, accumulated in float32 (so equal to the
+    gather ``table.astype(dtype)[tokens]``). The backward, ``one_hot(tokens)^T @ g``, sums each row's
+    gradients in float32 (a matmul instead of a scatter-add in ``dtype``) and returns a float32
+    gradient for the float32 table.
+    """
+    return _onehot_embed_fwd(tokens, table, dtype)[0]
+
+
+def _onehot(tokens: Array, vocab: int, dtype) -> Array:
+    return jax.nn.one_hot(tokens, vocab, dtype=dtype)  # [..., V]
+
+
+def _onehot_embed_fwd(tokens, table, dtype):
+    y = jnp.einsum("...v,vd->...d", _onehot(tokens, table.shape[0], dtype), table.astype(dtype),
+                   preferred_element_type=jnp.float32, precision=jax.lax.Precision.HIGHEST)
+    return y.astype(dtype), (tokens, table)  # the table (a parameter) is kept anyway: no extra memory
+
+
+def _onehot_embed_bwd(dtype, res, g):
+    tokens, table = res
+    vocab, table_dtype = table.shape[0], table.dtype
+    # 0/1 times g is exact in g's dtype; HIGHEST keeps float32 g from being rounded to TF32 on a GPU
+    d_table = jnp.einsum("...v,...d->vd", _onehot(tokens, vocab, g.dtype), g,
+                         preferred_element_type=jnp.float32, precision=jax.lax.Precision.HIGHEST)
+    return None, d_table.astype(table_dtype)
+
+
+onehot_embed.defvjp(_onehot_embed_fwd, _onehot_embed_bwd)
+
+
 def lm_loss(logits: Array, targets: Array) -> Array:
     """Mean next-token cross-entropy in nats: ``mean(logsumexp(logits) - logits[target])``.
 
@@ -118,11 +177,14 @@ class RMSNorm(nnx.Module):
 class Attention(nnx.Module):
     """Causal multi-head self-attention with rotary embeddings on q and k."""
 
-    def __init__(self, d_model: int, num_heads: int, *, rope_base: float = 10000.0, dtype, rngs: nnx.Rngs):
+    def __init__(self, d_model: int, num_heads: int, *, rope_base: float = 10000.0, dtype, rngs: nnx.Rngs,
+                 attention: str = "auto"):
         if d_model % num_heads:
             raise ValueError(f"d_model={d_model} must be divisible by num_heads={num_heads}")
+        if attention not in ATTENTION_IMPLS:
+            raise ValueError(f"attention={attention!r} must be one of {', '.join(ATTENTION_IMPLS)}")
         self.num_heads, self.head_dim = num_heads, d_model // num_heads
-        self.rope_base = rope_base
+        self.rope_base, self.attention = rope_base, attention
         self.qkv = nnx.Linear(d_model, 3 * d_model, use_bias=False, dtype=dtype, rngs=rngs)
         self.out = nnx.Linear(d_model, d_model, use_bias=False, dtype=dtype, rngs=rngs)
 
@@ -133,7 +195,8 @@ class Attention(nnx.Module):
         positions = jnp.arange(s)
         q = apply_rotary(q, positions, self.rope_base)
         k = apply_rotary(k, positions, self.rope_base)
-        o = jax.nn.dot_product_attention(q, k, v, is_causal=True)  # [B, S, N, H]
+        impl = attention_impl(self.attention, q.dtype, self.head_dim)
+        o = jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=impl)  # [B, S, N, H]
         return self.out(o.reshape(b, s, -1))  # [B, S, d]
 
 
@@ -151,9 +214,10 @@ class DenseFFN(nnx.Module):
 class Block(nnx.Module):
     """``x = x + attn(norm(x)); x = x + ffn(norm(x))``; ffn is MoE or dense."""
 
-    def __init__(self, d_model: int, num_heads: int, ffn: nnx.Module, *, rope_base: float, dtype, rngs: nnx.Rngs):
+    def __init__(self, d_model: int, num_heads: int, ffn: nnx.Module, *, rope_base: float, dtype, rngs: nnx.Rngs,
+                 attention: str = "auto"):
         self.attn_norm = RMSNorm(d_model)
-        self.attn = Attention(d_model, num_heads, rope_base=rope_base, dtype=dtype, rngs=rngs)
+        self.attn = Attention(d_model, num_heads, rope_base=rope_base, dtype=dtype, rngs=rngs, attention=attention)
         self.ffn_norm = RMSNorm(d_model)
         self.ffn = ffn
 
@@ -171,7 +235,9 @@ class LM(nnx.Module):
     """Decoder-only byte/token LM; ``__call__(tokens [B, S]) -> (logits [B, S, V] f32, aux)``.
 
     MoE options (``k``, ``capacity_factor``, ``router``, ...) are passed through
-    ``moe_kwargs`` to every :class:`jmoe.MoE` layer.
+    ``moe_kwargs`` to every :class:`jmoe.MoE` layer. ``attention`` (:data:`ATTENTION_IMPLS`) and
+    ``embedding`` (:data:`EMBEDDINGS`) choose implementations only: the parameters and the
+    function computed are the same.
     """
 
     def __init__(
@@ -189,12 +255,18 @@ class LM(nnx.Module):
         rope_base: float = 10000.0,
         dtype=jnp.float32,
         moe_kwargs: dict | None = None,
+        attention: str = "auto",
+        embedding: str = "gather",
         rngs: nnx.Rngs,
     ):
         if min(vocab_size, d_model, num_layers, num_heads, d_ff, moe_every) < 1:
             raise ValueError("vocab_size, d_model, num_layers, num_heads, d_ff and moe_every must be >= 1")
+        if attention not in ATTENTION_IMPLS:
+            raise ValueError(f"attention={attention!r} must be one of {', '.join(ATTENTION_IMPLS)}")
+        if embedding not in EMBEDDINGS:
+            raise ValueError(f"embedding={embedding!r} must be one of {', '.join(EMBEDDINGS)}")
         self.vocab_size, self.num_experts = vocab_size, num_experts
-        self.dtype = dtype
+        self.dtype, self.embedding = dtype, embedding
         self.embed = nnx.Embed(
             vocab_size, d_model, embedding_init=nnx.initializers.normal(1.0), dtype=dtype, rngs=rngs
         )
@@ -207,7 +279,8 @@ class LM(nnx.Module):
                 )
             else:
                 ffn = DenseFFN(d_model, d_ff, activation=activation, dtype=dtype, rngs=rngs)
-            blocks.append(Block(d_model, num_heads, ffn, rope_base=rope_base, dtype=dtype, rngs=rngs))
+            blocks.append(Block(d_model, num_heads, ffn, rope_base=rope_base, dtype=dtype, rngs=rngs,
+                                attention=attention))
         self.blocks = nnx.List(blocks)
         self.final_norm = RMSNorm(d_model)
         self.head = nnx.Linear(d_model, vocab_size, use_bias=False, dtype=dtype, rngs=rngs)
@@ -221,7 +294,10 @@ class LM(nnx.Module):
         padding with False: MoE layers give it no expert slot (it cannot crowd out real tokens)."""
         if tokens.ndim != 2:
             raise ValueError(f"tokens must be [B, S], got shape {tokens.shape}")
-        x = self.embed(tokens)  # [B, S, d]
+        if self.embedding == "onehot":
+            x = onehot_embed(tokens, self.embed.embedding[...], self.dtype)  # [B, S, d]
+        else:
+            x = self.embed(tokens)  # [B, S, d]
         layer_aux = []
         for block in self.blocks:
             x, aux = block(x, token_mask)
@@ -270,8 +346,15 @@ def active_params_per_token(model: LM) -> int:
     return total
 
 
-def flops_per_token(model: LM, seq_len: int) -> float:
-    """Training FLOPs per token: ``6 * active_params + 12 * L * S * d`` (PaLM appendix B; attention
-    scores and values, forward + backward, without the causal halving)."""
+def flops_per_token(model: LM, seq_len: int, causal: bool = True) -> float:
+    """Training FLOPs per token: ``6 * active_params + 6 * L * S * d`` (PaLM appendix B with the causal
+    halving). The attention scores ``q k^T`` and the weighted values ``p v`` are ``2 * 2 * S * d`` FLOPs
+    per token and layer forward for all ``S`` keys, x3 for forward + backward = ``12 * L * S * d``; a
+    causal token attends to ``(S + 1) / 2`` keys on average, so the useful work (what a causal kernel such
+    as cuDNN's computes) is about half: ``6 * L * S * d``. ``causal=False`` counts all ``S`` keys (PaLM's
+    formula; what XLA's unfused path computes, the masked half included). MFU uses the causal count: the
+    masked half is not useful work. The embedding lookup counts 0 (a gather, or a one-hot matmul whose
+    FLOPs are not useful work either)."""
     d = model.embed.embedding.shape[1]
-    return 6.0 * active_params_per_token(model) + 12.0 * len(model.blocks) * seq_len * d
+    attention = (6.0 if causal else 12.0) * len(model.blocks) * seq_len * d
+    return 6.0 * active_params_per_token(model) + attention

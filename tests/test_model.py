@@ -173,3 +173,97 @@ def test_active_params_count_k_of_e_experts():
     # Same active size, up to the router [d, E]: one expert of width 64 replaces a dense FFN of width 64.
     assert model_lib.active_params_per_token(lm) == model_lib.active_params_per_token(dense) + 32 * 4
     assert model_lib.count_params(lm) == model_lib.count_params(dense) + 3 * (2 * 32 * 64) + 32 * 4
+
+
+# ----------------------------------------------------------------------------
+# Implementation choices (issue 16): attention implementation, one-hot embedding
+# ----------------------------------------------------------------------------
+
+
+def test_attention_auto_picks_cudnn_only_on_a_gpu_when_dtype_and_head_dim_allow(monkeypatch):
+    from jmoe import platform
+
+    assert model_lib.attention_impl("auto", jnp.bfloat16, 64) == "xla"  # this CPU
+    assert model_lib.attention_impl("cudnn", jnp.float32, 64) == "cudnn"  # named: as asked
+    monkeypatch.setattr(platform, "current", lambda: "gpu")
+    assert model_lib.attention_impl("auto", jnp.bfloat16, 64) == "cudnn"
+    assert model_lib.attention_impl("auto", jnp.float16, 128) == "cudnn"
+    assert model_lib.attention_impl("auto", jnp.float32, 64) == "xla"  # cuDNN's kernel is bf16/fp16
+    assert model_lib.attention_impl("auto", jnp.bfloat16, 160) == "xla"  # head dim > 128
+    assert model_lib.attention_impl("auto", jnp.bfloat16, 36) == "xla"  # not a multiple of 8
+    assert model_lib.attention_impl("xla", jnp.bfloat16, 64) == "xla"
+    with pytest.raises(ValueError, match="attention='flash'"):
+        model_lib.attention_impl("flash", jnp.bfloat16, 64)
+    with pytest.raises(ValueError, match="embedding='table'"):
+        _tiny_lm(0, embedding="table")
+    with pytest.raises(ValueError, match="attention='flash'"):
+        _tiny_lm(0, attention="flash")
+
+
+def test_attention_xla_equals_auto_on_cpu():
+    tokens = jax.random.randint(jax.random.key(0), (2, 16), 0, 256)
+    a, _ = forward(_tiny_lm(4, attention="auto"), tokens)
+    b, _ = forward(_tiny_lm(4, attention="xla"), tokens)
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_onehot_embedding_equals_gather_logits_and_grads(dtype):
+    """Same parameters (same init), same logits bit for bit; the embedding's gradient is the float32 sum
+    of the rows' gradients (gather's scatter-add sums in the activation dtype: equal in float32 up to the
+    order of the sum, and the one-hot sum is the closer one in bf16)."""
+    tokens = jax.random.randint(jax.random.key(1), (2, 24), 0, 256).at[:, :6].set(7)  # repeated rows
+    gather, onehot = _tiny_lm(4, dtype=dtype), _tiny_lm(4, dtype=dtype, embedding="onehot")
+    state_g, state_o = nnx.state(gather, nnx.Param), nnx.state(onehot, nnx.Param)
+    same = jax.tree.map(lambda a, b: bool(jnp.array_equal(a, b)), state_g, state_o)
+    assert all(jax.tree.leaves(same))
+
+    def loss_and_grads(lm):
+        graphdef, params, rest = nnx.split(lm, nnx.Param, ...)
+
+        def loss(p):
+            logits, _ = nnx.merge(graphdef, p, rest)(tokens)
+            return model_lib.lm_loss(logits, jnp.roll(tokens, -1, 1)), logits
+
+        (value, logits), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(params)
+        return value, logits, grads
+
+    lg, logits_g, grads_g = loss_and_grads(gather)
+    lo, logits_o, grads_o = loss_and_grads(onehot)
+    np.testing.assert_array_equal(np.asarray(logits_o), np.asarray(logits_g))
+    assert float(lo) == float(lg)
+    eg, eo = grads_g["embed"]["embedding"][...], grads_o["embed"]["embedding"][...]
+    assert eo.dtype == jnp.float32 and eo.shape == (256, 32)
+    # every other parameter's gradient is the same computation (XLA may fuse its sums in another order)
+    flat_g, flat_o = nnx.to_flat_state(grads_g), nnx.to_flat_state(grads_o)
+    for (path, g), (_, o) in zip(flat_g, flat_o):
+        if path[0] != "embed":
+            np.testing.assert_allclose(np.asarray(o[...]), np.asarray(g[...]), rtol=1e-4, atol=1e-7,
+                                       err_msg=str(path))
+
+    # the reference: the float32 sum over positions of d loss / d x (x the embedded tokens, in dtype)
+    graphdef, params, rest = nnx.split(gather, nnx.Param, ...)
+
+    def loss_of_x(x):
+        model = nnx.merge(graphdef, params, rest)
+        for block in model.blocks:
+            x, _ = block(x)
+        logits = model.head(model.final_norm(x)).astype(jnp.float32)
+        return model_lib.lm_loss(logits, jnp.roll(tokens, -1, 1))
+
+    x = params["embed"]["embedding"][...].astype(dtype)[tokens]
+    gx = np.asarray(jax.jit(jax.grad(loss_of_x))(x).astype(jnp.float32), np.float64)  # [B, S, d]
+    ref = np.zeros((256, 32))
+    np.add.at(ref, np.asarray(tokens).ravel(), gx.reshape(-1, 32))
+    np.testing.assert_allclose(np.asarray(eo), ref, rtol=1e-5, atol=1e-7)
+    if dtype == jnp.float32:
+        np.testing.assert_allclose(np.asarray(eo), np.asarray(eg), rtol=1e-5, atol=1e-7)
+    else:  # gather's bf16 scatter-add rounds: within bf16's precision of the float32 sum
+        np.testing.assert_allclose(np.asarray(eg), ref, rtol=2e-2, atol=1e-3)
+
+
+def test_flops_per_token_counts_the_causal_half_of_attention():
+    lm = _tiny_lm(4)
+    active, layers, d, s = model_lib.active_params_per_token(lm), 2, 32, 64
+    assert model_lib.flops_per_token(lm, s) == 6 * active + 6 * layers * s * d
+    assert model_lib.flops_per_token(lm, s, causal=False) == 6 * active + 12 * layers * s * d

@@ -44,7 +44,8 @@ def build_model(cfg: Config, rngs: nnx.Rngs, mesh=None) -> model_lib.LM:
         vocab_size=data_lib.VOCAB_SIZE, d_model=cfg.d_model, num_layers=cfg.num_layers,
         num_heads=cfg.num_heads, d_ff=cfg.d_ff, num_experts=cfg.num_experts,
         expert_d_ff=cfg.expert_d_ff, moe_every=cfg.moe_every, activation=cfg.activation,
-        rope_base=cfg.rope_base, dtype=jnp.dtype(cfg.dtype), moe_kwargs=moe_kwargs, rngs=rngs,
+        rope_base=cfg.rope_base, dtype=jnp.dtype(cfg.dtype), moe_kwargs=moe_kwargs, attention=cfg.attention,
+        embedding=cfg.embedding, rngs=rngs,
     )
 
 
