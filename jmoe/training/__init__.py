@@ -46,7 +46,7 @@ from jmoe.training.distributed import maybe_initialize_distributed
 from jmoe.training.lock import OutDirInUseError, is_locked, out_dir_lock
 from jmoe.training.logs import PEAK_FLOPS, MetricsLog, main_print, main_warn, peak_flops, progress_line, read_log, write_plots
 from jmoe.training.loop import NonFiniteLossError, evaluate, global_batch, train
-from jmoe.training.mesh import batch_sharding, make_mesh, opt_state_shardings, param_shardings
+from jmoe.training.mesh import batch_sharding, opt_state_shardings, param_shardings, training_mesh
 from jmoe.training.sampling import load_for_inference, sample
 from jmoe.training.trees import flatten, unflatten_like
 
@@ -75,7 +75,7 @@ __all__ = [
     "main_print",
     "main_warn",
     "make_eval_step",
-    "make_mesh",
+    "training_mesh",
     "make_next_logits",
     "make_optimizer",
     "make_schedule",

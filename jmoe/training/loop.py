@@ -29,7 +29,7 @@ from jmoe.training.checkpoints import (check_compatible, checkpoint_manager, clo
 from jmoe.training.interrupt import StopOnSigint
 from jmoe.training.lock import out_dir_lock
 from jmoe.training.logs import MetricsLog, main_warn, peak_flops, progress_line, write_plots
-from jmoe.training.mesh import batch_sharding, make_mesh
+from jmoe.training.mesh import batch_sharding, training_mesh
 
 Array = jax.Array
 
@@ -225,7 +225,7 @@ def train(cfg: Config, out_dir: str, *, print_fn=print, warn_fn=None, plots: boo
 
 def _train(cfg: Config, out_dir: str, say, warn, plots: bool, stop_after: int | None) -> dict:
     is_main = jax.process_index() == 0
-    mesh = make_mesh(cfg.expert_parallel, cfg.num_devices)
+    mesh = training_mesh(cfg.expert_parallel, cfg.num_devices)
     corpus = data_lib.load_corpus(cfg.data, cfg.val_percent, min_bytes=cfg.seq_len + 2)
     s, params = setup(cfg, mesh)
     opt_state = init_opt_state(s, params)

@@ -13,7 +13,7 @@ from jmoe import parallel
 from jmoe.training.trees import flatten
 
 
-def make_mesh(expert_parallel: int = 1, num_devices: int = 0) -> jax.sharding.Mesh:
+def training_mesh(expert_parallel: int = 1, num_devices: int = 0) -> jax.sharding.Mesh:
     """The training mesh over the first ``num_devices`` devices (0 = all, every process):
     :func:`jmoe.parallel.make_mesh` with ``expert=expert_parallel`` and ``data`` the rest
     (``model`` 1). The batch is split over (data, expert); with ``expert > 1`` the MoE layers run

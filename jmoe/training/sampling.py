@@ -15,7 +15,7 @@ from jmoe.training.checkpoints import (checkpoint_manager, describe_error, read_
                                        restore_checkpoint, restore_newest)
 from jmoe.training.lock import is_locked
 from jmoe.training.logs import main_warn
-from jmoe.training.mesh import make_mesh
+from jmoe.training.mesh import training_mesh
 from jmoe.training.trees import abstract
 
 
@@ -27,7 +27,7 @@ def load_for_inference(out_dir: str, *, expert_parallel: int = 1, num_devices: i
     ``<step>.corrupt`` (only skipped while a run holds the ``out_dir`` lock: that run owns the directory).
     """
     mgr = checkpoint_manager(out_dir)
-    mesh = make_mesh(expert_parallel, num_devices)
+    mesh = training_mesh(expert_parallel, num_devices)
 
     def restore(st):
         saved = read_checkpoint_config(mgr, st)
