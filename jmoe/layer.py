@@ -224,6 +224,9 @@ class MoE(nnx.Module):
         self.sow_aux = sow_aux
 
         mesh, axes = self._mesh_axes()
+        if mesh is not None:  # the mesh is known: check what needs only the sizes, then place the weights
+            parallel.check_mesh(axes, num_experts=num_experts, num_groups=0, d_ff=d_ff,
+                                hierarchical=hierarchical_a2a and parallel.uses_mesh(mesh, axes))
         sharding = {} if mesh is None else parallel.param_sharding(axes, mesh if self.mesh_options.mesh else None)
         for name, value in self.router.init_params(rngs.params(), d_model, num_experts).items():
             setattr(self, name, nnx.Param(value, **sharding.get(name, {})))  # router_weight [d, E] float32, ...

@@ -11,6 +11,8 @@ from jmoe import parallel, routing
 
 
 def layer(**kw):
+    if "num_experts_on_mesh" in kw:  # the mesh is known at construction: its sizes are checked there
+        return jmoe.MoE(8, 16, kw.pop("num_experts_on_mesh"), mesh=parallel.make_mesh(expert=4), rngs=nnx.Rngs(0))
     return jmoe.MoE(8, 16, 4, rngs=nnx.Rngs(0), **kw)
 
 
@@ -28,6 +30,10 @@ def layer(**kw):
         (dict(grouped_matmul="cublas"), "grouped_matmul"),
         (dict(dropless_exchange="smoke"), "dropless_exchange"),
         (dict(router="experts_choose", normalize=True), "normalize=True needs router='tokens_choose'"),
+        (dict(router="noisy_top_k", importance_loss_weight=float("inf")), "importance_loss_weight"),
+        (dict(capacity_factor=None, dropless_buffer_factor=float("inf")), "buffer_factor must be finite"),
+        (dict(num_experts_on_mesh=6), "num_experts=6 is not divisible"),
+        (dict(expert_axes="expert"), "expert_axes must be a tuple"),
     ],
 )
 def test_bad_layer_arguments_fail_at_construction(kwargs, match):

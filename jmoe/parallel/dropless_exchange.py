@@ -175,8 +175,9 @@ def receive_buffer_rows(num_assignments: int, expert_size: int, buffer_factor: f
     worst = expert_size * num_assignments
     if buffer_factor is None:
         return worst
-    if not buffer_factor >= 1.0:
-        raise ValueError(f"buffer_factor must be >= 1 (1 holds perfectly balanced routing), got {buffer_factor}")
+    if not (buffer_factor >= 1.0 and math.isfinite(buffer_factor)):
+        raise ValueError(f"buffer_factor must be finite and >= 1 (1 holds perfectly balanced routing; None: the "
+                         f"worst case), got {buffer_factor}")
     return min(worst, -(-math.ceil(buffer_factor * num_assignments) // 8) * 8)
 
 

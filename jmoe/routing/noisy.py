@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from typing import Callable
 
 import jax
@@ -184,8 +185,8 @@ def smooth_load(
 
 
 def _check_weight(name: str, weight: float) -> None:
-    if not weight >= 0:
-        raise ValueError(f"{name} must be >= 0, got {weight}")
+    if not (weight >= 0 and math.isfinite(weight)):
+        raise ValueError(f"{name} must be finite and >= 0, got {weight}")
 
 
 @functools.partial(
