@@ -9,9 +9,11 @@ import sys
 
 import numpy as np
 
-# bf16 dense peak FLOP/s per device, matched against jax's device_kind (lower case).
+# bf16 dense peak FLOP/s per device (no sparsity), matched against jax's device_kind (lower case), the first
+# name contained in it wins: the H100 PCIe ("NVIDIA H100 PCIe") 756 and NVL 835 before the SXM's 989
+# ("NVIDIA H100 80GB HBM3"); H200 (and GH200) 989.
 PEAK_FLOPS = (
-    ("h200", 989e12), ("h100", 989e12), ("a100", 312e12), ("l40s", 362e12), ("a10g", 125e12),
+    ("h200", 989e12), ("h100 pcie", 756e12), ("h100 nvl", 835e12), ("h100", 989e12), ("a100", 312e12), ("l40s", 362e12), ("a10g", 125e12),
     ("l4", 121e12), ("v100", 125e12), ("tpu v6", 918e12), ("tpu v5p", 459e12), ("tpu v5 lite", 197e12),
     ("tpu v5e", 197e12), ("tpu v5", 459e12), ("tpu v4", 275e12),
 )
