@@ -16,7 +16,8 @@ Backends:
   ``gather``  index gathers from the plan's compact form, cost O(G (S K + E C) d)
               whatever E and C are.
   ``pallas``  Pallas GPU (Triton) kernels over the same compact form
-              (:mod:`jmoe.pallas`; interpret mode off GPU: slow, for tests).
+              (:mod:`jmoe.pallas`; off GPU an error unless tests opt in to
+              interpret mode: :func:`jmoe.platform.interpret`).
 A new backend is one :class:`Backend` and one ``BACKENDS.register`` line.
 """
 
@@ -163,7 +164,7 @@ def gather_combine(expert_out: Array, plan: RoutingPlan) -> Array:
     return y.astype(expert_out.dtype)
 
 
-# ``pallas``: the kernels of jmoe/pallas (Triton on GPU, interpret mode elsewhere),
+# ``pallas``: the kernels of jmoe/pallas (Triton on GPU; elsewhere interpret mode where tests opt in),
 # imported on first use so that importing jmoe does not import Pallas.
 def _pallas_dispatch(x: Array, plan: RoutingPlan) -> Array:
     from jmoe.pallas.dispatch import pallas_dispatch

@@ -7,6 +7,8 @@ the name ``"auto"`` resolves to. Nothing else in jmoe asks which backend it runs
 
 from __future__ import annotations
 
+import contextlib
+import os
 import warnings
 from typing import Generic, TypeVar
 
@@ -23,23 +25,67 @@ def current() -> str:
     return "gpu" if backend in ("gpu", "cuda", "rocm") else backend
 
 
-def interpret(flag: bool | None) -> bool:
-    """A kernel's interpret flag: None -> interpret unless the platform is a GPU (with a
-    warning, once: the GPU kernels then run in Pallas's interpreter, correct but slow)."""
-    if flag is None:
-        flag = current() != "gpu"
-        if flag and not _warned:
+ALLOW_INTERPRET_ENV = "JMOE_ALLOW_INTERPRET"
+_allow_depth = [0]  # open allow_interpret() contexts
+
+
+@contextlib.contextmanager
+def allow_interpret():
+    """Within: a kernel off its platforms runs in Pallas's interpreter instead of failing
+    (:func:`interpret`). For tests; so is ``JMOE_ALLOW_INTERPRET=1`` (tests/conftest.py)."""
+    _allow_depth[0] += 1
+    try:
+        yield
+    finally:
+        _allow_depth[0] -= 1
+
+
+def interpret_allowed() -> bool:
+    """True inside :func:`allow_interpret` or with ``JMOE_ALLOW_INTERPRET`` set (not "0")."""
+    return _allow_depth[0] > 0 or os.environ.get(ALLOW_INTERPRET_ENV, "0") not in ("", "0")
+
+
+class UnsupportedPlatformError(ValueError):
+    """A kernel was chosen on a backend where it cannot run compiled (and interpreting it
+    was not asked for)."""
+
+
+def interpret(flag: bool | None, what: str = "a Pallas GPU kernel", platforms: tuple[str, ...] = ("gpu",)) -> bool:
+    """The one interpret policy of jmoe's kernels: should ``what`` (a kernel that runs
+    compiled on ``platforms`` only) run in Pallas's interpreter?
+
+    * ``flag`` True / False: as given (False off ``platforms``: lowering for another
+      backend, e.g. ``lower(lowering_platforms=("tpu",))``);
+    * None on one of ``platforms``: False (compiled);
+    * None elsewhere: True when :func:`interpret_allowed` (tests opt in; with the
+      environment variable, an :class:`InterpretedKernelWarning` once per process), else
+      :class:`UnsupportedPlatformError` naming the platforms it supports: no silent
+      interpreter (correct but orders of magnitude slower) outside tests.
+    """
+    if flag is not None:
+        return bool(flag)
+    if current() in platforms:
+        return False
+    if _allow_depth[0] > 0:
+        return True
+    if interpret_allowed():
+        if not _warned:
             _warned.append(True)
-            warnings.warn(f"jmoe: a GPU kernel runs in Pallas's interpreter on {current()} (slow; for tests); "
-                          f"choose an 'auto' or XLA implementation here", InterpretedKernelWarning, stacklevel=3)
-    return bool(flag)
+            warnings.warn(f"jmoe: {what} runs in Pallas's interpreter on {current()} ({ALLOW_INTERPRET_ENV} is "
+                          f"set: slow, for tests)", InterpretedKernelWarning, stacklevel=3)
+        return True
+    raise UnsupportedPlatformError(
+        f"{what}: compiled only on {' or '.join(platforms)}, and the backend here is {current()}; "
+        f"choose 'auto' or an XLA implementation (dispatch 'gather' / 'einsum', grouped_matmul 'scan' / "
+        f"'ragged_dot'), or, for tests, opt in to Pallas's interpreter (slow) with {ALLOW_INTERPRET_ENV}=1 "
+        f"or jmoe.platform.allow_interpret()")
 
 
 _warned: list[bool] = []  # once per process
 
 
 class InterpretedKernelWarning(UserWarning):
-    """A GPU kernel ran in Pallas's interpreter (off GPU)."""
+    """A kernel ran in Pallas's interpreter off its platforms, allowed by ``JMOE_ALLOW_INTERPRET``."""
 
 
 def has_ragged_all_to_all() -> bool:

@@ -12,6 +12,7 @@ if "xla_force_host_platform_device_count" not in _flags:
 
 # Tests compare against float64 references: on a GPU, float32 matmuls must not drop to TF32.
 os.environ.setdefault("JAX_DEFAULT_MATMUL_PRECISION", "highest")
+os.environ.setdefault("JMOE_ALLOW_INTERPRET", "1")  # the kernel tests run GPU / TPU kernels interpreted on CPU
 
 import pytest  # noqa: E402
 

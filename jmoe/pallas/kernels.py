@@ -24,8 +24,8 @@ is never accessed; clamping with ``where`` would hide from Triton that the
 columns are contiguous and cost vectorised loads); only data-dependent source
 rows are clamped (``-1`` -> 0) before they are masked.
 
-On a non-GPU backend the same kernels run with ``interpret=True`` (chosen
-automatically by :func:`resolve_interpret`). In interpret mode Pallas fills an
+On a non-GPU backend the same kernels run with ``interpret=True`` where the caller
+opted in (tests; :func:`resolve_interpret`), else they are an error. In interpret mode Pallas fills an
 un-aliased float output with NaN before the kernel runs, so an element the
 kernel forgot to write shows up as NaN; ``poison=True`` does the same on GPU by
 passing a NaN-filled buffer aliased to the output (``input_output_aliases``);
@@ -68,8 +68,8 @@ class KernelConfig:
         power of two; capped at ``next_power_of_2(d)``.
       num_warps: Triton warps per program.
       num_stages: Triton software-pipelining stages (None: Triton's default).
-      interpret: True / False, or None for "interpret unless the default
-        backend is a GPU".
+      interpret: True / False, or None for "compiled on a GPU; off GPU
+        interpreted where tests opted in, else an error" (:func:`resolve_interpret`).
     """
 
     # 32 x 256: measured on an H100 (jax 0.11.2, bf16, T=16384, d=4096): combine fwd+bwd
@@ -94,8 +94,10 @@ class KernelConfig:
 
 
 def resolve_interpret(interpret: bool | None) -> bool:
-    """None -> interpret unless the platform is a GPU (:func:`jmoe.platform.interpret`)."""
-    return platform.interpret(interpret)
+    """None -> compiled on a GPU; elsewhere interpreted where tests allow it, else an error
+    (:func:`jmoe.platform.interpret`)."""
+    return platform.interpret(interpret, "the Pallas Triton kernels (dispatch='pallas', grouped_matmul='pallas')",
+                              ("gpu",))
 
 
 def _interpret_in_shard_map(args, cfg: KernelConfig) -> bool:

@@ -15,8 +15,8 @@ the one grouped-matmul VJP (:mod:`jmoe.grouped_matmul.vjp`), argument checks wit
 ``sum(group_sizes)`` (the kernels leave those rows unwritten; the expert-parallel
 receive buffer has such rows).
 
-Off GPU (and with ``interpret=True``) the kernels run under Mosaic GPU's interpret
-mode, which simulates shared memory, TMA and barriers on the CPU: slow, for tests.
+Off GPU, where tests opt in (:func:`jmoe.platform.interpret`; an error otherwise), and
+with ``interpret=True``, the kernels run under Mosaic GPU's interpret mode, which simulates shared memory, TMA and barriers on the CPU: slow, for tests.
 The weight-gradient kernel needs jax >= 0.11 to be interpreted (jax 0.10's
 interpreter lacks ``layout_cast``).
 
@@ -38,7 +38,7 @@ import jax.numpy as jnp
 
 from jmoe.compat import mosaic_gpu_interpret_mode, vary_like
 from jmoe.grouped_matmul.vjp import GmmKernels, grouped_matmul_vjp
-from jmoe.platform import interpret
+from jmoe import platform
 
 Array = jax.Array
 
@@ -63,6 +63,11 @@ class MosaicGmmConfig:
     max_concurrent_steps: int = 4
     grid_block_n: int = 1
     interpret: bool | None = None
+
+
+def interpret(flag: bool | None) -> bool:
+    """Compiled on a GPU; elsewhere interpreted only where tests allow it (:func:`jmoe.platform.interpret`)."""
+    return platform.interpret(flag, "grouped_matmul='mosaic' (Mosaic GPU kernels for Hopper)", ("gpu",))
 
 
 def _fit(block: int, dim: int, what: str) -> int:
