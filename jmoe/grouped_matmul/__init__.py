@@ -8,11 +8,16 @@ Registered (:data:`GROUPED_MATMULS`; the module of each says what was measured):
   ragged_dot  XLA's ``jax.lax.ragged_dot`` (:mod:`jmoe.grouped_matmul.ragged_dot`);
   scan        a ``lax.scan`` over (row tile, expert) items, each row computed once
               (:mod:`jmoe.grouped_matmul.scan`);
-  pallas      the same schedule as Pallas GPU (Triton) kernels (:mod:`jmoe.pallas.grouped_matmul`,
-              interpreted off GPU);
+  pallas      the same schedule as Pallas GPU (Triton) kernels (:mod:`jmoe.pallas.grouped_matmul`);
   mosaic      JAX's Hopper (Mosaic GPU) kernels, 16-bit dtypes only
-              (:mod:`jmoe.pallas.mosaic_grouped_matmul`).
-``"auto"``: scan on CPU (measured faster there), ragged_dot elsewhere.
+              (:mod:`jmoe.pallas.mosaic_grouped_matmul`);
+  megablox    JAX's TPU (Pallas Mosaic TPU) kernels, MaxText's dropless path
+              (:mod:`jmoe.pallas.megablox_grouped_matmul`).
+``"auto"``: scan on CPU (measured faster there), megablox on TPU (what MaxText runs there;
+not yet measured by jmoe), ragged_dot elsewhere.
+
+The kernels (pallas, mosaic, megablox) are an error off their platforms unless tests opt in to
+Pallas's interpreter (:func:`jmoe.platform.interpret`).
 
 A new grouped matmul is one module with its function plus one :func:`register` line.
 Implementations that import Pallas are loaded on first use.
@@ -52,12 +57,15 @@ class GroupedMatmul:
         return getattr(importlib.import_module(module), name)
 
 
-GROUPED_MATMULS: Registry[GroupedMatmul] = Registry("grouped_matmul", fallback="ragged_dot", auto={"cpu": "scan"})
+GROUPED_MATMULS: Registry[GroupedMatmul] = Registry("grouped_matmul", fallback="ragged_dot",
+                                                    auto={"cpu": "scan", "tpu": "megablox"})
 GROUPED_MATMULS.register("ragged_dot", GroupedMatmul("jmoe.grouped_matmul.ragged_dot:ragged_dot_grouped_matmul"))
 GROUPED_MATMULS.register("scan", GroupedMatmul("jmoe.grouped_matmul.scan:scan_grouped_matmul"))
 GROUPED_MATMULS.register("pallas", GroupedMatmul("jmoe.pallas.grouped_matmul:grouped_matmul", cast_weights=True))
 GROUPED_MATMULS.register("mosaic", GroupedMatmul("jmoe.pallas.mosaic_grouped_matmul:mosaic_grouped_matmul",
                                                  dtypes=(jnp.bfloat16, jnp.float16), cast_weights=True))
+GROUPED_MATMULS.register("megablox", GroupedMatmul("jmoe.pallas.megablox_grouped_matmul:megablox_grouped_matmul",
+                                                   cast_weights=True))
 NAMES = GROUPED_MATMULS.names
 
 

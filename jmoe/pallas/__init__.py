@@ -1,4 +1,5 @@
-"""Pallas GPU (Triton) kernels; on other backends they run in interpret mode.
+"""Pallas kernels: GPU (Triton, Mosaic GPU) and TPU (megablox); off their platforms they are an
+error unless tests opt in to interpret mode (:func:`jmoe.platform.interpret`).
 
 ``pallas_dispatch`` / ``pallas_combine`` are the ``dispatch="pallas"`` backend of
 :mod:`jmoe.dispatch`; the row kernels they are built from are in
