@@ -179,7 +179,15 @@ def _pallas_combine(expert_out: Array, plan: RoutingPlan) -> Array:
 
 
 # "auto": the Pallas kernels on GPU (measured 5.3x / 2.6x faster than XLA's gather), gather elsewhere.
-BACKENDS: Registry[Backend] = Registry("dispatch", fallback="gather", auto={"gpu": "pallas"})
+# On TPU gather, on paper (not yet measured on a TPU: benchmarks/tpu_check.sh times it against the
+# copy bandwidth): dispatch and combine are row copies, memory bound, and a Pallas TPU kernel moves
+# the same bytes as XLA's gather: it would fetch each row with its own DMA (d * 2 bytes, 8 KiB at
+# d = 4096 bf16, large enough to stream near HBM bandwidth), which is what XLA:TPU's gather of whole
+# rows does. The GPU kernels won by avoiding XLA:GPU's slow gather / scatter-add codegen, not by
+# moving fewer bytes. The one place a kernel could win is the backward, where XLA transposes the
+# gather into a scatter-add (the Pallas formulation gathers and sums instead): write a Pallas TPU
+# kernel if tpu_check.sh shows gather's fwd+bwd well below the copy bandwidth.
+BACKENDS: Registry[Backend] = Registry("dispatch", fallback="gather", auto={"gpu": "pallas", "tpu": "gather"})
 BACKENDS.register("einsum", Backend(einsum_dispatch, einsum_combine))
 BACKENDS.register("gather", Backend(gather_dispatch, gather_combine))
 BACKENDS.register("pallas", Backend(_pallas_dispatch, _pallas_combine))
@@ -187,7 +195,7 @@ NAMES = BACKENDS.names
 
 
 def resolve_backend(name: str) -> str:
-    """``"auto"`` -> this platform's backend (pallas on GPU, else gather); else ``name``."""
+    """``"auto"`` -> this platform's backend (pallas on GPU, gather on TPU and CPU); else ``name``."""
     return BACKENDS.resolve(name)
 
 
