@@ -1,28 +1,34 @@
 #!/usr/bin/env bash
-# One prepared GPU check, for a session that is lent a GPU (one device call, < 10 minutes:
-# the step limits below add up to 600 s; use the device tool's timeout_s=600).
-# GPU_CHECK_ONLY="device tests ..." runs only the named steps; GPU_CHECK_TESTS overrides the test list.
+# One prepared GPU check, for a session that is lent a GPU (one device call of at most 9 minutes: the
+# default steps' limits below add up to 505 s, plus ~15 s of archiving; use the device tool's timeout_s=540).
+# GPU_CHECK_ONLY="device tests ..." runs only the named steps (the extra steps bench_pallas, bench_mixtral,
+# bench_peers and bench_sweep run only when named, or in the smoke run); GPU_CHECK_TESTS overrides the test
+# list. The smoke run (CPU) allows each step 3x its limit and lets Pallas interpret (JMOE_ALLOW_INTERPRET=1).
 #
 #   bash benchmarks/gpu_check.sh OUT_DIR            # on the GPU machine, from the repo root
-#   GPU_CHECK_SMOKE=1 bash benchmarks/gpu_check.sh /tmp/gpu_smoke   # CPU dry run of the same steps
+#   GPU_CHECK_SMOKE=1 bash benchmarks/gpu_check.sh /tmp/gpu_smoke   # CPU dry run of every step
 #
 # Runs from the source tree (PYTHONPATH=.), installs nothing, downloads nothing. Steps, each
 # under its own time limit so one slow step cannot eat the others' time, most wanted first:
-#   1. the device (jax.devices, nvidia-smi)
-#   2. the card's dense matmul rate; ragged_dot vs the Mosaic (JAX's Hopper kernels), Pallas
-#      (Triton) and scan grouped matmuls
-#   3. the kernel / layer / dropless tests with Pallas compiled (not interpreted: they interpret
-#      only off GPU) and XLA's own ragged_all_to_all (one-device expert axis)
-#   4. dropless vs capacity factors (one layer, GPU scale, bf16)
-#   5. the Pallas dispatch/combine benchmark
-#   6. the peers' layer workloads (Mixtral-like first) and the E sweep, GPU scale, bf16
-#   7. train.py with the `small` config for a bounded number of steps
+#   1. device       the device (jax.devices, nvidia-smi)                                         15 s
+#   2. bench_train  issue 16: train.py's step of configs/small_gpu per variant (xla vs cudnn     210 s
+#                   attention, one-hot embedding, capacity 1.0, dropless per grouped matmul, 2x
+#                   batch, dense, the combined winners): ms/step, tokens/s, MFU, profile by category
+#   3. ragged_dot   issue 7: the card's matmul rate; ragged_dot vs the Mosaic (JAX's Hopper         100 s
+#                   kernels), Pallas (Triton) and scan grouped matmuls at the Mixtral and E 64 shapes,
+#                   correctness vs a loop
+#   4. tests        the kernel / layer / dropless tests with Pallas compiled (not interpreted: they   75 s
+#                   interpret only off GPU) and XLA's own ragged_all_to_all (one-device expert axis)
+#   5. bench_dropless  dropless (each grouped matmul) vs capacity factors (one layer, GPU scale,      60 s
+#                   bf16): issue 16's "dropless within 1.15x of its floor, faster than factor 1.25"
+#   6. train        train.py with configs/small_gpu (attention=auto: cuDNN) for a few steps           45 s
+#   extra (named only): bench_mixtral (the Mixtral-like layer per dispatch backend, 30 s), bench_pallas
+#   (50 s), bench_peers (25 s), bench_sweep (20 s)
 # then a compact table (benchmarks/gpu_summary.py). Full JSON and logs land in OUT_DIR, and in one
 # archive (default OUT_DIR.tgz), refreshed after every step (the device tool returns only 8 files).
 # On the device machine: `bash benchmarks/gpu_check.sh /tmp/gpu_check $OUT/gpu_check.tgz`.
-# The next call wanted (issue 7: which grouped matmul is right and fastest on the GPU; 465 s of
-# step limits, timeout_s=500):
-#   GPU_CHECK_ONLY="device ragged_dot tests bench_dropless bench_pallas" bash benchmarks/gpu_check.sh /tmp/g $OUT/g.tgz
+# The next call wanted (issue 16 first, then issue 7's grouped matmuls; 505 s of step limits; timeout_s=540):
+#   GPU_CHECK_ONLY="device bench_train ragged_dot tests bench_dropless train" bash benchmarks/gpu_check.sh /tmp/g $OUT/g.tgz
 set -u
 OUT=${1:?usage: gpu_check.sh OUT_DIR [ARCHIVE.tgz]}
 ARCHIVE=${2:-$OUT.tgz}
@@ -34,17 +40,21 @@ PY=${PYTHON:-python3}
 SMOKE=${GPU_CHECK_SMOKE:-0}
 if [ "$SMOKE" = 1 ]; then
   SCALE=cpu; DTYPE=float32; BACKENDS=einsum,gather; ITERS=2; TRAIN="config=tiny steps=6 log_every=2 eval_every=6 ckpt_every=6"
-  PALLAS="--small"; TESTS="tests/test_routing.py"; SWEEP_BACKENDS=einsum,gather
+  PALLAS="--small"; TESTS="tests/test_routing.py"; SWEEP_BACKENDS=einsum,gather; BENCH_TRAIN="--smoke"
+  DEFAULT_STEPS=""  # the smoke run tries every step
+  LIMIT_FACTOR=3; export JMOE_ALLOW_INTERPRET=1  # CPU: slower; the Pallas kernels run interpreted
 else
-  SCALE=gpu; DTYPE=bfloat16; BACKENDS=gather,pallas,einsum; ITERS=10; TRAIN="config=small steps=80 log_every=20 eval_every=80 ckpt_every=80"
-  PALLAS=""; SWEEP_BACKENDS=gather,pallas
+  SCALE=gpu; DTYPE=bfloat16; BACKENDS=gather,pallas,einsum; ITERS=10
+  TRAIN="config=small_gpu steps=30 log_every=10 eval_every=30 eval_batches=2 ckpt_every=30"
+  PALLAS=""; SWEEP_BACKENDS=gather,pallas; BENCH_TRAIN="--config small_gpu --budget 190"
+  DEFAULT_STEPS="device bench_train ragged_dot tests bench_dropless train"; LIMIT_FACTOR=1
   TESTS="tests/test_mosaic_grouped_matmul.py tests/test_grouped_matmul.py tests/test_dropless.py tests/test_dropless_parallel.py::test_dropless_exchange_one_expert_device_matches_dropless tests/test_pallas.py tests/test_layer.py"
 fi
 TESTS=${GPU_CHECK_TESTS:-$TESTS}
-ONLY=${GPU_CHECK_ONLY:-}  # space-separated step names to run (a follow-up call); empty: all
+ONLY=${GPU_CHECK_ONLY:-$DEFAULT_STEPS}  # space-separated step names to run; empty (smoke): all
 
 step() {  # step NAME SECONDS COMMAND...: run with a time limit, log to OUT/NAME.log
-  local name=$1 limit=$2; shift 2
+  local name=$1 limit=$(( $2 * LIMIT_FACTOR )); shift 2
   if [ -n "$ONLY" ] && [[ " $ONLY " != *" $name "* ]]; then return; fi
   local start=$(date +%s)
   echo "=== $name (limit ${limit}s): $*"
@@ -59,18 +69,19 @@ step() {  # step NAME SECONDS COMMAND...: run with a time limit, log to OUT/NAME
 : > "$OUT/steps.txt"
 step device 15 bash -c "nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>/dev/null; \
   $PY -c 'import jax, jaxlib, flax; print(\"jax\", jax.__version__, \"flax\", flax.__version__, \"backend\", jax.default_backend(), jax.devices())'"
-step ragged_dot 170 $PY benchmarks/ragged_dot_check.py $PALLAS --out "$OUT/ragged_dot.json"
-step tests 140 $PY -m pytest -q -rfEs -p no:cacheprovider $TESTS
-step bench_dropless 90 $PY benchmarks/bench_layer.py --suite dropless --scale $SCALE --dtype $DTYPE \
+step bench_train 210 $PY benchmarks/bench_train.py $BENCH_TRAIN --out "$OUT"
+step ragged_dot 100 $PY benchmarks/ragged_dot_check.py $PALLAS --out "$OUT/ragged_dot.json"
+step tests 75 $PY -m pytest -q -rfEs -p no:cacheprovider $TESTS
+step bench_dropless 60 $PY benchmarks/bench_layer.py --suite dropless --scale $SCALE --dtype $DTYPE \
   --backends gather --iters $ITERS --out "$OUT"
 step bench_pallas 50 $PY benchmarks/bench_pallas.py $PALLAS --out "$OUT/bench_pallas.json"
-step bench_mixtral 60 $PY benchmarks/bench_layer.py --suite peers --only mixtral --tag mixtral --scale $SCALE \
+step bench_mixtral 30 $PY benchmarks/bench_layer.py --suite peers --only mixtral --tag mixtral --scale $SCALE \
   --dtype $DTYPE --backends $BACKENDS --iters $ITERS --out "$OUT"
 step bench_peers 25 $PY benchmarks/bench_layer.py --suite peers --only fastmoe,tutel --scale $SCALE --dtype $DTYPE \
   --backends $BACKENDS --iters $ITERS --out "$OUT"
 step bench_sweep 20 $PY benchmarks/bench_layer.py --suite sweep --scale $SCALE --dtype $DTYPE \
   --backends $SWEEP_BACKENDS --iters $ITERS --out "$OUT"
-step train 30 $PY train.py $TRAIN out_dir="$TRAIN_DIR"
+step train 45 $PY train.py $TRAIN out_dir="$TRAIN_DIR"
 mkdir -p "$OUT/train" && cp "$TRAIN_DIR"/*.jsonl "$TRAIN_DIR"/*.png "$TRAIN_DIR"/*.json "$OUT/train/" 2>/dev/null
 rm -rf "$TRAIN_DIR"
 echo

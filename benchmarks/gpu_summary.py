@@ -13,6 +13,7 @@ def main(out: str) -> None:
     device = os.path.join(out, "device.log")
     if os.path.exists(device):
         print("device:", " ".join(open(device).read().split())[:200])
+    bench_train(out)
     peak = None
     ragged = os.path.join(out, "ragged_dot.json")
     if os.path.exists(ragged):
@@ -52,6 +53,40 @@ def main(out: str) -> None:
         rows = [json.loads(line) for line in open(metrics)]
         last = [r for r in rows if "loss" in r][-1:] or rows[-1:]
         print("\ntrain (last logged):", json.dumps(last[0])[:400] if last else "none")
+
+
+def bench_train(out: str) -> None:
+    """bench_train.json (issue 16): one line per variant, the skipped ones, the profiles by category."""
+    path = os.path.join(out, "bench_train.json")
+    if not os.path.exists(path):
+        return
+    data = json.load(open(path))
+    m, mm = data["machine"], data.get("matmul_tflops") or {}
+    peak = f"{m['peak_flops'] / 1e12:.0f} TFLOP/s" if m.get("peak_flops") else "unknown"
+    print(f"\nbench_train {data['config']} {data.get('set') or ''} on {m['device_kind']} (jax {m['jax']}; peak "
+          f"{peak}; measured matmul {mm.get('tflops') or 0:.3g} TFLOP/s)"
+          + ("  CPU SMOKE, NOT A MEASUREMENT" if data.get("smoke") else ""))
+    print(f"{'variant':<20} {'ms/step':>9} {'k tok/s':>9} {'MFU':>6} {'/matmul':>7} {'compile s':>9} {'GiB':>6}")
+    for name, r in data["variants"].items():
+        if "error" in r:
+            print(f"{name:<20} error: {r['error'][:150]}")
+            continue
+        mfu = f"{100 * r['mfu']:5.1f}%" if r.get("mfu") is not None else f"{'-':>6}"
+        print(f"{name:<20} {r['ms_per_step']:>9.2f} {r['tokens_per_s'] / 1e3:>9.1f} {mfu} "
+              f"{100 * (r.get('of_matmul') or 0):>6.1f}% {r['compile_s']:>9.1f} "
+              f"{r.get('program_bytes', 0) / 2**30:>6.2f}")
+    for name, why in data.get("skipped", {}).items():
+        print(f"{name:<20} skipped: {why}")
+    for name, p in data.get("profiles", {}).items():
+        if "error" in p:
+            print(f"profile {name}: {p['error'][:200]}")
+            continue
+        cats = ", ".join(f"{c} {100 * v:.0f}%" for c, v in sorted(p["categories_share"].items(), key=lambda kv: -kv[1])
+                         if v >= 0.005)
+        print(f"profile {name} ({p['events']} op time {p['op_ms_per_step']:.2f} ms/step, wall "
+              f"{p['wall_ms_per_step']:.2f}): {cats}")
+        for r in p["top_ops"][:5]:
+            print(f"    {r['ms']:8.3f} ms {r['category']:<16} {r['op'][:32]:<32} {r['source'][:60]}")
 
 
 if __name__ == "__main__":
