@@ -13,7 +13,7 @@ byte tokens. Variants (each is the base plus one change, so each gain is measure
   cudnn         attention=cudnn (cuDNN's fused flash attention; GPU only)
   onehot        embedding=onehot (one-hot matmul embedding, float32 backward)
   capacity_1.0  capacity_factor=1.0
-  dropless_X    dropless=1 grouped_matmul=X, for each grouped matmul that runs compiled here
+  dropless_X    dropless=1 grouped_matmul=X: ragged_dot, mosaic and pallas (GPU), megablox (TPU), scan
   batch_2x      twice the tokens per step
   dense         num_experts=0 (the dense baseline; FLOP-matched when k * expert_d_ff = d_ff, as in
                 small_gpu)
@@ -72,6 +72,7 @@ from benchtools import matmul_tflops  # noqa: E402  (a script's own folder is on
 from jmoe import config as config_lib
 from jmoe import model as model_lib
 from jmoe import platform as jmoe_platform
+from jmoe.grouped_matmul import NAMES as GROUPED_MATMUL_NAMES
 from jmoe.training import build
 from jmoe.training.logs import PEAK_FLOPS, peak_flops
 from jmoe.training import mesh as mesh_lib
@@ -101,7 +102,8 @@ class Variant:
     skip: str | None = None  # why it is not run here
 
 
-def variants(cfg: config_lib.Config, on_gpu: bool, only: list[str] | None, smoke: bool = False) -> list[Variant]:
+def variants(cfg: config_lib.Config, on_gpu: bool, only: list[str] | None, smoke: bool = False,
+             on_tpu: bool = False) -> list[Variant]:
     """The single-change variants in the order they are wanted (``combined`` is built after them)."""
     out = [Variant("base", {}),
            Variant("cudnn", {"attention": "cudnn"}, None if on_gpu else "cuDNN attention needs a GPU"),
@@ -109,10 +111,14 @@ def variants(cfg: config_lib.Config, on_gpu: bool, only: list[str] | None, smoke
     moe = cfg.num_experts > 0
     out.append(Variant("capacity_1.0", {"capacity_factor": 1.0, "dropless": 0},
                        None if moe else "no MoE layer"))
-    for gmm in ("ragged_dot", "mosaic", "pallas"):
+    for gmm in ("ragged_dot", "mosaic", "pallas", "megablox"):
         skip = None if moe else "no MoE layer"
         if gmm in GPU_KERNELS and not on_gpu:
-            skip = "a GPU kernel (interpreted off GPU, not timed)"
+            skip = "a GPU kernel (compiled only on a GPU)"
+        if gmm == "megablox" and not on_tpu:
+            skip = "a TPU kernel (compiled only on a TPU)"
+        if gmm not in GROUPED_MATMUL_NAMES:
+            skip = f"grouped_matmul {gmm!r} is not in this jmoe"
         out.append(Variant(f"dropless_{gmm}", {"dropless": 1, "grouped_matmul": gmm}, skip))
     out.append(Variant("batch_2x", {"batch_size": 2 * cfg.batch_size},
                        "smoke: the base step at twice the batch (a compile the smoke run saves)" if smoke else None))
@@ -594,7 +600,8 @@ def main(argv=None) -> int:
             json.dump(result, fh, indent=1)
         os.replace(out_path + ".part", out_path)
 
-    todo = variants(cfg0, on_gpu, [v for v in args.variants.split(",") if v] or None, smoke=args.smoke)
+    todo = variants(cfg0, on_gpu, [v for v in args.variants.split(",") if v] or None, smoke=args.smoke,
+                    on_tpu=info["platform"] == "tpu")
     for v in todo:
         if v.skip:
             result["skipped"][v.name] = v.skip

@@ -30,7 +30,7 @@ def test_smoke_json_fields_and_category_sums(smoke):
     assert result["machine"]["platform"] == "cpu" and result["machine"]["peak_flops"] is None
     assert result["matmul_tflops"]["tflops"] > 0
     # cuDNN and the GPU grouped-matmul kernels are skipped on CPU, with the reason
-    for name in ("cudnn", "dropless_mosaic", "dropless_pallas", "batch_2x"):
+    for name in ("cudnn", "dropless_mosaic", "dropless_pallas", "dropless_megablox", "batch_2x"):
         assert name in result["skipped"], result["skipped"]
     rows = result["variants"]
     for name in ("base", "onehot", "capacity_1.0", "dropless_ragged_dot", "dropless_scan", "dense"):
