@@ -92,7 +92,9 @@ def attention_impl(name: str, dtype, head_dim: int) -> str:
     """The implementation ``jax.nn.dot_product_attention`` gets for ``name`` (one of
     :data:`ATTENTION_IMPLS`): ``"auto"`` is ``"cudnn"`` on a GPU when the activations are
     bf16/fp16 and ``head_dim`` is a multiple of 8 and at most 128 (cuDNN's flash-attention
-    limits), else ``"xla"``; the others name themselves."""
+    limits), else ``"xla"``; the others name themselves. Where cuDNN then refuses at trace time
+    (not detected, too old, an unsupported GPU), :class:`Attention` falls back to ``"xla"`` for
+    ``"auto"`` (an explicit ``"cudnn"`` raises)."""
     if name not in ATTENTION_IMPLS:
         raise ValueError(f"attention={name!r} must be one of {', '.join(ATTENTION_IMPLS)}")
     if name != "auto":
@@ -196,7 +198,13 @@ class Attention(nnx.Module):
         q = apply_rotary(q, positions, self.rope_base)
         k = apply_rotary(k, positions, self.rope_base)
         impl = attention_impl(self.attention, q.dtype, self.head_dim)
-        o = jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=impl)  # [B, S, N, H]
+        try:
+            o = jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=impl)  # [B, S, N, H]
+        except (RuntimeError, ValueError, NotImplementedError):
+            if self.attention != "auto" or impl == "xla":
+                raise
+            # auto: cuDNN refused at trace time (no cuDNN, too old, a GPU it does not support): XLA's path
+            o = jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="xla")
         return self.out(o.reshape(b, s, -1))  # [B, S, d]
 
 

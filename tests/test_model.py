@@ -267,3 +267,17 @@ def test_flops_per_token_counts_the_causal_half_of_attention():
     active, layers, d, s = model_lib.active_params_per_token(lm), 2, 32, 64
     assert model_lib.flops_per_token(lm, s) == 6 * active + 6 * layers * s * d
     assert model_lib.flops_per_token(lm, s, causal=False) == 6 * active + 12 * layers * s * d
+
+
+def test_attention_auto_falls_back_to_xla_where_cudnn_refuses(monkeypatch):
+    """On this CPU, pretend to be a GPU: auto picks cuDNN, which refuses at trace time ('cuDNN is not
+    detected'); auto then runs XLA's path (same logits as xla), an explicit cudnn raises."""
+    from jmoe import platform
+
+    tokens = jax.random.randint(jax.random.key(2), (2, 16), 0, 256)
+    want, _ = forward(_tiny_lm(0, dtype=jnp.bfloat16, attention="xla"), tokens)
+    monkeypatch.setattr(platform, "current", lambda: "gpu")
+    got, _ = jax.jit(lambda t: _tiny_lm(0, dtype=jnp.bfloat16, attention="auto")(t))(tokens)
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+    with pytest.raises(RuntimeError):
+        jax.jit(lambda t: _tiny_lm(0, dtype=jnp.bfloat16, attention="cudnn")(t))(tokens)
