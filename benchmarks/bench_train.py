@@ -14,7 +14,7 @@ byte tokens. Variants (each is the base plus one change, so each gain is measure
   onehot        embedding=onehot (one-hot matmul embedding, float32 backward)
   capacity_1.0  capacity_factor=1.0
   dropless_X    dropless=1 grouped_matmul=X: ragged_dot, mosaic and pallas (GPU), megablox (TPU), scan
-  batch_2x      twice the tokens per step
+  batch_2x      twice the tokens per step, with attention=auto (cuDNN on a GPU: compare with cudnn)
   dense         num_experts=0 (the dense baseline; FLOP-matched when k * expert_d_ff = d_ff, as in
                 small_gpu)
   combined      every single change that beat base (the faster attention, embedding, and capacity /
@@ -120,7 +120,9 @@ def variants(cfg: config_lib.Config, on_gpu: bool, only: list[str] | None, smoke
         if gmm not in GROUPED_MATMUL_NAMES:
             skip = f"grouped_matmul {gmm!r} is not in this jmoe"
         out.append(Variant(f"dropless_{gmm}", {"dropless": 1, "grouped_matmul": gmm}, skip))
-    out.append(Variant("batch_2x", {"batch_size": 2 * cfg.batch_size},
+    # with attention=auto: XLA's attention keeps a [B, N, S, S] float32 score tensor per layer for the backward
+    # (3.2 GB per layer at small_gpu's batch: ~40 GB at 1x, ~80 GB at 2x, an estimate); auto is cuDNN on a GPU
+    out.append(Variant("batch_2x", {"batch_size": 2 * cfg.batch_size, "attention": "auto"},
                        "smoke: the base step at twice the batch (a compile the smoke run saves)" if smoke else None))
     out.append(Variant("dense", {"num_experts": 0, "dropless": 0}, None if moe else "already dense"))
     # scan (a loop over experts; CPU's choice) last of the singles: the least likely to win on a GPU
@@ -481,8 +483,9 @@ def trace_events(trace_dir: str, module: str) -> tuple[list[dict], str]:
     events = data["traceEvents"] if isinstance(data, dict) else data
     pid_names = {e.get("pid"): e.get("args", {}).get("name", "") for e in events
                  if e.get("ph") == "M" and e.get("name") == "process_name"}
-    ops = [e for e in events if e.get("ph") == "X" and (e.get("args") or {}).get("hlo_op")
-           and (e.get("args") or {}).get("hlo_module", module) == module]
+    ops = [e for e in events if e.get("ph") == "X" and (e.get("args") or {}).get("hlo_op")]
+    mine = [e for e in ops if e["args"].get("hlo_module", module) == module]
+    ops = mine or ops  # a trace naming the module otherwise: every op event (the step is all that ran)
     device = [e for e in ops if "/device:" in pid_names.get(e.get("pid"), "")]
     return (device, "device") if device else (ops, "host")
 
