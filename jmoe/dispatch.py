@@ -18,6 +18,8 @@ Backends:
   ``pallas``  Pallas GPU (Triton) kernels over the same compact form
               (:mod:`jmoe.pallas`; off GPU an error unless tests opt in to
               interpret mode: :func:`jmoe.platform.interpret`).
+  ``mosaic``  the same kernels in Mosaic GPU (:mod:`jmoe.pallas.mosaic_dispatch`), opt-in
+              until a GPU run measures it (Triton is deprecated in jax 0.11).
 A new backend is one :class:`Backend` and one ``BACKENDS.register`` line.
 """
 
@@ -178,6 +180,20 @@ def _pallas_combine(expert_out: Array, plan: RoutingPlan) -> Array:
     return pallas_combine(expert_out, plan)
 
 
+# ``mosaic``: the same kernels in Mosaic GPU (jmoe/pallas/mosaic_dispatch.py), opt-in: "auto" on a GPU
+# moves to it once a GPU run shows it at least as fast as the Triton kernels (Triton is deprecated).
+def _mosaic_dispatch(x: Array, plan: RoutingPlan) -> Array:
+    from jmoe.pallas.mosaic_dispatch import mosaic_dispatch
+
+    return mosaic_dispatch(x, plan)
+
+
+def _mosaic_combine(expert_out: Array, plan: RoutingPlan) -> Array:
+    from jmoe.pallas.mosaic_dispatch import mosaic_combine
+
+    return mosaic_combine(expert_out, plan)
+
+
 # "auto": the Pallas kernels on GPU (measured 5.3x / 2.6x faster than XLA's gather), gather elsewhere.
 # On TPU gather, on paper (not yet measured on a TPU: benchmarks/tpu_check.sh times it against the
 # copy bandwidth): dispatch and combine are row copies, memory bound, and a Pallas TPU kernel moves
@@ -191,6 +207,7 @@ BACKENDS: Registry[Backend] = Registry("dispatch", fallback="gather", auto={"gpu
 BACKENDS.register("einsum", Backend(einsum_dispatch, einsum_combine))
 BACKENDS.register("gather", Backend(gather_dispatch, gather_combine))
 BACKENDS.register("pallas", Backend(_pallas_dispatch, _pallas_combine))
+BACKENDS.register("mosaic", Backend(_mosaic_dispatch, _mosaic_combine))
 NAMES = BACKENDS.names
 
 

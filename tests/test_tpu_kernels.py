@@ -223,7 +223,7 @@ def test_tpu_kernel_off_tpu_is_an_error_unless_tests_opt_in(monkeypatch):
 
 
 @pytest.mark.skipif(jax.default_backend() == "gpu", reason="the GPU kernels run compiled here")
-@pytest.mark.parametrize("what", ["dispatch-pallas", "gmm-pallas", "gmm-mosaic"])
+@pytest.mark.parametrize("what", ["dispatch-pallas", "dispatch-mosaic", "gmm-pallas", "gmm-mosaic"])
 def test_tpu_or_mosaic_gpu_kernels_off_gpu_are_an_error_unless_tests_opt_in(monkeypatch, what):
     """dispatch="pallas" and grouped_matmul pallas / mosaic off GPU: an error naming the
     platform, not the interpreter (each raises before any kernel runs)."""
@@ -234,7 +234,7 @@ def test_tpu_or_mosaic_gpu_kernels_off_gpu_are_an_error_unless_tests_opt_in(monk
     monkeypatch.delenv(platform.ALLOW_INTERPRET_ENV, raising=False)
     kind, name = what.split("-")
     options = dict(dispatch=name) if kind == "dispatch" else dict(capacity_factor=None, grouped_matmul=name)
-    dtype = jnp.bfloat16 if name == "mosaic" else jnp.float32
+    dtype = jnp.bfloat16 if what == "gmm-mosaic" else jnp.float32
     layer = jmoe.MoE(64, 128, num_experts=4, k=2, dtype=dtype, deterministic=True, rngs=nnx.Rngs(0), **options)
     with pytest.raises(platform.UnsupportedPlatformError, match="compiled only on gpu.*JMOE_ALLOW_INTERPRET=1"):
         jax.eval_shape(layer, jnp.zeros((2, 16, 64), dtype))
