@@ -42,7 +42,7 @@ import numpy as np
 from benchtools import median_time  # noqa: E402  (a script's own folder is on sys.path)
 from jmoe import dispatch as dispatch_lib
 from jmoe import routing
-from jmoe.pallas import KernelConfig, pallas_combine, pallas_dispatch, resolve_interpret
+from jmoe.pallas import KernelConfig, pallas_combine, pallas_dispatch
 
 
 def parse_tiles(text: str) -> list[KernelConfig]:
@@ -129,7 +129,7 @@ def run(args) -> dict:
         "jax": jax.__version__,
         "python": platform.python_version(),
         "dtype": dtype.name,
-        "pallas_interpret": resolve_interpret(None),
+        "pallas_interpret": not on_gpu,  # off GPU the kernels run interpreted (JMOE_ALLOW_INTERPRET=1 needed)
         "copy_bandwidth_GBps": copy_bw / 1e9,
         "iters": args.iters,
         "note": None if on_gpu else "not a GPU: pallas runs in interpret mode; its times are meaningless",

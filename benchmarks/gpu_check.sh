@@ -23,7 +23,8 @@
 #                   bf16): issue 16's "dropless within 1.15x of its floor, faster than factor 1.25"
 #   6. train        train.py with configs/small_gpu (attention=auto: cuDNN) for a few steps           45 s
 #   extra (named only): bench_mixtral (the Mixtral-like layer per dispatch backend, 30 s), bench_pallas
-#   (50 s), bench_peers (25 s), bench_sweep (20 s), sanitizer (issue 15: the Pallas kernel tests compiled
+#   (50 s), mosaic_dispatch (issue 17: Mosaic GPU vs Triton vs gather dispatch/combine at the Mixtral and
+#   FastMoE shapes, % of copy bandwidth, 90 s), bench_peers (25 s), bench_sweep (20 s), sanitizer (issue 15: the Pallas kernel tests compiled
 #   under compute-sanitizer memcheck, which catches a read or write past a buffer's end, 90 s)
 # then a compact table (benchmarks/gpu_summary.py). Full JSON and logs land in OUT_DIR, and in one
 # archive (default OUT_DIR.tgz), refreshed after every step (the device tool returns only 8 files).
@@ -49,7 +50,7 @@ else
   TRAIN="config=small_gpu steps=30 log_every=10 eval_every=30 eval_batches=2 ckpt_every=30"
   PALLAS=""; SWEEP_BACKENDS=gather,pallas; BENCH_TRAIN="--config small_gpu --budget 190"
   DEFAULT_STEPS="device bench_train ragged_dot tests bench_dropless train"; LIMIT_FACTOR=1
-  TESTS="tests/test_mosaic_grouped_matmul.py tests/test_grouped_matmul.py tests/test_dropless.py tests/test_dropless_parallel.py::test_dropless_exchange_one_expert_device_matches_dropless tests/test_pallas.py tests/test_layer.py"
+  TESTS="tests/test_mosaic_grouped_matmul.py tests/test_grouped_matmul.py tests/test_dropless.py tests/test_dropless_parallel.py::test_dropless_exchange_one_expert_device_matches_dropless tests/test_pallas.py tests/test_layer.py tests/test_mosaic_dispatch.py"
 fi
 TESTS=${GPU_CHECK_TESTS:-$TESTS}
 ONLY=${GPU_CHECK_ONLY:-$DEFAULT_STEPS}  # space-separated step names to run; empty (smoke): all
@@ -76,6 +77,7 @@ step tests 75 $PY -m pytest -q -rfEs -p no:cacheprovider $TESTS
 step bench_dropless 60 $PY benchmarks/bench_layer.py --suite dropless --scale $SCALE --dtype $DTYPE \
   --backends gather --iters $ITERS --out "$OUT"
 step bench_pallas 50 $PY benchmarks/bench_pallas.py $PALLAS --out "$OUT/bench_pallas.json"
+step mosaic_dispatch 90 $PY benchmarks/bench_mosaic_dispatch.py "$OUT/mosaic_dispatch.json"
 step bench_mixtral 30 $PY benchmarks/bench_layer.py --suite peers --only mixtral --tag mixtral --scale $SCALE \
   --dtype $DTYPE --backends $BACKENDS --iters $ITERS --out "$OUT"
 step bench_peers 25 $PY benchmarks/bench_layer.py --suite peers --only fastmoe,tutel --scale $SCALE --dtype $DTYPE \

@@ -66,7 +66,7 @@ class Config:
     eval_capacity_factor: float = _field(2.0, "eval capacity factor", role="compile", range=(1e-6, None))
     dropless: int = _field(0, "1 = dropless MoE layers (no capacity, grouped matmul; capacity factors unused)",
                            role="compile", range=(0, 1))
-    grouped_matmul: str = _field("auto", "dropless: the grouped matmul (auto = scan on CPU, ragged_dot elsewhere)",
+    grouped_matmul: str = _field("auto", "dropless: the grouped matmul (auto = scan on CPU, megablox on TPU, ragged_dot on GPU)",
                                  role="compile", choices=GROUPED_MATMUL_NAMES)
     dropless_exchange: str = _field("auto", "dropless on a mesh: how rows move (auto = ragged on GPU/TPU)",
                                     role="compile", choices=DROPLESS_EXCHANGE_NAMES)
