@@ -18,6 +18,7 @@ import functools
 from typing import Any, Callable
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from jmoe.compat import sum_over_extra_axes
@@ -63,3 +64,20 @@ def vjp_outputs(dx: Array, dw: Array, x: Array, w: Array, group_sizes: Array) ->
     dx = sum_over_extra_axes(dx, x)  # w split over "model": each shard holds part of dx
     dw = sum_over_extra_axes(dw, w).astype(w.dtype)  # w replicated over "data": every replica's rows count
     return dx, dw, np.zeros(group_sizes.shape, jax.dtypes.float0)
+
+
+def check_operands(what: str, x: Array, w: Array, group_sizes: Array, transpose_w: bool) -> None:
+    """A clear error unless x is [N, K], w [E, K, F] ([E, F, K] with ``transpose_w``) and
+    group_sizes an int [E] array (the shapes every gmm kernel takes)."""
+    if x.ndim != 2 or w.ndim != 3 or w.shape[2 if transpose_w else 1] != x.shape[1]:
+        raise ValueError(f"{what} needs x [N, K] and w [E, K, F] ([E, F, K] transposed), got "
+                         f"{list(x.shape)} and {list(w.shape)} (transpose_w={transpose_w})")
+    if group_sizes.shape != (w.shape[0],) or not jnp.issubdtype(group_sizes.dtype, jnp.integer):
+        raise ValueError(f"group_sizes must be an int [E={w.shape[0]}] array, got "
+                         f"{group_sizes.dtype}{list(group_sizes.shape)}")
+
+
+def zero_past_groups(out: Array, group_sizes: Array) -> Array:
+    """Rows at or past ``sum(group_sizes)`` -> 0 (kernels that skip them leave them unwritten)."""
+    inside = jnp.arange(out.shape[0]) < jnp.sum(group_sizes.astype(jnp.int32))  # [N]
+    return jnp.where(inside[:, None], out, jnp.zeros((), out.dtype))

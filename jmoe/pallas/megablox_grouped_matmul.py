@@ -33,7 +33,7 @@ import jax.numpy as jnp
 
 from jmoe import platform
 from jmoe.compat import any_varying, vary_like
-from jmoe.grouped_matmul.vjp import GmmKernels, grouped_matmul_vjp
+from jmoe.grouped_matmul.vjp import GmmKernels, check_operands, grouped_matmul_vjp, zero_past_groups
 
 Array = jax.Array
 
@@ -110,21 +110,6 @@ def _compute_dtype(*arrays: Array):
     return dtype if any(dtype == d for d in KERNEL_DTYPES) else jnp.float32
 
 
-def _check(x: Array, w: Array, group_sizes: Array, transpose_w: bool) -> None:
-    if x.ndim != 2 or w.ndim != 3 or w.shape[2 if transpose_w else 1] != x.shape[1]:
-        raise ValueError(f"megablox grouped matmul needs x [N, K] and w [E, K, F] ([E, F, K] transposed), got "
-                         f"{list(x.shape)} and {list(w.shape)} (transpose_w={transpose_w})")
-    if group_sizes.shape != (w.shape[0],) or not jnp.issubdtype(group_sizes.dtype, jnp.integer):
-        raise ValueError(f"group_sizes must be an int [E={w.shape[0]}] array, got "
-                         f"{group_sizes.dtype}{list(group_sizes.shape)}")
-
-
-def _zero_past_groups(out: Array, group_sizes: Array) -> Array:
-    """Rows at or past ``sum(group_sizes)`` -> 0 (the kernel never writes them)."""
-    inside = jnp.arange(out.shape[0]) < jnp.sum(group_sizes)  # [N]
-    return jnp.where(inside[:, None], out, jnp.zeros((), out.dtype))
-
-
 def megablox_gmm(x: Array, w: Array, group_sizes: Array, *, transpose_w: bool = False,
                  config: MegabloxConfig = MegabloxConfig()) -> Array:
     """``out[r] = x[r] @ w[g(r)]`` (``w[g(r)].T`` with ``transpose_w``), 0 past the groups.
@@ -138,7 +123,7 @@ def megablox_gmm(x: Array, w: Array, group_sizes: Array, *, transpose_w: bool = 
     """
     from jax.experimental.pallas.ops.tpu.megablox.gmm import gmm
 
-    _check(x, w, group_sizes, transpose_w)
+    check_operands("megablox grouped matmul", x, w, group_sizes, transpose_w)
     (num_rows, k_dim), num_experts = x.shape, w.shape[0]
     f_dim = w.shape[1] if transpose_w else w.shape[2]
     dtype = _compute_dtype(x, w)
@@ -152,7 +137,7 @@ def megablox_gmm(x: Array, w: Array, group_sizes: Array, *, transpose_w: bool = 
         out = gmm(x_p, w_p, sizes, preferred_element_type=dtype, tiling=(tm, tk, tn),
                   transpose_rhs=transpose_w, interpret=interpret(config.interpret, (x, w)))  # [m_pad, f_pad]
     out = vary_like(out[:num_rows, :f_dim], x, w, group_sizes)  # the kernel's output type carries no mesh axes
-    return _zero_past_groups(out, sizes).astype(x.dtype)
+    return zero_past_groups(out, sizes).astype(x.dtype)
 
 
 def megablox_tgmm(x: Array, dy: Array, group_sizes: Array, *, config: MegabloxConfig = MegabloxConfig()) -> Array:
@@ -175,11 +160,7 @@ def megablox_tgmm(x: Array, dy: Array, group_sizes: Array, *, config: MegabloxCo
     return vary_like(dw[:, :k_dim, :f_dim], x, dy, group_sizes)
 
 
-KERNELS = GmmKernels(
-    gmm=lambda x, w, group_sizes, *, transpose_w, config: megablox_gmm(x, w, group_sizes, transpose_w=transpose_w,
-                                                                      config=config),
-    tgmm=lambda x, dy, group_sizes, *, config: megablox_tgmm(x, dy, group_sizes, config=config),
-)
+KERNELS = GmmKernels(gmm=megablox_gmm, tgmm=megablox_tgmm)  # their signatures are the pair's
 
 
 def megablox_grouped_matmul(x: Array, w: Array, group_sizes: Array,

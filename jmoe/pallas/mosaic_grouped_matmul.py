@@ -37,7 +37,7 @@ import jax
 import jax.numpy as jnp
 
 from jmoe.compat import mosaic_gpu_interpret_mode, vary_like
-from jmoe.grouped_matmul.vjp import GmmKernels, grouped_matmul_vjp
+from jmoe.grouped_matmul.vjp import GmmKernels, check_operands, grouped_matmul_vjp, zero_past_groups
 from jmoe import platform
 
 Array = jax.Array
@@ -86,22 +86,10 @@ def _grid_block_n(config: MosaicGmmConfig, block_n: int, f_dim: int) -> int:
 
 
 def _check(x: Array, w: Array, group_sizes: Array, transpose_w: bool) -> None:
-    if x.ndim != 2 or w.ndim != 3 or w.shape[2 if transpose_w else 1] != x.shape[1]:
-        raise ValueError(f"mosaic grouped matmul needs x [N, K] and w [E, K, F] ([E, F, K] transposed), got "
-                         f"{list(x.shape)} and {list(w.shape)} (transpose_w={transpose_w})")
-    if group_sizes.shape != (w.shape[0],) or not jnp.issubdtype(group_sizes.dtype, jnp.integer):
-        raise ValueError(f"group_sizes must be an int [E={w.shape[0]}] array, got "
-                         f"{group_sizes.dtype}{list(group_sizes.shape)}")
+    check_operands("mosaic grouped matmul", x, w, group_sizes, transpose_w)
     if x.dtype != w.dtype or not any(x.dtype == d for d in HALF_DTYPES):
         raise ValueError(f"mosaic grouped matmul needs x and w both bfloat16 or both float16 (wgmma), got "
                          f"{x.dtype} and {w.dtype}")
-
-
-def _zero_past_groups(out: Array, group_sizes: Array) -> Array:
-    """Rows at or past ``sum(group_sizes)`` -> 0 (the kernels never write them)."""
-    total = jnp.sum(group_sizes.astype(jnp.int32))
-    inside = jnp.arange(out.shape[0]) < total  # [N]
-    return jnp.where(inside[:, None], out, jnp.zeros((), out.dtype))
 
 
 def mosaic_gmm(x: Array, w: Array, group_sizes: Array, *, transpose_w: bool = False,
@@ -128,7 +116,7 @@ def mosaic_gmm(x: Array, w: Array, group_sizes: Array, *, transpose_w: bool = Fa
             block_k=block_k, max_concurrent_steps=config.max_concurrent_steps,
             grid_block_n=_grid_block_n(config, block_n, f_dim), transpose_rhs=transpose_w)  # [N, F]
     out = vary_like(out, x, w, group_sizes)  # the kernel's output type carries no mesh axes
-    return _zero_past_groups(out, group_sizes)  # the kernel leaves rows past the groups unwritten
+    return zero_past_groups(out, group_sizes)  # the kernel leaves rows past the groups unwritten
 
 
 def mosaic_tgmm(x: Array, dy: Array, group_sizes: Array, *, config: MosaicGmmConfig = MosaicGmmConfig()) -> Array:
@@ -150,11 +138,7 @@ def mosaic_tgmm(x: Array, dy: Array, group_sizes: Array, *, config: MosaicGmmCon
     return vary_like(dw, x, dy, group_sizes)
 
 
-KERNELS = GmmKernels(
-    gmm=lambda x, w, group_sizes, *, transpose_w, config: mosaic_gmm(x, w, group_sizes, transpose_w=transpose_w,
-                                                                    config=config),
-    tgmm=lambda x, dy, group_sizes, *, config: mosaic_tgmm(x, dy, group_sizes, config=config),
-)
+KERNELS = GmmKernels(gmm=mosaic_gmm, tgmm=mosaic_tgmm)  # their signatures are the pair's
 
 
 def mosaic_grouped_matmul(x: Array, w: Array, group_sizes: Array,
