@@ -246,20 +246,8 @@ def test_dropless_layer_with_mosaic_lowers_for_cuda(sm_count, monkeypatch):
     """The bf16 SwiGLU dropless layer's forward + backward (w.r.t. the input and every
     weight) lowers for CUDA with the kernels compiled, not interpreted: 3 forward, 3 dx and
     3 dw Mosaic GPU calls (Mosaic's own lowering checks tiles and shared memory)."""
-    from flax import nnx
-
-    import jmoe
+    from tests.lowering import dropless_layer_grad_text
 
     monkeypatch.setattr(mg, "interpret", lambda flag: False)  # as on a GPU
-    layer = nnx.eval_shape(lambda: jmoe.MoE(256, 512, num_experts=8, k=2, capacity_factor=None, dtype=jnp.bfloat16,
-                                            grouped_matmul="mosaic", activation="swiglu", deterministic=True,
-                                            rngs=nnx.Rngs(0)))
-    graphdef, params, rest = nnx.split(layer, nnx.Param, ...)
-
-    def loss(params, x):
-        y, _ = nnx.merge(graphdef, params, rest)(x)
-        return jnp.sum(y.astype(jnp.float32) ** 2)
-
-    x = jax.ShapeDtypeStruct((4, 128, 256), jnp.bfloat16)
-    text = jax.jit(jax.grad(loss, argnums=(0, 1))).trace(params, x).lower(lowering_platforms=("cuda",)).as_text()
+    text = dropless_layer_grad_text("mosaic", "cuda")
     assert text.count("custom_call @mosaic_gpu") == 9

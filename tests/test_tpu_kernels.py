@@ -165,22 +165,10 @@ def test_tpu_dropless_mesh_with_megablox_matches_one_device_scan():
 def test_tpu_dropless_layer_with_megablox_lowers_for_tpu(monkeypatch):
     """The bf16 SwiGLU dropless layer's forward + backward lowers for TPU with the kernels
     compiled: 3 forward, 3 dx and 3 dw kernel calls, each a Mosaic TPU custom call."""
-    from flax import nnx
-
-    import jmoe
+    from tests.lowering import dropless_layer_grad_text
 
     monkeypatch.setattr(mb, "interpret", lambda flag, args=(): False)  # as on a TPU
-    layer = nnx.eval_shape(lambda: jmoe.MoE(256, 512, num_experts=8, k=2, capacity_factor=None, dtype=jnp.bfloat16,
-                                            grouped_matmul="megablox", activation="swiglu", deterministic=True,
-                                            rngs=nnx.Rngs(0)))
-    graphdef, params, rest = nnx.split(layer, nnx.Param, ...)
-
-    def loss(params, x):
-        y, _ = nnx.merge(graphdef, params, rest)(x)
-        return jnp.sum(y.astype(jnp.float32) ** 2)
-
-    x = jax.ShapeDtypeStruct((4, 128, 256), jnp.bfloat16)
-    text = jax.jit(jax.grad(loss, argnums=(0, 1))).trace(params, x).lower(lowering_platforms=("tpu",)).as_text()
+    text = dropless_layer_grad_text("megablox", "tpu")
     # megablox's gmm / tgmm are jitted: one private function per shape, called per use
     calls = re.findall(r"call @(t?gmm)(?:_\d+)?\(", text)
     assert calls.count("gmm") == 6 and calls.count("tgmm") == 3, calls
