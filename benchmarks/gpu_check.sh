@@ -55,18 +55,7 @@ fi
 TESTS=${GPU_CHECK_TESTS:-$TESTS}
 ONLY=${GPU_CHECK_ONLY:-$DEFAULT_STEPS}  # space-separated step names to run; empty (smoke): all
 
-step() {  # step NAME SECONDS COMMAND...: run with a time limit, log to OUT/NAME.log
-  local name=$1 limit=$(( $2 * LIMIT_FACTOR )); shift 2
-  if [ -n "$ONLY" ] && [[ " $ONLY " != *" $name "* ]]; then return; fi
-  local start=$(date +%s)
-  echo "=== $name (limit ${limit}s): $*"
-  timeout "$limit" "$@" > "$OUT/$name.log" 2>&1
-  local rc=$?
-  echo "$name rc=$rc $(( $(date +%s) - start ))s" | tee -a "$OUT/steps.txt"
-  tail -n 5 "$OUT/$name.log"
-  # one archive, refreshed after every step: a run cut short still returns what it measured
-  tar czf "$ARCHIVE.part" -C "$OUT" . 2>/dev/null && mv "$ARCHIVE.part" "$ARCHIVE"
-}
+. "$(dirname "$0")/check_steps.sh"  # step NAME SECONDS COMMAND...
 
 : > "$OUT/steps.txt"
 step device 15 bash -c "nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>/dev/null; \

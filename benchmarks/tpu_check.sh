@@ -43,17 +43,8 @@ fi
 TESTS=${TPU_CHECK_TESTS:-$TESTS}
 ONLY=${TPU_CHECK_ONLY:-}
 
-step() {  # step NAME SECONDS COMMAND...: run with a time limit, log to OUT/NAME.log
-  local name=$1 limit=$2; shift 2
-  if [ -n "$ONLY" ] && [[ " $ONLY " != *" $name "* ]]; then return; fi
-  local start=$(date +%s)
-  echo "=== $name (limit ${limit}s): $*"
-  timeout "$limit" "$@" > "$OUT/$name.log" 2>&1
-  local rc=$?
-  echo "$name rc=$rc $(( $(date +%s) - start ))s" | tee -a "$OUT/steps.txt"
-  tail -n 12 "$OUT/$name.log"
-  tar czf "$ARCHIVE.part" -C "$OUT" . 2>/dev/null && mv "$ARCHIVE.part" "$ARCHIVE"
-}
+TAIL_LINES=12
+. "$(dirname "$0")/check_steps.sh"  # step NAME SECONDS COMMAND...
 
 : > "$OUT/steps.txt"
 step device 20 $PY -c 'import jax, jaxlib, flax; d = jax.devices(); print("jax", jax.__version__, "flax", flax.__version__, "backend", jax.default_backend(), len(d), "x", d[0].device_kind)'
