@@ -1,13 +1,14 @@
 """Meshes: jmoe's axis names and roles, the mesh constructor, and shape checks.
 
-Mesh axes (names are fixed; a size-1 axis may be left out):
+Mesh axes by their default names (a size-1 axis may be left out):
 
 * ``"data"``          tokens only (experts replicated): plain data parallelism;
 * ``"expert_outer"``  optional 2nd expert axis (hosts), for the hierarchical exchange;
 * ``"expert"``        experts *and* tokens: device i holds experts
                       ``[i * E / n, (i + 1) * E / n)`` and a 1/n share of the groups;
 * ``"model"``         each expert's hidden dim f is split over it (tokens replicated);
-* any other axis      the layer is replicated over it (its inputs are gathered).
+* any other axis      tokens, like ``"data"`` (a tutorial's ``"batch"``); ``MeshAxes.of(mesh,
+                      expert_axes=..., model_axis=...)`` gives other names the expert / model roles.
 """
 
 from __future__ import annotations
