@@ -75,6 +75,18 @@ def test_tgmm_matches_loop(name):
             assert np.all(got[e] == 0.0)
 
 
+def sin_loss_grads(fn, x, w, group_sizes, c):
+    """d/d(x, w) of ``sum(sin(fn(x, w)) * c)`` (a nonlinear loss, so dy varies per row), and the
+    same through ``jax.lax.ragged_dot`` in float32 on the same values: (got, want)."""
+    def loss(fn, x, w):
+        return jnp.sum(jnp.sin(fn(x, w).astype(jnp.float32)) * c.astype(jnp.float32))
+
+    got = jax.grad(lambda x, w: loss(fn, x, w), argnums=(0, 1))(x, w)
+    want = jax.grad(lambda x, w: loss(lambda a, b: jax.lax.ragged_dot(a, b, group_sizes), x, w),
+                    argnums=(0, 1))(x.astype(jnp.float32), w.astype(jnp.float32))
+    return got, want
+
+
 @pytest.mark.parametrize("name", ["straddling", "padding-rows"])
 def test_grouped_matmul_gradients_match_ragged_dot(name):
     n, k, f, sizes = CASES[name]

@@ -113,13 +113,7 @@ def test_gradients_match_ragged_dot(sm_count):
     n, k, f, sizes = CASES["straddling"]
     x, w, gs, c = random_case(3, n, k, f, sizes)
 
-    def loss(fn, x, w):
-        return jnp.sum(jnp.sin(fn(x, w).astype(jnp.float32)) * c.astype(jnp.float32))
-
-    got = jax.grad(lambda x, w: loss(lambda a, b: mg.mosaic_grouped_matmul(a, b, gs, SMALL), x, w),
-                   argnums=(0, 1))(x, w)
-    want = jax.grad(lambda x, w: loss(lambda a, b: jax.lax.ragged_dot(a, b, gs), x, w),
-                    argnums=(0, 1))(x.astype(jnp.float32), w.astype(jnp.float32))
+    got, want = test_grouped_matmul.sin_loss_grads(lambda a, b: mg.mosaic_grouped_matmul(a, b, gs, SMALL), x, w, gs, c)
     for g, r in zip(got, want):
         assert g.dtype == jnp.bfloat16
         assert_bf16_close(g, np.asarray(r, np.float64))

@@ -18,7 +18,7 @@ import pytest
 
 from jmoe import platform
 from jmoe.pallas import megablox_grouped_matmul as mb
-from tests.test_grouped_matmul import loop_gmm, loop_tgmm, random_case
+from tests.test_grouped_matmul import loop_gmm, loop_tgmm, random_case, sin_loss_grads
 
 ON_TPU = jax.default_backend() == "tpu"
 SMALL = mb.MegabloxConfig(block_m=16)  # several row tiles at test sizes
@@ -65,13 +65,7 @@ def test_tpu_megablox_gradients_match_ragged_dot(dtype):
     n, k, f, sizes = CASES["straddling"]
     x, w, gs, c = random_case(3, n, k, f, sizes, dtype)
 
-    def loss(fn, x, w):
-        return jnp.sum(jnp.sin(fn(x, w).astype(jnp.float32)) * c.astype(jnp.float32))
-
-    got = jax.grad(lambda x, w: loss(lambda a, b: mb.megablox_grouped_matmul(a, b, gs, SMALL), x, w),
-                   argnums=(0, 1))(x, w)
-    want = jax.grad(lambda x, w: loss(lambda a, b: jax.lax.ragged_dot(a, b, gs), x, w),
-                    argnums=(0, 1))(x.astype(jnp.float32), w.astype(jnp.float32))
+    got, want = sin_loss_grads(lambda a, b: mb.megablox_grouped_matmul(a, b, gs, SMALL), x, w, gs, c)
     tol = 2e-5 if dtype == jnp.float32 else 3e-2
     for g, r in zip(got, want):
         assert g.dtype == dtype
