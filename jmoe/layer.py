@@ -250,13 +250,16 @@ class MoE(nnx.Module):
         Dropless: ``group_size``, the most one expert can receive (a token's k
         experts are distinct), so the routing plan never drops.
         """
-        slots = self.capacity_options.slots(group_size, self.num_experts, self.router.k, not self.deterministic)
+        slots = self._slots(group_size)
         return group_size if slots is None else slots
+
+    def _slots(self, group_size: int) -> int | None:
+        """C in the current mode (train / eval); None for a dropless layer."""
+        return self.capacity_options.slots(group_size, self.num_experts, self.router.k, not self.deterministic)
 
     def _pipeline(self, group_size: int) -> Pipeline:
         """What the forward computes for groups of ``group_size`` tokens in the current mode."""
-        slots = self.capacity_options.slots(group_size, self.num_experts, self.router.k, not self.deterministic)
-        return Pipeline(self.router, slots, self.experts.activation, self.dtype, self.dispatch,
+        return Pipeline(self.router, self._slots(group_size), self.experts.activation, self.dtype, self.dispatch,
                         self.dropless_options.grouped_matmul)
 
     def params(self) -> dict:
