@@ -53,7 +53,7 @@ def out_dir_problem(out_dir: str) -> str | None:
 
 
 def main(argv: list[str]) -> int:
-    from jmoe import config as config_lib
+    from jmoe.training import config as config_lib
 
     mode, name, rest = parse_args(argv)
     if mode == "help":

@@ -24,7 +24,7 @@ Per variant: compile seconds (variants compile ``--compile-workers`` at a time, 
 no compile runs while a step is timed), ms/step over ``--steps`` steps after 2 warm-up steps, tokens/s, and
 MFU = tokens/s x FLOPs/token / peak, where the peak is the device kind's dense bf16 FLOP/s
 (:data:`jmoe.training.logs.PEAK_FLOPS`: H100 SXM 989, H100 PCIe 756, H200 989 TFLOP/s) and FLOPs/token is
-:func:`jmoe.model.flops_per_token`: ``6 x active parameters + 6 x layers x seq x d``, the attention
+:func:`jmoe.training.model.flops_per_token`: ``6 x active parameters + 6 x layers x seq x d``, the attention
 counted for the causal half (what a causal kernel computes; XLA's unfused path computes the masked half
 too, which is not counted). ``of_matmul`` is the same achieved rate over the card's dense matmul rate
 measured in the same run (an [n, n] bf16 matmul). Also XLA's own FLOP count of the compiled step, and
@@ -69,8 +69,8 @@ import jax
 import jax.numpy as jnp
 
 from benchtools import matmul_tflops  # noqa: E402  (a script's own folder is on sys.path)
-from jmoe import config as config_lib
-from jmoe import model as model_lib
+from jmoe.training import config as config_lib
+from jmoe.training import model as model_lib
 from jmoe import platform as jmoe_platform
 from jmoe.grouped_matmul import NAMES as GROUPED_MATMUL_NAMES
 from jmoe.training import build
@@ -388,20 +388,20 @@ LAYER_FUNCTIONS = {"MoE.route": "routing", "MoE.draws": "routing", "router_strea
 def classify(stack: tuple) -> tuple[str, str]:
     """(category, the deciding frame as 'file:line function') for a call stack, innermost first."""
     rel = lambda path: os.path.relpath(path, REPO) if path.startswith(REPO) else path  # noqa: E731
-    if any(p.endswith("jmoe/model.py") and qualname(p, ln, fn) == "DenseFFN.__call__" for p, fn, ln in stack):
-        p, fn, ln = next(f for f in stack if f[0].endswith("jmoe/model.py"))
+    if any(p.endswith("jmoe/training/model.py") and qualname(p, ln, fn) == "DenseFFN.__call__" for p, fn, ln in stack):
+        p, fn, ln = next(f for f in stack if f[0].endswith("jmoe/training/model.py"))
         return "dense_ffn", f"{rel(p)}:{ln} {qualname(p, ln, fn)}"
     for path, function, line in stack:
         where = f"{rel(path)}:{line} {function}"
         p = path.replace(os.sep, "/")
         if "/optax/" in p:  # optax's cross-entropy is the loss; the rest of optax is the update
-            in_loss = "/optax/losses/" in p or any(f[0].endswith("jmoe/model.py") for f in stack)
+            in_loss = "/optax/losses/" in p or any(f[0].endswith("jmoe/training/model.py") for f in stack)
             return ("loss" if in_loss else "optimizer"), where
         if "/jmoe/" not in p:
             continue  # flax, numpy wrappers: the caller decides
         q = qualname(path, line, function)
         where = f"{rel(path)}:{line} {q}"
-        if p.endswith("jmoe/model.py"):
+        if p.endswith("jmoe/training/model.py"):
             if q in MODEL_FUNCTIONS:
                 return MODEL_FUNCTIONS[q], where
             if q == "LM.__call__":

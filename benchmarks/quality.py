@@ -22,7 +22,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def main(argv: list[str]) -> int:
-    from jmoe import config as config_lib
+    from jmoe.training import config as config_lib
     from jmoe import training
 
     names, out, rest = ["tiny", "tiny_dense"], os.path.join("runs", "quality"), []

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from jmoe import config as config_lib
+from jmoe.training import config as config_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -68,7 +68,7 @@ def test_smoke_json_fields_and_category_sums(smoke):
         for cat in ("attention", "norm_rope", "loss", "optimizer", "embedding"):
             assert cats[cat] > 0, (name, cat, cats)
         assert cats["other"] < 0.25 * p["op_ms_per_step"], cats
-        assert any(r["source"].startswith("jmoe/model.py:") for r in p["top_source_lines"])
+        assert any(r["source"].startswith("jmoe/training/model.py:") for r in p["top_source_lines"])
     base = result["profiles"]["base"]["categories_ms"]
     if rows["base"]["overrides"] == {}:  # MoE base: its parts are found
         assert base["experts"] > 0 and base["routing"] > 0 and base["dispatch_combine"] > 0
@@ -78,7 +78,7 @@ def test_smoke_json_fields_and_category_sums(smoke):
 def test_small_gpu_config_is_small_and_its_dense_baseline_is_flop_matched():
     from flax import nnx
 
-    from jmoe import model as model_lib
+    from jmoe.training import model as model_lib
     from jmoe.training import build_model
 
     cfg = config_lib.load_config("small_gpu")

@@ -6,7 +6,7 @@ import threading
 import numpy as np
 import pytest
 
-from jmoe import data as data_lib
+from jmoe.training import data as data_lib
 
 
 @pytest.fixture

@@ -18,7 +18,7 @@ import time
 import numpy as np
 import pytest
 
-from jmoe import config as config_lib
+from jmoe.training import config as config_lib
 from jmoe import training
 from tests.processes import ROOT, cpu_env
 from tests.test_training import MICRO

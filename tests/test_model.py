@@ -9,7 +9,7 @@ import pytest
 from flax import nnx
 
 import jmoe
-from jmoe import model as model_lib
+from jmoe.training import model as model_lib
 
 
 def _tiny_lm(num_experts=4, dtype=jnp.float32, **kw):

@@ -15,8 +15,8 @@ import pytest
 from flax import nnx
 
 import jmoe
-from jmoe import config as config_lib
-from jmoe import data as data_lib
+from jmoe.training import config as config_lib
+from jmoe.training import data as data_lib
 from jmoe import parallel
 from jmoe import training
 from tests.processes import cpu_env, free_port, run_all
@@ -224,7 +224,7 @@ def test_missing_data_path_and_config_name_are_clear_errors(tmp_path, capsys):
 
 def test_named_configs_load_and_dense_baseline_matches_tiny_active_flops():
     from flax import nnx
-    from jmoe import model as model_lib
+    from jmoe.training import model as model_lib
 
     tiny, dense, small = (config_lib.load_config(n) for n in ("tiny", "tiny_dense", "small"))
     assert dense.num_experts == 0 and small.num_experts in range(8, 17) and small.k in (1, 2)

@@ -16,7 +16,7 @@ previous checkpoint loadable. They are restored with the target shardings of
 the current mesh, so a checkpoint moves between meshes.
 
 Loss: ``lm + lb_weight * sum_layers(load_balancing) + z_weight * sum_layers(z_loss)`` (plus the
-noisy top-k router's own weighted losses, see :func:`jmoe.model.total_loss`); bits per byte
+noisy top-k router's own weighted losses, see :func:`jmoe.training.model.total_loss`); bits per byte
 ``= lm / ln 2`` (one token is one byte).
 
 Modules (each name below is also importable from ``jmoe.training``):
@@ -35,7 +35,7 @@ Modules (each name below is also importable from ``jmoe.training``):
 - :mod:`~jmoe.training.sampling`: :func:`load_for_inference` and :func:`sample`.
 """
 
-from jmoe.config import RUN_ONLY_KEYS
+from jmoe.training.config import RUN_ONLY_KEYS
 from jmoe.training.build import (LN2, Setup, build_model, cached_setup, fold_rngs, global_norm, init_opt_state,
                                  make_eval_step, make_next_logits, make_optimizer, make_schedule, make_train_step,
                                  setup)

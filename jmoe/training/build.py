@@ -19,9 +19,9 @@ import optax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from jmoe import data as data_lib
-from jmoe import model as model_lib
-from jmoe.config import RUN_ONLY_KEYS, Config
+from jmoe.training import data as data_lib
+from jmoe.training import model as model_lib
+from jmoe.training.config import RUN_ONLY_KEYS, Config
 from jmoe.training.mesh import batch_sharding, opt_state_shardings, param_shardings, runs_expert_parallel
 
 Array = jax.Array
@@ -97,7 +97,7 @@ def setup(cfg: Config, mesh) -> tuple[Setup, dict]:
 
 def cached_setup(cfg: Config, mesh) -> Setup:
     """The :class:`Setup` of ``cfg`` on ``mesh`` without initial params: built once per config (up to
-    its :data:`~jmoe.config.RUN_ONLY_KEYS`) and mesh, then given ``cfg`` itself."""
+    its :data:`~jmoe.training.config.RUN_ONLY_KEYS`) and mesh, then given ``cfg`` itself."""
     return dataclasses.replace(_cached_setup(_compile_key(cfg), mesh), cfg=cfg)
 
 

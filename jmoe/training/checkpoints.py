@@ -5,7 +5,7 @@ dicts, and the run's ``config`` as JSON. Orbax writes a step to a temporary
 directory and renames it when complete, so a run killed mid-save leaves the
 previous checkpoint loadable. They are restored with the target shardings of
 the current mesh, so a checkpoint moves between meshes. A checkpoint restores only into a config
-with the same :data:`~jmoe.config.MODEL_KEYS` (:func:`check_compatible`, before anything is read).
+with the same :data:`~jmoe.training.config.MODEL_KEYS` (:func:`check_compatible`, before anything is read).
 
 A step that does not restore (a truncated or emptied file) is reported by number and set aside, renamed
 ``<step>.corrupt`` (kept for inspection, invisible to orbax), and the next older step is tried
@@ -20,7 +20,7 @@ from typing import Any, Callable
 import jax
 import orbax.checkpoint as ocp
 
-from jmoe.config import MODEL_KEYS, Config
+from jmoe.training.config import MODEL_KEYS, Config
 from jmoe.training.trees import flatten, unflatten_like
 
 
@@ -61,7 +61,7 @@ def restore_checkpoint(mgr: ocp.CheckpointManager, step: int, params_target, opt
 
 
 class IncompatibleCheckpointError(ValueError):
-    """The checkpoint is intact but holds another model (its :data:`~jmoe.config.MODEL_KEYS` differ)."""
+    """The checkpoint is intact but holds another model (its :data:`~jmoe.training.config.MODEL_KEYS` differ)."""
 
 
 def check_compatible(saved: dict, cfg: Config) -> None:

@@ -2,7 +2,7 @@
 the evaluation over the validation set.
 
 Loss: ``lm + lb_weight * sum_layers(load_balancing) + z_weight * sum_layers(z_loss)`` (plus the
-noisy top-k router's own weighted losses, see :func:`jmoe.model.total_loss`); bits per byte
+noisy top-k router's own weighted losses, see :func:`jmoe.training.model.total_loss`); bits per byte
 ``= lm / ln 2`` (one token is one byte).
 """
 
@@ -21,8 +21,8 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
-from jmoe import data as data_lib
-from jmoe.config import Config
+from jmoe.training import data as data_lib
+from jmoe.training.config import Config
 from jmoe.training.build import LN2, Setup, init_opt_state, setup
 from jmoe.training.checkpoints import (check_compatible, checkpoint_manager, close_manager, read_checkpoint_config,
                                        restore_checkpoint, restore_newest, save_checkpoint)

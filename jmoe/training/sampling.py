@@ -8,8 +8,8 @@ import jax
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from jmoe import config as config_lib
-from jmoe import data as data_lib
+from jmoe.training import config as config_lib
+from jmoe.training import data as data_lib
 from jmoe.training.build import Setup, cached_setup
 from jmoe.training.checkpoints import (checkpoint_manager, describe_error, read_checkpoint_config,
                                        restore_checkpoint, restore_newest)

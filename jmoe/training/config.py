@@ -24,7 +24,7 @@ from typing import Any
 from jmoe.dispatch import NAMES as DISPATCH_NAMES
 from jmoe.experts import ACTIVATIONS
 from jmoe.grouped_matmul import NAMES as GROUPED_MATMUL_NAMES
-from jmoe.model import ATTENTION_IMPLS, EMBEDDINGS
+from jmoe.training.model import ATTENTION_IMPLS, EMBEDDINGS
 from jmoe.parallel.dropless_exchange import NAMES as DROPLESS_EXCHANGE_NAMES
 from jmoe.routing import DEFAULT_ROUTER
 from jmoe.routing import NAMES as ROUTER_NAMES
