@@ -1,0 +1,479 @@
+"""Make the tiny Hugging Face checkpoints and recorded MoE block outputs of tests/data/hf/.
+
+Runs in a scratch environment, never in jmoe's (the test suite imports neither torch nor
+transformers). Made with:
+
+    python3 -m venv /tmp/scratch-hf
+    /tmp/scratch-hf/bin/pip install torch==2.13.0 transformers==5.24.0 safetensors==0.8.0 accelerate numpy
+    /tmp/scratch-hf/bin/python scripts/make_hf_vectors.py            # writes tests/data/hf/
+
+Versions used for the committed data: torch 2.13.0 (CPU), transformers 5.24.0, safetensors 0.8.0,
+accelerate (for the FP8 check only), numpy 2.4.6 (also written to tests/data/hf/versions.json).
+
+For each case: a tiny random config of the family (a dense layer too where the family has them),
+every weight randomised (biases, the router bias, e_score_correction_bias: nonzero so they
+matter), ``save_pretrained`` into tests/data/hf/<case>/ (transformers 5 un-fuses its in-memory
+expert tensors into the hub's per-expert names on save), then the checkpoint is *reloaded* with
+``from_pretrained`` in float32 and a fixed x [B, S, d] float32 goes through layer ``layer``'s MoE
+block in eval mode. ``x.npy``, ``y.npy`` (the block output: routed + shared experts, no residual,
+no norm; Switch: the SparseMLP without its layer norm and residual, with its per-sequence capacity
+drops), ``experts.npy`` (the chosen experts where handy) and ``case.json`` are written next to the
+checkpoint. Weights are stored in bfloat16 (as the hub does) except where noted, and the model
+computes in float32 from the rounded weights.
+
+Extra forms written with this script's own encoders, in the layouts transformers' loaders read:
+* gpt_oss_mxfp4: GPT-OSS's experts as MXFP4 ``*_blocks`` (uint8, two e2m1 codes a byte, low
+  nibble first) + ``*_scales`` (uint8 exponents, bias 127), blocks of 32 along the input dim,
+  ``quantization_config.quant_method = "mxfp4"``; the weights are drawn on the MXFP4 grid, so the
+  reference model holds exactly the dequantized weights. Checked: transformers loads it with
+  ``Mxfp4Config(dequantize=True)`` to the same weights.
+* deepseek_v3_fp8: DeepSeek-V3's linear weights as float8_e4m3fn + ``weight_scale_inv`` (float32,
+  one per 128 x 128 block), ``quant_method = "fp8"``, ``weight_block_size = [128, 128]``; the
+  reference uses the dequantized weights.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import pathlib
+import shutil
+import sys
+
+import numpy as np
+import torch
+
+import transformers
+from transformers import (DeepseekV2Config, DeepseekV2ForCausalLM, DeepseekV3Config, DeepseekV3ForCausalLM,
+                          GptOssConfig, GptOssForCausalLM, Llama4Config, Llama4ForCausalLM,
+                          Llama4ForConditionalGeneration, Llama4TextConfig, MixtralConfig, MixtralForCausalLM,
+                          OlmoeConfig, OlmoeForCausalLM, Qwen2MoeConfig, Qwen2MoeForCausalLM, Qwen3MoeConfig,
+                          Qwen3MoeForCausalLM, SwitchTransformersConfig, SwitchTransformersForConditionalGeneration)
+
+OUT = pathlib.Path(__file__).resolve().parent.parent / "tests" / "data" / "hf"
+B, S = 2, 8  # x [B, S, d]
+
+SMALL = dict(vocab_size=16, num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64)
+
+
+def randomize(model: torch.nn.Module, seed: int, std: float = 0.25, router_std: float = 0.6) -> None:
+    """Every parameter and persistent buffer of floating dtype drawn N(0, std) (routers: router_std;
+    norms: 1 + N(0, 0.1)); integer buffers are left alone."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, tensor in list(model.named_parameters()) + list(model.named_buffers()):
+            if not tensor.is_floating_point() or "rotary" in name or "inv_freq" in name:
+                continue
+            value = torch.randn(tensor.shape, generator=gen)
+            if "norm" in name:
+                value = 1.0 + 0.1 * value
+            elif "e_score_correction_bias" in name:
+                value = 0.15 * value
+            elif any(r in name for r in ("router", ".gate.", "classifier")):
+                value = router_std * value
+            else:
+                value = std * value
+            tensor.copy_(value.to(tensor.dtype))
+
+
+def bf16_round(model: torch.nn.Module) -> None:
+    """Round every floating weight to bfloat16 (kept float32), so a bf16 save loses nothing."""
+    with torch.no_grad():
+        for _, tensor in list(model.named_parameters()) + list(model.named_buffers()):
+            if tensor.is_floating_point():
+                tensor.copy_(tensor.to(torch.bfloat16).to(tensor.dtype))
+
+
+def make_x(d: int, seed: int) -> torch.Tensor:
+    return torch.randn((B, S, d), generator=torch.Generator().manual_seed(seed), dtype=torch.float32)
+
+
+def top_margin(scores: torch.Tensor, k: int) -> float:
+    """The smallest gap, over tokens, between the k-th and (k+1)-th choice score [T, E]."""
+    values = torch.sort(scores.detach(), dim=-1, descending=True).values
+    return float((values[:, k - 1] - values[:, k]).min()) if scores.shape[-1] > k else float("inf")
+
+
+def save(model, case: str, *, bf16: bool = True, **kwargs) -> pathlib.Path:
+    path = OUT / case
+    if path.exists():
+        shutil.rmtree(path)
+    model = model.to(torch.bfloat16) if bf16 else model
+    model.save_pretrained(path, **kwargs)
+    model.to(torch.float32)
+    for extra in ("generation_config.json",):
+        (path / extra).unlink(missing_ok=True)
+    return path
+
+
+def record(path: pathlib.Path, block, x: torch.Tensor, info: dict, experts=None) -> None:
+    block.eval()
+    with torch.no_grad():
+        y = block(x)
+    y = (y[0] if isinstance(y, tuple) else y).reshape(x.shape)
+    np.save(path / "x.npy", x.numpy())
+    np.save(path / "y.npy", y.detach().numpy().astype(np.float32))
+    if experts is not None:
+        np.save(path / "experts.npy", np.asarray(experts, np.int32))
+    (path / "case.json").write_text(json.dumps(info, indent=1) + "\n")
+    print(f"{path.name}: y {tuple(y.shape)} |y| {float(y.abs().mean()):.3f} {info}")
+
+
+def reload(cls, path):
+    model = cls.from_pretrained(path, dtype=torch.float32)
+    return model.eval()
+
+
+# ---------------------------------------------------------------- families
+
+
+def softmax_family(case, cfg_cls, model_cls, *, layer, block_of, seed, shard=None, **cfg):
+    config = cfg_cls(**SMALL, **cfg)
+    model = model_cls(config)
+    randomize(model, seed)
+    bf16_round(model)
+    path = save(model, case, **({"max_shard_size": shard} if shard else {}))
+    model = reload(model_cls, path)
+    block = block_of(model, layer)
+    x = make_x(config.hidden_size, seed + 1)
+    gate = block.gate
+    logits = torch.nn.functional.linear(x.reshape(-1, config.hidden_size), gate.weight)
+    k = config.num_experts_per_tok
+    experts = torch.topk(logits, k, dim=-1).indices.reshape(B, S, k)
+    record(path, block, x, {"layer": layer, "margin": top_margin(logits, k)}, experts)
+
+
+def mixtral():
+    softmax_family("mixtral", MixtralConfig, MixtralForCausalLM, layer=0, seed=10, shard="16KB",
+                   block_of=lambda m, i: m.model.layers[i].mlp,
+                   hidden_size=32, intermediate_size=16, num_hidden_layers=2, num_local_experts=4,
+                   num_experts_per_tok=2)
+
+
+def qwen2_moe():
+    softmax_family("qwen2_moe", Qwen2MoeConfig, Qwen2MoeForCausalLM, layer=1, seed=20,
+                   block_of=lambda m, i: m.model.layers[i].mlp,
+                   hidden_size=32, intermediate_size=24, moe_intermediate_size=16, shared_expert_intermediate_size=24,
+                   num_hidden_layers=2, num_experts=8, num_experts_per_tok=2, norm_topk_prob=False,
+                   mlp_only_layers=[0])
+
+
+def qwen3_moe():
+    softmax_family("qwen3_moe", Qwen3MoeConfig, Qwen3MoeForCausalLM, layer=1, seed=30,
+                   block_of=lambda m, i: m.model.layers[i].mlp,
+                   hidden_size=32, intermediate_size=24, moe_intermediate_size=16, num_hidden_layers=2,
+                   num_experts=8, num_experts_per_tok=2, norm_topk_prob=True, decoder_sparse_step=2, head_dim=16)
+
+
+def olmoe():
+    softmax_family("olmoe", OlmoeConfig, OlmoeForCausalLM, layer=0, seed=40,
+                   block_of=lambda m, i: m.model.layers[i].mlp,
+                   hidden_size=32, intermediate_size=16, num_hidden_layers=1, num_experts=8, num_experts_per_tok=2,
+                   norm_topk_prob=False)
+
+
+DEEPSEEK_ATTN = dict(kv_lora_rank=8, q_lora_rank=16, qk_rope_head_dim=8, v_head_dim=8, qk_nope_head_dim=8)
+
+
+def deepseek_v3(case="deepseek_v3", fp8=False):
+    config = DeepseekV3Config(**SMALL, **DEEPSEEK_ATTN, hidden_size=32, intermediate_size=24,
+                              moe_intermediate_size=16, num_hidden_layers=2, n_routed_experts=8, n_shared_experts=2,
+                              num_experts_per_tok=2, n_group=4, topk_group=2, first_k_dense_replace=1,
+                              routed_scaling_factor=2.5, norm_topk_prob=True)
+    model = DeepseekV3ForCausalLM(config)
+    randomize(model, 50)
+    bf16_round(model)
+    if fp8:
+        fp8_grid(model)
+    path = save(model, case)
+    if fp8:
+        write_fp8(path, model)
+        model.to(torch.float32)
+    else:
+        model = reload(DeepseekV3ForCausalLM, path)
+    layer = 1
+    block = model.model.layers[layer].mlp
+    gate = block.gate
+    for seed in range(51, 200):  # an x whose top-k choice is clear (no near-ties at float32 rounding)
+        x = make_x(config.hidden_size, seed)
+        with torch.no_grad():
+            _, _, experts = gate(x)
+            logits = torch.nn.functional.linear(x.reshape(-1, 32), gate.weight)
+            scores = torch.sigmoid(logits) + gate.e_score_correction_bias
+        if top_margin(scores, 2) > 1e-3:
+            break
+    record(path, block, x, {"layer": layer, "margin": top_margin(scores, 2), "fp8": fp8},
+           torch.sort(experts, -1).values.reshape(B, S, -1))
+
+
+def deepseek_v2():
+    config = DeepseekV2Config(**SMALL, **DEEPSEEK_ATTN, hidden_size=32, intermediate_size=24,
+                              moe_intermediate_size=16, num_hidden_layers=2, n_routed_experts=8, n_shared_experts=1,
+                              num_experts_per_tok=2, n_group=4, topk_group=2, topk_method="group_limited_greedy",
+                              first_k_dense_replace=1, routed_scaling_factor=1.5)
+    model = DeepseekV2ForCausalLM(config)
+    randomize(model, 60)
+    bf16_round(model)
+    path = save(model, "deepseek_v2")
+    model = reload(DeepseekV2ForCausalLM, path)
+    layer = 1
+    block = model.model.layers[layer].mlp
+    x = make_x(config.hidden_size, 61)
+    with torch.no_grad():
+        _, _, experts = block.gate(x)
+        logits = torch.nn.functional.linear(x.reshape(-1, 32), block.gate.weight)
+    record(path, block, x, {"layer": layer, "margin": top_margin(logits, 2)},
+           torch.sort(experts, -1).values.reshape(B, S, -1))
+
+
+def gpt_oss_config():
+    return GptOssConfig(**SMALL, hidden_size=32, intermediate_size=32, head_dim=16, num_hidden_layers=1,
+                        num_local_experts=4, num_experts_per_tok=2, layer_types=["full_attention"],
+                        swiglu_limit=1.5)  # a low limit, so the clamps matter on tiny random weights
+
+
+def gpt_oss():
+    config = gpt_oss_config()
+    model = GptOssForCausalLM(config)
+    randomize(model, 70)
+    bf16_round(model)
+    path = save(model, "gpt_oss")
+    model = reload(GptOssForCausalLM, path)
+    record_gpt_oss(path, model, 71)
+
+
+def record_gpt_oss(path, model, seed):
+    block = model.model.layers[0].mlp
+    x = make_x(32, seed)
+    with torch.no_grad():
+        logits = block.router(x.reshape(-1, 32))[0]
+    experts = torch.topk(logits, 2, dim=-1).indices.reshape(B, S, 2)
+    with torch.no_grad():
+        gate_up = torch.einsum("td,edf->etf", x.reshape(-1, 32), block.experts.gate_up_proj)
+        gate_up = gate_up + block.experts.gate_up_proj_bias[:, None]
+        clamped = float((gate_up[..., ::2] > block.experts.limit).float().mean()
+                        + (gate_up[..., 1::2].abs() > block.experts.limit).float().mean())
+    record(path, block, x, {"layer": 0, "margin": top_margin(logits, 2), "clamped_fraction": clamped}, experts)
+
+
+# MXFP4 (OCP microscaling): e2m1 codes 0..15, the order transformers' FP4_VALUES uses
+FP4 = np.array([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0], np.float32)
+
+
+def mxfp4_encode(w: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """w [E, rows, cols] (cols: the input dim, a multiple of 32) -> (blocks [E, rows, cols/32, 16] uint8,
+    scales [E, rows, cols/32] uint8, the dequantized w). Per block of 32: exponent so the max |w| fits 6."""
+    e, rows, cols = w.shape
+    blocks = w.reshape(e, rows, cols // 32, 32)
+    amax = np.abs(blocks).max(-1, keepdims=True)
+    exp = np.ceil(np.log2(np.maximum(amax, 1e-30) / 6.0)).astype(np.int32)
+    scaled = blocks / np.exp2(exp)
+    codes = np.abs(scaled[..., None] - FP4[None, None, None, None, :8] * np.sign(scaled)[..., None])
+    mag = np.argmin(np.abs(np.abs(scaled)[..., None] - FP4[:8]), axis=-1)
+    code = np.where(scaled < 0, mag + 8, mag).astype(np.uint8)
+    del codes
+    deq = FP4[code] * np.exp2(exp)
+    packed = (code[..., 0::2] | (code[..., 1::2] << 4)).astype(np.uint8)  # low nibble = even element
+    return packed, (exp[..., 0] + 127).astype(np.uint8), deq.reshape(e, rows, cols).astype(np.float32)
+
+
+def gpt_oss_mxfp4():
+    from safetensors.torch import load_file, save_file
+    config = gpt_oss_config()
+    model = GptOssForCausalLM(config)
+    randomize(model, 80)
+    bf16_round(model)
+    experts = model.model.layers[0].mlp.experts
+    quantized = {}
+    with torch.no_grad():
+        for proj in ("gate_up_proj", "down_proj"):
+            w = getattr(experts, proj).detach().numpy()  # [E, in, out]
+            blocks, scales, deq = mxfp4_encode(np.ascontiguousarray(w.transpose(0, 2, 1)))  # on disk: [E, out, in]
+            getattr(experts, proj).copy_(torch.from_numpy(deq.transpose(0, 2, 1)))
+            quantized[f"model.layers.0.mlp.experts.{proj}_blocks"] = torch.from_numpy(blocks)
+            quantized[f"model.layers.0.mlp.experts.{proj}_scales"] = torch.from_numpy(scales)
+    path = save(model, "gpt_oss_mxfp4")
+    tensors = load_file(path / "model.safetensors")
+    for proj in ("gate_up_proj", "down_proj"):
+        del tensors[f"model.layers.0.mlp.experts.{proj}"]
+    tensors.update(quantized)
+    save_file(tensors, path / "model.safetensors", metadata={"format": "pt"})
+    cfg = json.loads((path / "config.json").read_text())
+    cfg["quantization_config"] = {"quant_method": "mxfp4", "modules_to_not_convert": [
+        "model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens", "lm_head"]}
+    (path / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+    try:  # transformers' own dequantizer reads the same weights back
+        from transformers import Mxfp4Config
+        check = GptOssForCausalLM.from_pretrained(path, dtype=torch.float32,
+                                                  quantization_config=Mxfp4Config(dequantize=True))
+        for proj in ("gate_up_proj", "down_proj"):
+            ours = getattr(experts, proj).float()
+            theirs = getattr(check.model.layers[0].mlp.experts, proj).float()
+            assert torch.equal(ours, theirs), proj
+        print("gpt_oss_mxfp4: transformers' Mxfp4 dequantizer reads the same weights")
+    except Exception as error:  # noqa: BLE001 - recorded, not fatal
+        print(f"gpt_oss_mxfp4: transformers' dequantizer check skipped: {error!r}")
+    record_gpt_oss(path, model.eval(), 81)
+
+
+def fp8_grid(model) -> None:
+    """Put DeepSeek's linear weights (the experts, shared experts, dense MLPs and attention; not the
+    router, norms or embeddings) on the float8_e4m3 x 128-block-scale grid, matrix by matrix as they
+    are stored (a fused in-memory expert tensor is split into its per-expert gate / up / down)."""
+    with torch.no_grad():
+        for name, w in model.named_parameters():
+            if name.endswith("experts.gate_up_proj"):  # [E, 2f, d]: gate_proj, up_proj of each expert
+                half = w.shape[1] // 2
+                for e in range(w.shape[0]):
+                    w[e, :half] = fp8_round(w[e, :half])
+                    w[e, half:] = fp8_round(w[e, half:])
+            elif name.endswith("experts.down_proj"):  # [E, d, f]
+                for e in range(w.shape[0]):
+                    w[e] = fp8_round(w[e])
+            elif fp8_quantized(name, w):
+                w.copy_(fp8_round(w))
+
+
+def fp8_quantized(name: str, w) -> bool:
+    return (name.endswith(".weight") and w.ndim == 2 and "layers." in name and ".gate." not in name
+            and "norm" not in name)
+
+
+def fp8_scales(w: torch.Tensor) -> torch.Tensor:
+    """One float32 scale per 128 x 128 block of w [out, in] (powers of 2, so w = q * scale is exact in bf16)."""
+    rows, cols = math.ceil(w.shape[0] / 128), math.ceil(w.shape[1] / 128)
+    scale = torch.empty(rows, cols)
+    for i in range(rows):
+        for j in range(cols):
+            amax = float(w[i * 128:(i + 1) * 128, j * 128:(j + 1) * 128].abs().max())
+            scale[i, j] = 2.0 ** math.ceil(math.log2(max(amax, 1e-30) / 448.0))
+    return scale
+
+
+def fp8_quantize(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    scale = fp8_scales(w.float())
+    return (w.float() / expand(scale, w.shape)).to(torch.float8_e4m3fn), scale
+
+
+def fp8_round(w: torch.Tensor) -> torch.Tensor:
+    q, scale = fp8_quantize(w)
+    return q.to(torch.float32) * expand(scale, w.shape)
+
+
+def expand(scale, shape):
+    return scale.repeat_interleave(128, 0)[: shape[0]].repeat_interleave(128, 1)[:, : shape[1]]
+
+
+def write_fp8(path: pathlib.Path, model) -> None:
+    """Rewrite the saved checkpoint with its linear weights as float8_e4m3fn + weight_scale_inv."""
+    from safetensors.torch import load_file, save_file
+    tensors = load_file(path / "model.safetensors")
+    for name in list(tensors):
+        if fp8_quantized(name, tensors[name]):
+            q, scale = fp8_quantize(tensors[name])
+            assert torch.equal(q.float() * expand(scale, q.shape), tensors[name].float()), name
+            tensors[name] = q
+            tensors[name.removesuffix("weight") + "weight_scale_inv"] = scale
+    save_file(tensors, path / "model.safetensors", metadata={"format": "pt"})
+    cfg = json.loads((path / "config.json").read_text())
+    cfg["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
+                                  "weight_block_size": [128, 128]}
+    (path / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+    try:  # transformers' own fp8 loader, dequantizing, reads the same weights back
+        from transformers import FineGrainedFP8Config
+        check = DeepseekV3ForCausalLM.from_pretrained(path, dtype=torch.float32,
+                                                      quantization_config=FineGrainedFP8Config(dequantize=True))
+        ours, theirs = dict(model.named_parameters()), dict(check.named_parameters())
+        for name, w in ours.items():
+            assert torch.equal(w.float(), theirs[name].float()), name
+        print("deepseek_v3_fp8: transformers' FP8 dequantizer reads the same weights")
+    except Exception as error:  # noqa: BLE001 - recorded, not fatal
+        print(f"deepseek_v3_fp8: transformers' dequantizer check skipped: {error!r}")
+
+
+def llama4_text_config():
+    return Llama4TextConfig(**SMALL, hidden_size=32, intermediate_size=16, intermediate_size_mlp=24, head_dim=16,
+                            num_hidden_layers=2, num_local_experts=4, num_experts_per_tok=1,
+                            interleave_moe_layer_step=2)  # layer 0 dense, layer 1 MoE
+
+
+def llama4_text():
+    config = llama4_text_config()
+    model = Llama4ForCausalLM(config)
+    randomize(model, 90)
+    bf16_round(model)
+    path = save(model, "llama4_text")
+    model = reload(Llama4ForCausalLM, path)
+    record_llama4(path, model.model.layers[1].feed_forward, 91, layer=1)
+
+
+def record_llama4(path, block, seed, layer):
+    x = make_x(32, seed)
+    with torch.no_grad():
+        logits = torch.nn.functional.linear(x.reshape(-1, 32), block.router.weight)
+    experts = torch.topk(logits, 1, dim=-1).indices.reshape(B, S, 1)
+    record(path, block, x, {"layer": layer, "margin": top_margin(logits, 1)}, experts)
+
+
+def llama4():
+    from transformers import Llama4VisionConfig
+    text = llama4_text_config().to_dict()
+    vision = Llama4VisionConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=16,
+                                image_size=28, patch_size=14, vision_output_dim=16, projector_input_dim=16,
+                                projector_output_dim=16).to_dict()
+    config = Llama4Config(vision_config=vision, text_config=text)
+    model = Llama4ForConditionalGeneration(config)
+    randomize(model, 100)
+    bf16_round(model)
+    path = save(model, "llama4")
+    model = reload(Llama4ForConditionalGeneration, path)
+    record_llama4(path, model.language_model.model.layers[1].feed_forward, 101, layer=1)
+
+
+def switch():
+    config = SwitchTransformersConfig(vocab_size=16, d_model=32, d_kv=8, d_ff=16, num_heads=2, num_layers=2,
+                                      num_decoder_layers=2, num_sparse_encoder_layers=1, num_sparse_decoder_layers=1,
+                                      num_experts=4, expert_capacity=3, router_bias=True, dropout_rate=0.0,
+                                      router_jitter_noise=0.0)
+    model = SwitchTransformersForConditionalGeneration(config)
+    randomize(model, 110)
+    bf16_round(model)
+    path = save(model, "switch_transformers")
+    model = reload(SwitchTransformersForConditionalGeneration, path)
+    for stack, part in (("encoder", 1), ("decoder", 2)):
+        layer = next(i for i, blk in enumerate(getattr(model, stack).block) if blk.is_sparse)
+        block = getattr(model, stack).block[layer].layer[part].mlp
+        x = make_x(32, 111 if stack == "encoder" else 112)
+        with torch.no_grad():
+            dispatch, _, logits = block.router(x)
+        kept = dispatch.sum(-1).bool()
+        experts = torch.where(kept, torch.argmax(logits, -1), -1)  # -1: dropped by capacity
+        info = {"layer": layer, "stack": stack, "margin": top_margin(logits.reshape(-1, 4), 1),
+                "dropped": int((~kept).sum())}
+        sub = path / stack
+        sub.mkdir(exist_ok=True)
+        record(sub, block, x, info, experts)
+
+
+CASES = {"mixtral": mixtral, "qwen2_moe": qwen2_moe, "qwen3_moe": qwen3_moe, "olmoe": olmoe,
+         "deepseek_v3": deepseek_v3, "deepseek_v3_fp8": lambda: deepseek_v3("deepseek_v3_fp8", fp8=True),
+         "deepseek_v2": deepseek_v2, "gpt_oss": gpt_oss, "gpt_oss_mxfp4": gpt_oss_mxfp4, "llama4_text": llama4_text,
+         "llama4": llama4, "switch_transformers": switch}
+
+
+def main(names: list[str]) -> None:
+    torch.manual_seed(0)
+    OUT.mkdir(parents=True, exist_ok=True)
+    for name in names or list(CASES):
+        CASES[name]()
+    import safetensors
+    versions = {"torch": torch.__version__, "transformers": transformers.__version__,
+                "safetensors": safetensors.__version__, "numpy": np.__version__,
+                "python": sys.version.split()[0]}
+    (OUT / "versions.json").write_text(json.dumps(versions, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    main(sys.argv[1:])
