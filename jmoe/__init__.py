@@ -1,5 +1,6 @@
 """jmoe: sparse Mixture-of-Experts layers for JAX / Flax NNX."""
 
+from jmoe.balancing import ExpertLoad, SelectionBias, update_selection_biases
 from jmoe.dispatch import BACKENDS
 from jmoe.experts import ExpertBank
 from jmoe.layer import MoE, sown_aux
@@ -8,11 +9,14 @@ from jmoe.routing import RoutingPlan, expert_capacity, experts_choose, tokens_ch
 __all__ = [
     "BACKENDS",
     "ExpertBank",
+    "ExpertLoad",
+    "SelectionBias",
     "MoE",
     "RoutingPlan",
     "expert_capacity",
     "experts_choose",
     "sown_aux",
     "tokens_choose",
+    "update_selection_biases",
 ]
 __version__ = "0.1.0"

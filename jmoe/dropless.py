@@ -17,7 +17,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from jmoe.experts import ACTIVATIONS, GATED, sum_over_model
+from jmoe.experts import Activation, as_activation, sum_over_model
 from jmoe.grouped_matmul import grouped_matmul
 
 Array = jax.Array
@@ -37,7 +37,8 @@ def sort_by_expert(token_expert: Array, num_experts: int) -> tuple[Array, Array]
     return order, group_sizes
 
 
-def grouped_ffn(rows: Array, row_expert: Array, group_sizes: Array, params: dict[str, Array], activation: str,
+def grouped_ffn(rows: Array, row_expert: Array, group_sizes: Array, params: dict[str, Array],
+                activation: str | Activation,
                 matmul: str = "auto", model_axis: str | None = None) -> Array:
     """The expert FFNs on rows sorted by expert: ``[N, d] -> [N, d]``.
 
@@ -46,14 +47,16 @@ def grouped_ffn(rows: Array, row_expert: Array, group_sizes: Array, params: dict
     :func:`jmoe.experts.expert_ffn` (``model_axis`` too), one grouped matmul per
     projection (``matmul``: a name of :data:`jmoe.grouped_matmul.GROUPED_MATMULS`).
     """
-    act = ACTIVATIONS[activation]
-    h = grouped_matmul(rows, params["w_in"], group_sizes, matmul)  # [N, f]
+    act = as_activation(activation)
+    up = grouped_matmul(rows, params["w_in"], group_sizes, matmul)  # [N, f]
     if "b_in" in params:
-        h = h + params["b_in"][row_expert]
-    if activation in GATED:
-        h = act(grouped_matmul(rows, params["w_gate"], group_sizes, matmul)) * h
-    else:
-        h = act(h)
+        up = up + params["b_in"][row_expert]
+    gate = None
+    if act.gated:
+        gate = grouped_matmul(rows, params["w_gate"], group_sizes, matmul)  # [N, f]
+        if "b_gate" in params:
+            gate = gate + params["b_gate"][row_expert]
+    h = act(up, gate)  # [N, f]
     y = sum_over_model(grouped_matmul(h, params["w_out"], group_sizes, matmul), model_axis)  # [N, d]
     if "b_out" in params:
         y = y + params["b_out"][row_expert]
@@ -82,7 +85,7 @@ def dropless_experts(
     token_expert: Array,
     token_weight: Array,
     params: dict[str, Array],
-    activation: str,
+    activation: str | Activation,
     matmul: str = "auto",
 ) -> Array:
     """``y[t] = sum_k token_weight[t, k] * FFN_{token_expert[t, k]}(tokens[t])``.

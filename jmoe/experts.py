@@ -1,17 +1,26 @@
-"""A bank of E independent expert FFNs held as stacked weights.
+"""A bank of E independent expert FFNs held as stacked weights, and the shared expert.
 
 Plain FFN (``relu``, ``gelu``):   ``y_e = act(x W_in[e] + b_in[e]) W_out[e] + b_out[e]``
-Gated FFN (``swiglu``, ``geglu``): ``y_e = (act(x W_gate[e]) * (x W_in[e])) W_out[e]``
-with ``act`` = silu for swiglu and gelu for geglu (Shazeer 2020).
+Gated FFN (``swiglu``, ``geglu``): ``y_e = (act(x W_gate[e] + b_gate[e]) * (x W_in[e] + b_in[e])) W_out[e] + b_out[e]``
+with ``act`` = silu for swiglu and gelu for geglu (Shazeer 2020); the biases exist with
+``use_bias=True`` (GPT-OSS has them on the gate, the up and the down projection).
+``clamped_swiglu`` (GPT-OSS): ``g = min(x W_gate + b_gate, limit)``,
+``u = clip(x W_in + b_in, -limit, limit)``, ``h = (u + 1) * g * sigmoid(alpha * g)``
+(alpha 1.702, limit 7.0 by default: :class:`Activation`).
 
 Weights are ``[E, d, f]`` and ``[E, f, d]``: each projection is one batched
 matmul over experts, never a Python loop. Each expert is initialised like a
 dense FFN: truncated normal with variance ``1 / fan_in`` per projection.
+
+The shared expert (:class:`SharedExpert`; DeepSeek-MoE, Qwen2-MoE, Llama 4) is one
+dense FFN of its own width that every token goes through, with the experts'
+activation, optionally scaled per token by ``sigmoid(x w_g)`` (Qwen2-MoE).
 """
 
 from __future__ import annotations
 
-from typing import Callable
+import dataclasses
+import math
 
 import jax
 import jax.numpy as jnp
@@ -19,35 +28,78 @@ from flax import nnx
 
 Array = jax.Array
 
-ACTIVATIONS: dict[str, Callable[[Array], Array]] = {
-    "relu": jax.nn.relu,
-    "gelu": jax.nn.gelu,
-    "swiglu": jax.nn.silu,
-    "geglu": jax.nn.gelu,
-}
-GATED = ("swiglu", "geglu")
+ACTIVATIONS = ("relu", "gelu", "swiglu", "geglu", "clamped_swiglu")
+GATED = ("swiglu", "geglu", "clamped_swiglu")
 
 
-def expert_ffn(x: Array, params: dict[str, Array], activation: str, model_axis: str | None = None) -> Array:
+@dataclasses.dataclass(frozen=True)
+class Activation:
+    """An expert FFN's hidden activation ``h = act(up, gate)`` (static, hashable).
+
+    ``relu`` / ``gelu``: ``act(up)``; ``swiglu`` / ``geglu``: ``silu(gate) * up`` /
+    ``gelu(gate) * up``; ``clamped_swiglu`` (GPT-OSS): ``g = min(gate, swiglu_limit)``,
+    ``u = clip(up, -swiglu_limit, swiglu_limit)``, ``(u + 1) * g * sigmoid(swiglu_alpha * g)``.
+    """
+
+    name: str = "gelu"
+    swiglu_alpha: float = 1.702
+    swiglu_limit: float = 7.0
+
+    def __post_init__(self):
+        if self.name not in ACTIVATIONS:
+            raise ValueError(f"activation must be one of {ACTIVATIONS}, got {self.name!r}")
+        for option in ("swiglu_alpha", "swiglu_limit"):
+            value = getattr(self, option)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
+                    value > 0 and math.isfinite(value)):
+                raise ValueError(f"{option} must be a finite number > 0, got {value!r}")
+
+    @property
+    def gated(self) -> bool:
+        return self.name in GATED
+
+    def __call__(self, up: Array, gate: Array | None = None) -> Array:
+        if self.name == "relu":
+            return jax.nn.relu(up)
+        if self.name == "gelu":
+            return jax.nn.gelu(up)
+        if self.name == "swiglu":
+            return jax.nn.silu(gate) * up
+        if self.name == "geglu":
+            return jax.nn.gelu(gate) * up
+        gate = jnp.minimum(gate, self.swiglu_limit)
+        up = jnp.clip(up, -self.swiglu_limit, self.swiglu_limit)
+        return (up + 1.0) * gate * jax.nn.sigmoid(self.swiglu_alpha * gate)
+
+
+def as_activation(activation: str | Activation) -> Activation:
+    """``activation`` as an :class:`Activation` (a name takes the default alpha and limit)."""
+    return activation if isinstance(activation, Activation) else Activation(activation)
+
+
+def expert_ffn(x: Array, params: dict[str, Array], activation: str | Activation,
+               model_axis: str | None = None) -> Array:
     """The bank's math as a pure function of stacked weights.
 
     Args:
       x: [E, N, d] tokens already dispatched to each expert.
       params: ``w_in [E, d, f]``, ``w_out [E, f, d]``, gated: ``w_gate [E, d, f]``,
-        optional ``b_in [E, f]``, ``b_out [E, d]``.
+        optional ``b_in [E, f]``, ``b_gate [E, f]`` (gated), ``b_out [E, d]``.
       model_axis: inside ``shard_map``, the mesh axis the hidden dim f is split over
         (:func:`sum_over_model`), or None.
     Returns:
       [E, N, d].
     """
-    act = ACTIVATIONS[activation]
-    h = jnp.einsum("end,edf->enf", x, params["w_in"])  # [E, N, f]
+    act = as_activation(activation)
+    up = jnp.einsum("end,edf->enf", x, params["w_in"])  # [E, N, f]
     if "b_in" in params:
-        h = h + params["b_in"][:, None, :]
-    if activation in GATED:
-        h = act(jnp.einsum("end,edf->enf", x, params["w_gate"])) * h
-    else:
-        h = act(h)
+        up = up + params["b_in"][:, None, :]
+    gate = None
+    if act.gated:
+        gate = jnp.einsum("end,edf->enf", x, params["w_gate"])  # [E, N, f]
+        if "b_gate" in params:
+            gate = gate + params["b_gate"][:, None, :]
+    h = act(up, gate)  # [E, N, f]
     y = sum_over_model(jnp.einsum("enf,efd->end", h, params["w_out"]), model_axis)  # [E, N, d]
     if "b_out" in params:
         y = y + params["b_out"][:, None, :]
@@ -70,7 +122,10 @@ def _stacked_init(key: Array, shape: tuple[int, ...], dtype) -> Array:
 
 
 class ExpertBank(nnx.Module):
-    """E expert FFNs as stacked weights; ``__call__(x [E, N, d]) -> [E, N, d]``."""
+    """E expert FFNs as stacked weights; ``__call__(x [E, N, d]) -> [E, N, d]``.
+
+    ``activation``: a name of :data:`ACTIVATIONS` or an :class:`Activation`; ``use_bias``:
+    ``b_in [E, f]`` (and ``b_gate [E, f]`` for a gated FFN) and ``b_out [E, d]``."""
 
     def __init__(
         self,
@@ -78,7 +133,7 @@ class ExpertBank(nnx.Module):
         d_model: int,
         d_ff: int,
         *,
-        activation: str = "gelu",
+        activation: str | Activation = "gelu",
         use_bias: bool = False,
         dtype=jnp.float32,
         param_dtype=jnp.float32,
@@ -86,28 +141,29 @@ class ExpertBank(nnx.Module):
         rngs: nnx.Rngs,
     ):
         """``sharding``: Flax variable metadata per weight name (``out_sharding``, ...)."""
-        if activation not in ACTIVATIONS:
-            raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, got {activation!r}")
+        activation = as_activation(activation)
         if min(num_experts, d_model, d_ff) < 1:
             raise ValueError(
                 f"num_experts, d_model and d_ff must be >= 1, got {num_experts}, {d_model}, {d_ff}"
             )
         self.num_experts, self.d_model, self.d_ff = num_experts, d_model, d_ff
-        self.activation = activation
+        self.activation = activation  # an Activation
         self.dtype = dtype
         e, d, f = num_experts, d_model, d_ff
         meta = (sharding or {}).get
         self.w_in = nnx.Param(_stacked_init(rngs.params(), (e, d, f), param_dtype), **meta("w_in", {}))
-        if activation in GATED:
+        if activation.gated:
             self.w_gate = nnx.Param(_stacked_init(rngs.params(), (e, d, f), param_dtype), **meta("w_gate", {}))
         self.w_out = nnx.Param(_stacked_init(rngs.params(), (e, f, d), param_dtype), **meta("w_out", {}))
         if use_bias:
             self.b_in = nnx.Param(jnp.zeros((e, f), param_dtype), **meta("b_in", {}))
+            if activation.gated:
+                self.b_gate = nnx.Param(jnp.zeros((e, f), param_dtype), **meta("b_gate", {}))
             self.b_out = nnx.Param(jnp.zeros((e, d), param_dtype), **meta("b_out", {}))
 
     def params(self) -> dict[str, Array]:
         """The weights as a plain dict (in the compute dtype), for :func:`expert_ffn`."""
-        names = ("w_in", "w_gate", "w_out", "b_in", "b_out")
+        names = ("w_in", "w_gate", "w_out", "b_in", "b_gate", "b_out")
         return {n: getattr(self, n)[...].astype(self.dtype) for n in names if hasattr(self, n)}
 
     def __call__(self, x: Array) -> Array:
@@ -116,3 +172,52 @@ class ExpertBank(nnx.Module):
                 f"expert inputs must be [E={self.num_experts}, N, d={self.d_model}], got {x.shape}"
             )
         return expert_ffn(x.astype(self.dtype), self.params(), self.activation)
+
+
+def shared_ffn(x: Array, params: dict[str, Array], activation: str | Activation,
+               model_axis: str | None = None) -> Array:
+    """The shared expert on tokens ``x [T, d] -> [T, d]``: one dense FFN
+    (:func:`expert_ffn` with E = 1; params ``w_in [d, F]``, ``w_gate [d, F]`` when gated,
+    ``w_out [F, d]``), times ``sigmoid(x w_g)`` per token when ``gate_weight [d, 1]`` is
+    there (Qwen2-MoE's shared-expert gate, computed in float32)."""
+    ffn = {name: params[name][None] for name in ("w_in", "w_gate", "w_out") if name in params}
+    y = expert_ffn(x[None], ffn, activation, model_axis)[0]  # [T, d]
+    if "gate_weight" in params:
+        gate = jax.nn.sigmoid(x.astype(jnp.float32) @ params["gate_weight"].astype(jnp.float32))  # [T, 1]
+        y = (gate * y.astype(jnp.float32)).astype(y.dtype)
+    return y
+
+
+class SharedExpert(nnx.Module):
+    """The shared expert: a dense FFN of width ``d_ff`` every token goes through
+    (:func:`shared_ffn`), initialised like one expert; ``gate=True`` adds Qwen2-MoE's
+    per-token gate weight ``gate_weight [d, 1]``."""
+
+    def __init__(self, d_model: int, d_ff: int, *, activation: str | Activation = "gelu", gate: bool = False,
+                 dtype=jnp.float32, param_dtype=jnp.float32, sharding: dict[str, dict] | None = None,
+                 rngs: nnx.Rngs):
+        activation = as_activation(activation)
+        if min(d_model, d_ff) < 1:
+            raise ValueError(f"d_model and shared_d_ff must be >= 1, got {d_model}, {d_ff}")
+        self.d_model, self.d_ff, self.activation, self.dtype = d_model, d_ff, activation, dtype
+        meta = (sharding or {}).get
+        self.w_in = nnx.Param(_stacked_init(rngs.params(), (1, d_model, d_ff), param_dtype)[0], **meta("w_in", {}))
+        if activation.gated:
+            self.w_gate = nnx.Param(_stacked_init(rngs.params(), (1, d_model, d_ff), param_dtype)[0],
+                                    **meta("w_gate", {}))
+        self.w_out = nnx.Param(_stacked_init(rngs.params(), (1, d_ff, d_model), param_dtype)[0], **meta("w_out", {}))
+        if gate:
+            self.gate_weight = nnx.Param(nnx.initializers.lecun_normal()(rngs.params(), (d_model, 1), param_dtype),
+                                         **meta("gate_weight", {}))
+
+    def params(self) -> dict[str, Array]:
+        """The weights as a plain dict (in the compute dtype), for :func:`shared_ffn`."""
+        names = ("w_in", "w_gate", "w_out", "gate_weight")
+        return {n: getattr(self, n)[...].astype(self.dtype) for n in names if hasattr(self, n)}
+
+    def __call__(self, x: Array) -> Array:
+        """x [..., d] -> [..., d]."""
+        if x.shape[-1] != self.d_model:
+            raise ValueError(f"shared expert input's last dim must be d={self.d_model}, got {x.shape}")
+        y = shared_ffn(x.reshape(-1, self.d_model).astype(self.dtype), self.params(), self.activation)
+        return y.reshape(x.shape)

@@ -4,8 +4,10 @@
 
     (params, groups [G, S, d], token_mask [G, S], draws, exchange)
       route      plan = router.route(params["router"], groups, draws, token_mask, C)
+                 (scale_expert_input: the expert's input is w * x and its output weight 1)
       capacity   dispatch -> [E, G * C, d]; exchange.capacity_experts; combine -> [G, S, d]
       dropless   exchange.dropless_experts: sort by expert, grouped FFN, unsort + combine
+      shared     + the shared expert on every token (hidden dim split over the model axis)
       aux        exchange.reduce_aux(plan, ...): the plan's losses and metrics
 
 The exchange is the only step that differs: :class:`LocalExchange` (one device: the
@@ -23,7 +25,7 @@ import jax.numpy as jnp
 
 from jmoe import dispatch as dispatch_lib
 from jmoe import dropless
-from jmoe.experts import expert_ffn
+from jmoe.experts import Activation, expert_ffn, shared_ffn
 from jmoe.routing import Router, RoutingPlan
 
 Array = jax.Array
@@ -41,7 +43,7 @@ class Pipeline:
 
     router: Router
     capacity: int | None
-    activation: str
+    activation: str | Activation
     compute_dtype: Any = jnp.float32
     dispatch: str = "auto"
     grouped_matmul: str = "auto"
@@ -50,6 +52,8 @@ class Pipeline:
 @dataclasses.dataclass(frozen=True)
 class LocalExchange:
     """One device: nothing moves; the experts run on the dispatched rows."""
+
+    model_axis = None  # the mesh axis that splits FFN hidden dims (the shared expert's too)
 
     def capacity_experts(self, expert_in: Array, params: dict[str, Array], activation: str, capacity: int) -> Array:
         return expert_ffn(expert_in, params, activation)  # [E, G * C, d]
@@ -67,27 +71,47 @@ def moe_forward(pipeline: Pipeline, params: dict, groups: Array, token_mask: Arr
                 exchange=LocalExchange()) -> tuple[Array, dict[str, Array]]:
     """The layer on groups: ``groups [G, S, d] -> (y [G, S, d], aux)``.
 
-    ``params = {"router": {...}, "experts": {"w_in": [E, d, f], ...}}`` (on a mesh: the
-    device's local experts); ``draws``: the router's random draws ``[G, S, ...]`` (empty
-    in eval mode). A token dropped by every expert it chose gets y = 0; so does a masked
-    token (``token_mask`` False), whose input is never read.
+    ``params = {"router": {...}, "experts": {"w_in": [E, d, f], ...}}`` and, with a shared
+    expert, ``"shared": {"w_in": [d, F], ...}`` (on a mesh: the device's local experts and
+    its slice of F); ``draws``: the router's random draws ``[G, S, ...]`` (empty in eval
+    mode). ``y = sum_k w_k FFN_{e_k}(x) + shared(x)``; with ``router.scale_expert_input``
+    ``y = FFN_e(w x) + shared(x)`` (Llama 4). A token dropped by every expert it chose gets
+    only the shared expert's output (0 without one); a masked token (``token_mask`` False)
+    gets y = 0, and its input is never read.
     """
     num_groups, group_size, d = groups.shape
     if token_mask is not None:  # masked tokens are never read: a NaN there reaches no output, loss or gradient
         groups = jnp.where(token_mask[..., None], groups, jnp.zeros((), groups.dtype))
     capacity = group_size if pipeline.capacity is None else pipeline.capacity
     plan = pipeline.router.route(params["router"], groups, draws, token_mask, capacity)
-    experts = params["experts"]
-    if pipeline.capacity is None:
+    routed_in, plan_for_experts = groups, plan
+    if pipeline.router.scale_expert_input:  # k = 1: x -> w x, and the output weight is 1 (0 where dropped)
+        routed_in = groups * plan.token_weight[..., :1].astype(groups.dtype)  # [G, S, d]
+        plan_for_experts = plan.replace(token_weight=(plan.token_slot >= 0).astype(jnp.float32))  # [G, S, 1]
+    y, buffer_dropped = _routed(pipeline, params["experts"], routed_in, plan_for_experts, exchange)  # [G, S, d]
+    aux = exchange.reduce_aux(plan, token_mask, buffer_dropped)
+    if "shared" in params:
         tokens = groups.reshape(-1, d).astype(pipeline.compute_dtype)  # [T, d]
+        shared = shared_ffn(tokens, params["shared"], pipeline.activation, exchange.model_axis)  # [T, d]
+        y = y + shared.reshape(groups.shape).astype(y.dtype)
+        if token_mask is not None:
+            y = jnp.where(token_mask[..., None], y, jnp.zeros((), y.dtype))
+    if pipeline.capacity is None:
+        aux = {**aux, "padding_fraction": jnp.zeros((), jnp.float32)}
+    return y, aux
+
+
+def _routed(pipeline: Pipeline, experts: dict, groups: Array, plan: RoutingPlan, exchange) -> tuple[Array, Array | None]:
+    """The routed experts' output ``[G, S, d]`` (dropless or capacity path) and the
+    assignments a dropless exchange's bounded buffers dropped (None for the capacity path)."""
+    if pipeline.capacity is None:
+        tokens = groups.reshape(-1, groups.shape[-1]).astype(pipeline.compute_dtype)  # [T, d]
         y, buffer_dropped = exchange.dropless_experts(
             tokens, plan.token_expert.reshape(tokens.shape[0], -1), plan.token_weight.reshape(tokens.shape[0], -1),
             experts, pipeline.activation, pipeline.grouped_matmul, plan.num_experts,
         )  # [T, d]
-        aux = exchange.reduce_aux(plan, token_mask, buffer_dropped)
-        return y.reshape(groups.shape), {**aux, "padding_fraction": jnp.zeros((), jnp.float32)}
+        return y.reshape(groups.shape), buffer_dropped
     backend = dispatch_lib.get_backend(pipeline.dispatch)
     expert_in = backend.dispatch(groups.astype(pipeline.compute_dtype), plan)  # [E, G * C, d]
     expert_out = exchange.capacity_experts(expert_in, experts, pipeline.activation, plan.capacity)  # [E, G * C, d]
-    y = backend.combine(expert_out, plan)  # [G, S, d]
-    return y, exchange.reduce_aux(plan, token_mask)
+    return backend.combine(expert_out, plan), None  # [G, S, d]

@@ -21,7 +21,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jmoe import parallel, routing
-from jmoe.experts import ExpertBank
+from jmoe.balancing import ExpertLoad, SelectionBias
+from jmoe.experts import Activation, ExpertBank, SharedExpert
 from jmoe.forward import Pipeline, moe_forward
 from jmoe.options import CapacityOptions, DroplessOptions, MeshOptions, check_combination, check_layer
 
@@ -120,13 +121,30 @@ class MoE(nnx.Module):
         top-k, the default; expert choice; noisy top-k, Shazeer et al. 2017, with a
         second float32 weight ``noise_weight`` [d, E] and Gaussian noise on the logits in
         train mode only).
-      activation: ``relu``, ``gelu``, ``swiglu``, ``geglu``.
-      use_bias: biases in the expert FFNs.
+      activation: ``relu``, ``gelu``, ``swiglu``, ``geglu``, ``clamped_swiglu`` (GPT-OSS,
+        with ``swiglu_alpha`` (1.702) and ``swiglu_limit`` (7.0); :class:`jmoe.experts.Activation`).
+      use_bias: biases in the expert FFNs (gated: on the gate, the up and the down projection).
+      shared_d_ff: width of the shared expert (DeepSeek-MoE, Qwen2-MoE, Llama 4): one dense
+        FFN with the experts' activation that every token goes through, added to the routed
+        output (``n_shared_experts * d_ff`` for DeepSeek's several); None: no shared expert.
+        On a mesh its hidden dim is split over ``model``, never over the expert axes.
+      shared_gate: scale the shared expert per token by ``sigmoid(x w_g)``, ``w_g [d, 1]``
+        (Qwen2-MoE).
+      router_bias: a trained router bias, ``logits = x W_r + b_r`` (GPT-OSS), any router.
+      scale_expert_input: the chosen expert's weight multiplies its *input*, ``y = FFN_e(w x)``
+        (Llama 4; needs k = 1).
+      score_function, n_group, topk_group, group_score, routed_scaling_factor,
+        selection_bias: options of ``router="group_limited"``
+        (:class:`jmoe.routing.group_limited.GroupLimited`: sigmoid or softmax scores, the
+        group limit, the scaling factor; ``selection_bias=True`` adds the state
+        ``selection_bias [E]`` that only the choice sees, updated without gradients by
+        :func:`jmoe.update_selection_biases` from the load this layer counts in train mode,
+        ``expert_load [E]``: DeepSeek-V3's aux-loss-free balancing).
       dispatch: a name of :data:`jmoe.dispatch.BACKENDS` (``"auto"``: the platform's
         choice). All compute the same function (:mod:`jmoe.dispatch`).
       priority, batch_prioritized, normalize, second_expert_policy: router
         options (:class:`jmoe.routing.token_choice.TokensChoose`; noisy top-k has the
-        first two); None = the router's default. An option the router does not have is
+        first two, group_limited ``priority`` and ``normalize``); None = the router's default. An option the router does not have is
         an error unless it is at its default.
       jitter: multiplicative router-input noise ``x * U(1 - jitter, 1 + jitter)``
         in train mode (Switch); 0 disables it.
@@ -185,6 +203,18 @@ class MoE(nnx.Module):
         router: str = routing.DEFAULT_ROUTER,
         activation: str = "gelu",
         use_bias: bool = False,
+        swiglu_alpha: float = 1.702,
+        swiglu_limit: float = 7.0,
+        shared_d_ff: int | None = None,
+        shared_gate: bool = False,
+        router_bias: bool = False,
+        scale_expert_input: bool = False,
+        score_function: str | None = None,
+        n_group: int | None = None,
+        topk_group: int | None = None,
+        group_score: str | None = None,
+        routed_scaling_factor: float | None = None,
+        selection_bias: bool | None = None,
         dispatch: str = "auto",
         priority: str | None = None,
         batch_prioritized: bool | None = None,
@@ -210,9 +240,19 @@ class MoE(nnx.Module):
         check_layer(d_model, d_ff, num_experts, dtype, param_dtype)
         router_options = dict(priority=priority, batch_prioritized=batch_prioritized, normalize=normalize,
                               second_expert_policy=second_expert_policy,
-                              importance_loss_weight=importance_loss_weight, load_loss_weight=load_loss_weight)
-        self.router = routing.make_router(router, k=k, jitter=jitter,
+                              importance_loss_weight=importance_loss_weight, load_loss_weight=load_loss_weight,
+                              score_function=score_function, n_group=n_group, topk_group=topk_group,
+                              group_score=group_score, routed_scaling_factor=routed_scaling_factor,
+                              selection_bias=selection_bias)
+        self.router = routing.make_router(router, k=k, jitter=jitter, router_bias=router_bias,
+                                          scale_expert_input=scale_expert_input,
                                           **{n: v for n, v in router_options.items() if v is not None})
+        activation = Activation(activation, swiglu_alpha, swiglu_limit)
+        if shared_d_ff is not None and (isinstance(shared_d_ff, bool) or not isinstance(shared_d_ff, int)
+                                        or shared_d_ff < 1):
+            raise ValueError(f"shared_d_ff must be an integer >= 1 (or None: no shared expert), got {shared_d_ff!r}")
+        if shared_gate and shared_d_ff is None:
+            raise ValueError("shared_gate=True gates the shared expert: it needs shared_d_ff")
         self.capacity_options = CapacityOptions(capacity_factor, eval_capacity_factor, min_capacity,
                                                 capacity_multiple_of)
         self.dropless_options = DroplessOptions(grouped_matmul, dropless_exchange, dropless_buffer_factor)
@@ -227,13 +267,24 @@ class MoE(nnx.Module):
         if mesh is not None:  # the mesh is known: check what needs only the sizes, then place the weights
             parallel.check_mesh(axes, num_experts=num_experts, num_groups=0, d_ff=d_ff,
                                 hierarchical=hierarchical_a2a and parallel.uses_mesh(mesh, axes))
-        sharding = {} if mesh is None else parallel.param_sharding(axes, mesh if self.mesh_options.mesh else None)
+            if shared_d_ff is not None:
+                parallel.check_mesh(axes, num_experts=num_experts, num_groups=0, d_ff=shared_d_ff, hierarchical=False)
+        placed_on = mesh if self.mesh_options.mesh else None
+        sharding = {} if mesh is None else parallel.param_sharding(axes, placed_on)
         for name, value in self.router.init_params(rngs.params(), d_model, num_experts).items():
-            setattr(self, name, nnx.Param(value, **sharding.get(name, {})))  # router_weight [d, E] float32, ...
+            kind = SelectionBias if name in self.router.state_params else nnx.Param
+            setattr(self, name, kind(value, **sharding.get(name, {})))  # router_weight [d, E] float32, ...
+        if "selection_bias" in self.router.state_params and self.router.selection_bias:
+            self.expert_load = ExpertLoad(jnp.zeros((num_experts,), jnp.float32), **sharding.get("selection_bias", {}))
         self.experts = ExpertBank(
             num_experts, d_model, d_ff, activation=activation, use_bias=use_bias,
             dtype=dtype, param_dtype=param_dtype, sharding=sharding, rngs=rngs,
         )
+        if shared_d_ff is not None:
+            self.shared_expert = SharedExpert(
+                d_model, shared_d_ff, activation=activation, gate=shared_gate, dtype=dtype, param_dtype=param_dtype,
+                sharding={} if mesh is None else parallel.param_sharding(axes, placed_on, shared=True), rngs=rngs,
+            )
         self.rngs = router_stream(rngs, self.router) if self.router.draws_random else None
 
     @property
@@ -263,9 +314,13 @@ class MoE(nnx.Module):
                         self.dropless_options.grouped_matmul)
 
     def params(self) -> dict:
-        """``{"router": {name: [d, E] float32}, "experts": {w_in: [E, d, f], ...}}``."""
-        return {"router": {name: getattr(self, name)[...] for name in self.router.params},
-                "experts": self.experts.params()}
+        """``{"router": {name: [d, E] float32, ...}, "experts": {w_in: [E, d, f], ...}}``, and
+        ``"shared": {w_in: [d, F], ...}`` with a shared expert."""
+        params = {"router": {name: getattr(self, name)[...] for name in self.router.params if hasattr(self, name)},
+                  "experts": self.experts.params()}
+        if hasattr(self, "shared_expert"):
+            params["shared"] = self.shared_expert.params()
+        return params
 
     def draws(self, groups_shape: tuple[int, ...]) -> dict[str, Array]:
         """The router's random draws for groups ``[G, S, d]`` (none in eval mode), over the
@@ -303,6 +358,8 @@ class MoE(nnx.Module):
             mask = None if token_mask is None else token_mask.reshape(groups_shape[:2])
             y, aux = forward(self.params(), x.reshape(groups_shape), mask, self.draws(groups_shape))
         y, aux = y.reshape(x.shape).astype(x.dtype), routing.complete_aux(aux)
+        if hasattr(self, "expert_load") and not self.deterministic:  # the load the next bias update balances
+            self.expert_load[...] = self.expert_load[...] + aux["tokens_per_expert"]
         if not self.sow_aux:
             return y, aux
         for name, value in aux.items():

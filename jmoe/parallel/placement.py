@@ -1,5 +1,6 @@
 """Where parameters live on a mesh: the expert weights on the expert axes (and their
-hidden dim on ``model``), everything else replicated; global arrays across processes."""
+hidden dim on ``model``), the shared expert like a dense FFN (hidden dim on ``model``,
+never on the expert axes), everything else replicated; global arrays across processes."""
 
 from __future__ import annotations
 
@@ -10,7 +11,9 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from jmoe.parallel.mesh import MeshAxes
 from jmoe.routing import PARAM_NAMES as ROUTER_PARAMS
 
-EXPERT_WEIGHTS = ("w_in", "w_gate", "w_out", "b_in", "b_out")
+EXPERT_WEIGHTS = ("w_in", "w_gate", "w_out", "b_in", "b_gate", "b_out")
+SHARED_WEIGHTS = ("w_in", "w_gate", "w_out", "gate_weight")
+SHARED_MODULE = "shared_expert"  # the MoE layer's attribute that holds them
 
 
 def expert_param_specs(params: dict, mesh) -> dict[str, P]:
@@ -18,22 +21,36 @@ def expert_param_specs(params: dict, mesh) -> dict[str, P]:
 
     ``w_in / w_gate [E, d, f]: P(expert_axes, None, model)``,
     ``w_out [E, f, d]: P(expert_axes, model, None)``,
-    ``b_in [E, f]: P(expert_axes, model)``, ``b_out [E, d]: P(expert_axes, None)``.
+    ``b_in / b_gate [E, f]: P(expert_axes, model)``, ``b_out [E, d]: P(expert_axes, None)``.
     """
     axes = mesh if isinstance(mesh, MeshAxes) else MeshAxes.of(mesh)
     e = axes.expert_axes or None
     m = axes.model_axis
     table = {"w_in": P(e, None, m), "w_gate": P(e, None, m), "w_out": P(e, m, None),
-             "b_in": P(e, m), "b_out": P(e, None)}
+             "b_in": P(e, m), "b_gate": P(e, m), "b_out": P(e, None)}
     return {name: table[name] for name in params}
 
 
-def param_sharding(axes: MeshAxes, mesh=None) -> dict[str, dict]:
+def shared_param_specs(params: dict, mesh) -> dict[str, P]:
+    """PartitionSpecs of the shared expert's weights, a dense FFN: ``w_in / w_gate [d, F]:
+    P(None, model)``, ``w_out [F, d]: P(model, None)``, ``gate_weight [d, 1]: P()``."""
+    axes = mesh if isinstance(mesh, MeshAxes) else MeshAxes.of(mesh)
+    m = axes.model_axis
+    table = {"w_in": P(None, m), "w_gate": P(None, m), "w_out": P(m, None), "gate_weight": P(None, None)}
+    return {name: table[name] for name in params}
+
+
+def param_sharding(axes: MeshAxes, mesh=None, shared: bool = False) -> dict[str, dict]:
     """Flax ``out_sharding`` metadata of an MoE layer's parameters by name: the expert weights
-    per :func:`expert_param_specs`, the router weights replicated (``mesh``: a concrete mesh
+    per :func:`expert_param_specs` (``shared=True``: the shared expert's, per
+    :func:`shared_param_specs`), the router weights replicated (``mesh``: a concrete mesh
     to place them on, when it is not the ambient one)."""
-    specs = {**expert_param_specs(dict.fromkeys(EXPERT_WEIGHTS), axes),
-             **{name: P(None, None) for name in ROUTER_PARAMS}}
+    if shared:
+        specs = shared_param_specs(dict.fromkeys(SHARED_WEIGHTS), axes)
+    else:
+        specs = {**expert_param_specs(dict.fromkeys(EXPERT_WEIGHTS), axes),
+                 **{name: P(None) if name in ("router_bias", "selection_bias") else P(None, None)
+                    for name in ROUTER_PARAMS}}
     extra = {} if mesh is None else {"mesh": mesh}
     return {name: {"out_sharding": tuple(spec), **extra} for name, spec in specs.items()}
 
@@ -41,14 +58,20 @@ def param_sharding(axes: MeshAxes, mesh=None) -> dict[str, dict]:
 def moe_param_spec(path, mesh, shape: tuple[int, ...] | None = None) -> P | None:
     """The PartitionSpec of a ``jmoe.MoE`` parameter by its path in a model's state (the
     one placement rule; NNX state paths or ``jax.tree_util`` key paths): expert weights
-    (``.../experts/w_in`` ...) per :func:`expert_param_specs`, router weights replicated,
-    None for anything else (not an MoE parameter).
+    (``.../experts/w_in`` ...) per :func:`expert_param_specs`, the shared expert's
+    (``.../shared_expert/w_in`` ...) per :func:`shared_param_specs`, router weights (and the
+    selection bias) replicated, None for anything else (not an MoE parameter).
 
     With the weight's ``shape``: leading dims beyond the weight's own (layers stacked with
     ``nnx.vmap``: ``w_in [L, E, d, f]``) stay unsplit, and an expert count the expert axes
     do not divide is a ValueError naming ``num_experts``.
     """
     keys = [str(getattr(k, "key", getattr(k, "name", k))) for k in path]
+    if SHARED_MODULE in keys:
+        names = [k for k in keys[keys.index(SHARED_MODULE) + 1:] if k in SHARED_WEIGHTS]
+        if names:
+            spec = shared_param_specs({names[0]: None}, mesh)[names[0]]
+            return spec if shape is None else P(*([None] * (len(shape) - len(spec))), *spec)
     if "experts" in keys:
         names = [k for k in keys[keys.index("experts") + 1:] if k in EXPERT_WEIGHTS]
         if names:

@@ -35,7 +35,7 @@ from jmoe.experts import expert_ffn
 from jmoe.parallel.capacity_exchange import exchange_experts
 from jmoe.parallel.dropless_exchange import dropless_exchange_experts
 from jmoe.parallel.mesh import MeshAxes, check_mesh, is_explicit
-from jmoe.parallel.placement import expert_param_specs
+from jmoe.parallel.placement import expert_param_specs, shared_param_specs
 from jmoe.routing.plan import RoutingPlan
 
 Array = jax.Array
@@ -55,6 +55,11 @@ class MeshExchange:
     chunks: int = 1
     dropless_exchange: str = "auto"
     buffer_factor: float | None = None
+
+    @property
+    def model_axis(self) -> str | None:
+        """The mesh axis that splits FFN hidden dims (the shared expert's too)."""
+        return self.axes.model_axis
 
     def capacity_experts(self, expert_in: Array, params: dict[str, Array], activation: str, capacity: int) -> Array:
         """[E, G_l * C, d] slots -> expert outputs, same layout (exchanged both ways)."""
@@ -131,8 +136,8 @@ def forward_on_mesh(forward: Callable, mesh, axes: MeshAxes, params: dict, x: Ar
     and each device cuts its own into groups of ``group_size`` (row-major, so the groups
     are the one-device layer's); ``token_mask`` has x's shape without d; every draw is
     ``[G, group_size, ...]`` over the global groups. ``params = {"router": {...}, "experts":
-    {...}}``: the router's weights replicated, the expert weights per
-    :func:`expert_param_specs`. On a mesh with explicit axes every input is resharded to
+    {...}}`` (and ``"shared"``): the router's weights replicated, the expert weights per
+    :func:`expert_param_specs`, the shared expert's per :func:`shared_param_specs`. On a mesh with explicit axes every input is resharded to
     those specs first (its type says where it lives), and y comes back with x's sharding.
     Returns y of x's shape and the aux values (equal on every device).
     """
@@ -151,6 +156,8 @@ def forward_on_mesh(forward: Callable, mesh, axes: MeshAxes, params: dict, x: Ar
     input_specs = jax.tree.map(lambda _: token_spec, inputs)
     param_specs = {"router": jax.tree.map(lambda _: P(), params["router"]),
                    "experts": expert_param_specs(params["experts"], axes)}
+    if "shared" in params:
+        param_specs["shared"] = shared_param_specs(params["shared"], axes)
     if explicit:  # shard_map wants inputs whose types match its in_specs
         inputs, params = jax.tree.map(jax.sharding.reshard, (inputs, params), (input_specs, param_specs))
 

@@ -86,6 +86,7 @@ class ExpertsChoose(Router):
 
     name = "experts_choose"
     supports_dropless = False
+    supports_input_scaling = False
 
     def plan(self, logits, router_in, params, draws, token_mask, capacity) -> RoutingPlan:
         return experts_choose(logits, capacity=min(capacity, logits.shape[1]), token_mask=token_mask)

@@ -274,6 +274,7 @@ def noisy_top_k(
     return plan.replace(
         z_loss=z_loss(clean, valid),
         extra_losses={
+            **plan.extra_losses,  # the global load-balancing loss of the gates
             "importance_loss": ExtraLoss(importance(gate_values, mask), BalanceLoss(importance_weight)),  # [E]
             "load_loss": ExtraLoss(smooth_load(clean, h, noise_logits, k, mask), BalanceLoss(load_weight)),  # [E]
         },
@@ -287,7 +288,7 @@ class NoisyTopK(Router):
     importance and load losses (coefficients >= 0, the paper's 0.1 by default)."""
 
     name = "noisy_top_k"
-    params = ("router_weight", "noise_weight")
+    params = ("router_weight", "router_bias", "noise_weight")
     extra_losses = ("importance_loss", "load_loss")
 
     priority: str = "choice"

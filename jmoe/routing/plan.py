@@ -31,6 +31,7 @@ The dense one-hot views used by the einsum backend, ``dispatch_mask()`` and
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Callable
 
 import flax.struct
@@ -58,6 +59,42 @@ class ExtraLoss:
         return jnp.asarray(self.finalize(self.statistic), jnp.float32)
 
 
+GLOBAL_LOAD_BALANCING = "global_load_balancing_loss"
+# Unweighted balance losses every layer's aux has (0 where a router has none); the user weights them.
+BALANCE_LOSSES = ("sequence_balance_loss", GLOBAL_LOAD_BALANCING)
+
+
+@dataclasses.dataclass(frozen=True)
+class GlobalLoadBalance:
+    """The global-batch load-balancing loss from its statistic (an :class:`ExtraLoss` finalizer):
+    ``statistic [2E + 1]`` = (selections per expert, probability sums per expert, valid tokens),
+    each summed over the tokens of every group (and, on a mesh, every device), then
+    ``E * sum_e f_e P_e`` with ``f_e = selections_e / T`` and ``P_e = probability sum_e / T``.
+    It equals k when the whole batch is balanced (Megatron-Core's global aux loss)."""
+
+    def __call__(self, statistic: Array) -> Array:
+        num_experts = (statistic.shape[0] - 1) // 2
+        tokens = jnp.maximum(statistic[-1], 1.0)
+        f = statistic[:num_experts] / tokens  # [E]
+        p = statistic[num_experts:2 * num_experts] / tokens  # [E]
+        return num_experts * jnp.sum(f * p)
+
+
+def global_load_balance(probs: Array, top_experts: Array, token_mask: Array) -> dict[str, ExtraLoss]:
+    """``{"global_load_balancing_loss": ExtraLoss}`` for a plan's ``extra_losses``: the
+    Switch loss with f and P over the whole (global) batch instead of per group
+    (:class:`GlobalLoadBalance`). probs [G, S, E] float32, top_experts [G, S, K], token_mask [G, S]."""
+    num_experts = probs.shape[-1]
+    mask = token_mask.astype(bool)[..., None]  # [G, S, 1]
+    selected = jnp.sum(jax.nn.one_hot(top_experts, num_experts, dtype=jnp.float32), axis=2)  # [G, S, E]
+    statistic = jnp.concatenate([
+        jnp.sum(jnp.where(mask, selected, 0.0), axis=(0, 1)),  # [E]
+        jnp.sum(jnp.where(mask, probs, 0.0), axis=(0, 1)),  # [E]: masked tokens never read
+        jnp.sum(mask.astype(jnp.float32))[None],
+    ])  # [2E + 1]
+    return {GLOBAL_LOAD_BALANCING: ExtraLoss(statistic, GlobalLoadBalance())}
+
+
 
 
 @flax.struct.dataclass
@@ -72,7 +109,10 @@ class RoutingPlan:
       token_weight: [G, S, K] float32, combine weight; exactly 0 where
         ``token_slot == -1``.
       load_balancing_loss: scalar, Switch ``E * sum_e f_e * P_e`` averaged over
-        groups (0 for expert choice).
+        groups (0 for expert choice). ``aux()`` adds ``sequence_balance_loss`` = this / K:
+        DeepSeek-V3's sequence-wise balance loss ``sum_i f'_i P_i``, ``f'_i = E / (K T) *
+        count_i``, per group (a sequence by default), with the router's probabilities (the
+        normalised scores for a sigmoid router).
       z_loss: scalar, mean over tokens of ``logsumexp(logits)^2``.
       dropped_fraction: scalar, dropped assignments / requested assignments.
       requested_assignments: scalar float32, the denominator of
@@ -83,8 +123,9 @@ class RoutingPlan:
       tokens_per_expert: [E] float32, kept assignments per expert, summed over groups.
       padding_fraction: scalar, empty slots / (G * E * C).
       router_entropy: scalar, mean over tokens of ``-sum_e p_e log p_e``.
-      extra_losses: a router's own losses by name (:class:`ExtraLoss`; e.g. noisy
-        top-k's importance and load losses), empty for most routers.
+      extra_losses: losses computed from statistics summed over tokens, by name
+        (:class:`ExtraLoss`): noisy top-k's importance and load losses, the token-choice
+        routers' ``global_load_balancing_loss``.
     """
 
     slot_token: Array
@@ -134,6 +175,7 @@ class RoutingPlan:
         """The losses and metrics as a flat dict (what ``jmoe.MoE`` returns), extra losses included."""
         return {
             "load_balancing_loss": self.load_balancing_loss,
+            "sequence_balance_loss": self.load_balancing_loss / self.token_expert.shape[-1],
             "z_loss": self.z_loss,
             "dropped_fraction": self.dropped_fraction,
             "tokens_per_expert": self.tokens_per_expert,

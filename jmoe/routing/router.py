@@ -4,14 +4,20 @@ router-returns-a-plan).
 A router is a frozen dataclass of its options (validated in ``__post_init__``) with
 
 * ``init_params(key, d_model, num_experts)``: its float32 weights by name
-  (``router_weight [d, E]`` for all; a router may add its own);
+  (``router_weight [d, E]`` for all, ``router_bias [E]`` with ``router_bias=True``; a
+  router may add its own); the names in ``state_params`` are state, not parameters:
+  no gradient reaches them and the optimizer never sees them (a selection bias);
 * ``draw(key_fn, groups_shape, num_experts)``: its random draws in train mode, over
   the *global* ``[G, S, ...]`` shapes (the mesh path shards them over the token axes,
   so a mesh routes exactly as one device);
 * ``route(params, groups, draws, token_mask, capacity) -> RoutingPlan``: done once here:
   the float32 router input, multiplicative jitter ``x * U(1 - jitter, 1 + jitter)``
-  (Switch), the router matmul ``logits = x W_r``; then the subclass's
-  :meth:`Router.plan` from the logits.
+  (Switch), the router matmul ``logits = x W_r`` (``+ b_r`` with ``router_bias=True``,
+  GPT-OSS); then the subclass's :meth:`Router.plan` from the logits.
+
+``scale_expert_input=True`` (Llama 4; k = 1): the chosen expert's combine weight
+multiplies its *input* instead of its output, ``y = FFN_e(w * x)`` (the forward applies
+it, :func:`jmoe.forward.moe_forward`).
 
 A router's own losses travel in ``RoutingPlan.extra_losses`` under the names in its
 ``extra_losses`` class attribute.
@@ -37,18 +43,28 @@ class Router:
     that sets the capacity) and ``jitter`` (0 disables it)."""
 
     name: ClassVar[str] = ""
-    params: ClassVar[tuple[str, ...]] = ("router_weight",)  # what init_params returns
+    params: ClassVar[tuple[str, ...]] = ("router_weight", "router_bias")  # what init_params may return
+    state_params: ClassVar[tuple[str, ...]] = ()  # of those, state that no gradient or optimizer touches
     extra_losses: ClassVar[tuple[str, ...]] = ()
     supports_dropless: ClassVar[bool] = True
+    supports_input_scaling: ClassVar[bool] = True
 
     k: int = 1
     jitter: float = 0.0
+    router_bias: bool = False
+    scale_expert_input: bool = False
 
     def __post_init__(self):
         if isinstance(self.k, bool) or not isinstance(self.k, int) or self.k < 1:
             raise ValueError(f"k={self.k!r} must be an integer >= 1")
         if not 0.0 <= self.jitter < 1.0:
             raise ValueError(f"jitter must be in [0, 1), got {self.jitter}")
+        if self.scale_expert_input and not self.supports_input_scaling:
+            raise ValueError(f"scale_expert_input=True needs a router whose tokens choose one expert, "
+                             f"got router={self.name!r}")
+        if self.scale_expert_input and self.k != 1:
+            raise ValueError(f"scale_expert_input=True (Llama 4) scales the one chosen expert's input: it needs "
+                             f"k=1, got k={self.k}")
 
     @property
     def draws_random(self) -> str:
@@ -60,7 +76,10 @@ class Router:
             raise ValueError(f"k={self.k} must be in [1, num_experts={num_experts}]")
 
     def init_params(self, key: Array, d_model: int, num_experts: int) -> dict[str, Array]:
-        return {"router_weight": nnx.initializers.lecun_normal()(key, (d_model, num_experts), jnp.float32)}
+        params = {"router_weight": nnx.initializers.lecun_normal()(key, (d_model, num_experts), jnp.float32)}
+        if self.router_bias:
+            params["router_bias"] = jnp.zeros((num_experts,), jnp.float32)  # [E]
+        return params
 
     def draw(self, key_fn: Callable[[], Array], groups_shape: tuple[int, ...], num_experts: int) -> dict[str, Array]:
         """Train-mode draws for groups ``[G, S, d]``: ``jitter [G, S, d]`` when jitter > 0."""
@@ -76,6 +95,8 @@ class Router:
         if "jitter" in draws:
             router_in = router_in * draws["jitter"]
         logits = router_in @ params["router_weight"]  # [G, S, E] float32
+        if "router_bias" in params:
+            logits = logits + params["router_bias"]
         return self.plan(logits, router_in, params, draws, token_mask, capacity)
 
     def plan(self, logits: Array, router_in: Array, params: dict[str, Array], draws: dict[str, Array],

@@ -9,7 +9,7 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
-from jmoe.routing.plan import (RoutingPlan, check_logits, load_balancing_loss, router_entropy,
+from jmoe.routing.plan import (RoutingPlan, check_logits, global_load_balance, load_balancing_loss, router_entropy,
                                router_probabilities, slot_metrics, slots_from_tokens, z_loss)
 from jmoe.routing.router import Router
 
@@ -132,6 +132,7 @@ def tokens_choose(
         tokens_per_expert=tokens_per_expert,
         padding_fraction=padding,
         router_entropy=router_entropy(probs, mask),
+        extra_losses=global_load_balance(probs, top_experts, mask),
     )
 
 

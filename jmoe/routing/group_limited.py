@@ -1,0 +1,192 @@
+"""Top-k over router *scores* with a selection bias and group-limited choice
+(DeepSeek-V2 / V3; with one group, Llama 4's router).
+
+Per token, from float32 logits ``l = x W_r`` ``[G, S, E]``::
+
+    s      = sigmoid(l)                      score_function="sigmoid" (DeepSeek-V3, Llama 4)
+           | softmax(l)                      score_function="softmax" (DeepSeek-V2)
+    c      = s + b                           the choice is made on c; b [E] is the selection bias
+                                             (state, not a parameter: no gradient reaches it;
+                                             :mod:`jmoe.balancing` updates it between steps)
+    groups: the E experts form n_group equal, contiguous groups; a group's score is
+           the sum of its 2 highest c (group_score="top2_sum", DeepSeek-V3) or its
+           highest c (group_score="max", DeepSeek-V2's device-limited routing);
+           the topk_group best groups are kept (ties: the lower group index)
+    top-k of c among the kept groups' experts (ties: the lower expert index; the other
+           groups' experts are -inf, as in DeepSeek's reference code and Megatron-Core)
+    w_e    = s_e                                           the *unbiased* score
+           = s_e / (sum_{j in top-k} s_j + 1e-20)          normalize=True (norm_topk_prob)
+    w_e   *= routed_scaling_factor
+
+With ``n_group=1`` the group step keeps every expert (plain top-k of the scores). The
+capacity step is the token-choice one (:func:`jmoe.routing.token_choice.assign_slots`,
+choice-major by default). The losses use the normalised scores ``p = s / sum_j s_j`` as the
+router probabilities (the softmax itself for ``score_function="softmax"``): the Switch
+load-balancing loss ``E sum_e f_e P_e`` of them is k times DeepSeek-V3's sequence-wise
+balance loss when the groups are sequences (``aux["sequence_balance_loss"]``).
+
+Group-limited routing bounds a token's fan-out: with the groups equal to the devices of
+the expert axes (``n_group`` = the expert-parallel size; experts are placed contiguously,
+``E / n`` per device), each token's k experts live on at most ``topk_group`` devices.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+from jmoe.routing.plan import (RoutingPlan, check_logits, global_load_balance, load_balancing_loss, router_entropy,
+                               slot_metrics, slots_from_tokens, z_loss)
+from jmoe.routing.router import Router
+from jmoe.routing.token_choice import PRIORITIES, assign_slots
+
+Array = jax.Array
+
+SCORE_FUNCTIONS = ("sigmoid", "softmax")
+GROUP_SCORES = ("top2_sum", "max")
+
+
+def router_scores(logits: Array, score_function: str) -> Array:
+    """``sigmoid`` or ``softmax`` (over experts) of the float32 logits ``[G, S, E]``."""
+    logits = logits.astype(jnp.float32)
+    return jax.nn.sigmoid(logits) if score_function == "sigmoid" else jax.nn.softmax(logits, axis=-1)
+
+
+def group_limited_experts(choice: Array, *, k: int, n_group: int, topk_group: int, group_score: str) -> Array:
+    """The k experts of each token: top-k of ``choice [G, S, E]`` among the experts of its
+    ``topk_group`` best groups (module docstring). Returns ``[G, S, K]`` int32."""
+    num_groups, group_size, num_experts = choice.shape
+    if n_group > 1 and topk_group < n_group:
+        per_group = num_experts // n_group
+        grouped = choice.reshape(num_groups, group_size, n_group, per_group)  # [G, S, n_group, E / n_group]
+        if group_score == "top2_sum":
+            score = jnp.sum(jax.lax.top_k(grouped, 2)[0], axis=-1)  # [G, S, n_group]
+        else:
+            score = jnp.max(grouped, axis=-1)  # [G, S, n_group]
+        _, kept_groups = jax.lax.top_k(score, topk_group)  # [G, S, topk_group]
+        kept = jnp.any(jax.nn.one_hot(kept_groups, n_group, dtype=jnp.bool_), axis=-2)  # [G, S, n_group]
+        kept = jnp.repeat(kept, per_group, axis=-1)  # [G, S, E]
+        choice = jnp.where(kept, choice, -jnp.inf)
+    return jax.lax.top_k(choice, k)[1].astype(jnp.int32)  # [G, S, K]
+
+
+def group_limited_top_k(
+    logits: Array,
+    *,
+    k: int,
+    capacity: int,
+    score_function: str = "sigmoid",
+    n_group: int = 1,
+    topk_group: int = 1,
+    group_score: str = "top2_sum",
+    normalize: bool = False,
+    routed_scaling_factor: float = 1.0,
+    selection_bias: Array | None = None,
+    priority: str = "choice",
+    token_mask: Array | None = None,
+) -> RoutingPlan:
+    """The plan of the module docstring's router for float32 ``logits [G, S, E]``;
+    ``selection_bias [E]`` (None: 0) is read without gradient. Returns a plan with K = k."""
+    mask = check_logits(logits, token_mask)  # [G, S]
+    num_groups, group_size, num_experts = logits.shape
+    scores = router_scores(logits, score_function)  # [G, S, E]
+    choice = scores if selection_bias is None else scores + jax.lax.stop_gradient(selection_bias)  # [G, S, E]
+    top_experts = group_limited_experts(choice, k=k, n_group=n_group, topk_group=topk_group,
+                                        group_score=group_score)  # [G, S, K]
+    weights = jnp.take_along_axis(scores, top_experts, axis=-1)  # [G, S, K] unbiased
+    if normalize:
+        weights = weights / (jnp.sum(weights, axis=-1, keepdims=True) + 1e-20)
+    weights = weights * routed_scaling_factor
+
+    requested = jnp.broadcast_to(mask[..., None], top_experts.shape)  # [G, S, K]
+    order = jnp.broadcast_to(jnp.arange(group_size), (num_groups, group_size))
+    token_slot = assign_slots(top_experts, requested, order, capacity=capacity, priority=priority,
+                              num_experts=num_experts)  # [G, S, K]
+    slot_token = slots_from_tokens(top_experts, token_slot, num_experts, capacity)  # [G, E, C]
+
+    probs = scores / jnp.sum(scores, axis=-1, keepdims=True) if score_function == "sigmoid" else scores  # [G, S, E]
+    num_requested = jnp.sum(requested).astype(jnp.float32)
+    dropped = (jnp.sum(requested & (token_slot < 0)) / jnp.maximum(num_requested, 1.0)).astype(jnp.float32)
+    tokens_per_expert, padding = slot_metrics(slot_token)
+    return RoutingPlan(
+        slot_token=slot_token,
+        token_expert=top_experts,
+        token_slot=token_slot.astype(jnp.int32),
+        token_weight=jnp.where(token_slot >= 0, weights, 0.0).astype(jnp.float32),
+        load_balancing_loss=load_balancing_loss(probs, top_experts, mask),
+        z_loss=z_loss(logits, mask),
+        dropped_fraction=dropped,
+        requested_assignments=num_requested,
+        tokens_per_expert=tokens_per_expert,
+        padding_fraction=padding,
+        router_entropy=router_entropy(probs, mask),
+        extra_losses=global_load_balance(probs, top_experts, mask),
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class GroupLimited(Router):
+    """:func:`group_limited_top_k` as a router. Options: ``score_function``, ``n_group`` /
+    ``topk_group`` / ``group_score`` (the group limit), ``normalize`` (norm_topk_prob),
+    ``routed_scaling_factor``, ``selection_bias`` (a float32 state ``selection_bias [E]``,
+    zero-initialised, no gradient: aux-loss-free balancing, :mod:`jmoe.balancing`),
+    ``priority`` (who wins a slot over capacity)."""
+
+    name = "group_limited"
+    params = ("router_weight", "router_bias", "selection_bias")
+    state_params = ("selection_bias",)
+
+    score_function: str = "sigmoid"
+    n_group: int = 1
+    topk_group: int = 1
+    group_score: str = "top2_sum"
+    normalize: bool = False
+    routed_scaling_factor: float = 1.0
+    selection_bias: bool = False
+    priority: str = "choice"
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.score_function not in SCORE_FUNCTIONS:
+            raise ValueError(f"score_function must be one of {SCORE_FUNCTIONS}, got {self.score_function!r}")
+        if self.group_score not in GROUP_SCORES:
+            raise ValueError(f"group_score must be one of {GROUP_SCORES}, got {self.group_score!r}")
+        if self.priority not in PRIORITIES:
+            raise ValueError(f"priority must be one of {PRIORITIES}, got {self.priority!r}")
+        for option in ("n_group", "topk_group"):
+            value = getattr(self, option)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{option} must be an integer >= 1, got {value!r}")
+        if self.topk_group > self.n_group:
+            raise ValueError(f"topk_group={self.topk_group} must be <= n_group={self.n_group}")
+        factor = self.routed_scaling_factor
+        if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not (0 < factor < float("inf")):
+            raise ValueError(f"routed_scaling_factor must be a finite number > 0, got {factor!r}")
+
+    def check_experts(self, num_experts: int) -> None:
+        super().check_experts(num_experts)
+        if num_experts % self.n_group:
+            raise ValueError(f"num_experts={num_experts} must be divisible by n_group={self.n_group}")
+        per_group = num_experts // self.n_group
+        if self.n_group > 1 and self.group_score == "top2_sum" and per_group < 2:
+            raise ValueError(f"group_score='top2_sum' sums each group's 2 best experts: it needs >= 2 experts per "
+                             f"group, got num_experts={num_experts} / n_group={self.n_group}")
+        if self.k > self.topk_group * per_group:
+            raise ValueError(f"k={self.k} experts cannot be chosen from topk_group={self.topk_group} groups of "
+                             f"{per_group} experts")
+
+    def init_params(self, key, d_model: int, num_experts: int) -> dict[str, Array]:
+        params = super().init_params(key, d_model, num_experts)
+        if self.selection_bias:
+            params["selection_bias"] = jnp.zeros((num_experts,), jnp.float32)  # [E]
+        return params
+
+    def plan(self, logits, router_in, params, draws, token_mask, capacity) -> RoutingPlan:
+        return group_limited_top_k(
+            logits, k=self.k, capacity=capacity, score_function=self.score_function, n_group=self.n_group,
+            topk_group=self.topk_group, group_score=self.group_score, normalize=self.normalize,
+            routed_scaling_factor=float(self.routed_scaling_factor), selection_bias=params.get("selection_bias"),
+            priority=self.priority, token_mask=token_mask,
+        )
