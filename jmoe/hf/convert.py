@@ -1,0 +1,180 @@
+"""``load_moe`` / ``save_moe`` / ``moe_kwargs``: one MoE layer of a Hugging Face checkpoint as a
+:class:`jmoe.MoE` and back. The family tables are in :mod:`jmoe.hf.families`, the files in
+:mod:`jmoe.hf.files`."""
+
+from __future__ import annotations
+
+import os
+import pathlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jmoe.hf import families
+from jmoe.hf.files import Checkpoint, CheckpointError, checkpoint_dir, read_config, write_tensors
+from jmoe.layer import MoE
+
+
+def moe_kwargs(config: dict) -> dict:
+    """The :class:`jmoe.MoE` arguments of a checkpoint's MoE block, from its ``config.json``
+    (a dict), so ``jmoe.MoE(**moe_kwargs(config), rngs=nnx.Rngs(0))`` is a fresh layer of that
+    family's shape and semantics (``d_model``, ``d_ff``, ``num_experts`` included; a multimodal
+    Llama 4 config's ``text_config`` is used). The families that never drop a token
+    (transformers computes every choice) are dropless (``capacity_factor=None``); Switch keeps
+    its per-sequence ``expert_capacity``."""
+    return dict(families.family_of(config.get("model_type")).moe_kwargs(config))
+
+
+def _stack(family: families.Family, model_type: str, stack: str | None) -> str | None:
+    if not family.stacks:
+        if stack is not None:
+            raise CheckpointError(f"{model_type}: stack={stack!r} is only for encoder-decoder families")
+        return None
+    stack = family.stacks[0] if stack is None else stack
+    if stack not in family.stacks:
+        raise CheckpointError(f"{model_type}: stack must be one of {family.stacks}, got {stack!r}")
+    return stack
+
+
+def _check_layer(family: families.Family, config: dict, layer: int, stack: str | None) -> None:
+    count = family.layer_count(config, stack)
+    where = f" of the {stack}" if stack else ""
+    if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < count:
+        raise CheckpointError(f"layer={layer!r}: this {config.get('model_type')} checkpoint has {count} layers{where} "
+                              f"(0..{count - 1})")
+    reason = family.dense_reason(config, layer, stack)
+    if reason is not None:
+        moe_layers = [i for i in range(count) if family.dense_reason(config, i, stack) is None]
+        raise CheckpointError(f"layer {layer}{where} of this {config.get('model_type')} checkpoint is dense (a plain "
+                              f"FFN, no experts): {reason}; its MoE layers are {moe_layers}")
+
+
+def _variable(layer: MoE, path: str):
+    module = layer
+    for part in path.split("."):
+        module = getattr(module, part, None)
+        if module is None:
+            return None
+    return module
+
+
+def _assign(variable, value: np.ndarray) -> None:
+    """Set an NNX variable, keeping its dtype and its sharding (placed as the layer places it)."""
+    old = variable.get_value()
+    new = jnp.asarray(value, dtype=old.dtype)
+    sharding = getattr(old, "sharding", None)
+    variable.set_value(jax.device_put(new, sharding) if sharding is not None else new)
+
+
+def _rules(family: families.Family, config: dict, layer: MoE) -> list:
+    """The family's rules whose jmoe weights this layer has (no shared expert: no shared rules)."""
+    return [rule for rule in family.rules(config) if _variable(layer, rule.paths[0]) is not None]
+
+
+def load_moe(path, layer: int, *, dtype=None, mesh=None, stack: str | None = None, **overrides) -> MoE:
+    """Layer ``layer``'s MoE block of the Hugging Face checkpoint in folder ``path`` as a
+    :class:`jmoe.MoE` with the family's routing, experts, shared experts and the checkpoint's
+    weights (only that layer's tensors are read; a sharded checkpoint's other files are not
+    opened). In eval mode (``moe.eval()``) its ``y`` is transformers' MoE block output (routed +
+    shared experts, no residual); ``aux`` comes with it as for any jmoe layer.
+
+    Args:
+      path: a local checkpoint folder (``config.json`` + ``model.safetensors`` or a sharded
+        ``model.safetensors.index.json``). Nothing is downloaded.
+      layer: the decoder layer (Switch: the block of ``stack``) index.
+      dtype: the layer's compute and expert-weight dtype (default float32); the router is float32.
+      mesh: place the weights on this mesh as the layer places them (experts on the expert axis).
+      stack: Switch Transformers only: ``"encoder"`` (default) or ``"decoder"``.
+      overrides: any other :class:`jmoe.MoE` argument, over :func:`moe_kwargs` (e.g.
+        ``capacity_factor=1.25`` for capacity routing, ``dispatch="gather"``).
+
+    Supported ``model_type``: mixtral, qwen2_moe, qwen3_moe, deepseek_v3, deepseek_v2, olmoe,
+    gpt_oss (also MXFP4), switch_transformers, llama4 (multimodal, ``language_model.`` prefix),
+    llama4_text; DeepSeek-V3's block-scaled FP8 weights are dequantized too.
+
+    Raises:
+      CheckpointError (a ValueError): a dense layer (naming it and why), an unsupported
+        model_type (listing the supported), a missing tensor (its name), a shape mismatch (the
+        name and both shapes), a non-finite weight (its name), a hub id instead of a folder.
+    """
+    folder = checkpoint_dir(path)
+    config = read_config(folder)
+    model_type = config.get("model_type")
+    family = families.family_of(model_type)
+    stack = _stack(family, model_type, stack)
+    _check_layer(family, config, layer, stack)
+    kwargs = family.moe_kwargs(config)
+    if dtype is not None:
+        kwargs.update(dtype=dtype, param_dtype=dtype)
+    kwargs.update(mesh=mesh, **overrides)
+    moe = MoE(rngs=nnx.Rngs(0), **kwargs)  # random weights, all replaced below
+    moe.eval()
+    checkpoint = Checkpoint(folder)
+    prefix = family.prefix(config, stack).format(i=layer)
+    for rule in _rules(family, config, moe):
+        variables = [_variable(moe, p) for p in rule.paths]
+        expected = rule.hub(tuple(variables[0].get_value().shape))
+        tensors = {}
+        for name, shape in expected.items():
+            full = prefix + name
+            if full not in checkpoint and checkpoint.quantization(full) is None:
+                raise CheckpointError(f"tensor {full!r} is missing from the checkpoint in {folder} "
+                                      f"({model_type}, layer {layer}: {type(moe).__name__} needs it)")
+            value = checkpoint.float32(full)
+            if tuple(value.shape) != tuple(shape):
+                raise CheckpointError(f"tensor {full!r} has shape {tuple(value.shape)} in the checkpoint, expected "
+                                      f"{tuple(shape)} from its config.json")
+            if not np.all(np.isfinite(value)):
+                raise CheckpointError(f"tensor {full!r} has non-finite values (nan or inf)")
+            tensors[name] = value
+        values = rule.to_jmoe(tensors)
+        for variable, value in zip(variables, values if isinstance(rule, families.PairRule) else (values,)):
+            _assign(variable, value)
+    return moe
+
+
+def export_moe(layer: MoE, layer_index: int, model_type: str, *, config: dict | None = None,
+               stack: str | None = None) -> dict[str, np.ndarray]:
+    """The layer's weights as the family's checkpoint tensors (float32, full hub names)."""
+    family = families.family_of(model_type)
+    config = dict(config or {}, model_type=model_type)
+    stack = _stack(family, model_type, stack)
+    prefix = family.prefix(config, stack).format(i=layer_index)
+    out: dict[str, np.ndarray] = {}
+    for rule in _rules(family, config, layer):
+        values = [np.asarray(jax.device_get(_variable(layer, p).get_value()), np.float32) for p in rule.paths]
+        for name, value in rule.to_hub(*values).items():
+            out[prefix + name] = np.ascontiguousarray(value, np.float32)
+    return out
+
+
+def save_moe(layer: MoE, path, layer_index: int, model_type: str, *, stack: str | None = None) -> list[str]:
+    """The inverse of :func:`load_moe`: write ``layer``'s weights under the family's names for
+    layer ``layer_index``, so a layer fine-tuned with jmoe goes back into its checkpoint.
+
+    Into a checkpoint folder (``model.safetensors`` or a sharded index): each of the layer's
+    tensors replaces the stored one in the file that holds it, in its stored dtype (bfloat16
+    stays bfloat16), every other tensor unchanged. Into a folder without weights: a new
+    ``model.safetensors`` with the layer's tensors in float32 (put the family's config.json next
+    to it to load it back). Returns the files written. A checkpoint whose layer is stored
+    quantized (MXFP4, FP8) is an error: save into a new folder.
+    """
+    folder = pathlib.Path(os.fspath(path)).expanduser()
+    config = read_config(folder) if (folder / "config.json").exists() else {"model_type": model_type}
+    if config.get("model_type") != model_type:
+        raise CheckpointError(f"save_moe(model_type={model_type!r}) into {folder}, whose config.json says "
+                              f"model_type={config.get('model_type')!r}")
+    family = families.family_of(model_type)
+    if (folder / "config.json").exists():
+        _check_layer(family, config, layer_index, _stack(family, model_type, stack))
+    tensors = export_moe(layer, layer_index, model_type, config=config, stack=stack)
+    if (folder / "model.safetensors").exists() or (folder / "model.safetensors.index.json").exists():
+        checkpoint = Checkpoint(folder)
+        for name in tensors:
+            kind = checkpoint.quantization(name)
+            if kind is not None:
+                raise CheckpointError(f"tensor {name!r} is stored {kind}-quantized in {folder}; save_moe writes "
+                                      f"unquantized float weights: save into a new folder")
+    return write_tensors(folder, tensors)
