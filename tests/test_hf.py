@@ -291,3 +291,31 @@ def test_no_torch_and_only_jmoe_hf_imports_safetensors():
     users = [p.relative_to(root).as_posix() for p in root.rglob("*.py")
              if "safetensors" in p.read_text() and p.parts[len(root.parts)] != "hf"]
     assert users == []
+
+
+def test_readme_snippet_runs(monkeypatch):
+    import re
+    root = pathlib.Path(__file__).parent.parent
+    section = (root / "README.md").read_text().split("## Bring a checkpoint's MoE layer", 1)[1].split("\n## ", 1)[0]
+    (snippet,) = re.findall(r"```python\n(.*?)```", section, flags=re.S)
+    monkeypatch.chdir(root)
+    namespace: dict = {}
+    exec(compile(snippet, "README.md", "exec"), namespace)
+    info, x, y_ref = record("deepseek_v3")
+    assert namespace["y"].shape == (2, 8, 32)
+    assert rel_err(run(namespace["moe"], x)[0], y_ref) <= TOL
+    assert namespace["sharded"].experts.w_in[...].sharding.spec[0] == "expert"
+    assert set(weights(namespace["fresh"])) == set(weights(namespace["moe"]))
+
+
+def test_llama4_text_model_under_either_multimodal_prefix(tmp_path):
+    """Llama 4's text model inside the multimodal checkpoint: the hub's ``language_model.model.``
+    and the ``model.language_model.`` some transformers versions write both load."""
+    from safetensors.numpy import save_file
+    folder = copy_with(tmp_path, "llama4")
+    checkpoint = Checkpoint(folder)
+    renamed = {n.replace("language_model.model.", "model.language_model.", 1): checkpoint.raw(n)
+               for n in checkpoint.names()}
+    save_file(renamed, folder / "model.safetensors")
+    info, x, y_ref = record("llama4")
+    assert rel_err(run(hf.load_moe(folder, info["layer"]), x)[0], y_ref) <= TOL

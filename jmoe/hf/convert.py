@@ -68,6 +68,16 @@ def _assign(variable, value: np.ndarray) -> None:
     variable.set_value(jax.device_put(new, sharding) if sharding is not None else new)
 
 
+def _prefix(family: families.Family, config: dict, stack, layer: int, names) -> str:
+    """Layer ``layer``'s prefix: the first of the family's names under which the checkpoint
+    (tensor ``names``) holds something of that layer; the hub's name when it holds nothing."""
+    candidates = [p.format(i=layer) for p in family.prefix(config, stack)]
+    for prefix in candidates:
+        if any(name.startswith(prefix) for name in names):
+            return prefix
+    return candidates[0]
+
+
 def _rules(family: families.Family, config: dict, layer: MoE) -> list:
     """The family's rules whose jmoe weights this layer has (no shared expert: no shared rules)."""
     return [rule for rule in family.rules(config) if _variable(layer, rule.paths[0]) is not None]
@@ -112,7 +122,7 @@ def load_moe(path, layer: int, *, dtype=None, mesh=None, stack: str | None = Non
     moe = MoE(rngs=nnx.Rngs(0), **kwargs)  # random weights, all replaced below
     moe.eval()
     checkpoint = Checkpoint(folder)
-    prefix = family.prefix(config, stack).format(i=layer)
+    prefix = _prefix(family, config, stack, layer, checkpoint.names())
     for rule in _rules(family, config, moe):
         variables = [_variable(moe, p) for p in rule.paths]
         expected = rule.hub(tuple(variables[0].get_value().shape))
@@ -136,12 +146,13 @@ def load_moe(path, layer: int, *, dtype=None, mesh=None, stack: str | None = Non
 
 
 def export_moe(layer: MoE, layer_index: int, model_type: str, *, config: dict | None = None,
-               stack: str | None = None) -> dict[str, np.ndarray]:
-    """The layer's weights as the family's checkpoint tensors (float32, full hub names)."""
+               stack: str | None = None, names=()) -> dict[str, np.ndarray]:
+    """The layer's weights as the family's checkpoint tensors (float32, full hub names; the
+    prefix the tensor ``names`` of an existing checkpoint use, else the hub's)."""
     family = families.family_of(model_type)
     config = dict(config or {}, model_type=model_type)
     stack = _stack(family, model_type, stack)
-    prefix = family.prefix(config, stack).format(i=layer_index)
+    prefix = _prefix(family, config, stack, layer_index, names)
     out: dict[str, np.ndarray] = {}
     for rule in _rules(family, config, layer):
         values = [np.asarray(jax.device_get(_variable(layer, p).get_value()), np.float32) for p in rule.paths]
@@ -169,9 +180,12 @@ def save_moe(layer: MoE, path, layer_index: int, model_type: str, *, stack: str 
     family = families.family_of(model_type)
     if (folder / "config.json").exists():
         _check_layer(family, config, layer_index, _stack(family, model_type, stack))
-    tensors = export_moe(layer, layer_index, model_type, config=config, stack=stack)
+    checkpoint = None
     if (folder / "model.safetensors").exists() or (folder / "model.safetensors.index.json").exists():
         checkpoint = Checkpoint(folder)
+    tensors = export_moe(layer, layer_index, model_type, config=config, stack=stack,
+                         names=checkpoint.names() if checkpoint else ())
+    if checkpoint is not None:
         for name in tensors:
             kind = checkpoint.quantization(name)
             if kind is not None:

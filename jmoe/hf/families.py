@@ -4,7 +4,9 @@ All family knowledge of jmoe lives here (the layer knows no model names). A fami
 
 * ``moe_kwargs(config)``: the ``jmoe.MoE`` arguments of its MoE block (transformers 5.x
   semantics, checked against transformers' own block outputs in tests/test_hf.py);
-* ``prefix``: where layer i's MoE block lives in the checkpoint;
+* ``prefix``: where layer i's MoE block lives in the checkpoint (the hub's name first, then
+  other names the same weights have been saved under, e.g. Llama 4's text model inside the
+  multimodal one as ``language_model.model.`` or ``model.language_model.``);
 * ``dense_reason(config, i)``: why layer i has no MoE block (a dense FFN), or None;
 * ``rules``: the tensors, each a :class:`Rule` between one jmoe weight and its hub tensor(s).
 
@@ -143,8 +145,8 @@ def need(config: dict, *names):
     return value
 
 
-def activation(config: dict, *, gated: bool, key: str = "hidden_act") -> str:
-    name = config.get(key, "silu")
+def activation(config: dict, *, gated: bool, key: str = "hidden_act", default: str = "silu") -> str:
+    name = config.get(key) or default
     table = GATED_ACTIVATIONS if gated else PLAIN_ACTIVATIONS
     if name not in table:
         raise CheckpointError(f"{config.get('model_type')!r}: {key}={name!r} has no jmoe activation "
@@ -163,7 +165,7 @@ def num_layers(config: dict) -> int:
 class Family:
     model_types: tuple[str, ...]
     moe_kwargs: Callable[[dict], dict]
-    prefix: Callable[[dict, str | None], str]  # (config, stack) -> "model.layers.{i}.mlp."
+    prefix: Callable[[dict, str | None], tuple[str, ...]]  # (config, stack) -> ("model.layers.{i}.mlp.", ...)
     rules: Callable[[dict], list]
     dense_reason: Callable[[dict, int, str | None], str | None] = lambda config, i, stack: None
     layer_count: Callable[[dict, str | None], int] = lambda config, stack: num_layers(config)
@@ -299,7 +301,7 @@ def llama4_rules(c: dict) -> list:
 
 def switch_kwargs(c: dict) -> dict:
     return dict(d_model=need(c, "d_model"), d_ff=need(c, "d_ff"), num_experts=need(c, "num_experts"), k=1,
-                activation=activation(c, gated=False, key="dense_act_fn"), normalize=False,
+                activation=activation(c, gated=False, key="dense_act_fn", default="relu"), normalize=False,
                 router_bias=bool(c.get("router_bias", False)), jitter=float(c.get("router_jitter_noise", 0.0)),
                 capacity_factor=FIXED_CAPACITY_FACTOR, eval_capacity_factor=FIXED_CAPACITY_FACTOR,
                 min_capacity=need(c, "expert_capacity"))
@@ -333,24 +335,26 @@ def switch_rules(c: dict) -> list:
             per_expert("experts.w_out", "experts.expert_{}.wo.weight")]
 
 
-def switch_prefix(c: dict, stack: str) -> str:
-    return "encoder.block.{i}.layer.1.mlp." if stack == "encoder" else "decoder.block.{i}.layer.2.mlp."
+def switch_prefix(c: dict, stack: str) -> tuple[str, ...]:
+    return ("encoder.block.{i}.layer.1.mlp.",) if stack == "encoder" else ("decoder.block.{i}.layer.2.mlp.",)
 
 
-def llama4_prefix(c: dict, stack) -> str:
-    return ("language_model." if c.get("model_type") == "llama4" else "") + "model.layers.{i}.feed_forward."
+def llama4_prefix(c: dict, stack) -> tuple[str, ...]:
+    text, multimodal = "model.layers.{i}.feed_forward.", ("language_model.model.layers.{i}.feed_forward.",
+                                                            "model.language_model.layers.{i}.feed_forward.")
+    return (*multimodal, text) if c.get("model_type") == "llama4" else (text, *multimodal)
 
 
 FAMILIES: dict[str, Family] = {}
 for family in (
-    Family(("mixtral",), mixtral_kwargs, lambda c, s: "model.layers.{i}.block_sparse_moe.",
+    Family(("mixtral",), mixtral_kwargs, lambda c, s: ("model.layers.{i}.block_sparse_moe.",),
            lambda c: [linear("router_weight", "gate.weight"), *gated_experts("w1", "w3", "w2")]),
-    Family(("qwen2_moe", "qwen3_moe"), qwen_kwargs, lambda c, s: "model.layers.{i}.mlp.", qwen_rules,
+    Family(("qwen2_moe", "qwen3_moe"), qwen_kwargs, lambda c, s: ("model.layers.{i}.mlp.",), qwen_rules,
            qwen_dense_reason),
-    Family(("olmoe",), qwen_kwargs, lambda c, s: "model.layers.{i}.mlp.", qwen_rules),
-    Family(("deepseek_v3", "deepseek_v2"), deepseek_kwargs, lambda c, s: "model.layers.{i}.mlp.", deepseek_rules,
+    Family(("olmoe",), qwen_kwargs, lambda c, s: ("model.layers.{i}.mlp.",), qwen_rules),
+    Family(("deepseek_v3", "deepseek_v2"), deepseek_kwargs, lambda c, s: ("model.layers.{i}.mlp.",), deepseek_rules,
            deepseek_dense_reason),
-    Family(("gpt_oss",), gpt_oss_kwargs, lambda c, s: "model.layers.{i}.mlp.", gpt_oss_rules),
+    Family(("gpt_oss",), gpt_oss_kwargs, lambda c, s: ("model.layers.{i}.mlp.",), gpt_oss_rules),
     Family(("llama4", "llama4_text"), llama4_kwargs, llama4_prefix, llama4_rules, llama4_dense_reason,
            lambda c, s: num_layers(llama4_text_config(c)), llama4_text_config),
     Family(("switch_transformers",), switch_kwargs, switch_prefix, switch_rules, switch_dense_reason,
