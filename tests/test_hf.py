@@ -319,3 +319,36 @@ def test_llama4_text_model_under_either_multimodal_prefix(tmp_path):
     save_file(renamed, folder / "model.safetensors")
     info, x, y_ref = record("llama4")
     assert rel_err(run(hf.load_moe(folder, info["layer"]), x)[0], y_ref) <= TOL
+
+
+def test_dequantizers_by_hand():
+    from jmoe.hf.files import dequantize_fp8, dequantize_mxfp4
+    blocks = np.zeros((1, 1, 1, 16), np.uint8)
+    blocks[0, 0, 0, 0] = 0x21  # low nibble: code 1 (0.5), high nibble: code 2 (1.0)
+    blocks[0, 0, 0, 1] = 0xF9  # code 9 (-0.5), code 15 (-6.0)
+    w = dequantize_mxfp4(blocks, np.full((1, 1, 1), 128, np.uint8))  # x 2^(128 - 127)
+    assert w.shape == (1, 32, 1)  # [E, in, out]: blocks run along the input dim, transposed
+    np.testing.assert_array_equal(w[0, :4, 0], [1.0, 2.0, -1.0, -12.0])
+    assert not np.any(w[0, 4:])
+    fp8 = dequantize_fp8(np.ones((200, 130), np.float32), np.array([[1.0, 2.0], [3.0, 4.0]], np.float32), "w")
+    assert (fp8[127, 127], fp8[127, 128], fp8[128, 0], fp8[199, 129]) == (1.0, 2.0, 3.0, 4.0)  # partial last blocks
+    with pytest.raises(hf.CheckpointError, match="needs weight_scale_inv of shape"):
+        dequantize_fp8(np.ones((200, 130), np.float32), np.ones((1, 2), np.float32), "w")
+
+
+def test_switch_router_jitter_is_train_mode_only(tmp_path):
+    folder = copy_with(tmp_path, "switch_transformers", lambda c: c.update(router_jitter_noise=0.01))
+    info, x, y_ref = record("switch_transformers", "encoder")
+    moe = hf.load_moe(folder, info["layer"])
+    assert moe.router.jitter == 0.01
+    assert rel_err(moe(jax.numpy.asarray(x))[0], y_ref) <= TOL  # eval: no jitter
+    moe.train()
+    assert np.all(np.isfinite(moe(jax.numpy.asarray(x))[0]))
+
+
+def test_bfloat16_layer():
+    info, x, y_ref = record("qwen2_moe")
+    moe = load("qwen2_moe", info["layer"], dtype=jax.numpy.bfloat16)
+    assert moe.experts.w_in[...].dtype == jax.numpy.bfloat16 and moe.router_weight[...].dtype == np.float32
+    y, _ = moe(jax.numpy.asarray(x))
+    assert rel_err(np.asarray(y, np.float32), y_ref) < 0.05

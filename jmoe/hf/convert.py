@@ -121,7 +121,7 @@ def load_moe(path, layer: int, *, dtype=None, mesh=None, stack: str | None = Non
     kwargs.update(mesh=mesh, **overrides)
     moe = MoE(rngs=nnx.Rngs(0), **kwargs)  # random weights, all replaced below
     moe.eval()
-    checkpoint = Checkpoint(folder)
+    checkpoint = Checkpoint(folder, config)
     prefix = _prefix(family, config, stack, layer, checkpoint.names())
     for rule in _rules(family, config, moe):
         variables = [_variable(moe, p) for p in rule.paths]

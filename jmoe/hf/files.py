@@ -112,9 +112,12 @@ def read_raw(file: pathlib.Path, name: str) -> np.ndarray:
 class Checkpoint:
     """The folder's tensors by name, read lazily, one file opened at a time."""
 
-    def __init__(self, folder: pathlib.Path):
+    def __init__(self, folder: pathlib.Path, config: dict | None = None):
         self.folder = folder
         self.files = weight_map(folder)
+        quant = (config or {}).get("quantization_config") or (config or {}).get("text_config", {}).get(
+            "quantization_config") or {}
+        self.fp8_block = tuple(quant.get("weight_block_size") or (128, 128))  # DeepSeek-V3's FP8 blocks
 
     def __contains__(self, name: str) -> bool:
         return name in self.files
@@ -150,7 +153,7 @@ class Checkpoint:
             return dequantize_mxfp4(self.raw(f"{name}_blocks"), self.raw(f"{name}_scales"))
         value = self.raw(name).astype(np.float32)
         if f"{name}_scale_inv" in self.files:
-            value = dequantize_fp8(value, self.raw(f"{name}_scale_inv").astype(np.float32), name)
+            value = dequantize_fp8(value, self.raw(f"{name}_scale_inv").astype(np.float32), name, self.fp8_block)
         return value
 
     def quantization(self, name: str) -> str | None:
@@ -175,14 +178,16 @@ def dequantize_mxfp4(blocks: np.ndarray, scales: np.ndarray) -> np.ndarray:
     return np.swapaxes(values, -1, -2).astype(np.float32)
 
 
-def dequantize_fp8(weight: np.ndarray, scale_inv: np.ndarray, name: str) -> np.ndarray:
-    """Block-scaled FP8 (DeepSeek-V3): ``weight [out, in] * scale_inv`` per block; the block size
-    follows from the shapes (128 x 128 in DeepSeek's checkpoints)."""
+def dequantize_fp8(weight: np.ndarray, scale_inv: np.ndarray, name: str, block=(128, 128)) -> np.ndarray:
+    """Block-scaled FP8 (DeepSeek-V3): ``weight [out, in] * scale_inv`` per ``block`` (the config's
+    ``quantization_config.weight_block_size``, 128 x 128 in DeepSeek's checkpoints; the last
+    block of a dim may be partial)."""
     rows, cols = weight.shape[-2:]
-    brows, bcols = scale_inv.shape[-2:]
-    block_r, block_c = math.ceil(rows / brows), math.ceil(cols / bcols)
-    if math.ceil(rows / block_r) != brows or math.ceil(cols / block_c) != bcols:
-        raise CheckpointError(f"{name}: weight {weight.shape} and weight_scale_inv {scale_inv.shape} do not tile")
+    block_r, block_c = (int(b) for b in block)
+    if scale_inv.shape[-2:] != (math.ceil(rows / block_r), math.ceil(cols / block_c)):
+        raise CheckpointError(f"{name}: weight {tuple(weight.shape)} in blocks of {block_r} x {block_c} needs "
+                              f"weight_scale_inv of shape {(math.ceil(rows / block_r), math.ceil(cols / block_c))}, "
+                              f"the checkpoint has {tuple(scale_inv.shape)}")
     scale = np.repeat(np.repeat(scale_inv, block_r, axis=-2), block_c, axis=-1)[..., :rows, :cols]
     return weight * scale
 
