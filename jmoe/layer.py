@@ -168,8 +168,8 @@ class MoE(nnx.Module):
       dropless_exchange: how a dropless layer on a mesh moves rows, a name of
         :data:`jmoe.parallel.DROPLESS_EXCHANGES` (``"auto"``: the platform's choice).
       dropless_buffer_factor: a dropless layer on a mesh: None (the default) sizes
-        each device's receive buffer for the worst case (n x its T_l * k assignments:
-        nothing is ever dropped; the ragged exchange's buffer is [n * T_l * k, d]);
+        each device's receive buffer for the worst case (n x its T_l tokens x min(k, E_l)
+        rows: nothing is ever dropped; the ragged exchange's buffer is [n * T_l * min(k, E_l), d]);
         c >= 1 bounds it to ceil(c * T_l * k) rows (c = 1 holds perfectly balanced
         routing): assignments that don't fit are dropped like capacity drops (each
         (source, local expert) chunk keeps up to a common cap, a source its first

@@ -14,7 +14,7 @@ from flax import nnx
 
 from jmoe import parallel, routing
 from tests.test_parallel import (D_MODEL, _collectives, assert_tree_close, inputs, make_moe, trace_on_mesh,
-                                 values_and_grads)
+                                 value_and_grads, values_and_grads)
 
 
 def skewed(layer, x):
@@ -277,6 +277,36 @@ def test_fit_to_buffer_hand_example():
     assert parallel.receive_buffer_rows(30, 4, 9.0) == 120  # never past the worst case
     with pytest.raises(ValueError, match=">= 1"):
         parallel.receive_buffer_rows(30, 4, 0.5)
+    # A token sends at most min(K, E_l) rows to one device: T_l = 8 tokens, K = 4, n = 4.
+    assert parallel.receive_buffer_rows(32, 4, None, k=4, local_experts=2) == 4 * 8 * 2
+    assert parallel.receive_buffer_rows(32, 4, None, k=4, local_experts=8) == 4 * 8 * 4
+    assert parallel.receive_buffer_rows(32, 4, 1.0, k=4, local_experts=2) == 32
+
+
+@pytest.mark.parametrize("exchange", ["ragged", "padded"])
+def test_worst_case_buffer_min_k_local_experts_is_reached_and_drops_nothing(exchange):
+    """k = 4 > E_l = 2 on a 1 x 4 expert mesh; every token of every device puts its two
+    best experts on device 0 (experts 0, 1): device 0 receives n * T_l * 2 rows, exactly the
+    worst-case buffer n * T_l * min(K, E_l) (half of n * T_l * K). Nothing is dropped and
+    the layer equals one device."""
+    mesh = parallel.make_mesh(data=1, expert=4, devices=jax.devices()[:4])
+    x, _, r = inputs(23, batch=8, seq=8, with_mask=False)
+    options = dict(num_experts=8, k=4, capacity_factor=None, activation="swiglu")
+    ref = make_moe(None, **options)
+    w = 0.2 * jax.random.normal(jax.random.key(24), (D_MODEL, 8))
+    w = w.at[:, 0].add(1.5).at[:, 1].add(1.4)
+    ref.router_weight[...] = w
+    x = x + 1.0  # every token: experts 0 and 1 first
+    expected = value_and_grads(ref, x, None, r)
+    ep = make_moe(mesh, dropless_exchange=exchange, **options)
+    ep.router_weight[...] = w
+    parallel.shard_moe_params(ep, mesh)
+    actual = value_and_grads(ep, x, None, r)
+    assert_tree_close(actual, expected)
+    _, aux, _ = actual
+    assert float(aux["dropped_fraction"]) == 0.0
+    tokens = np.asarray(aux["tokens_per_expert"])
+    assert tokens[0] == tokens[1] == x.shape[0] * x.shape[1]  # device 0: 2 rows from every token
 
 
 def kept_by_buffer(token_expert, token_weight, *, data, expert, num_experts, buffer_rows):

@@ -15,7 +15,7 @@ A dropless layer (``capacity_factor=None``) has no static capacity; per device
       ragged_all_to_all [A, d] -> [R, d]         lands already ordered by (local expert, source)
       grouped matmul over E_l groups
       ragged_all_to_all [R, d] -> [A, d]         results home, in my sorted order; unsort; combine
-    R = n * A (the worst case), or ceil(c * A) with ``dropless_buffer_factor`` c: rows past
+    R = n * T_l * min(K, E_l) (the worst case), or ceil(c * A) with ``dropless_buffer_factor`` c: rows past
     R are dropped and counted in ``dropped_fraction``.
 
 The exchanges are a registry (:data:`DROPLESS_EXCHANGES`): ``"auto"`` is ragged on GPU /
@@ -85,8 +85,9 @@ def dropless_exchange_experts(
     Assignments that do not count (weight 0: padding tokens, GShard's skipped 2nd
     choices) are sorted last and never sent: they take no buffer space or compute.
 
-    The receive buffer: a device computes at most R rows, R = ``n * A`` (the worst case:
-    every source sends it all its rows; nothing can be dropped) or, with
+    The receive buffer: a device computes at most R rows, R = ``n * T_l * min(K, E_l)``
+    (the worst case, :func:`receive_buffer_rows`: every source sends it every token, each
+    with as many rows as it has local experts to take them; nothing can be dropped) or, with
     ``buffer_factor`` c >= 1, R = ceil(c * A) rounded up to a multiple of 8 (c = 1 holds
     perfectly balanced routing). The ragged exchange's receive buffer is then ``[R, d]``
     instead of ``[n * A, d]``. Rows that do not fit are dropped: each (source, expert)
@@ -97,7 +98,7 @@ def dropless_exchange_experts(
       tokens: [T_l, d] (compute dtype); token_expert [T_l, K] int32 (global expert ids);
       token_weight [T_l, K] float32 (0: the assignment does not count).
       params: local expert weights ``w_in [E_l, d, f_l]``, ...
-      buffer_factor: None (R = n * A) or c >= 1 (R = ceil(c * A), rounded up to 8).
+      buffer_factor: None (R = n * T_l * min(K, E_l)) or c >= 1 (R = ceil(c * A), rounded up to 8).
     Returns:
       [T_l, d] in the tokens' dtype, accumulated in float32; and the number of
       assignments the receive buffers dropped (int32 scalar; summed over the devices of
@@ -106,7 +107,7 @@ def dropless_exchange_experts(
     exchange_fn = DROPLESS_EXCHANGES.get(exchange)
     n = expert_size
     e_l = num_experts // n
-    buffer_rows = receive_buffer_rows(token_expert.size, n, buffer_factor)
+    buffer_rows = receive_buffer_rows(token_expert.size, n, buffer_factor, k=token_expert.shape[1], local_experts=e_l)
 
     # 1. route locally: sort my assignments by expert; destination device = e // E_l.
     order, counts, rows, _ = dropless.sort_assignments(tokens, token_expert, token_weight, num_experts)
@@ -169,10 +170,22 @@ def padded_exchange(rows: Array, counts: Array, experts: Callable, expert_axes: 
     return back[dest, pos - send_start[dest]], dropped  # [A, d], expert order
 
 
-def receive_buffer_rows(num_assignments: int, expert_size: int, buffer_factor: float | None) -> int:
-    """R, the rows a device's experts compute per step: ``n * A`` (worst case) without a
-    factor, else ``ceil(c * A)`` rounded up to a multiple of 8, at most ``n * A``."""
-    worst = expert_size * num_assignments
+def receive_buffer_rows(num_assignments: int, expert_size: int, buffer_factor: float | None, *, k: int = 1,
+                        local_experts: int | None = None) -> int:
+    """R, the rows a device's experts compute per step.
+
+    Worst case (no factor): ``n * T_l * min(K, E_l)`` with ``T_l = A / K`` tokens per
+    device: a token's K experts are distinct, so it sends at most ``min(K, E_l)`` rows to
+    one device (E_l local experts; ``local_experts=None``: K), and every one of the n
+    sources may send all its tokens to the same device. With a factor c >= 1:
+    ``ceil(c * A)`` rounded up to a multiple of 8, at most the worst case.
+
+    Group-limited routing (``router="group_limited"`` with the groups on the devices)
+    bounds a token's fan-out, the *number of devices* its rows reach, to ``topk_group``,
+    not this per-device worst case: every token may still pick the same device's group.
+    """
+    tokens = num_assignments // k
+    worst = expert_size * tokens * (k if local_experts is None else min(k, local_experts))
     if buffer_factor is None:
         return worst
     if not (buffer_factor >= 1.0 and math.isfinite(buffer_factor)):
@@ -259,7 +272,7 @@ def ragged_exchange(rows: Array, counts: Array, experts: Callable, expert_axes: 
     the number of my rows the receivers' buffers dropped (int32).
 
     ``counts`` [n, E_l]: my rows per (destination device, local expert). The receive
-    buffer is ``[R, d]``, R = ``buffer_rows`` (``n * A``, the worst case, unless bounded);
+    buffer is ``[R, d]``, R = ``buffer_rows`` (``n * T_l * min(K, E_l)``, the worst case, unless bounded);
     rows past the received total stay zero and fall outside the grouped matmul's groups.
     """
     a, d = rows.shape
