@@ -181,7 +181,9 @@ def lower(cfg: config_lib.Config, mesh):
     data = jax.ShapeDtypeStruct((cfg.batch_size, cfg.seq_len), jnp.int32, sharding=batch_sharding(mesh))
     scalar = jax.ShapeDtypeStruct((), jnp.int32)
     start = time.perf_counter()
-    lowered = s.train_step.lower(params_abs, opt_abs, scalar, data, data, scalar)
+    balance_abs = jax.tree.map(lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh),
+                               s.abstract_balance, s.balance_shardings)
+    lowered = s.train_step.lower(params_abs, opt_abs, balance_abs, scalar, data, data, scalar)
     return s, lowered, time.perf_counter() - start
 
 
@@ -218,19 +220,20 @@ def _memory(compiled) -> dict:
 
 
 def run_steps(compiled, state, inputs, steps: int, start_step: int = 0):
-    params, opt_state = state
+    params, opt_state, balance = state
     metrics = None
     for i in range(steps):
-        params, opt_state, metrics = compiled(params, opt_state, jnp.int32(start_step + i), *inputs, jnp.int32(-1))
-    jax.block_until_ready((params, opt_state, metrics))
-    return (params, opt_state), metrics
+        params, opt_state, balance, metrics = compiled(params, opt_state, balance, jnp.int32(start_step + i), *inputs,
+                                                       jnp.int32(-1))
+    jax.block_until_ready((params, opt_state, balance, metrics))
+    return (params, opt_state, balance), metrics
 
 
 def time_variant(s: build.Setup, compiled, steps: int, profile_steps: int, profile_dir: str | None):
     """Warm up 2 steps, time ``steps`` steps (dispatched back to back, one sync at the end: as train.py
     runs between its log lines), then optionally trace ``profile_steps`` more."""
     params = s.init_fn()[0]
-    state = (params, build.init_opt_state(s, params))
+    state = (params, build.init_opt_state(s, params), s.balance)
     inputs = _inputs(s)
     state, metrics = run_steps(compiled, state, inputs, 2)
     start = time.perf_counter()

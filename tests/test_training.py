@@ -202,7 +202,9 @@ def test_a_choice_that_changes_the_parameter_tree_is_a_model_key():
         params = nnx.state(nnx.eval_shape(lambda: training.build_model(cfg, nnx.Rngs(0))), nnx.Param)
         return jax.tree.map(lambda x: (x.shape, x.dtype), nnx.to_pure_dict(params))
 
-    needs = {("second_expert_policy", "random"): {"k": 2}, ("grouped_matmul", "mosaic"): {"dtype": "bfloat16"}}
+    needs = {("second_expert_policy", "random"): {"k": 2}, ("grouped_matmul", "mosaic"): {"dtype": "bfloat16"},
+             ("score_function", "softmax"): {"router": "group_limited"},
+             ("group_score", "max"): {"router": "group_limited", "n_group": 2, "topk_group": 1}}
     want = tree(base)
     changing = set()
     for f in dataclasses.fields(config_lib.Config):

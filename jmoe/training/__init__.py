@@ -1,21 +1,27 @@
 """Training: mesh, optimizer, the jit-compiled train / eval steps, checkpoints, logging, plots.
 
-The train state is two plain pytrees of arrays: ``params`` (the model's
-``nnx.Param`` values as a nested dict, ``nnx.to_pure_dict(nnx.state(model, nnx.Param))``)
-and the optax ``opt_state`` over them. The model is rebuilt inside each step
-with ``nnx.merge(graphdef, params, rngs)``; the non-parameter state (the MoE
-layers' router RNG streams) is not carried between steps: step ``i`` uses the
-initial keys folded with ``i``, so a step's randomness depends only on
+The train state is three plain pytrees of arrays: ``params`` (the model's
+``nnx.Param`` values as a nested dict, ``nnx.to_pure_dict(nnx.state(model, nnx.Param))``),
+the optax ``opt_state`` over them, and ``balance``: the MoE layers' selection biases
+(:class:`jmoe.SelectionBias`, ``selection_bias=1``; ``{}`` when the model has none), state that
+the optimizer never sees and no gradient reaches. The model is rebuilt inside each step
+with ``nnx.merge(graphdef, params, balance, rngs)``; the step returns the biases moved by
+aux-loss-free balancing (``b_e += bias_update_rate * sign(mean load - load_e)``, the load over
+that step's global batch, every device: :func:`jmoe.update_selection_biases`). The rest of the
+non-parameter state (the router RNG streams, the layers' load counters) is not carried between
+steps: step ``i`` uses the initial keys folded with ``i``, so a step's randomness depends only on
 ``(seed, i)`` and a resumed run repeats an uninterrupted one exactly.
 
 Checkpoints (orbax, one directory per step under ``<out_dir>/checkpoints``)
-hold three items: ``params`` and ``opt_state`` flattened to ``{"path": array}``
-dicts, and the run's ``config`` as JSON. Orbax writes a step to a temporary
+hold ``params`` and ``opt_state`` flattened to ``{"path": array}``
+dicts, the run's ``config`` as JSON, and ``balance`` (flattened) when the model has selection biases. Orbax writes a step to a temporary
 directory and renames it when complete, so a run killed mid-save leaves the
 previous checkpoint loadable. They are restored with the target shardings of
 the current mesh, so a checkpoint moves between meshes.
 
-Loss: ``lm + lb_weight * sum_layers(load_balancing) + z_weight * sum_layers(z_loss)`` (plus the
+Loss: ``lm + lb_weight * sum_layers(<lb_loss>) + z_weight * sum_layers(z_loss)``, ``lb_loss`` one of
+Switch's ``load_balancing_loss`` (per routing group), DeepSeek-V3's ``sequence_balance_loss`` or the
+``global_load_balancing_loss`` (f and P over the whole global batch) (plus the
 noisy top-k router's own weighted losses, see :func:`jmoe.training.model.total_loss`); bits per byte
 ``= lm / ln 2`` (one token is one byte).
 

@@ -1,9 +1,14 @@
 """What a run is built from: the model, the optimizer and its schedule, and the :class:`Setup` holding the
 model's graph, the shardings and the jit-compiled train / eval / next-logits steps (cached per config and mesh).
 
-The model is rebuilt inside each step with ``nnx.merge(graphdef, params, rngs)``; the non-parameter
-state (the MoE layers' router RNG streams) is not carried between steps: step ``i`` uses the initial keys
-folded with ``i`` (:func:`fold_rngs`).
+The model is rebuilt inside each step with ``nnx.merge(graphdef, params, balance, rngs)``. ``balance`` is
+the MoE layers' selection biases (:class:`jmoe.SelectionBias`, ``selection_bias=1``): state, not
+parameters, carried from step to step beside ``params`` and never seen by the optimizer; the train step
+returns them updated by aux-loss-free balancing (:func:`jmoe.update_selection_biases` with
+``bias_update_rate``, from the load that step's forward counted over its global batch). ``{}`` when the
+model has none. The rest of the non-parameter state (the router RNG streams, the layers' load counters,
+zero at the start of every step) is not carried between steps: step ``i`` uses the initial keys folded
+with ``i`` (:func:`fold_rngs`).
 """
 
 from __future__ import annotations
@@ -17,6 +22,8 @@ import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
+
+import jmoe
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from jmoe.training import data as data_lib
@@ -37,6 +44,7 @@ def build_model(cfg: Config, rngs: nnx.Rngs, mesh=None) -> model_lib.LM:
         second_expert_policy=cfg.second_expert_policy, router=cfg.router, dispatch=cfg.dispatch, jitter=cfg.jitter,
         group_size=cfg.group_size or None, grouped_matmul=cfg.grouped_matmul, dropless_exchange=cfg.dropless_exchange,
         dropless_buffer_factor=cfg.dropless_buffer_factor or None,
+        shared_d_ff=cfg.shared_d_ff or None, shared_gate=bool(cfg.shared_gate), **cfg.moe_router_kwargs(),
     )
     if mesh is not None and runs_expert_parallel(mesh):
         moe_kwargs["mesh"] = mesh
@@ -74,9 +82,12 @@ class Setup:
     mesh: jax.sharding.Mesh
     graphdef: Any  # train mode
     eval_graphdef: Any  # eval mode (eval capacity factor, no jitter)
-    rngs_state: Any  # the router RNG streams' initial state (replicated)
+    rngs_state: Any  # the rest of the non-parameter state, initial values (router RNG streams, load counters)
     abstract_params: dict
     param_shardings: dict
+    abstract_balance: dict  # the selection biases' shapes ({} when the model has none)
+    balance_shardings: dict  # replicated
+    balance: dict  # selection biases evaluate / sample use when given none: the initial ones (or a restored run's)
     opt_shardings: Any  # the optax state's shardings (moments follow their parameter)
     tx: optax.GradientTransformation
     num_params: int
@@ -90,7 +101,8 @@ class Setup:
 
 def setup(cfg: Config, mesh) -> tuple[Setup, dict]:
     """The :class:`Setup` of ``cfg`` on ``mesh`` (cached, with its jitted functions) and the
-    initial params, initialised directly with their shardings."""
+    initial params, initialised directly with their shardings (the initial selection biases are
+    ``s.balance``)."""
     s = cached_setup(cfg, mesh)
     return s, s.init_fn()[0]
 
@@ -112,21 +124,26 @@ def _cached_setup(cfg: Config, mesh) -> Setup:
     second run of the same config in one process (a resumed run, an evaluation) compiles nothing."""
     def init():
         model = build_model(cfg, nnx.Rngs(params=cfg.seed, router=cfg.seed + 1), mesh)
-        _, params, rest = nnx.split(model, nnx.Param, ...)
-        return nnx.to_pure_dict(params), rest
+        _, params, balance, rest = nnx.split(model, nnx.Param, jmoe.SelectionBias, ...)
+        return nnx.to_pure_dict(params), nnx.to_pure_dict(balance), rest
 
     abstract_model = nnx.eval_shape(lambda: build_model(cfg, nnx.Rngs(params=cfg.seed, router=cfg.seed + 1), mesh))
-    graphdef, abstract_state, _ = nnx.split(abstract_model, nnx.Param, ...)
+    graphdef, abstract_state, abstract_balance, _ = nnx.split(abstract_model, nnx.Param, jmoe.SelectionBias, ...)
     abstract_model.eval()
-    eval_graphdef = nnx.split(abstract_model, nnx.Param, ...)[0]
+    eval_graphdef = nnx.split(abstract_model, nnx.Param, jmoe.SelectionBias, ...)[0]
     abstract_model.train()
     abstract_params = nnx.to_pure_dict(abstract_state)
+    abstract_balance = nnx.to_pure_dict(abstract_balance)
     shardings = param_shardings(mesh, abstract_params)
-    init_fn = jax.jit(init, out_shardings=(shardings, NamedSharding(mesh, P())))
+    repl = NamedSharding(mesh, P())
+    balance_shardings = jax.tree.map(lambda _: repl, abstract_balance)
+    init_fn = jax.jit(init, out_shardings=(shardings, balance_shardings, repl))
+    _, balance, rngs_state = init_fn()
     tx = make_optimizer(cfg)
     s = Setup(
-        cfg=cfg, mesh=mesh, graphdef=graphdef, eval_graphdef=eval_graphdef, rngs_state=init_fn()[1],
-        abstract_params=abstract_params, param_shardings=shardings,
+        cfg=cfg, mesh=mesh, graphdef=graphdef, eval_graphdef=eval_graphdef, rngs_state=rngs_state,
+        abstract_params=abstract_params, param_shardings=shardings, abstract_balance=abstract_balance,
+        balance_shardings=balance_shardings, balance=balance,
         opt_shardings=opt_state_shardings(mesh, tx, abstract_params, shardings), tx=tx,
         num_params=model_lib.count_params(abstract_model),
         active_params=model_lib.active_params_per_token(abstract_model),
@@ -159,65 +176,80 @@ def fold_rngs(rngs_state, step: Array):
 
 
 def make_train_step(s: Setup) -> Callable:
-    """``step_fn(params, opt_state, step, inputs, targets, nan_at_step) -> (params, opt_state, metrics)``,
-    jitted. ``step`` is the 0-based step index (it folds the RNGs and sets the lr); the log numbers that step
-    ``step + 1`` (the steps done). ``nan_at_step`` (a debug hook for the non-finite-loss path) is a step number
-    as logged: the loss of the step logged as ``nan_at_step`` is NaN; -1 never.
+    """``step_fn(params, opt_state, balance, step, inputs, targets, nan_at_step) -> (params, opt_state, balance,
+    metrics)``, jitted. ``balance`` is the selection biases (``{}`` when the model has none): the returned ones
+    are ``b + bias_update_rate * sign(mean(load) - load)`` per MoE layer (:func:`jmoe.update_selection_biases`),
+    ``load`` what that layer kept over this step's global batch; they never reach the optimizer and no gradient
+    reaches them. ``step`` is the 0-based step index (it folds the RNGs and sets the lr); the log numbers that
+    step ``step + 1`` (the steps done). ``nan_at_step`` (a debug hook for the non-finite-loss path) is a step
+    number as logged: the loss of the step logged as ``nan_at_step`` is NaN; -1 never.
 
-    Metrics (device arrays): ``loss`` (total), ``lm_loss``, ``bits_per_byte``,
-    ``load_balancing_loss`` and ``z_loss`` (summed over layers), ``grad_norm``,
-    ``lr``, and per MoE layer ``dropped_fraction`` [L], ``padding_fraction`` [L],
-    ``router_entropy`` [L], ``tokens_per_expert`` [L, E].
+    Metrics (device arrays): ``loss`` (total), ``lm_loss``, ``bits_per_byte``, the aux losses summed over
+    layers (``load_balancing_loss``, ``z_loss``, ``sequence_balance_loss``, ``global_load_balancing_loss``,
+    the routers' own), ``grad_norm``, ``lr``, and per MoE layer ``dropped_fraction`` [L],
+    ``padding_fraction`` [L], ``router_entropy`` [L], ``tokens_per_expert`` [L, E], ``load_max_over_mean``
+    [L] (max_e / mean_e of tokens_per_expert); with selection biases also ``selection_bias`` [L, E] (the
+    biases this step chose with, before its update).
     """
     cfg, schedule = s.cfg, make_schedule(s.cfg)
 
-    def loss_fn(params, rngs_state, step, inputs, targets, nan_at_step):
-        model = nnx.merge(s.graphdef, params, fold_rngs(rngs_state, step))
-        logits, aux = model(inputs)  # [B, S, V]
+    def loss_fn(params, balance, rngs_state, step, inputs, targets, nan_at_step):
+        model = nnx.merge(s.graphdef, params, balance, fold_rngs(rngs_state, step))
+        logits, aux = model(inputs)  # [B, S, V]; train mode: each MoE layer counts its load (expert_load)
         lm = model_lib.lm_loss(logits, targets)
-        loss = model_lib.total_loss(lm, aux, cfg.lb_weight, cfg.z_weight)
+        loss = model_lib.total_loss(lm, aux, cfg.lb_weight, cfg.z_weight, cfg.lb_loss)
         loss = loss * jnp.where(step + 1 == nan_at_step, jnp.nan, 1.0)  # step + 1: the logged number
-        return loss, (lm, aux)
+        # The bias update depends only on the biases and this step's load (integer counts: no gradient), so it
+        # is the same here as after the optimizer step; as aux it is outside the differentiated output.
+        jmoe.update_selection_biases(model, cfg.bias_update_rate)
+        return loss, (lm, aux, nnx.to_pure_dict(nnx.state(model, jmoe.SelectionBias)))
 
-    def step_fn(params, opt_state, step, inputs, targets, nan_at_step):
-        (loss, (lm, aux)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-            params, s.rngs_state, step, inputs, targets, nan_at_step
+    def step_fn(params, opt_state, balance, step, inputs, targets, nan_at_step):
+        (loss, (lm, aux, new_balance)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+            params, balance, s.rngs_state, step, inputs, targets, nan_at_step
         )
         updates, opt_state = s.tx.update(grads, opt_state, params)
         params = optax.apply_updates(params, updates)
+        tpe = aux["tokens_per_expert"]  # [L, E]; [0, 0] for the dense baseline
+        load_ratio = (jnp.max(tpe, axis=-1) / jnp.maximum(jnp.mean(tpe, axis=-1), 1e-9) if tpe.size
+                      else jnp.zeros((tpe.shape[0],), jnp.float32))
         metrics = {
             "loss": loss, "lm_loss": lm, "bits_per_byte": lm / LN2,
             "grad_norm": global_norm(grads), "lr": schedule(step),
             **{name: aux[name] for name in model_lib.AUX_LOSSES + model_lib.LAYER_METRICS},
+            "load_max_over_mean": load_ratio,
         }
-        return params, opt_state, metrics
+        if balance:
+            metrics["selection_bias"] = jnp.stack(jax.tree.leaves(balance))  # [L, E], in layer order
+        return params, opt_state, new_balance, metrics
 
     repl = NamedSharding(s.mesh, P())
     data = batch_sharding(s.mesh)
     return jax.jit(
         step_fn,
-        in_shardings=(s.param_shardings, s.opt_shardings, repl, data, data, repl),
-        out_shardings=(s.param_shardings, s.opt_shardings, repl),
-        donate_argnums=(0, 1),
+        in_shardings=(s.param_shardings, s.opt_shardings, s.balance_shardings, repl, data, data, repl),
+        out_shardings=(s.param_shardings, s.opt_shardings, s.balance_shardings, repl),
+        donate_argnums=(0, 1),  # not the biases: the Setup keeps the initial ones (tiny anyway)
     )
 
 
 def make_eval_step(s: Setup) -> Callable:
-    """``eval_fn(params, inputs, targets) -> {lm_loss, dropped_fraction [L]}`` in eval mode, jitted."""
-    def eval_fn(params, inputs, targets):
-        model = nnx.merge(s.eval_graphdef, params, s.rngs_state)
+    """``eval_fn(params, balance, inputs, targets) -> {lm_loss, dropped_fraction [L]}`` in eval mode, jitted."""
+    def eval_fn(params, balance, inputs, targets):
+        model = nnx.merge(s.eval_graphdef, params, balance, s.rngs_state)
         logits, aux = model(inputs)
         return {"lm_loss": model_lib.lm_loss(logits, targets), "dropped_fraction": aux["dropped_fraction"]}
 
     data = batch_sharding(s.mesh)
-    return jax.jit(eval_fn, in_shardings=(s.param_shardings, data, data), out_shardings=NamedSharding(s.mesh, P()))
+    return jax.jit(eval_fn, in_shardings=(s.param_shardings, s.balance_shardings, data, data),
+                   out_shardings=NamedSharding(s.mesh, P()))
 
 
 def make_next_logits(s: Setup) -> Callable:
-    """``next_logits(params, window [1, S] int32, last) -> [V]``: eval-mode logits at position
+    """``next_logits(params, balance, window [1, S] int32, last) -> [V]``: eval-mode logits at position
     ``last``; positions after ``last`` are padding (masked out of the MoE routing)."""
-    def next_logits(params, window, last):
-        model = nnx.merge(s.eval_graphdef, params, s.rngs_state)
+    def next_logits(params, balance, window, last):
+        model = nnx.merge(s.eval_graphdef, params, balance, s.rngs_state)
         mask = jnp.arange(window.shape[1])[None, :] <= last  # [1, S]
         logits, _ = model(window, mask)  # [1, S, V]
         return logits[0, last]  # [V]

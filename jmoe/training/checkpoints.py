@@ -1,7 +1,8 @@
 """Checkpoints: orbax, one directory per step under ``<out_dir>/checkpoints``.
 
-A checkpoint holds three items: ``params`` and ``opt_state`` flattened to ``{"path": array}``
-dicts, and the run's ``config`` as JSON. Orbax writes a step to a temporary
+A checkpoint holds ``params`` and ``opt_state`` flattened to ``{"path": array}`` dicts, the run's
+``config`` as JSON, and, for a model with selection biases (``selection_bias=1``), ``balance``: the
+MoE layers' biases, flattened likewise (state carried beside the parameters, never in the optimizer). Orbax writes a step to a temporary
 directory and renames it when complete, so a run killed mid-save leaves the
 previous checkpoint loadable. They are restored with the target shardings of
 the current mesh, so a checkpoint moves between meshes. A checkpoint restores only into a config
@@ -28,36 +29,49 @@ def checkpoint_manager(out_dir: str, keep: int = 2) -> ocp.CheckpointManager:
     return ocp.CheckpointManager(
         os.path.abspath(os.path.join(out_dir, "checkpoints")),
         options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, cleanup_tmp_directories=True),
-        item_names=("params", "opt_state", "config"),
+        item_names=("params", "opt_state", "config", "balance"),
     )
 
 
-def save_checkpoint(mgr: ocp.CheckpointManager, step: int, params, opt_state, cfg: Config) -> None:
-    """Save (asynchronously) ``step``; every process calls this, orbax coordinates the writes."""
-    mgr.save(step, args=ocp.args.Composite(
-        params=ocp.args.StandardSave(flatten(params)),
-        opt_state=ocp.args.StandardSave(flatten(opt_state)),
-        config=ocp.args.JsonSave(cfg.to_dict()),
-    ))
+def save_checkpoint(mgr: ocp.CheckpointManager, step: int, params, opt_state, cfg: Config,
+                    balance: dict | None = None) -> None:
+    """Save (asynchronously) ``step``; every process calls this, orbax coordinates the writes. ``balance``
+    (the selection biases) is saved when the model has any."""
+    items = dict(params=ocp.args.StandardSave(flatten(params)), opt_state=ocp.args.StandardSave(flatten(opt_state)),
+                 config=ocp.args.JsonSave(cfg.to_dict()))
+    if balance:
+        items["balance"] = ocp.args.StandardSave(flatten(balance))
+    mgr.save(step, args=ocp.args.Composite(**items))
 
 
 def read_checkpoint_config(mgr: ocp.CheckpointManager, step: int) -> dict:
     return mgr.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
 
 
-def restore_checkpoint(mgr: ocp.CheckpointManager, step: int, params_target, opt_state_target=None):
+def restore_checkpoint(mgr: ocp.CheckpointManager, step: int, params_target, opt_state_target=None,
+                       balance_target: dict | None = None):
     """Restore ``step`` onto the shardings of the targets (arrays or ShapeDtypeStructs with shardings).
 
-    ``opt_state_target=None`` restores the params only (for sampling / evaluation).
-    """
+    ``opt_state_target=None`` restores the params only (for sampling / evaluation). Returns ``(params,
+    opt_state)``, or ``(params, opt_state, balance)`` when ``balance_target`` (the selection biases) is given
+    (``{}``: the model has none; then ``{}`` comes back). A checkpoint without the biases a non-empty target
+    asks for is an :class:`IncompatibleCheckpointError` (not corruption)."""
     items = {"params": ocp.args.StandardRestore(flatten(params_target))}
     if opt_state_target is not None:
         items["opt_state"] = ocp.args.StandardRestore(flatten(opt_state_target))
+    if balance_target:
+        if not os.path.isdir(os.path.join(str(mgr.directory), str(step), "balance")):
+            raise IncompatibleCheckpointError(
+                f"checkpoint step {step} in {mgr.directory} holds no selection biases but this model has them "
+                f"(selection_bias=1): it was saved by a model without them, or by a version before they were "
+                f"checkpointed; use another out_dir or selection_bias=0")
+        items["balance"] = ocp.args.StandardRestore(flatten(balance_target))
     out = mgr.restore(step, args=ocp.args.Composite(**items))
     params = unflatten_like(params_target, out["params"])
-    if opt_state_target is None:
-        return params, None
-    return params, unflatten_like(opt_state_target, out["opt_state"])
+    opt_state = None if opt_state_target is None else unflatten_like(opt_state_target, out["opt_state"])
+    if balance_target is None:
+        return params, opt_state
+    return params, opt_state, unflatten_like(balance_target, out["balance"]) if balance_target else {}
 
 
 class IncompatibleCheckpointError(ValueError):
@@ -66,7 +80,9 @@ class IncompatibleCheckpointError(ValueError):
 
 def check_compatible(saved: dict, cfg: Config) -> None:
     """A checkpoint restores only into a model with the same parameter-defining keys."""
-    diff = {k: (saved.get(k), getattr(cfg, k)) for k in MODEL_KEYS if saved.get(k) != getattr(cfg, k)}
+    defaults = Config()  # a key the saved config lacks was saved before it existed: the model had its default
+    saved = {k: saved.get(k, getattr(defaults, k)) for k in MODEL_KEYS}
+    diff = {k: (saved[k], getattr(cfg, k)) for k in MODEL_KEYS if saved[k] != getattr(cfg, k)}
     if diff:
         raise IncompatibleCheckpointError(
             "the checkpoint's model differs from this config (saved, requested): "

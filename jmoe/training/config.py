@@ -29,11 +29,23 @@ from jmoe.parallel.dropless_exchange import NAMES as DROPLESS_EXCHANGE_NAMES
 from jmoe.routing import DEFAULT_ROUTER
 from jmoe.routing import NAMES as ROUTER_NAMES
 from jmoe.routing import PRIORITIES, SECOND_EXPERT_POLICIES
+from jmoe.routing.group_limited import GROUP_SCORES, SCORE_FUNCTIONS
 
-CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "configs")
 
 _POS = (1, None)  # integer >= 1
 _NONNEG = (0, None)
+_FLAG = (0, 1)  # 0 = off, 1 = on
+
+# What lb_weight multiplies (each summed over the MoE layers; see jmoe.training.model.total_loss):
+#   load_balancing_loss         Switch's E * sum_e f_e P_e per routing group (a sequence by default), mean over groups
+#   sequence_balance_loss       DeepSeek-V3's sequence-wise balance loss (= load_balancing_loss / k)
+#   global_load_balancing_loss  E * sum_e f_e P_e with f and P over the step's whole global batch (every device)
+BALANCE_LOSSES = ("load_balancing_loss", "sequence_balance_loss", "global_load_balancing_loss")
+
+# group_limited router options and the values at which they are off (any other router needs these)
+GROUP_LIMITED_DEFAULTS = dict(score_function="sigmoid", n_group=1, topk_group=1, group_score="top2_sum",
+                              routed_scaling_factor=1.0, selection_bias=0)
 
 
 # What changing a key does; every field names its role in its metadata (one of):
@@ -93,7 +105,37 @@ class Config:
                             choices=ATTENTION_IMPLS)
     embedding: str = _field("gather", "token embedding: a row gather, or a one-hot matmul (same values; float32 "
                                       "backward)", role="compile", choices=EMBEDDINGS)
-    lb_weight: float = _field(0.01, "weight of the summed load-balancing loss", role="compile", range=(0.0, None))
+    score_function: str = _field("sigmoid", "group_limited: router scores, sigmoid (DeepSeek-V3) or softmax "
+                                            "(DeepSeek-V2)", role="model", choices=SCORE_FUNCTIONS)
+    n_group: int = _field(1, "group_limited: the experts form n_group equal groups (must divide num_experts)",
+                          role="compile", range=_POS)
+    topk_group: int = _field(1, "group_limited: a token's experts come from its topk_group best groups (<= n_group)",
+                             role="compile", range=_POS)
+    group_score: str = _field("top2_sum", "group_limited: a group's score, the sum of its 2 best (DeepSeek-V3) or "
+                                          "its best (DeepSeek-V2) biased scores", role="compile", choices=GROUP_SCORES)
+    routed_scaling_factor: float = _field(1.0, "group_limited: combine weights x this", role="compile",
+                                          range=(1e-6, None))
+    normalize: int = _field(0, "1 = combine weights renormalised over the k chosen (norm_topk_prob; tokens_choose "
+                               "and group_limited)", role="compile", range=_FLAG)
+    selection_bias: int = _field(0, "group_limited: 1 = a selection bias b [E] per MoE layer (state, not a "
+                                    "parameter): experts are chosen on score + b (aux-loss-free balancing)",
+                                 role="model", range=_FLAG)
+    bias_update_rate: float = _field(0.0, "aux-loss-free balancing: after each step b_e += rate * sign(mean load - "
+                                          "load_e), the load over the step's global batch (gamma; 0 = off; needs "
+                                          "selection_bias=1)", role="compile", range=(0.0, None))
+    router_bias: int = _field(0, "1 = a trained router bias, logits = x W_r + b_r (GPT-OSS)", role="model",
+                              range=_FLAG)
+    scale_expert_input: int = _field(0, "1 = the expert weight scales the expert's input (Llama 4; needs k=1)",
+                                     role="compile", range=_FLAG)
+    shared_d_ff: int = _field(0, "hidden width of a shared expert every token goes through (DeepSeek, "
+                                 "Qwen2-MoE); 0 = none", role="model", range=_NONNEG)
+    shared_gate: int = _field(0, "1 = the shared expert scaled by sigmoid(x w_g) per token (Qwen2-MoE; needs "
+                                 "shared_d_ff)", role="model", range=_FLAG)
+    lb_weight: float = _field(0.01, "weight of the summed balance loss named by lb_loss", role="compile",
+                              range=(0.0, None))
+    lb_loss: str = _field("load_balancing_loss", "the balance loss lb_weight multiplies: Switch's per group, "
+                                                 "DeepSeek-V3's sequence-wise (= Switch's / k) or the global-batch "
+                                                 "one", role="compile", choices=BALANCE_LOSSES)
     z_weight: float = _field(0.001, "weight of the summed router z-loss", role="compile", range=(0.0, None))
     # --- data --------------------------------------------------------------
     data: str = _field("", "text file or directory; empty = the Python standard library sources", role="run")
@@ -148,6 +190,40 @@ class Config:
         if self.dropless_buffer_factor and not (self.dropless and self.dropless_buffer_factor >= 1.0):
             raise ValueError(f"dropless_buffer_factor={self.dropless_buffer_factor} needs dropless=1 and a value "
                              f">= 1 (0 = the worst-case buffer)")
+        self._check_router_options()
+
+    def _check_router_options(self) -> None:
+        if self.router != "group_limited":
+            on = [f"{k}={getattr(self, k)!r}" for k, off in GROUP_LIMITED_DEFAULTS.items() if getattr(self, k) != off]
+            if on:
+                raise ValueError(f"{', '.join(on)} need router=group_limited, got router={self.router!r}")
+        elif self.num_experts:
+            if self.num_experts % self.n_group:
+                raise ValueError(f"n_group={self.n_group} must divide num_experts={self.num_experts}")
+            if self.topk_group > self.n_group:
+                raise ValueError(f"topk_group={self.topk_group} must be <= n_group={self.n_group}")
+            if self.k > self.topk_group * (self.num_experts // self.n_group):
+                raise ValueError(f"k={self.k} experts cannot come from topk_group={self.topk_group} groups of "
+                                 f"{self.num_experts // self.n_group} experts")
+        if self.bias_update_rate and not self.selection_bias:
+            raise ValueError(f"bias_update_rate={self.bias_update_rate} updates the selection biases: it needs "
+                             f"selection_bias=1 (and router=group_limited)")
+        if self.shared_gate and not self.shared_d_ff:
+            raise ValueError("shared_gate=1 gates the shared expert: it needs shared_d_ff >= 1")
+        if self.scale_expert_input and self.k != 1:
+            raise ValueError(f"scale_expert_input=1 needs k=1, got k={self.k}")
+
+    def moe_router_kwargs(self) -> dict[str, Any]:
+        """The router options :class:`jmoe.MoE` takes from this config (the group_limited ones only for
+        that router; the others at their defaults are left to the layer)."""
+        out: dict[str, Any] = {"router_bias": bool(self.router_bias), "scale_expert_input": bool(self.scale_expert_input)}
+        if self.normalize:
+            out["normalize"] = True
+        if self.router == "group_limited":
+            out.update(score_function=self.score_function, n_group=self.n_group, topk_group=self.topk_group,
+                       group_score=self.group_score, routed_scaling_factor=self.routed_scaling_factor,
+                       selection_bias=bool(self.selection_bias))
+        return out
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -1,7 +1,7 @@
 """The training loop (:func:`train`: resume, step, log, evaluate, checkpoint, stop on a non-finite loss) and
 the evaluation over the validation set.
 
-Loss: ``lm + lb_weight * sum_layers(load_balancing) + z_weight * sum_layers(z_loss)`` (plus the
+Loss: ``lm + lb_weight * sum_layers(<lb_loss>) + z_weight * sum_layers(z_loss)`` (plus the
 noisy top-k router's own weighted losses, see :func:`jmoe.training.model.total_loss`); bits per byte
 ``= lm / ln 2`` (one token is one byte).
 """
@@ -45,14 +45,16 @@ def global_batch(s: Setup, local: tuple[np.ndarray, np.ndarray]) -> tuple[Array,
     return tuple(jax.make_array_from_process_local_data(sharding, x, shape) for x in local)
 
 
-def evaluate(s: Setup, params, val: np.ndarray) -> dict[str, Any]:
-    """Mean validation loss over ``eval_batches`` fixed batches; ``val_bpb = val_loss / ln 2``."""
+def evaluate(s: Setup, params, val: np.ndarray, balance: dict | None = None) -> dict[str, Any]:
+    """Mean validation loss over ``eval_batches`` fixed batches; ``val_bpb = val_loss / ln 2``. ``balance``: the
+    selection biases (default ``s.balance``: the initial ones, or those :func:`load_for_inference` restored)."""
     cfg = s.cfg
+    balance = s.balance if balance is None else balance
     losses, drops = [], []
     for i in range(cfg.eval_batches):
         local = data_lib.val_batch(val, i, cfg.eval_batches, cfg.batch_size, cfg.seq_len,
                                    jax.process_index(), jax.process_count())
-        out = s.eval_step(params, *global_batch(s, local))
+        out = s.eval_step(params, balance, *global_batch(s, local))
         losses.append(out["lm_loss"])
         drops.append(out["dropped_fraction"])
     losses, drops = jax.device_get((losses, drops))
@@ -131,9 +133,9 @@ class _Run:
     stop: StopOnSigint  # Ctrl-C: stop after the current step
     evals: list[dict] = dataclasses.field(default_factory=list)  # evaluations after step 0
 
-    def evaluate(self, params, step: int) -> dict[str, Any]:
+    def evaluate(self, params, balance, step: int) -> dict[str, Any]:
         """:func:`evaluate` at ``step``, logged and printed."""
-        ev = evaluate(self.s, params, self.corpus.val)
+        ev = evaluate(self.s, params, self.corpus.val, balance)
         self.log.write({"kind": "eval", "step": step, **ev})
         self.say(f"step {step:>6} | val loss {ev['val_loss']:.4f} | val bpb {ev['val_bpb']:.3f}")
         return ev
@@ -155,46 +157,54 @@ def _open_log(s: Setup, corpus: data_lib.Corpus, out_dir: str, start: int, is_ma
     return log
 
 
-def _run_steps(run: _Run, params, opt_state, start: int, stop_after: int | None) -> tuple[Any, int]:
+def _run_steps(run: _Run, params, opt_state, balance, start: int, stop_after: int | None) -> tuple[Any, Any, int]:
     """Steps ``start + 1 ..`` to ``steps`` (or ``stop_after``): flush / print every ``log_every``, evaluate
     every ``eval_every``, save every ``ckpt_every`` (and at the end); stop early after ``stop_after`` or a Ctrl-C
-    (``run.stop``). Returns the params and the last saved step."""
+    (``run.stop``). Returns the params, the selection biases and the last saved step."""
     s, cfg = run.s, run.s.cfg
     last_good = start
     for i in range(start, cfg.steps):
         local = data_lib.train_batch(run.corpus.train, cfg.seed, i, cfg.batch_size, cfg.seq_len,
                                      jax.process_index(), jax.process_count())
-        params, opt_state, metrics = s.train_step(params, opt_state, jnp.int32(i), *global_batch(s, local),
-                                                  jnp.int32(cfg.nan_at_step))
+        params, opt_state, balance, metrics = s.train_step(params, opt_state, balance, jnp.int32(i),
+                                                           *global_batch(s, local), jnp.int32(cfg.nan_at_step))
         done = i + 1
         first = run.metrics.add(done, metrics)
         at_eval = done % cfg.eval_every == 0 or done == cfg.steps
         at_ckpt = done % cfg.ckpt_every == 0 or done == cfg.steps
         if first or done % cfg.log_every == 0 or at_eval or at_ckpt:
             rec = run.metrics.flush()  # the first flush (after compilation) starts the tokens/s clock
-            run.say(progress_line(done, cfg.steps, rec))
+            run.say(_progress(done, cfg.steps, rec))
         if at_eval:
-            run.evals.append({"step": done, **run.evaluate(params, done)})
+            run.evals.append({"step": done, **run.evaluate(params, balance, done)})
         if at_ckpt:
-            save_checkpoint(run.mgr, done, params, opt_state, cfg)
+            save_checkpoint(run.mgr, done, params, opt_state, cfg, balance)
             last_good = done
         if at_eval or at_ckpt:
             run.metrics.restart_clock()  # leave evaluation and saving out of tokens/s
         if (stop_after is not None and done >= stop_after) or run.stop.requested:
             break
-    return params, last_good
+    return params, balance, last_good
 
 
-def _resume(mgr: ocp.CheckpointManager, cfg: Config, params, opt_state, say, warn) -> tuple[int, Any, Any]:
-    """``(start, params, opt_state)`` from the newest checkpoint that restores (a corrupt newer one is reported
-    and set aside), or ``(0, params, opt_state)`` unchanged when none does."""
+def _progress(step: int, total: int, rec: dict) -> str:
+    """The progress line, with the worst MoE layer's load max / mean when the model has MoE layers."""
+    line = progress_line(step, total, rec)
+    ratios = rec.get("load_max_over_mean") or []
+    return f"{line} | load max/mean {max(ratios):.2f}" if ratios else line
+
+
+def _resume(mgr: ocp.CheckpointManager, cfg: Config, params, opt_state, balance, say,
+            warn) -> tuple[int, Any, Any, Any]:
+    """``(start, params, opt_state, balance)`` from the newest checkpoint that restores (a corrupt newer one is
+    reported and set aside), or ``(0, params, opt_state, balance)`` unchanged when none does."""
     def restore(step):
         check_compatible(read_checkpoint_config(mgr, step), cfg)
-        return restore_checkpoint(mgr, step, params, opt_state)
+        return restore_checkpoint(mgr, step, params, opt_state, balance)
 
     start, restored = restore_newest(mgr, restore, warn)
     if start is None:
-        return 0, params, opt_state
+        return 0, params, opt_state, balance
     say(f"resumed from {mgr.directory} step {start}")
     return start, *restored
 
@@ -228,18 +238,18 @@ def _train(cfg: Config, out_dir: str, say, warn, plots: bool, stop_after: int | 
     mesh = training_mesh(cfg.expert_parallel, cfg.num_devices)
     corpus = data_lib.load_corpus(cfg.data, cfg.val_percent, min_bytes=cfg.seq_len + 2)
     s, params = setup(cfg, mesh)
-    opt_state = init_opt_state(s, params)
+    opt_state, balance = init_opt_state(s, params), s.balance
     mgr = checkpoint_manager(out_dir, cfg.keep_ckpts)
     with StopOnSigint() as stop:
         try:
-            start, params, opt_state = _resume(mgr, cfg, params, opt_state, say, warn)
+            start, params, opt_state, balance = _resume(mgr, cfg, params, opt_state, balance, say, warn)
             log = _open_log(s, corpus, out_dir, start, is_main, warn)
             say(f"{s.num_params / 1e6:.2f}M parameters ({s.active_params / 1e6:.2f}M active/token), "
                 f"mesh {dict(mesh.shape)}, data {corpus.source} ({len(corpus.train) / 1e6:.1f}M train bytes)")
             run = _Run(s, corpus, mgr, log, say, _TrainMetrics(s, log, mgr), stop)
             if start == 0:
-                run.evaluate(params, 0)
-            params, last_good = _run_steps(run, params, opt_state, start, stop_after)
+                run.evaluate(params, balance, 0)
+            params, balance, last_good = _run_steps(run, params, opt_state, balance, start, stop_after)
             if run.metrics.pending:
                 run.metrics.flush()
         except BaseException as e:
@@ -255,4 +265,6 @@ def _train(cfg: Config, out_dir: str, say, warn, plots: bool, stop_after: int | 
     if paths:
         say("plots: " + ", ".join(paths))
     history = {"train": run.metrics.records, "eval": run.evals}
-    return {"history": history, "last_checkpoint": last_good, "params": params, "setup": s}
+    # the returned setup evaluates / samples with the trained selection biases by default
+    return {"history": history, "last_checkpoint": last_good, "params": params, "balance": balance,
+            "setup": dataclasses.replace(s, balance=balance)}

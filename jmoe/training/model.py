@@ -41,7 +41,9 @@ Array = jax.Array
 
 # Per-layer MoE metrics kept in aux (stacked over MoE layers); the two losses are summed.
 LAYER_METRICS = ("dropped_fraction", "padding_fraction", "router_entropy", "tokens_per_expert")
-AUX_LOSSES = ("load_balancing_loss", "z_loss", *routing.EXTRA_LOSSES)  # the routers' own losses last
+# Summed over MoE layers: the Switch loss, the z-loss, the routers' own (pre-weighted) losses, then the unweighted
+# balance losses lb_weight may multiply instead of the Switch loss (see total_loss)
+AUX_LOSSES = ("load_balancing_loss", "z_loss", *routing.EXTRA_LOSSES, *routing.BALANCE_LOSSES)
 ATTENTION_IMPLS = ("auto", "xla", "cudnn")  # jax.nn.dot_product_attention's implementation; auto: see attention_impl
 EMBEDDINGS = ("gather", "onehot")  # how tokens become vectors; see onehot_embed
 
@@ -146,13 +148,18 @@ def lm_loss(logits: Array, targets: Array) -> Array:
     return optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), targets).mean()
 
 
-def total_loss(lm: Array, aux: dict[str, Array], lb_weight: float, z_weight: float) -> Array:
-    """``lm + lb_weight * sum_layers(load_balancing) + z_weight * sum_layers(z_loss)
-    + sum_layers(extra losses)``; the extra losses are the routers' own
-    (:data:`jmoe.routing.EXTRA_LOSSES`, e.g. noisy top-k's importance and load losses),
-    already weighted by the layer (0 for the other routers)."""
+def total_loss(lm: Array, aux: dict[str, Array], lb_weight: float, z_weight: float,
+               lb_loss: str = "load_balancing_loss") -> Array:
+    """``lm + lb_weight * sum_layers(aux[lb_loss]) + z_weight * sum_layers(z_loss)
+    + sum_layers(extra losses)``. ``lb_loss`` names the balance loss: ``"load_balancing_loss"``
+    (Switch, per routing group), ``"sequence_balance_loss"`` (DeepSeek-V3's sequence-wise loss,
+    = Switch's / k) or ``"global_load_balancing_loss"`` (f and P over the whole global batch).
+    The extra losses are the routers' own (:data:`jmoe.routing.EXTRA_LOSSES`, e.g. noisy
+    top-k's importance and load losses), already weighted by the layer (0 for the other routers)."""
+    if lb_loss not in ("load_balancing_loss", *routing.BALANCE_LOSSES):
+        raise ValueError(f"lb_loss={lb_loss!r} must be load_balancing_loss or one of {routing.BALANCE_LOSSES}")
     extra = sum((aux[name] for name in routing.EXTRA_LOSSES), jnp.zeros((), jnp.float32))
-    return lm + lb_weight * aux["load_balancing_loss"] + z_weight * aux["z_loss"] + extra
+    return lm + lb_weight * aux[lb_loss] + z_weight * aux["z_loss"] + extra
 
 
 def is_moe_layer(layer: int, num_experts: int, moe_every: int) -> bool:

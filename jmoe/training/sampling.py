@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import jax
@@ -21,7 +22,9 @@ from jmoe.training.trees import abstract
 
 def load_for_inference(out_dir: str, *, expert_parallel: int = 1, num_devices: int = 0,
                        step: int | None = None, warn_fn=None) -> tuple[Setup, dict, int]:
-    """The newest checkpoint of ``out_dir`` that restores (or ``step``), with its saved config, on a fresh mesh.
+    """The newest checkpoint of ``out_dir`` that restores (or ``step``), with its saved config, on a fresh mesh:
+    ``(setup, params, step)``; the setup's ``balance`` is the checkpoint's selection biases (what
+    :func:`~jmoe.training.evaluate` and :func:`sample` use by default).
 
     A newer step that does not restore is reported through ``warn_fn`` by number and set aside as
     ``<step>.corrupt`` (only skipped while a run holds the ``out_dir`` lock: that run owns the directory).
@@ -35,7 +38,9 @@ def load_for_inference(out_dir: str, *, expert_parallel: int = 1, num_devices: i
         cfg = config_lib.from_dict({**{k: v for k, v in saved.items() if k in known},
                                     "expert_parallel": expert_parallel, "num_devices": num_devices})
         s = cached_setup(cfg, mesh)
-        return s, restore_checkpoint(mgr, st, abstract(s.abstract_params, s.param_shardings))[0]
+        params, _, balance = restore_checkpoint(mgr, st, abstract(s.abstract_params, s.param_shardings),
+                                                balance_target=abstract(s.abstract_balance, s.balance_shardings))
+        return dataclasses.replace(s, balance=balance), params
 
     try:
         if step is None:
@@ -54,11 +59,13 @@ def load_for_inference(out_dir: str, *, expert_parallel: int = 1, num_devices: i
 
 
 def sample(s: Setup, params, prompt: str, length: int, temperature: float = 0.8, top_k: int = 0,
-           seed: int = 0) -> str:
+           seed: int = 0, balance: dict | None = None) -> str:
     """Generate ``length`` bytes after ``prompt`` (eval mode, no KV cache: each new byte re-reads the
     last ``seq_len`` bytes, a static-shape window, so one compiled function serves every position).
-    ``top_k`` keeps the ``top_k`` largest logits; 0, or a value of at least the vocabulary (256), keeps all."""
+    ``top_k`` keeps the ``top_k`` largest logits; 0, or a value of at least the vocabulary (256), keeps all.
+    ``balance``: the selection biases (default ``s.balance``)."""
     seq_len = s.cfg.seq_len
+    balance = s.balance if balance is None else balance
     repl = NamedSharding(s.mesh, P())
     tokens = list(data_lib.encode(prompt)) or [ord("\n")]
     rng = np.random.default_rng(seed)
@@ -66,7 +73,7 @@ def sample(s: Setup, params, prompt: str, length: int, temperature: float = 0.8,
         ctx = tokens[-seq_len:]
         window = np.zeros((1, seq_len), np.int32)
         window[0, :len(ctx)] = ctx  # right padding is invisible to the causal model
-        logits = np.asarray(s.next_logits(params, jax.device_put(window, repl), len(ctx) - 1), np.float64)
+        logits = np.asarray(s.next_logits(params, balance, jax.device_put(window, repl), len(ctx) - 1), np.float64)
         if temperature <= 0:
             tokens.append(int(np.argmax(logits)))
             continue
