@@ -20,3 +20,12 @@ __all__ = [
     "update_selection_biases",
 ]
 __version__ = "0.1.0"
+
+
+def __getattr__(name):
+    """``jmoe.hf`` (checkpoint loading; needs ``pip install 'jmoe[hf]'``) is imported on first use."""
+    if name == "hf":
+        import importlib
+
+        return importlib.import_module("jmoe.hf")
+    raise AttributeError(f"module 'jmoe' has no attribute {name!r}")
