@@ -242,6 +242,10 @@ FAMILIES = {
     "llama4": (dict(num_experts=8, k=1, router="group_limited", scale_expert_input=True, shared_d_ff=32,
                     activation="swiglu"),
                dict(k=1)),
+    "all_options": (dict(num_experts=16, k=4, router="group_limited", n_group=4, topk_group=2, normalize=True,
+                         routed_scaling_factor=2.5, selection_bias=True, router_bias=True, use_bias=True,
+                         activation="clamped_swiglu", shared_d_ff=32, shared_gate=True),
+                    dict(k=4, n_group=4, topk_group=2, normalize=True, scale=2.5)),
 }
 
 
@@ -266,7 +270,7 @@ def test_layer_equals_a_loop_over_tokens_and_experts(name, dropless):
         return experts[0], weights[0]
 
     x = jax.random.normal(jax.random.key(7), (2, 12, D))
-    y, aux = moe(x)
+    y, aux = nnx.jit(lambda m, x: m(x))(moe, x)
     want = layer_ref(moe, x, route)
     np.testing.assert_allclose(np.asarray(y, np.float64).reshape(-1, D), want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
     assert float(aux["dropped_fraction"]) == 0.0
@@ -335,17 +339,17 @@ def all_grads_loss(moe, x, mask, r):
     return y, aux, {"x": g_x, "params": nnx.to_pure_dict(nnx.state(g_model, nnx.Param))}
 
 
+# Every new option in both paths: one layer with all of them but input scaling (k = 4), and
+# Llama 4's input scaling (k = 1), each on an Explicit and an Auto mesh.
 MESH_CASES = [
-    pytest.param("deepseek_v3", True, lambda: jax.make_mesh((2, 2, 2), ("data", "expert", "model")), True,
-                 id="deepseek-dropless-explicit-2x2x2"),
-    pytest.param("deepseek_v3", False, lambda: parallel.make_mesh(data=2, expert=4), False,
-                 id="deepseek-capacity-auto-2x4"),
-    pytest.param("qwen2_moe", False, lambda: jax.make_mesh((2, 2, 2), ("data", "expert", "model")), True,
-                 id="qwen2-capacity-explicit-2x2x2"),
-    pytest.param("gpt_oss", True, lambda: parallel.make_mesh(data=2, expert=2, model=2), False,
-                 id="gptoss-dropless-auto-2x2x2"),
+    pytest.param("all_options", False, lambda: jax.make_mesh((2, 2, 2), ("data", "expert", "model")), True,
+                 id="all-options-capacity-explicit-2x2x2"),
+    pytest.param("all_options", True, lambda: parallel.make_mesh(data=2, expert=4), False,
+                 id="all-options-dropless-auto-2x4"),
     pytest.param("llama4", False, lambda: parallel.make_mesh(data=4, expert=2), True,
                  id="llama4-capacity-auto-4x2"),
+    pytest.param("llama4", True, lambda: jax.make_mesh((2, 2, 2), ("data", "expert", "model")), False,
+                 id="llama4-dropless-explicit-2x2x2"),
 ]
 
 
@@ -364,6 +368,8 @@ def test_mesh_equals_one_device(name, dropless, make_mesh, with_mask):
         assert ep.experts.w_in[...].sharding.spec[0] == "expert"
         actual = jax.device_get(nnx.jit(all_grads_loss)(ep, x, mask, r))
     assert_tree_close(actual, expected)
+    if not dropless:
+        assert float(actual[1]["dropped_fraction"]) > 0  # the capacity binds
     if "selection_bias" in FAMILIES[name][0]:
         assert "selection_bias" not in actual[2]["params"]  # state: no gradient
 
