@@ -13,7 +13,8 @@ Per token, from float32 logits ``l = x W_r`` ``[G, S, E]``::
            highest c (group_score="max", DeepSeek-V2's device-limited routing);
            the topk_group best groups are kept (ties: the lower group index)
     top-k of c among the kept groups' experts (ties: the lower expert index; the other
-           groups' experts are -inf, as in DeepSeek's reference code and Megatron-Core)
+           groups' experts are -inf, as in DeepSeek's reference code, Megatron-Core and
+           transformers' DeepSeek-V3)
     w_e    = s_e                                           the *unbiased* score
            = s_e / (sum_{j in top-k} s_j + 1e-20)          normalize=True (norm_topk_prob)
     w_e   *= routed_scaling_factor
