@@ -491,3 +491,49 @@ def test_eval_mode_counts_no_load():
     moe.train()
     moe(skewed_batch(0))
     assert float(np.sum(moe.expert_load[...])) == 8 * 16 * 4
+
+
+def test_stacked_layers_under_scan_count_their_own_load_and_update_their_own_bias():
+    """nnx.vmap-stacked layers run by nnx.scan inside nnx.value_and_grad: each layer counts
+    its load (= its aux tokens_per_expert) and gets its own bias update."""
+
+    class Block(nnx.Module):
+        def __init__(self, *, rngs):
+            self.moe = jmoe.MoE(D, F, 8, k=2, router="group_limited", n_group=2, topk_group=1, selection_bias=True,
+                                capacity_factor=None, shared_d_ff=D, rngs=rngs)
+
+        def __call__(self, x):
+            y, aux = self.moe(x)
+            return x + y, aux
+
+    @nnx.split_rngs(splits=3)
+    @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: None})
+    def make_blocks(rngs):
+        return Block(rngs=rngs)
+
+    @nnx.scan(in_axes=(nnx.Carry, 0), out_axes=(nnx.Carry, 0))
+    def run_blocks(x, block):
+        x, aux = block(x)
+        return x, aux["tokens_per_expert"]
+
+    blocks = make_blocks(nnx.Rngs(0))
+    opt = nnx.Optimizer(blocks, optax.adam(1e-3), wrt=nnx.Param)
+
+    @nnx.jit
+    def step(blocks, opt, x):
+        def loss(b):
+            h, per_layer = run_blocks(x, b)
+            return jnp.mean(h ** 2), per_layer
+
+        (_, per_layer), grads = nnx.value_and_grad(loss, has_aux=True)(blocks)
+        opt.update(blocks, grads)
+        load = blocks.moe.expert_load[...]
+        jmoe.update_selection_biases(blocks, 0.01)
+        return per_layer, load
+
+    per_layer, load = step(blocks, opt, jax.random.normal(jax.random.key(1), (4, 8, D)))
+    assert load.shape == (3, 8)
+    np.testing.assert_array_equal(np.asarray(load), np.asarray(per_layer))
+    np.testing.assert_allclose(np.asarray(blocks.moe.selection_bias[...]),
+                               0.01 * np.sign(np.asarray(load).mean(-1, keepdims=True) - np.asarray(load)), atol=1e-9)
+    assert np.all(np.asarray(blocks.moe.expert_load[...]) == 0)
