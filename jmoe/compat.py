@@ -5,6 +5,7 @@
   ``aval.manual_axis_type.varying``, later versions ``aval.vma``.
 * Mosaic GPU's interpret mode: public in jax >= 0.11, private in 0.10.
 * The derivative of ``erf`` inside ``shard_map`` (jax 0.12): :func:`normal_cdf`.
+* Ops without a sharding rule for explicitly sharded operands: :func:`on_auto_axes`.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import math
 import jax
 import jax.numpy as jnp
 from jax.scipy.stats import norm
+from jax.sharding import PartitionSpec as P
 
 try:
     shard_map = jax.shard_map
@@ -77,6 +79,46 @@ def mosaic_gpu_interpret_mode(interpret: bool):
     except ImportError:
         from jax._src.pallas.mosaic_gpu.interpret.params import force_gpu_interpret_mode
     return force_gpu_interpret_mode()
+
+
+def explicit_axes(x) -> tuple[str, ...]:
+    """The mesh axes of ``x``'s type that are ``Explicit`` (outside ``shard_map``, on a mesh of
+    ``jax.make_mesh``'s default axis types); empty for an unsharded or a manual value."""
+    sharding = getattr(jax.typeof(x), "sharding", None)
+    mesh = getattr(sharding, "mesh", None)
+    return tuple(getattr(mesh, "explicit_axes", ()) or ())
+
+
+def _axes_of(entry) -> frozenset:
+    if entry is None:
+        return frozenset()
+    return frozenset(entry if isinstance(entry, tuple) else (entry,))
+
+
+def on_auto_axes(f, rows, w, *rest):
+    """``f(rows [N, K], w [E, K, F], *rest) -> [N, F]``, differentiable, on operands whose
+    types carry an explicit sharding (outside ``shard_map``, e.g. activations split over
+    ``"model"`` by a user's dense layers): ``f`` runs with the mesh axes ``Auto``
+    (``jax.sharding.auto_axes``: XLA places its internals), the result keeps the rows' split
+    of N and w's split of F (where they do not collide), and the gradients come back in
+    their inputs' shardings. A plain call when no operand is explicitly sharded.
+
+    ``f``'s loops, scatters and kernels have no rule for explicitly sharded operands: a
+    scan accumulating ``x_tile^T dy_tile`` into ``dw`` would add a K-split product into an
+    unsplit accumulator ("Incompatible types for broadcasting").
+    """
+    axes = explicit_axes(rows) or explicit_axes(w)
+    if not axes:
+        return f(rows, w, *rest)
+    mesh = (jax.typeof(rows) if explicit_axes(rows) else jax.typeof(w)).sharding.mesh
+    row_spec = tuple(jax.typeof(rows).sharding.spec) + (None,) * 2 if explicit_axes(rows) else (None, None)
+    w_spec = tuple(jax.typeof(w).sharding.spec) + (None,) * 3 if explicit_axes(w) else (None,) * 3
+    n_entry, f_entry = row_spec[0], w_spec[2]
+    out_spec = P(n_entry, None if _axes_of(f_entry) & _axes_of(n_entry) else f_entry)
+    ambient = jax.sharding.get_abstract_mesh()
+    context = jax.sharding.use_abstract_mesh(mesh) if ambient is None or ambient.empty else contextlib.nullcontext()
+    with context:
+        return jax.sharding.auto_axes(f, axes=axes, out_sharding=out_spec)(rows, w, *rest)
 
 
 @jax.custom_jvp

@@ -6,6 +6,8 @@ The model is written the way Flax's tutorials write them: norms and dense layers
 8 emulated devices, its losses equal the same model on one device.
 """
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -17,6 +19,7 @@ from jax.sharding import PartitionSpec as P
 import jmoe
 
 VOCAB, D, SEQ, BATCH, EXPERTS = 32, 16, 8, 8, 4
+MOE_INPUT_TYPES = []
 
 
 class Block(nnx.Module):
@@ -29,6 +32,7 @@ class Block(nnx.Module):
 
     def __call__(self, x):
         h = x + self.proj(self.norm1(x))
+        MOE_INPUT_TYPES.append(jax.typeof(h))  # at trace time
         y, aux = self.moe(self.norm2(h))
         return h + y, aux["load_balancing_loss"]
 
@@ -65,13 +69,14 @@ class Model(nnx.Module):
         return self.head(x), lb
 
 
-def train_losses(mesh, moe_kw, *, stacked=False, batch_spec=P("data"), steps=3):
+def train_losses(mesh, moe_kw, *, stacked=False, batch_spec=P("data"), steps=3, layers=2):
     """Losses of a few Adam steps; the model is built (and its data placed) under ``mesh``."""
     tokens = jax.random.randint(jax.random.key(0), (BATCH, SEQ + 1), 0, VOCAB)
 
     def build():
         # the scan carry must keep its type: no "model" split of the dense layers in the stacked model
-        model = Model(sharded=mesh is not None and not stacked, moe_kw=moe_kw, stacked=stacked, rngs=nnx.Rngs(params=0))
+        model = Model(sharded=mesh is not None and not stacked, moe_kw=moe_kw, layers=layers, stacked=stacked,
+                      rngs=nnx.Rngs(params=0))
         return model, nnx.Optimizer(model, optax.adam(1e-2), wrt=nnx.Param)
 
     @nnx.jit
@@ -114,6 +119,48 @@ def test_tutorial_model_trains_on_a_mesh_as_on_one_device(name):
     w_in = model.blocks[0].moe.experts.w_in[...]
     expert_axes = tuple(a for a in ("expert",) if a in mesh.axis_names)
     assert w_in.sharding.spec == P(expert_axes or None, None, "model" if dict(mesh.shape)["model"] > 1 else None)
+
+
+EXPLICIT, AUTO = (jax.sharding.AxisType.Explicit,) * 2, (jax.sharding.AxisType.Auto,) * 2
+# The grouped matmuls that run on CPU: XLA's two natively, the Pallas GPU and TPU kernels in Pallas's
+# interpreter (conftest opts in). Mosaic GPU takes 16-bit dtypes only: tests/test_mosaic_grouped_matmul.py.
+CPU_MATMULS = ("scan", "ragged_dot", "pallas", "megablox")
+MODEL_SHARDED_CASES = [
+    *[(kind, shape, gmm) for kind in ("explicit",) for shape in ((8, 1), (4, 2)) for gmm in CPU_MATMULS],
+    # An Auto mesh runs the layer's one-device path under XLA's partitioner; the interpreted kernels'
+    # host callbacks there meet collectives that 8 emulated devices on 2 cores can time out: XLA's two only.
+    *[(kind, shape, gmm) for kind in ("auto",) for shape in ((8, 1), (4, 2)) for gmm in ("scan", "ragged_dot")],
+]
+
+
+@functools.cache
+def one_device_losses(moe_items: tuple) -> list[float]:
+    return train_losses(None, dict(moe_items), layers=1)[0]
+
+
+@pytest.mark.parametrize("kind, shape, gmm", MODEL_SHARDED_CASES,
+                         ids=[f"{k}-{s[0]}x{s[1]}-{g}" for k, s, g in MODEL_SHARDED_CASES])
+def test_dropless_with_model_sharded_activations_trains_as_on_one_device(kind, shape, gmm):
+    """Issue 22: the tutorial model's dense layers split their outputs over "model", so the MoE
+    input is P("data", None, "model"); a dropless layer on ("data", "model") meshes trains as on
+    one device with each grouped matmul that runs on CPU (its backward once failed in the scan's
+    accumulate)."""
+    mesh = jax.make_mesh(shape, ("data", "model"), axis_types=AUTO if kind == "auto" else EXPLICIT)
+    moe_kw = {"capacity_factor": None, "grouped_matmul": gmm}
+    want = one_device_losses(tuple(sorted(moe_kw.items())))
+    MOE_INPUT_TYPES.clear()
+    got, _ = train_losses(mesh, moe_kw, layers=1)
+    np.testing.assert_allclose(got, want, rtol=2e-4)
+    assert got[-1] < got[0]
+    if kind == "explicit":
+        assert MOE_INPUT_TYPES and all(t.sharding.spec == P("data", None, "model") for t in MOE_INPUT_TYPES)
+
+
+@pytest.mark.parametrize("shape", [(8, 1), (4, 2)])
+def test_capacity_layer_on_an_auto_mesh_with_model_sharded_dense_layers(shape):
+    mesh = jax.make_mesh(shape, ("data", "model"), axis_types=AUTO)
+    got, _ = train_losses(mesh, {}, layers=1)
+    np.testing.assert_allclose(got, one_device_losses(()), rtol=2e-4)
 
 
 def test_stacked_layers_under_scan_on_an_expert_mesh():

@@ -6,8 +6,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.sharding import PartitionSpec as P
 
-from jmoe.grouped_matmul import scan_grouped_matmul, tile_schedule
+from jmoe.grouped_matmul import grouped_matmul, scan_grouped_matmul, tile_schedule
 from jmoe.pallas import grouped_matmul as gm
 
 SMALL = gm.GmmConfig(block_m=16, block_n=16, block_k=16)  # many tiles at test sizes
@@ -182,3 +183,36 @@ def test_scan_grouped_matmul_bf16_and_jit():
     x, w, gs, _ = random_case(7, n, k, f, sizes, jnp.bfloat16)
     got = np.asarray(jax.jit(scan_grouped_matmul, static_argnums=3)(x, w, gs, 32), np.float64)
     assert np.linalg.norm(got - loop_gmm(x, w, sizes)) / np.linalg.norm(got) < 1e-2
+
+
+SHARDINGS = {  # rows [N, K] and w [E, K, F] on an explicit ("data", "model") mesh
+    "8x1-rows-K-on-model": ((8, 1), P(None, "model"), P()),  # a tutorial dense layer's output
+    "4x2-rows-K-on-model": ((4, 2), P(None, "model"), P()),
+    "4x2-rows-N-on-data-w-F-on-model": ((4, 2), P("data", None), P(None, None, "model")),
+    "4x2-rows-N-data-K-model-w-K-model": ((4, 2), P("data", "model"), P(None, "model", None)),
+}
+
+
+@pytest.mark.parametrize("matmul", ["scan", "ragged_dot"])
+@pytest.mark.parametrize("case", sorted(SHARDINGS))
+def test_grouped_matmul_on_explicitly_sharded_operands(case, matmul):
+    """Issue 22: outside shard_map, operands whose types carry a sharding (rows split over
+    "model" along K by a user's dense layers) gave "Incompatible types for broadcasting" in
+    the scan's backward. Values and both gradients equal the unsharded ones, and each
+    gradient comes back in its operand's sharding."""
+    shape, row_spec, w_spec = SHARDINGS[case]
+    x, w, gs, _ = random_case(7, 64, 32, 48, [10, 0, 30, 20])  # 4 rows past the groups
+
+    def loss(x, w):
+        return jnp.sum(jnp.sin(grouped_matmul(x, w, gs, matmul)))
+
+    want = jax.value_and_grad(loss, (0, 1))(x, w)
+    mesh = jax.make_mesh(shape, ("data", "model"))  # explicit axes, jax.make_mesh's default
+    with jax.set_mesh(mesh):
+        xs, ws = jax.device_put(x, row_spec), jax.device_put(w, w_spec)
+        value, (dx, dw) = jax.jit(jax.value_and_grad(loss, (0, 1)))(xs, ws)
+    np.testing.assert_allclose(value, want[0], rtol=1e-5)
+    np.testing.assert_allclose(dx, want[1][0], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(dw, want[1][1], rtol=1e-5, atol=1e-5)
+    assert jax.typeof(dx).sharding.spec == jax.typeof(xs).sharding.spec
+    assert jax.typeof(dw).sharding.spec == jax.typeof(ws).sharding.spec

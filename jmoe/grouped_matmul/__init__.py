@@ -32,6 +32,7 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
+from jmoe.compat import on_auto_axes
 from jmoe.grouped_matmul.scan import scan_grouped_matmul, tile_schedule
 from jmoe.grouped_matmul.vjp import GmmKernels, grouped_matmul_vjp, vjp_outputs
 from jmoe.platform import Registry
@@ -79,8 +80,13 @@ def check_dtype(name: str, dtype) -> None:
 
 def grouped_matmul(rows: Array, w: Array, group_sizes: Array, name: str = "auto") -> Array:
     """``rows[r] @ w[g(r)]``: [N, K], [E, K, F] -> [N, F], 0 past the groups, by the
-    implementation ``name`` of :data:`GROUPED_MATMULS`."""
+    implementation ``name`` of :data:`GROUPED_MATMULS`.
+
+    Operands explicitly sharded on a mesh (outside ``shard_map``: rows split over ``"model"``
+    along K, say) are fine: the implementation then runs with the mesh axes Auto
+    (:func:`jmoe.compat.on_auto_axes`) and the gradients keep the operands' shardings.
+    """
     entry = GROUPED_MATMULS.get(name)
     if entry.cast_weights:
         w = w.astype(rows.dtype)
-    return entry.load()(rows, w, group_sizes)
+    return on_auto_axes(entry.load(), rows, w, group_sizes)
