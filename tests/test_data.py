@@ -104,3 +104,78 @@ def test_a_fifo_in_the_data_directory_is_skipped_not_read(text_dir):
     assert result["corpus"].num_files == 40
     with pytest.raises(ValueError, match="neither a regular file nor a directory"):
         data_lib.load_corpus(str(fifo))
+
+
+def books(folder, sizes=(9000, 7000, 5000)):
+    """A few text files of distinct words (any 40-byte run occurs once in the folder)."""
+    rng = np.random.default_rng(0)
+    for i, size in enumerate(sizes):
+        words = [f"w{int(rng.integers(1_000_000))}" for _ in range(size // 4)]
+        (folder / f"book{i}.txt").write_text(" ".join(words)[:size])
+    return folder
+
+
+def test_a_folder_of_a_few_files_with_a_fifo_is_split_by_bytes_within_each_file(tmp_path):
+    """Issue 22: three files (none held out by the file rule at 5%) and a FIFO: the file split
+    would leave validation empty, so each file gives its tail to validation; no byte is in both
+    splits, and the FIFO is skipped unread."""
+    folder = books(tmp_path)
+    os.mkfifo(folder / "pipe.txt")
+    assert not any(data_lib.is_validation_file(f"book{i}.txt", 5) for i in range(3))  # the file split's val: empty
+    result = {}
+    thread = threading.Thread(target=lambda: result.update(c=data_lib.load_corpus(str(folder), 5, min_bytes=130)),
+                              daemon=True)
+    thread.start()
+    thread.join(timeout=20)
+    if thread.is_alive():
+        os.close(os.open(folder / "pipe.txt", os.O_WRONLY | os.O_NONBLOCK))
+        pytest.fail("load_corpus blocked on the FIFO")
+    c = result["c"]
+    assert c.split == "bytes" and c.num_files == 3
+    texts = [(folder / f"book{i}.txt").read_bytes() for i in range(3)]
+    cuts = [len(t) - len(t) * 5 // 100 for t in texts]  # each file's last 5%, rounded down
+    assert c.train.tobytes() == b"\n".join(t[:cut] for t, cut in zip(texts, cuts))
+    assert c.val.tobytes() == b"\n".join(t[cut:] for t, cut in zip(texts, cuts))
+    assert len(c.val) >= 130 and len(c.train) >= 130
+    train = c.train.tobytes()
+    for t, cut in zip(texts, cuts):  # no leak: no 40-byte run of a held-out tail is in the training bytes
+        tail = t[cut:]
+        assert not any(tail[j:j + 40] in train for j in range(0, len(tail) - 40, 8))
+
+
+def test_a_folder_whose_file_split_works_keeps_it(text_dir):
+    c = data_lib.load_corpus(str(text_dir), val_percent=20, min_bytes=130)
+    assert c.split == "files"
+    # and one too small for either rule is still a clear error naming the split
+    with pytest.raises(ValueError, match="(train|val) split .* fewer than 100000"):
+        data_lib.load_corpus(str(text_dir), val_percent=20, min_bytes=100_000)
+
+
+def test_a_small_folder_trains_like_a_single_file(tmp_path):
+    """The byte rule on a folder of one file is the single-file rule."""
+    folder = books(tmp_path, sizes=(6000,))
+    single = data_lib.load_corpus(str(folder / "book0.txt"), 5, min_bytes=130)
+    folder_corpus = data_lib.load_corpus(str(folder), 5, min_bytes=130)
+    assert folder_corpus.split == single.split == "bytes"
+    np.testing.assert_array_equal(folder_corpus.train, single.train)
+    np.testing.assert_array_equal(folder_corpus.val, single.val)
+
+
+# crc32 values computed by hand (zlib.crc32 of the UTF-8 path) at the boundary of the rule
+# crc32(path) % 10000 < round(val_percent * 100): a remainder equal to the bound is NOT held out.
+CRC_BOUNDARY = [
+    ("book16027.txt", 4204130500, 5.0, False),  # remainder 500 == 5% * 100
+    ("book22819.txt", 1293500499, 5.0, True),  # remainder 499
+    ("shelf/b5402.txt", 3629230500, 5.0, False),  # a path in a subfolder, remainder 500
+    ("book5144.txt", 698540250, 2.5, False),  # remainder 250 == 2.5% * 100
+    ("book8386.txt", 674920249, 2.5, True),  # remainder 249
+    ("book16610.txt", 2918280000, 0.0, False),  # remainder 0: val_percent=0 holds out nothing
+]
+
+
+@pytest.mark.parametrize("path, crc, val_percent, held", CRC_BOUNDARY)
+def test_validation_file_rule_at_its_boundary(path, crc, val_percent, held):
+    import zlib
+
+    assert zlib.crc32(path.encode()) == crc  # the table's values
+    assert data_lib.is_validation_file(path, val_percent) is held

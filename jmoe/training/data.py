@@ -7,9 +7,14 @@ first 8 KiB are skipped as binary; only regular files are read: a FIFO, socket o
 device in the directory is skipped, it could block forever). Files are read in sorted
 path order.
 
-Validation split, fixed and deterministic: a file is held out iff
-``crc32(relative path) % 10000 < val_percent * 100``. A single file is split by
-bytes instead: its last ``val_percent`` percent is validation.
+Validation split, fixed and deterministic, by whole files: a file is held out iff
+``crc32(relative path) % 10000 < val_percent * 100``. A single file, and a directory
+whose file split would leave either side with fewer than ``min_bytes`` bytes (a folder of
+a few books: with 3 files at 5%, most often no file is held out), is split by bytes
+instead, within each file: a file of n bytes gives its last ``floor(n * val_percent / 100)``
+bytes to validation and the rest to training. Either way no byte is in both splits: a
+held-out file is wholly validation, a byte-split file's tail is validation and its head
+training. ``Corpus.split`` says which rule was used (``"files"`` or ``"bytes"``).
 
 Training batches: batch ``i`` is ``batch_size`` windows of ``seq_len + 1``
 bytes whose starts are drawn by ``numpy.random.default_rng([seed, i])``; they
@@ -41,6 +46,7 @@ class Corpus:
     val: np.ndarray  # [N_val] uint8
     source: str
     num_files: int
+    split: str = "files"  # "files": whole files held out; "bytes": each file's tail held out
 
 
 def stdlib_dir() -> str:
@@ -94,29 +100,39 @@ def load_corpus(path: str = "", val_percent: float = 5.0, min_bytes: int = 1) ->
             raise ValueError(f"data path {path!r} is neither a regular file nor a directory (a FIFO, socket or "
                              f"device is not read: it could block forever)")
         if os.path.isfile(path):
-            data = np.frombuffer(_read(path, skip_binary=False), np.uint8)
-            n_val = int(len(data) * val_percent / 100)
-            corpus = Corpus(data[: len(data) - n_val], data[len(data) - n_val:], path, 1)
+            corpus = split_by_bytes([_read(path, skip_binary=False)], val_percent, path)
             require_bytes(corpus, min_bytes)
             return corpus
         root, ext, skip_binary = path, None, True
     else:
         root, ext, skip_binary = stdlib_dir(), ".py", False
-    train, val, count = [], [], 0
+    files = {}  # relative path -> bytes, in sorted path order
     for rel in list_files(root, ext):
         try:
             data = _read(os.path.join(root, rel), skip_binary)
         except OSError:
             continue
-        if not data:
-            continue
-        count += 1
-        (val if is_validation_file(rel, val_percent) else train).append(data)
-    corpus = Corpus(
-        np.frombuffer(b"\n".join(train), np.uint8), np.frombuffer(b"\n".join(val), np.uint8), root, count
-    )
+        if data:
+            files[rel] = data
+    val = [data for rel, data in files.items() if is_validation_file(rel, val_percent)]
+    train = [data for rel, data in files.items() if not is_validation_file(rel, val_percent)]
+    corpus = Corpus(_join(train), _join(val), root, len(files))
+    if files and min(len(corpus.train), len(corpus.val)) < min_bytes:  # too few files to split by file
+        corpus = split_by_bytes(list(files.values()), val_percent, root)
     require_bytes(corpus, min_bytes)
     return corpus
+
+
+def _join(pieces: list[bytes]) -> np.ndarray:
+    return np.frombuffer(b"\n".join(pieces), np.uint8)
+
+
+def split_by_bytes(files: list[bytes], val_percent: float, source: str) -> Corpus:
+    """Each file's last ``floor(n * val_percent / 100)`` of its n bytes -> validation, the rest ->
+    training (files joined by a newline on each side)."""
+    cuts = [len(data) - int(len(data) * val_percent / 100) for data in files]
+    return Corpus(_join([data[:cut] for data, cut in zip(files, cuts)]),
+                  _join([data[cut:] for data, cut in zip(files, cuts) if cut < len(data)]), source, len(files), "bytes")
 
 
 def require_bytes(corpus: Corpus, min_bytes: int) -> None:
