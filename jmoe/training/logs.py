@@ -1,5 +1,5 @@
 """What a run reports: the JSON-lines metrics log, the progress line, MFU against the device's peak
-FLOP/s (:data:`PEAK_FLOPS`), and the loss / expert-load plots drawn from the log."""
+FLOP/s (:data:`PEAK_FLOPS`), and the loss / expert-load / dropped-fraction plots drawn from the log."""
 
 from __future__ import annotations
 
@@ -89,9 +89,49 @@ def main_warn(message: str) -> None:
     print(f"warning: {message}", flush=True, file=sys.stderr)
 
 
+def load_data(loads: list[dict]) -> dict[str, np.ndarray]:
+    """From the train records with ``tokens_per_expert``: ``steps`` [T], ``share`` [T, L, E] (each
+    expert's share of the layer's kept assignments) and ``dropped_fraction`` [T, L] (the share of
+    the layer's assignments dropped over capacity; 0 where a record lacks it)."""
+    tpe = np.asarray([r["tokens_per_expert"] for r in loads], np.float64)  # [T, L, E]
+    dropped = np.zeros(tpe.shape[:2])
+    for t, r in enumerate(loads):
+        dropped[t, :len(r.get("dropped_fraction") or [])] = r.get("dropped_fraction") or []
+    return {"steps": np.asarray([r["step"] for r in loads], np.int64),
+            "share": tpe / np.maximum(tpe.sum(-1, keepdims=True), 1e-9), "dropped_fraction": dropped}
+
+
+def load_figure(data: dict[str, np.ndarray]):
+    """One row per MoE layer: the experts' load share over steps (a heat map, left) beside the
+    fraction of its assignments dropped over steps (a line, right)."""
+    import matplotlib.pyplot as plt
+
+    steps, share, dropped = data["steps"], data["share"], data["dropped_fraction"]
+    num_layers = share.shape[1]
+    fig, axes = plt.subplots(num_layers, 2, figsize=(12, 2.2 * num_layers), squeeze=False,
+                             gridspec_kw={"width_ratios": (3, 2)})
+    for layer in range(num_layers):
+        ax = axes[layer, 0]
+        im = ax.imshow(share[:, layer].T, aspect="auto", origin="lower", cmap="viridis",
+                       extent=(steps[0], steps[-1], -0.5, share.shape[2] - 0.5), vmin=0)
+        ax.set_ylabel(f"MoE layer {layer}\nexpert")
+        fig.colorbar(im, ax=ax, label="share of tokens")
+        ax = axes[layer, 1]
+        ax.plot(steps, dropped[:, layer], lw=1, color="tab:red", label=f"layer {layer} dropped")
+        ax.set_ylim(0, max(0.05, 1.1 * float(dropped[:, layer].max(initial=0.0))))
+        ax.set_ylabel("dropped fraction")
+        ax.grid(alpha=0.3)
+    axes[0, 1].set_title("assignments dropped (over capacity)")
+    axes[-1, 0].set_xlabel("step")
+    axes[-1, 1].set_xlabel("step")
+    fig.tight_layout()
+    return fig
+
+
 def write_plots(log_path: str) -> list[str]:
     """``loss.png`` (train / validation loss) and, for MoE runs, ``expert_load.png`` (per MoE layer,
-    the fraction of kept assignments per expert over steps) next to the log. Returns the paths."""
+    the experts' share of kept assignments over steps beside the fraction of assignments dropped)
+    with its numbers in ``expert_load.npz`` (:func:`load_data`), next to the log. Returns the paths."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -118,20 +158,11 @@ def write_plots(log_path: str) -> list[str]:
 
     loads = [r for r in train if r.get("tokens_per_expert")]
     if loads:
-        tpe = np.asarray([r["tokens_per_expert"] for r in loads], np.float64)  # [T, L, E]
-        frac = tpe / np.maximum(tpe.sum(-1, keepdims=True), 1e-9)  # [T, L, E]
-        steps = [r["step"] for r in loads]
-        num_layers = frac.shape[1]
-        fig, axes = plt.subplots(num_layers, 1, figsize=(8, 2.2 * num_layers), squeeze=False)
-        for layer in range(num_layers):
-            ax = axes[layer, 0]
-            im = ax.imshow(frac[:, layer].T, aspect="auto", origin="lower", cmap="viridis",
-                           extent=(steps[0], steps[-1], -0.5, frac.shape[2] - 0.5), vmin=0)
-            ax.set_ylabel(f"MoE layer {layer}\nexpert")
-            fig.colorbar(im, ax=ax, label="share of tokens")
-        axes[-1, 0].set_xlabel("step")
-        fig.tight_layout()
+        data = load_data(loads)
+        fig = load_figure(data)
         paths.append(os.path.join(out_dir, "expert_load.png"))
         fig.savefig(paths[-1], dpi=100)
         plt.close(fig)
+        paths.append(os.path.join(out_dir, "expert_load.npz"))
+        np.savez(paths[-1], **data)
     return paths
