@@ -145,3 +145,27 @@ def test_indivisible_experts_and_stacked_layers_in_the_placement_rule():
         parallel.moe_param_spec(path, mesh, (6, 16, 32))
     with pytest.raises(ValueError, match="num_experts=6 is not divisible"):
         parallel.shard_moe_params(jmoe.MoE(8, 16, 6, rngs=nnx.Rngs(0)), mesh)
+
+
+def test_an_infinite_entry_keeps_its_sign_through_einsum_dispatch_and_combine():
+    """+inf and -inf entries in one token's input (dispatch) and in one slot's expert output
+    (combine): the einsum backend gives exactly the gather backend's values, signs included,
+    and nothing non-finite reaches another token."""
+    from jmoe import dispatch
+
+    logits = jax.random.normal(jax.random.key(4), (1, 6, 3))
+    plan = routing.tokens_choose(logits, k=1, capacity=6)
+    x = jax.random.normal(jax.random.key(5), (1, 6, 4))
+    x = x.at[0, 2, 0].set(jnp.inf).at[0, 2, 1].set(-jnp.inf).at[0, 4, 3].set(-jnp.inf)
+    got, want = np.asarray(dispatch.einsum_dispatch(x, plan)), np.asarray(dispatch.gather_dispatch(x, plan))
+    np.testing.assert_array_equal(got, want)  # equal arrays: every inf with its sign
+    assert (got == jnp.inf).sum() == 1 and (got == -jnp.inf).sum() == 2
+
+    out = jax.random.normal(jax.random.key(6), (3, 6, 4))
+    e, c = int(plan.token_expert[0, 2, 0]), int(plan.token_slot[0, 2, 0])
+    out = out.at[e, c, 0].set(jnp.inf).at[e, c, 1].set(-jnp.inf)
+    got, want = np.asarray(dispatch.einsum_combine(out, plan)), np.asarray(dispatch.gather_combine(out, plan))
+    assert got[0, 2, 0] == jnp.inf and got[0, 2, 1] == -jnp.inf
+    np.testing.assert_array_equal(np.isfinite(got), np.isfinite(want))
+    np.testing.assert_array_equal(got[~np.isfinite(want)], want[~np.isfinite(want)])
+    np.testing.assert_allclose(got[np.isfinite(want)], want[np.isfinite(want)], rtol=1e-6)

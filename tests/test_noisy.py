@@ -324,3 +324,42 @@ def test_losses_even_out_a_skewed_load():
     with_losses, without = np.mean(finals[True]), np.mean(finals[False])
     print(f"hard-load CV^2 after {steps} steps: with losses {finals[True]}, without {finals[False]}")
     assert with_losses < 0.25 * without, (finals[True], finals[False])
+
+
+def test_z_loss_is_from_the_clean_logits_in_train_mode():
+    """With noise drawn, the z-loss is still mean(logsumexp(c)^2) of the clean logits c = x W_g,
+    computed here by hand in float64; the noisy logits H would give another value."""
+    clean = jax.random.normal(jax.random.key(11), (2, 16, 4)) * 2
+    noise_logits = jnp.full((2, 16, 4), inv_softplus(3.0))  # sigma = 3: H far from c
+    eps = jax.random.normal(jax.random.key(12), (2, 16, 4))
+    plan = noisy.noisy_top_k(clean, noise_logits, k=2, capacity=16, eps=eps)
+    c = np.asarray(clean, np.float64)
+    h = c + np.asarray(eps, np.float64) * 3.0
+
+    def z(v):
+        m = v.max(-1, keepdims=True)
+        return float(np.mean((np.log(np.exp(v - m).sum(-1)) + m[..., 0]) ** 2))
+
+    assert abs(z(h) - z(c)) > 0.1 * z(c)  # the case tells the two apart
+    np.testing.assert_allclose(float(plan.z_loss), z(c), rtol=1e-5)
+
+
+def test_load_loss_stays_finite_where_the_noise_std_underflows():
+    """A noise weight driven far negative makes softplus(x W_noise) underflow to 0 in float32:
+    the load loss divides by sigma, so sigma is held at MIN_NOISE_STD or more. The loss, P(x, i)
+    and the gradients to both logits stay finite, with a token whose clean logit ties the
+    threshold (0 / 0 without the floor)."""
+    clean = jnp.array([[[1.0, 1.0, 0.0, -1.0], [2.0, 0.5, 0.5, 0.5], [0.3, -0.2, 0.1, 0.0]]])  # [1, 3, 4], ties
+    noise_logits = jnp.full(clean.shape, -200.0)  # softplus(-200) == 0 in float32
+    assert float(noisy.noise_std(noise_logits).max()) == 0.0  # the case: sigma has underflowed
+
+    def load_loss(clean, noise_logits):
+        h = noisy.noisy_logits(clean, noise_logits, jnp.zeros_like(clean))
+        return noisy.balance_loss(noisy.smooth_load(clean, h, noise_logits, 2), 0.1)
+
+    p = noisy.prob_in_top_k(clean, clean, noise_logits, 2)
+    assert np.isfinite(np.asarray(p)).all() and (np.asarray(p) >= 0).all() and (np.asarray(p) <= 1).all()
+    value, grads = jax.value_and_grad(load_loss, (0, 1))(clean, noise_logits)
+    assert np.isfinite(float(value))
+    for g in grads:
+        assert np.isfinite(np.asarray(g)).all()

@@ -361,3 +361,20 @@ def test_router_probabilities_float32_for_bf16_logits():
     got = plan_weights(plan)
     for (g, s, e), w in got.items():
         np.testing.assert_allclose(w, expected[g, s, e], rtol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["tokens_choose", "noisy_top_k"])
+def test_jitter_draws_are_uniform_on_one_minus_to_one_plus_jitter(name):
+    """Switch's multiplicative jitter x * U(1 - j, 1 + j): the draws fill that whole range and
+    average 1 (a draw from U(1 - j, 1) would shrink every router input by j / 2 on average)."""
+    j = 0.2
+    router = routing.make_router(name, k=1, jitter=j)
+    keys = iter(jax.random.split(jax.random.key(0), 4))
+    u = np.asarray(router.draw(lambda: next(keys), (8, 64, 64), 4)["jitter"], np.float64)  # [G, S, d]
+    assert u.shape == (8, 64, 64)
+    assert u.min() >= 1 - j and u.max() <= 1 + j
+    assert u.min() < 1 - 0.95 * j and u.max() > 1 + 0.95 * j  # both ends are reached
+    assert abs(u.mean() - 1.0) < 0.005  # the mean of U(1 - j, 1 + j); standard error ~0.0004 here
+    assert abs(np.mean(u > 1.0) - 0.5) < 0.02  # as many draws above 1 as below
+    assert abs(u.var() - (2 * j) ** 2 / 12) < 0.1 * (2 * j) ** 2 / 12
+    assert not np.asarray(router.draw(lambda: next(keys), (8, 64, 64), 4)["jitter"] == u).all()  # fresh draws
