@@ -313,3 +313,15 @@ def test_model_axis_without_expert_axis_traces():
     x, _, _ = inputs(11, batch=8, seq=8, with_mask=False)
     y, _ = trace_on_mesh(mesh, x, num_experts=8)
     assert y.shape == x.shape
+
+
+@pytest.mark.parametrize("dropless", [False, True])
+def test_explicit_mesh_given_as_argument_needs_no_set_mesh(dropless):
+    """``mesh=jax.make_mesh(...)`` (explicit axes) with no ``jax.set_mesh`` around creation
+    or the call: the layer places its inputs on that mesh itself and equals one device."""
+    mesh = jax.make_mesh((2, 2, 2), ("data", "expert", "model"))
+    options = dict(num_experts=8, k=2, capacity_factor=None if dropless else 1.0)
+    x, mask, r = inputs(3, batch=8, seq=8, with_mask=True)
+    expected = value_and_grads(make_moe(None, **options), x, mask, r)
+    actual = value_and_grads(make_moe(mesh, **options), x, mask, r)
+    assert_tree_close(actual, expected)

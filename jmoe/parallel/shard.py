@@ -149,17 +149,18 @@ def forward_on_mesh(forward: Callable, mesh, axes: MeshAxes, params: dict, x: Ar
     exchange = MeshExchange(axes, hierarchical, a2a_chunks, dropless_exchange, buffer_factor)
     token_spec = P(axes.token_axes or None)
     explicit = is_explicit(mesh)
-    inputs = {"tokens": _flat(x, x.ndim - 1, token_spec, explicit),  # [T, d]
-              "draws": {k: _flat(v, 2, token_spec, explicit) for k, v in draws.items()}}  # [T, ...]
+    inputs = {"tokens": _flat(x, x.ndim - 1, token_spec, explicit, mesh),  # [T, d]
+              "draws": {k: _flat(v, 2, token_spec, explicit, mesh) for k, v in draws.items()}}  # [T, ...]
     if token_mask is not None:
-        inputs["mask"] = _flat(token_mask, token_mask.ndim, token_spec, explicit)  # [T]
+        inputs["mask"] = _flat(token_mask, token_mask.ndim, token_spec, explicit, mesh)  # [T]
     input_specs = jax.tree.map(lambda _: token_spec, inputs)
     param_specs = {"router": jax.tree.map(lambda _: P(), params["router"]),
                    "experts": expert_param_specs(params["experts"], axes)}
     if "shared" in params:
         param_specs["shared"] = shared_param_specs(params["shared"], axes)
     if explicit:  # shard_map wants inputs whose types match its in_specs
-        inputs, params = jax.tree.map(jax.sharding.reshard, (inputs, params), (input_specs, param_specs))
+        inputs, params = jax.tree.map(lambda v, spec: jax.sharding.reshard(v, _on(mesh, spec)),
+                                      (inputs, params), (input_specs, param_specs))
 
     def local(inputs, params):
         groups = inputs["tokens"].reshape(-1, group_size, d)  # [G_l, S, d]
@@ -172,17 +173,23 @@ def forward_on_mesh(forward: Callable, mesh, axes: MeshAxes, params: dict, x: Ar
     fn = shard_map(local, mesh=mesh, in_specs=(input_specs, param_specs), out_specs=(token_spec, P()))
     y, aux = fn(inputs, params)  # [T, d], aux replicated
     if explicit:
-        y = jnp.reshape(y, x.shape, out_sharding=P(*token_spec, *[None] * (x.ndim - 1)))
-        return jax.sharding.reshard(y, jax.typeof(x).sharding.spec), aux
+        y = jnp.reshape(y, x.shape, out_sharding=_on(mesh, P(*token_spec, *[None] * (x.ndim - 1))))
+        return jax.sharding.reshard(y, _on(mesh, jax.typeof(x).sharding.spec)), aux
     return y.reshape(x.shape), aux
 
 
-def _flat(v: Array, lead: int, token_spec: P, explicit: bool) -> Array:
+def _flat(v: Array, lead: int, token_spec: P, explicit: bool, mesh=None) -> Array:
     """``v`` with its ``lead`` token dims merged into one leading dim ``[T, ...]`` (x ``[B, S, d]``,
     a mask ``[B, S]``, draws ``[G, S, ...]``). On an explicit mesh the merge keeps the tokens
     split over the token axes."""
     shape = (math.prod(v.shape[:lead]), *v.shape[lead:])
     if not explicit:
         return v.reshape(shape)
-    v = jax.sharding.reshard(v, P(*token_spec, *[None] * (v.ndim - 1)))
-    return jnp.reshape(v, shape, out_sharding=P(*token_spec, *[None] * (len(shape) - 1)))
+    v = jax.sharding.reshard(v, _on(mesh, P(*token_spec, *[None] * (v.ndim - 1))))
+    return jnp.reshape(v, shape, out_sharding=_on(mesh, P(*token_spec, *[None] * (len(shape) - 1))))
+
+
+def _on(mesh, spec: P) -> jax.sharding.NamedSharding:
+    """``spec`` on ``mesh`` itself, so an explicit mesh given as ``mesh=`` works without
+    ``jax.set_mesh`` around the call."""
+    return jax.sharding.NamedSharding(mesh, spec)
