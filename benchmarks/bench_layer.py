@@ -4,15 +4,18 @@
     PYTHONPATH=. python benchmarks/bench_layer.py --suite peers --scale cpu
     PYTHONPATH=. python benchmarks/bench_layer.py --suite dropless --backends gather   # issue 7
     PYTHONPATH=. python benchmarks/bench_layer.py --suite peers --scale gpu --dtype bfloat16 --out results/
+    PYTHONPATH=. python benchmarks/bench_layer.py --suite peers --only mixtral,deepseek   # issue 20's pair
 
 For each workload and dispatch backend: the median of ``--iters`` timed runs after
 warm-up (``block_until_ready``), useful TFLOP/s, the compiled program's temporary
 memory (XLA's memory analysis; peak device memory on GPU), and the ratio to the
 *floor*: the expert matmuls alone on pre-dispatched inputs ``[E, G * C, d]`` of the
-same shapes, measured in the same run.
+same shapes (plus the shared expert on every token, where the layer has one), measured in
+the same run.
 
-Useful FLOPs (GUIDE section 6): ``2 * tokens * k * d * f * m * (1 - dropped)``,
-m = 2 for a plain FFN, 3 for a gated one; forward+backward counts 3x.
+Useful FLOPs (GUIDE section 6): ``2 * tokens * (k * f * (1 - dropped) + F) * d * m``,
+F the shared expert's width (0 without), m = 2 for a plain FFN, 3 for a gated one;
+forward+backward counts 3x.
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ from flax import nnx
 from benchtools import median_time  # noqa: E402  (a script's own folder is on sys.path)
 import jmoe
 from jmoe import routing
-from jmoe.experts import GATED, expert_ffn
+from jmoe.experts import GATED, expert_ffn, shared_ffn
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,6 +51,9 @@ class Workload:
     use_bias: bool = False
     balanced: bool = False  # force perfectly balanced routing (Megatron-Core's case)
     grouped_matmul: str = "auto"  # dropless only: jmoe.grouped_matmul.GROUPED_MATMULS
+    shared_d_ff: int | None = None  # a shared expert every token goes through (DeepSeek)
+    router: str = "tokens_choose"
+    router_options: tuple = ()  # (name, value) pairs for jmoe.MoE (e.g. group_limited's)
 
     @property
     def tokens(self) -> int:
@@ -91,7 +97,18 @@ def peers_suite(scale: str) -> list[Workload]:
         # Tutel "helloworld": 16 x 512 tokens, d = f = 2048, 2 experts per device, top-2, factor 1.0, ReLU + biases.
         Workload("tutel-helloworld", 16, 512 // (2 if s > 1 else 1), 2048 // s, 2048 // s,
                  2 * jax.device_count(), 2, 1.0, "relu", True),
+        # DeepSeek-like (issue 20; DeepSeek-V2-Lite's shapes with V3's router): 4,096 tokens, d 2,048,
+        # 64 fine-grained experts of f 1,408, top-6, SwiGLU, 2 shared experts (one FFN of 2 x 1,408),
+        # sigmoid scores, group-limited (8 groups, the best 4), weights renormalised; dropless (its mode)
+        # and capacity 1.25 (the bias is 0: a fresh router's natural imbalance)
+        *(Workload(f"deepseek-{mode}", 1, 4096 // s, 2048 // s, 1408 // s, 64, 6, cf, "swiglu",
+                   shared_d_ff=2816 // s, router="group_limited", router_options=DEEPSEEK_ROUTER)
+          for mode, cf in (("dropless", None), ("natural", 1.25))),
     ]
+
+
+DEEPSEEK_ROUTER = (("score_function", "sigmoid"), ("n_group", 8), ("topk_group", 4), ("normalize", True),
+                   ("selection_bias", True))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -125,12 +142,15 @@ def bench_workload(w: Workload, backend: str, dtype, iters: int) -> dict:
     cls = BalancedMoE if w.balanced else jmoe.MoE
     moe = cls(w.d_model, w.d_ff, w.num_experts, k=w.k, capacity_factor=w.capacity_factor,
               activation=w.activation, use_bias=w.use_bias, dispatch=backend, dtype=dtype,
-              param_dtype=dtype, grouped_matmul=w.grouped_matmul, rngs=nnx.Rngs(0))
+              param_dtype=dtype, grouped_matmul=w.grouped_matmul, shared_d_ff=w.shared_d_ff, router=w.router,
+              rngs=nnx.Rngs(0), **dict(w.router_options))
     graphdef, params, rest = nnx.split(moe, nnx.Param, ...)
     x = jax.random.normal(jax.random.key(1), (w.batch, w.seq, w.d_model), dtype)
 
     def forward(params, x):
-        y, aux = nnx.merge(graphdef, params, rest)(x)
+        # a copy of the rest: a layer with a selection bias counts its load (expert_load) in train mode, and
+        # NNX mutates only variables made inside this trace
+        y, aux = nnx.merge(graphdef, params, jax.tree.map(lambda v: v, rest))(x)
         return y, aux
 
     def loss(params, x):
@@ -146,14 +166,23 @@ def bench_workload(w: Workload, backend: str, dtype, iters: int) -> dict:
         capacity = w.seq * w.k // w.num_experts
     expert_in = jax.random.normal(jax.random.key(2), (w.num_experts, w.batch * capacity, w.d_model), dtype)
     expert_params = moe.experts.params()
-    floor_fwd = jax.jit(lambda p, h: expert_ffn(h, p, w.activation))
-    floor_fwd_bwd = jax.jit(jax.grad(lambda p, h: jnp.sum(expert_ffn(h, p, w.activation).astype(jnp.float32) ** 2),
-                                     argnums=(0, 1)))
+    shared_in = x.reshape(-1, w.d_model)
+    if w.shared_d_ff:  # the shared expert's matmuls belong to the floor too
+        expert_params = {"experts": expert_params, "shared": moe.shared_expert.params()}
+
+    def floor(p, h):  # the expert outputs (and the shared expert's)
+        if not w.shared_d_ff:
+            return expert_ffn(h, p, w.activation)
+        return expert_ffn(h, p["experts"], w.activation), shared_ffn(shared_in, p["shared"], w.activation)
+
+    floor_fwd = jax.jit(floor)
+    floor_fwd_bwd = jax.jit(jax.grad(
+        lambda p, h: sum(jnp.sum(y.astype(jnp.float32) ** 2) for y in jax.tree.leaves(floor(p, h))), argnums=(0, 1)))
 
     _, aux = fwd(params, x)
     dropped = float(aux["dropped_fraction"])
     m = 3 if w.activation in GATED else 2
-    useful_flops = 2 * w.tokens * w.k * w.d_model * w.d_ff * m * (1 - dropped)
+    useful_flops = 2 * w.tokens * w.d_model * m * (w.k * w.d_ff * (1 - dropped) + (w.shared_d_ff or 0))
 
     t_fwd = median_time(fwd, params, x, iters=iters)
     t_fwd_bwd = median_time(fwd_bwd, params, x, iters=iters)

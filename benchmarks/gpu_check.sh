@@ -2,7 +2,7 @@
 # One prepared GPU check, for a session that is lent a GPU (one device call of at most 9 minutes: the
 # default steps' limits below add up to 505 s, plus ~15 s of archiving; use the device tool's timeout_s=540).
 # GPU_CHECK_ONLY="device tests ..." runs only the named steps (the extra steps bench_pallas, bench_mixtral,
-# bench_peers and bench_sweep run only when named, or in the smoke run); GPU_CHECK_TESTS overrides the test
+# bench_deepseek, bench_peers and bench_sweep run only when named, or in the smoke run); GPU_CHECK_TESTS overrides the test
 # list. The smoke run (CPU) allows each step 3x its limit and lets Pallas interpret (JMOE_ALLOW_INTERPRET=1).
 #
 #   bash benchmarks/gpu_check.sh OUT_DIR            # on the GPU machine, from the repo root
@@ -22,7 +22,9 @@
 #   5. bench_dropless  dropless (each grouped matmul) vs capacity factors (one layer, GPU scale,      60 s
 #                   bf16): issue 16's "dropless within 1.15x of its floor, faster than factor 1.25"
 #   6. train        train.py with configs/small_gpu (attention=auto: cuDNN) for a few steps           45 s
-#   extra (named only): bench_mixtral (the Mixtral-like layer per dispatch backend, 30 s), bench_pallas
+#   extra (named only): bench_mixtral (the Mixtral-like layer per dispatch backend, 30 s), bench_deepseek
+#   (issue 20: the DeepSeek-like layer beside it: 64 small experts, top-6, a shared expert, group-limited
+#   sigmoid router; dropless and capacity 1.25, 40 s), bench_pallas
 #   (50 s), mosaic_dispatch (issue 17: Mosaic GPU vs Triton vs gather dispatch/combine at the Mixtral and
 #   FastMoE shapes, % of copy bandwidth, 90 s), bench_peers (25 s), bench_sweep (20 s), sanitizer (issue 15: the Pallas kernel tests compiled
 #   under compute-sanitizer memcheck, which catches a read or write past a buffer's end, 90 s)
@@ -68,6 +70,8 @@ step bench_dropless 60 $PY benchmarks/bench_layer.py --suite dropless --scale $S
 step bench_pallas 50 $PY benchmarks/bench_pallas.py $PALLAS --out "$OUT/bench_pallas.json"
 step mosaic_dispatch 90 $PY benchmarks/bench_mosaic_dispatch.py "$OUT/mosaic_dispatch.json"
 step bench_mixtral 30 $PY benchmarks/bench_layer.py --suite peers --only mixtral --tag mixtral --scale $SCALE \
+  --dtype $DTYPE --backends $BACKENDS --iters $ITERS --out "$OUT"
+step bench_deepseek 40 $PY benchmarks/bench_layer.py --suite peers --only deepseek --tag deepseek --scale $SCALE \
   --dtype $DTYPE --backends $BACKENDS --iters $ITERS --out "$OUT"
 step bench_peers 25 $PY benchmarks/bench_layer.py --suite peers --only fastmoe,tutel --scale $SCALE --dtype $DTYPE \
   --backends $BACKENDS --iters $ITERS --out "$OUT"
