@@ -1,5 +1,6 @@
 """Faults a run must survive: a corrupt checkpoint, a second run on one out_dir, Ctrl-C during a save,
-a FIFO in the data directory, bad paths and values on the command line, a truncated metrics log.
+a FIFO in the data directory, bad paths and values on the command line, a truncated metrics log, a data
+folder of a few files (and a FIFO), a last step off the checkpoint period.
 
 Micro models as in test_training.py (6 steps); the process-level tests run train.py in a subprocess with
 a timeout, so a hang fails the test instead of stalling the suite.
@@ -278,3 +279,42 @@ def test_resume_drops_a_partial_last_line_of_the_metrics_log(finished, text_file
         fh.write("{not json\n" + lines[0])
     with pytest.raises(ValueError, match=f"{path}, line {len(lines) + 1}: not a JSON record"):
         training.train(short(text_file), out, print_fn=lambda *a: None, plots=False)
+
+
+# ----------------------------------------------------------------------------
+# A small data folder (three files and a FIFO), 5 steps with ckpt_every=2 (issue 22)
+# ----------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def folder_run(tmp_path_factory):
+    """5 steps on a folder of three small books and a FIFO: the file split would hold out no file."""
+    from tests.test_data import books
+
+    folder = books(tmp_path_factory.mktemp("books"))
+    os.mkfifo(folder / "pipe.txt")
+    out = str(tmp_path_factory.mktemp("folder") / "run")
+    result = {}
+    thread = threading.Thread(target=lambda: result.update(
+        run=training.train(short(str(folder), steps=5, eval_every=5), out, print_fn=lambda *a: None,
+                           plots=False)), daemon=True)
+    thread.start()
+    thread.join(timeout=240)
+    if thread.is_alive():
+        os.close(os.open(folder / "pipe.txt", os.O_WRONLY | os.O_NONBLOCK))  # release a reader blocked on it
+        pytest.fail("train blocked on the FIFO in the data folder")
+    return out, result["run"]
+
+
+def test_a_small_data_folder_with_a_fifo_trains_and_validates(folder_run):
+    out, run = folder_run
+    assert sorted(train_losses(out)) == [1, 2, 3, 4, 5]
+    evals = run["history"]["eval"]
+    assert [e["step"] for e in evals] == [5] and np.isfinite(evals[0]["val_loss"])
+
+
+def test_the_last_step_is_saved_when_steps_is_not_a_multiple_of_ckpt_every(folder_run):
+    """steps=5, ckpt_every=2: checkpoints 2 and 4 by the period, and 5 at the end (the last 2 kept)."""
+    out, run = folder_run
+    assert run["last_checkpoint"] == 5
+    assert sorted(map(int, os.listdir(os.path.join(out, "checkpoints")))) == [4, 5]
