@@ -9,7 +9,8 @@ Usage:
   python train.py help                         # (or --help) every key, its default and allowed values
 
 Any config key can be overridden as key=value. The run directory (out_dir,
-default runs/<config>) gets metrics.jsonl, loss.png, expert_load.png and
+default runs/<config>) gets metrics.jsonl, loss.png, expert_load.png (per MoE
+layer: load share and dropped fraction over steps; numbers in expert_load.npz) and
 checkpoints/; rerunning the same command resumes from the latest checkpoint
 (a corrupt one is reported and set aside as checkpoints/<step>.corrupt). One run
 at a time per out_dir: a second one exits with an error (out_dir/.lock).
