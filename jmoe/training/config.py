@@ -139,8 +139,8 @@ class Config:
     z_weight: float = _field(0.001, "weight of the summed router z-loss", role="compile", range=(0.0, None))
     # --- data --------------------------------------------------------------
     data: str = _field("", "text file or directory; empty = the Python standard library sources", role="run")
-    val_percent: float = _field(5.0, "percent of files (or bytes, for one file) held out", role="run",
-                                range=(0.1, 50.0))
+    val_percent: float = _field(5.0, "percent of files held out (of each file's bytes, its tail, for one file "
+                                "or a folder too small to split by file)", role="run", range=(0.1, 50.0))
     seq_len: int = _field(128, "tokens (bytes) per sequence", role="compile", range=_POS)
     batch_size: int = _field(16, "global batch size (sequences)", role="compile", range=_POS)
     # --- optimisation -----------------------------------------------------
