@@ -18,7 +18,10 @@ In a Flax NNX training step::
     jmoe.update_selection_biases(model, rate=1e-3)     # b += rate * sign(mean - load); load = 0
 
 Both variables are ordinary NNX state (:class:`SelectionBias`, :class:`ExpertLoad`), so
-``nnx.state(model)`` saves and restores them with a checkpoint.
+``nnx.state(model)`` saves and restores them with a checkpoint. A train-mode call *writes*
+``expert_load``: under a plain ``jax.jit``, merge the model inside the traced function from
+arrays (``nnx.merge(graphdef, nnx.to_pure_dict(state))``), as NNX requires for any state a
+call mutates (BatchNorm's statistics too); ``nnx.jit`` and the NNX transforms handle it.
 """
 
 from __future__ import annotations
