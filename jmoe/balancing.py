@@ -19,9 +19,10 @@ In a Flax NNX training step::
 
 Both variables are ordinary NNX state (:class:`SelectionBias`, :class:`ExpertLoad`), so
 ``nnx.state(model)`` saves and restores them with a checkpoint. A train-mode call *writes*
-``expert_load``: under a plain ``jax.jit``, merge the model inside the traced function from
-arrays (``nnx.merge(graphdef, nnx.to_pure_dict(state))``), as NNX requires for any state a
-call mutates (BatchNorm's statistics too); ``nnx.jit`` and the NNX transforms handle it.
+``expert_load``: under a plain ``jax.jit``, pass the state in as an argument and merge it
+inside (``jax.jit(lambda state, x: nnx.merge(graphdef, state)(x))``), not closed over from
+outside the trace, as NNX requires for any state a call mutates (BatchNorm's statistics
+too); ``nnx.jit`` and the NNX transforms handle it.
 """
 
 from __future__ import annotations
