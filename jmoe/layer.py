@@ -347,7 +347,7 @@ class MoE(nnx.Module):
         group_size = group_size_for(x, self.group_size, not self.deterministic)
         groups_shape = (x.size // (group_size * self.d_model), group_size, self.d_model)  # [G, S, d]
         forward = functools.partial(moe_forward, self._pipeline(group_size))
-        mesh, axes = self._mesh_axes()
+        mesh, axes = self._mesh_axes(x)
         if parallel.uses_mesh(mesh, axes):  # under shard_map: expert / model parallel, or an explicit mesh
             y, aux = parallel.forward_on_mesh(
                 forward, mesh, axes, self.params(), x, token_mask, self.draws(groups_shape), group_size=group_size,
@@ -366,9 +366,10 @@ class MoE(nnx.Module):
             self.sow(nnx.Intermediate, name, value)
         return y
 
-    def _mesh_axes(self) -> tuple:
-        """The mesh the layer runs on (``mesh=`` or the ambient one; None) and its axes' roles."""
-        mesh = parallel.resolve_mesh(self.mesh_options.mesh)
+    def _mesh_axes(self, x: Array | None = None) -> tuple:
+        """The mesh the layer runs on (``mesh=``, the ambient one, or that of x's explicit
+        sharding; None) and its axes' roles."""
+        mesh = parallel.resolve_mesh(self.mesh_options.mesh, x)
         if mesh is None:
             return None, None
         return mesh, parallel.MeshAxes.of(mesh, self.mesh_options.expert_axes, self.mesh_options.model_axis)

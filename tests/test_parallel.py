@@ -325,3 +325,18 @@ def test_explicit_mesh_given_as_argument_needs_no_set_mesh(dropless):
     expected = value_and_grads(make_moe(None, **options), x, mask, r)
     actual = value_and_grads(make_moe(mesh, **options), x, mask, r)
     assert_tree_close(actual, expected)
+
+
+@pytest.mark.parametrize("dropless", [False, True])
+def test_input_sharded_on_an_explicit_mesh_without_set_mesh(dropless):
+    """No ``mesh=`` and no ``jax.set_mesh``: x placed on an explicit data mesh with
+    ``jax.device_put`` carries its mesh in its type; the layer runs on that mesh (it failed
+    in the routing scatter on the one-device path) and equals one device."""
+    mesh = jax.make_mesh((8,), ("data",))
+    options = dict(num_experts=8, k=2, capacity_factor=None if dropless else 1.0)
+    x, mask, r = inputs(4, batch=8, seq=8, with_mask=False)
+    expected = value_and_grads(make_moe(None, **options), x, mask, r)
+    put = lambda a: jax.device_put(a, jax.NamedSharding(mesh, jax.P("data")))  # noqa: E731
+    actual = value_and_grads(make_moe(None, **options), put(x), mask, put(r))
+    assert_tree_close(actual, expected)
+    assert actual[0].shape == x.shape

@@ -82,14 +82,21 @@ def make_mesh(
     return Mesh(device_array, tuple(names), axis_types=(axis_types,) * len(names))
 
 
-def resolve_mesh(mesh: Mesh | None = None):
-    """``mesh`` if given, else the ambient mesh of ``jax.set_mesh`` (None if none)."""
+def resolve_mesh(mesh: Mesh | None = None, x=None):
+    """``mesh`` if given, else the ambient mesh of ``jax.set_mesh``, else the mesh of ``x``'s
+    type when x is sharded over explicit axes (an array placed with ``jax.device_put`` and no
+    mesh set); None if none."""
     if mesh is not None:
         return mesh
     ambient = jax.sharding.get_abstract_mesh()
-    if ambient is None or ambient.empty:
-        return None
-    return ambient
+    if ambient is not None and not ambient.empty:
+        return ambient
+    if x is not None:
+        sharding = getattr(jax.typeof(x), "sharding", None)
+        typed = getattr(sharding, "mesh", None)
+        if typed is not None and not typed.empty and is_explicit(typed) and typed.size > 1:
+            return typed
+    return None
 
 
 def axis_size(mesh, name: str) -> int:
