@@ -38,10 +38,9 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from jmoe.routing.plan import (RoutingPlan, check_logits, global_load_balance, load_balancing_loss, router_entropy,
-                               slot_metrics, slots_from_tokens, z_loss)
+from jmoe.routing.plan import RoutingPlan, check_logits
 from jmoe.routing.router import Router
-from jmoe.routing.token_choice import PRIORITIES, assign_slots
+from jmoe.routing.token_choice import PRIORITIES, plan_from_choices
 
 Array = jax.Array
 
@@ -102,29 +101,10 @@ def group_limited_top_k(
     weights = weights * routed_scaling_factor
 
     requested = jnp.broadcast_to(mask[..., None], top_experts.shape)  # [G, S, K]
-    order = jnp.broadcast_to(jnp.arange(group_size), (num_groups, group_size))
-    token_slot = assign_slots(top_experts, requested, order, capacity=capacity, priority=priority,
-                              num_experts=num_experts)  # [G, S, K]
-    slot_token = slots_from_tokens(top_experts, token_slot, num_experts, capacity)  # [G, E, C]
-
+    order = jnp.broadcast_to(jnp.arange(group_size), (num_groups, group_size))  # [G, S]
     probs = scores / jnp.sum(scores, axis=-1, keepdims=True) if score_function == "sigmoid" else scores  # [G, S, E]
-    num_requested = jnp.sum(requested).astype(jnp.float32)
-    dropped = (jnp.sum(requested & (token_slot < 0)) / jnp.maximum(num_requested, 1.0)).astype(jnp.float32)
-    tokens_per_expert, padding = slot_metrics(slot_token)
-    return RoutingPlan(
-        slot_token=slot_token,
-        token_expert=top_experts,
-        token_slot=token_slot.astype(jnp.int32),
-        token_weight=jnp.where(token_slot >= 0, weights, 0.0).astype(jnp.float32),
-        load_balancing_loss=load_balancing_loss(probs, top_experts, mask),
-        z_loss=z_loss(logits, mask),
-        dropped_fraction=dropped,
-        requested_assignments=num_requested,
-        tokens_per_expert=tokens_per_expert,
-        padding_fraction=padding,
-        router_entropy=router_entropy(probs, mask),
-        extra_losses=global_load_balance(probs, top_experts, mask),
-    )
+    return plan_from_choices(logits, probs, top_experts, weights, requested, order, mask, capacity=capacity,
+                             priority=priority)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -111,9 +111,22 @@ def tokens_choose(
     else:
         order = jnp.broadcast_to(jnp.arange(group_size), (num_groups, group_size))
 
+    return plan_from_choices(logits, probs, top_experts, weights, requested, order, mask, capacity=capacity,
+                             priority=priority)
+
+
+def plan_from_choices(logits: Array, probs: Array, top_experts: Array, weights: Array, requested: Array,
+                      order: Array, token_mask: Array, *, capacity: int, priority: str) -> RoutingPlan:
+    """The plan of a router whose tokens chose their experts: slots by priority
+    (:func:`assign_slots`), weights 0 where dropped, the shared losses and metrics.
+
+    ``logits`` / ``probs`` [G, S, E] (probs: what the losses and entropy read); ``top_experts``
+    / ``weights`` / ``requested`` [G, S, K]; ``order`` [G, S] the token order of each pass;
+    ``token_mask`` [G, S] bool.
+    """
+    num_experts = logits.shape[-1]
     token_slot = assign_slots(top_experts, requested, order, capacity=capacity, priority=priority,
                               num_experts=num_experts)  # [G, S, K]
-
     token_weight = jnp.where(token_slot >= 0, weights, 0.0)  # [G, S, K]
     slot_token = slots_from_tokens(top_experts, token_slot, num_experts, capacity)  # [G, E, C]
 
@@ -125,14 +138,14 @@ def tokens_choose(
         token_expert=top_experts.astype(jnp.int32),
         token_slot=token_slot.astype(jnp.int32),
         token_weight=token_weight.astype(jnp.float32),
-        load_balancing_loss=load_balancing_loss(probs, top_experts, mask),
-        z_loss=z_loss(logits, mask),
+        load_balancing_loss=load_balancing_loss(probs, top_experts, token_mask),
+        z_loss=z_loss(logits, token_mask),
         dropped_fraction=dropped,
         requested_assignments=num_requested,
         tokens_per_expert=tokens_per_expert,
         padding_fraction=padding,
-        router_entropy=router_entropy(probs, mask),
-        extra_losses=global_load_balance(probs, top_experts, mask),
+        router_entropy=router_entropy(probs, token_mask),
+        extra_losses=global_load_balance(probs, top_experts, token_mask),
     )
 
 
