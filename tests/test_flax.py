@@ -129,7 +129,7 @@ MODEL_SHARDED_CASES = [
     *[(kind, shape, gmm) for kind in ("explicit",) for shape in ((8, 1), (4, 2)) for gmm in CPU_MATMULS],
     # An Auto mesh runs the layer's one-device path under XLA's partitioner; the interpreted kernels'
     # host callbacks there meet collectives that 8 emulated devices on 2 cores can time out: XLA's two only.
-    *[(kind, shape, gmm) for kind in ("auto",) for shape in ((8, 1), (4, 2)) for gmm in ("scan", "ragged_dot")],
+    ("auto", (8, 1), "scan"), ("auto", (4, 2), "ragged_dot"),
 ]
 
 
@@ -156,7 +156,7 @@ def test_dropless_with_model_sharded_activations_trains_as_on_one_device(kind, s
         assert MOE_INPUT_TYPES and all(t.sharding.spec == P("data", None, "model") for t in MOE_INPUT_TYPES)
 
 
-@pytest.mark.parametrize("shape", [(8, 1), (4, 2)])
+@pytest.mark.parametrize("shape", [(4, 2)])
 def test_capacity_layer_on_an_auto_mesh_with_model_sharded_dense_layers(shape):
     mesh = jax.make_mesh(shape, ("data", "model"), axis_types=AUTO)
     got, _ = train_losses(mesh, {}, layers=1)
