@@ -274,7 +274,7 @@ class MoE(nnx.Module):
         for name, value in self.router.init_params(rngs.params(), d_model, num_experts).items():
             kind = SelectionBias if name in self.router.state_params else nnx.Param
             setattr(self, name, kind(value, **sharding.get(name, {})))  # router_weight [d, E] float32, ...
-        if "selection_bias" in self.router.state_params and self.router.selection_bias:
+        if hasattr(self, "selection_bias"):  # the load its bias update balances
             self.expert_load = ExpertLoad(jnp.zeros((num_experts,), jnp.float32), **sharding.get("selection_bias", {}))
         self.experts = ExpertBank(
             num_experts, d_model, d_ff, activation=activation, use_bias=use_bias,

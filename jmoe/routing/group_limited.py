@@ -149,7 +149,8 @@ class GroupLimited(Router):
     def check_experts(self, num_experts: int) -> None:
         super().check_experts(num_experts)
         if num_experts % self.n_group:
-            raise ValueError(f"num_experts={num_experts} must be divisible by n_group={self.n_group}")
+            raise ValueError(f"num_experts={num_experts} is not divisible by n_group={self.n_group}: n_group must "
+                             f"divide num_experts (the experts form n_group equal groups)")
         per_group = num_experts // self.n_group
         if self.n_group > 1 and self.group_score == "top2_sum" and per_group < 2:
             raise ValueError(f"group_score='top2_sum' sums each group's 2 best experts: it needs >= 2 experts per "

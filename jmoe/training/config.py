@@ -28,7 +28,7 @@ from jmoe.training.model import ATTENTION_IMPLS, EMBEDDINGS
 from jmoe.parallel.dropless_exchange import NAMES as DROPLESS_EXCHANGE_NAMES
 from jmoe.routing import DEFAULT_ROUTER
 from jmoe.routing import NAMES as ROUTER_NAMES
-from jmoe.routing import PRIORITIES, SECOND_EXPERT_POLICIES
+from jmoe.routing import PRIORITIES, SECOND_EXPERT_POLICIES, make_router
 from jmoe.routing.group_limited import GROUP_SCORES, SCORE_FUNCTIONS
 
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "configs")
@@ -197,21 +197,14 @@ class Config:
             on = [f"{k}={getattr(self, k)!r}" for k, off in GROUP_LIMITED_DEFAULTS.items() if getattr(self, k) != off]
             if on:
                 raise ValueError(f"{', '.join(on)} need router=group_limited, got router={self.router!r}")
-        elif self.num_experts:
-            if self.num_experts % self.n_group:
-                raise ValueError(f"n_group={self.n_group} must divide num_experts={self.num_experts}")
-            if self.topk_group > self.n_group:
-                raise ValueError(f"topk_group={self.topk_group} must be <= n_group={self.n_group}")
-            if self.k > self.topk_group * (self.num_experts // self.n_group):
-                raise ValueError(f"k={self.k} experts cannot come from topk_group={self.topk_group} groups of "
-                                 f"{self.num_experts // self.n_group} experts")
+        router = make_router(self.router, k=self.k, **self.moe_router_kwargs())  # the router checks its options
+        if self.num_experts:
+            router.check_experts(self.num_experts)
         if self.bias_update_rate and not self.selection_bias:
             raise ValueError(f"bias_update_rate={self.bias_update_rate} updates the selection biases: it needs "
                              f"selection_bias=1 (and router=group_limited)")
         if self.shared_gate and not self.shared_d_ff:
             raise ValueError("shared_gate=1 gates the shared expert: it needs shared_d_ff >= 1")
-        if self.scale_expert_input and self.k != 1:
-            raise ValueError(f"scale_expert_input=1 needs k=1, got k={self.k}")
 
     def moe_router_kwargs(self) -> dict[str, Any]:
         """The router options :class:`jmoe.MoE` takes from this config (the group_limited ones only for
