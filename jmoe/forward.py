@@ -4,7 +4,7 @@
 
     (params, groups [G, S, d], token_mask [G, S], draws, exchange)
       route      plan = router.route(params["router"], groups, draws, token_mask, C)
-                 (scale_expert_input: the expert's input is w * x and its output weight 1)
+      expert in  router.expert_inputs: x and the plan, or w x and weight 1 (scale_expert_input)
       capacity   dispatch -> [E, G * C, d]; exchange.capacity_experts; combine -> [G, S, d]
       dropless   exchange.dropless_experts: sort by expert, grouped FFN, unsort + combine
       shared     + the shared expert on every token (hidden dim split over the model axis)
@@ -84,10 +84,7 @@ def moe_forward(pipeline: Pipeline, params: dict, groups: Array, token_mask: Arr
         groups = jnp.where(token_mask[..., None], groups, jnp.zeros((), groups.dtype))
     capacity = group_size if pipeline.capacity is None else pipeline.capacity
     plan = pipeline.router.route(params["router"], groups, draws, token_mask, capacity)
-    routed_in, plan_for_experts = groups, plan
-    if pipeline.router.scale_expert_input:  # k = 1: x -> w x, and the output weight is 1 (0 where dropped)
-        routed_in = groups * plan.token_weight[..., :1].astype(groups.dtype)  # [G, S, d]
-        plan_for_experts = plan.replace(token_weight=(plan.token_slot >= 0).astype(jnp.float32))  # [G, S, 1]
+    routed_in, plan_for_experts = pipeline.router.expert_inputs(groups, plan)  # x, or w x (scale_expert_input)
     y, buffer_dropped = _routed(pipeline, params["experts"], routed_in, plan_for_experts, exchange)  # [G, S, d]
     aux = exchange.reduce_aux(plan, token_mask, buffer_dropped)
     if "shared" in params:

@@ -16,8 +16,8 @@ A router is a frozen dataclass of its options (validated in ``__post_init__``) w
   GPT-OSS); then the subclass's :meth:`Router.plan` from the logits.
 
 ``scale_expert_input=True`` (Llama 4; k = 1): the chosen expert's combine weight
-multiplies its *input* instead of its output, ``y = FFN_e(w * x)`` (the forward applies
-it, :func:`jmoe.forward.moe_forward`).
+multiplies its *input* instead of its output, ``y = FFN_e(w * x)``
+(:meth:`Router.expert_inputs`, which the forward calls between routing and the experts).
 
 A router's own losses travel in ``RoutingPlan.extra_losses`` under the names in its
 ``extra_losses`` class attribute.
@@ -98,6 +98,15 @@ class Router:
         if "router_bias" in params:
             logits = logits + params["router_bias"]
         return self.plan(logits, router_in, params, draws, token_mask, capacity)
+
+    def expert_inputs(self, groups: Array, plan: RoutingPlan) -> tuple[Array, RoutingPlan]:
+        """What the experts read and the plan that combines their outputs: ``groups [G, S, d]`` and
+        ``plan`` as they are, or with ``scale_expert_input`` (k = 1) ``w x`` and a combine weight of
+        1 (0 where the assignment was dropped): ``y = FFN_e(w x)``."""
+        if not self.scale_expert_input:
+            return groups, plan
+        scaled = groups * plan.token_weight[..., :1].astype(groups.dtype)  # [G, S, d]
+        return scaled, plan.replace(token_weight=(plan.token_slot >= 0).astype(jnp.float32))  # [G, S, 1]
 
     def plan(self, logits: Array, router_in: Array, params: dict[str, Array], draws: dict[str, Array],
              token_mask: Array | None, capacity: int) -> RoutingPlan:
