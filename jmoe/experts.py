@@ -20,11 +20,12 @@ activation, optionally scaled per token by ``sigmoid(x w_g)`` (Qwen2-MoE).
 from __future__ import annotations
 
 import dataclasses
-import math
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
+
+from jmoe.checks import positive_number
 
 Array = jax.Array
 
@@ -48,11 +49,8 @@ class Activation:
     def __post_init__(self):
         if self.name not in ACTIVATIONS:
             raise ValueError(f"activation must be one of {ACTIVATIONS}, got {self.name!r}")
-        for option in ("swiglu_alpha", "swiglu_limit"):
-            value = getattr(self, option)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
-                    value > 0 and math.isfinite(value)):
-                raise ValueError(f"{option} must be a finite number > 0, got {value!r}")
+        positive_number("swiglu_alpha", self.swiglu_alpha)
+        positive_number("swiglu_limit", self.swiglu_limit)
 
     @property
     def gated(self) -> bool:

@@ -22,6 +22,7 @@ from flax import nnx
 
 from jmoe import parallel, routing
 from jmoe.balancing import ExpertLoad, SelectionBias
+from jmoe.checks import int_at_least
 from jmoe.experts import Activation, ExpertBank, SharedExpert
 from jmoe.forward import Pipeline, moe_forward
 from jmoe.options import CapacityOptions, DroplessOptions, MeshOptions, check_combination, check_layer
@@ -248,9 +249,8 @@ class MoE(nnx.Module):
                                           scale_expert_input=scale_expert_input,
                                           **{n: v for n, v in router_options.items() if v is not None})
         activation = Activation(activation, swiglu_alpha, swiglu_limit)
-        if shared_d_ff is not None and (isinstance(shared_d_ff, bool) or not isinstance(shared_d_ff, int)
-                                        or shared_d_ff < 1):
-            raise ValueError(f"shared_d_ff must be an integer >= 1 (or None: no shared expert), got {shared_d_ff!r}")
+        if shared_d_ff is not None:  # None: no shared expert
+            int_at_least("shared_d_ff", shared_d_ff, 1)
         if shared_gate and shared_d_ff is None:
             raise ValueError("shared_gate=True gates the shared expert: it needs shared_d_ff")
         self.capacity_options = CapacityOptions(capacity_factor, eval_capacity_factor, min_capacity,

@@ -8,7 +8,6 @@ that span groups. Every check runs at construction, before any tracing.
 from __future__ import annotations
 
 import dataclasses
-import math
 
 import jax
 import jax.numpy as jnp
@@ -16,17 +15,8 @@ import jax.numpy as jnp
 from jmoe import grouped_matmul as gmm_lib
 from jmoe.dispatch import BACKENDS
 from jmoe.parallel.dropless_exchange import DROPLESS_EXCHANGES, receive_buffer_rows
+from jmoe.checks import int_at_least, positive_number
 from jmoe.routing import Router, expert_capacity
-
-
-def _positive_factor(name: str, value) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0 or not math.isfinite(value):
-        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
-
-
-def _int_at_least(name: str, value, low: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,11 +33,11 @@ class CapacityOptions:
 
     def __post_init__(self):
         if self.capacity_factor is not None:
-            _positive_factor("capacity_factor", self.capacity_factor)
+            positive_number("capacity_factor", self.capacity_factor)
         if not (self.dropless and self.eval_capacity_factor is None):
-            _positive_factor("eval_capacity_factor", self.eval_capacity_factor)
-        _int_at_least("min_capacity", self.min_capacity, 0)
-        _int_at_least("capacity_multiple_of", self.multiple_of, 1)
+            positive_number("eval_capacity_factor", self.eval_capacity_factor)
+        int_at_least("min_capacity", self.min_capacity, 0)
+        int_at_least("capacity_multiple_of", self.multiple_of, 1)
 
     @property
     def dropless(self) -> bool:
@@ -93,7 +83,7 @@ class MeshOptions:
     model_axis: str | None = None
 
     def __post_init__(self):
-        _int_at_least("a2a_chunks", self.a2a_chunks, 1)
+        int_at_least("a2a_chunks", self.a2a_chunks, 1)
         if self.expert_axes is not None:
             if isinstance(self.expert_axes, str) or not all(isinstance(a, str) for a in self.expert_axes):
                 raise ValueError(f"expert_axes must be a tuple of mesh axis names, got {self.expert_axes!r}")
@@ -103,7 +93,7 @@ class MeshOptions:
 def check_layer(d_model, d_ff, num_experts, dtype, param_dtype) -> None:
     """Sizes are integers >= 1; the activation and parameter dtypes are floating point."""
     for name, value in (("d_model", d_model), ("d_ff", d_ff), ("num_experts", num_experts)):
-        _int_at_least(name, value, 1)
+        int_at_least(name, value, 1)
     for name, value in (("dtype", dtype), ("param_dtype", param_dtype)):
         try:
             ok = jnp.issubdtype(jnp.dtype(value), jnp.floating)

@@ -38,6 +38,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
+from jmoe.checks import int_at_least, positive_number
 from jmoe.routing.plan import RoutingPlan, check_logits
 from jmoe.routing.router import Router
 from jmoe.routing.token_choice import PRIORITIES, plan_from_choices
@@ -136,15 +137,11 @@ class GroupLimited(Router):
             raise ValueError(f"group_score must be one of {GROUP_SCORES}, got {self.group_score!r}")
         if self.priority not in PRIORITIES:
             raise ValueError(f"priority must be one of {PRIORITIES}, got {self.priority!r}")
-        for option in ("n_group", "topk_group"):
-            value = getattr(self, option)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{option} must be an integer >= 1, got {value!r}")
+        int_at_least("n_group", self.n_group, 1)
+        int_at_least("topk_group", self.topk_group, 1)
         if self.topk_group > self.n_group:
             raise ValueError(f"topk_group={self.topk_group} must be <= n_group={self.n_group}")
-        factor = self.routed_scaling_factor
-        if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not (0 < factor < float("inf")):
-            raise ValueError(f"routed_scaling_factor must be a finite number > 0, got {factor!r}")
+        positive_number("routed_scaling_factor", self.routed_scaling_factor)
 
     def check_experts(self, num_experts: int) -> None:
         super().check_experts(num_experts)
