@@ -266,9 +266,7 @@ class MoE(nnx.Module):
         mesh, axes = self._mesh_axes()
         if mesh is not None:  # the mesh is known: check what needs only the sizes, then place the weights
             parallel.check_mesh(axes, num_experts=num_experts, num_groups=0, d_ff=d_ff,
-                                hierarchical=hierarchical_a2a and parallel.uses_mesh(mesh, axes))
-            if shared_d_ff is not None:
-                parallel.check_mesh(axes, num_experts=num_experts, num_groups=0, d_ff=shared_d_ff, hierarchical=False)
+                                hierarchical=hierarchical_a2a and parallel.uses_mesh(mesh, axes), shared_d_ff=shared_d_ff)
         placed_on = mesh if self.mesh_options.mesh else None
         sharding = {} if mesh is None else parallel.param_sharding(axes, placed_on)
         for name, value in self.router.init_params(rngs.params(), d_model, num_experts).items():

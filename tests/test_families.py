@@ -537,3 +537,12 @@ def test_stacked_layers_under_scan_count_their_own_load_and_update_their_own_bia
     np.testing.assert_allclose(np.asarray(blocks.moe.selection_bias[...]),
                                0.01 * np.sign(np.asarray(load).mean(-1, keepdims=True) - np.asarray(load)), atol=1e-9)
     assert np.all(np.asarray(blocks.moe.expert_load[...]) == 0)
+
+
+def test_a_shared_width_the_model_axis_does_not_divide_is_a_clear_error():
+    mesh = parallel.make_mesh(data=2, expert=2, model=2)
+    with pytest.raises(ValueError, match="shared_d_ff=33 is not divisible by the 'model' axis size 2"):
+        jmoe.MoE(D, F, 8, shared_d_ff=33, mesh=mesh, rngs=nnx.Rngs(0))
+    moe = jmoe.MoE(D, F, 8, shared_d_ff=33, rngs=nnx.Rngs(0))  # no mesh known at construction
+    with jax.set_mesh(mesh), pytest.raises(ValueError, match="shared_d_ff=33 is not divisible"):
+        moe(jnp.ones((8, 4, D)))

@@ -170,8 +170,10 @@ def uses_mesh(mesh, axes: MeshAxes | None = None) -> bool:
     return split or (is_explicit(mesh) and axes.size(*dict(axes.sizes)) > 1)
 
 
-def check_mesh(axes: MeshAxes, *, num_experts: int, num_groups: int, d_ff: int, hierarchical: bool = False) -> None:
-    """Raise a clear ``ValueError`` for a mesh / shape the EP path does not support."""
+def check_mesh(axes: MeshAxes, *, num_experts: int, num_groups: int, d_ff: int, hierarchical: bool = False,
+               shared_d_ff: int | None = None) -> None:
+    """Raise a clear ``ValueError`` for a mesh / shape the EP path does not support (``shared_d_ff``:
+    the shared expert's width, split over the model axis too)."""
     mesh_shape = dict(axes.sizes)
     n = axes.expert_size
     if num_experts % n:
@@ -188,8 +190,9 @@ def check_mesh(axes: MeshAxes, *, num_experts: int, num_groups: int, d_ff: int, 
             f"must route whole groups of its own"
         )
     m = axes.size(axes.model_axis) if axes.model_axis else 1
-    if d_ff % m:
-        raise ValueError(f"d_ff={d_ff} is not divisible by the {axes.model_axis!r} axis size {m}")
+    for name, width in (("d_ff", d_ff), ("shared_d_ff", shared_d_ff)):
+        if width is not None and width % m:
+            raise ValueError(f"{name}={width} is not divisible by the {axes.model_axis!r} axis size {m}")
     if hierarchical and len(axes.expert_axes) != 2:
         raise ValueError(
             f"hierarchical all-to-all needs two expert axes (outer, inner; make_mesh(expert_outer=...)), "

@@ -145,7 +145,7 @@ def forward_on_mesh(forward: Callable, mesh, axes: MeshAxes, params: dict, x: Ar
     num_tokens = x.size // d
     w_in = params["experts"]["w_in"]  # [E, d, f]
     check_mesh(axes, num_experts=w_in.shape[0], num_groups=num_tokens // group_size, d_ff=w_in.shape[2],
-               hierarchical=hierarchical)
+               hierarchical=hierarchical, shared_d_ff=params["shared"]["w_in"].shape[1] if "shared" in params else None)
     exchange = MeshExchange(axes, hierarchical, a2a_chunks, dropless_exchange, buffer_factor)
     token_spec = P(axes.token_axes or None)
     explicit = is_explicit(mesh)
