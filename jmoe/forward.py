@@ -59,12 +59,13 @@ class LocalExchange:
         return expert_ffn(expert_in, params, activation)  # [E, G * C, d]
 
     def dropless_experts(self, tokens: Array, token_expert: Array, token_weight: Array, params: dict[str, Array],
-                         activation: str, grouped_matmul: str, num_experts: int) -> tuple[Array, Array]:
+                         activation: str, grouped_matmul: str, num_experts: int) -> tuple[Array, dict[str, Array]]:
         y = dropless.dropless_experts(tokens, token_expert, token_weight, params, activation, grouped_matmul)
-        return y, jnp.zeros((), jnp.int32)  # [T, d], nothing dropped
+        one = jnp.ones((), jnp.int32)
+        return y, {"dropped": jnp.zeros((), jnp.int32), "rounds": one}  # [T, d], nothing dropped, one pass
 
-    def reduce_aux(self, plan: RoutingPlan, mask: Array | None, buffer_dropped: Array | None = None):
-        return plan.aux()
+    def reduce_aux(self, plan: RoutingPlan, mask: Array | None, exchange_stats: dict[str, Array] | None = None):
+        return {**plan.aux(), "exchange_rounds": jnp.ones((), jnp.int32)}
 
 
 def moe_forward(pipeline: Pipeline, params: dict, groups: Array, token_mask: Array | None, draws: dict[str, Array],
@@ -85,8 +86,8 @@ def moe_forward(pipeline: Pipeline, params: dict, groups: Array, token_mask: Arr
     capacity = group_size if pipeline.capacity is None else pipeline.capacity
     plan = pipeline.router.route(params["router"], groups, draws, token_mask, capacity)
     routed_in, plan_for_experts = pipeline.router.expert_inputs(groups, plan)  # x, or w x (scale_expert_input)
-    y, buffer_dropped = _routed(pipeline, params["experts"], routed_in, plan_for_experts, exchange)  # [G, S, d]
-    aux = exchange.reduce_aux(plan, token_mask, buffer_dropped)
+    y, exchange_stats = _routed(pipeline, params["experts"], routed_in, plan_for_experts, exchange)  # [G, S, d]
+    aux = exchange.reduce_aux(plan, token_mask, exchange_stats)
     if "shared" in params:
         tokens = groups.reshape(-1, d).astype(pipeline.compute_dtype)  # [T, d]
         shared = shared_ffn(tokens, params["shared"], pipeline.activation, exchange.model_axis)  # [T, d]
@@ -98,16 +99,18 @@ def moe_forward(pipeline: Pipeline, params: dict, groups: Array, token_mask: Arr
     return y, aux
 
 
-def _routed(pipeline: Pipeline, experts: dict, groups: Array, plan: RoutingPlan, exchange) -> tuple[Array, Array | None]:
-    """The routed experts' output ``[G, S, d]`` (dropless or capacity path) and the
-    assignments a dropless exchange's bounded buffers dropped (None for the capacity path)."""
+def _routed(pipeline: Pipeline, experts: dict, groups: Array, plan: RoutingPlan,
+            exchange) -> tuple[Array, dict[str, Array] | None]:
+    """The routed experts' output ``[G, S, d]`` (dropless or capacity path) and the dropless
+    exchange's stats (``dropped``: assignments not delivered, ``rounds``; None for the
+    capacity path)."""
     if pipeline.capacity is None:
         tokens = groups.reshape(-1, groups.shape[-1]).astype(pipeline.compute_dtype)  # [T, d]
-        y, buffer_dropped = exchange.dropless_experts(
+        y, exchange_stats = exchange.dropless_experts(
             tokens, plan.token_expert.reshape(tokens.shape[0], -1), plan.token_weight.reshape(tokens.shape[0], -1),
             experts, pipeline.activation, pipeline.grouped_matmul, plan.num_experts,
         )  # [T, d]
-        return y.reshape(groups.shape), buffer_dropped
+        return y.reshape(groups.shape), exchange_stats
     backend = dispatch_lib.get_backend(pipeline.dispatch)
     expert_in = backend.dispatch(groups.astype(pipeline.compute_dtype), plan)  # [E, G * C, d]
     expert_out = exchange.capacity_experts(expert_in, experts, pipeline.activation, plan.capacity)  # [E, G * C, d]

@@ -168,13 +168,15 @@ class MoE(nnx.Module):
         ``hierarchical_a2a`` nor ``a2a_chunks > 1``.
       dropless_exchange: how a dropless layer on a mesh moves rows, a name of
         :data:`jmoe.parallel.DROPLESS_EXCHANGES` (``"auto"``: the platform's choice).
-      dropless_buffer_factor: a dropless layer on a mesh: None (the default) sizes
-        each device's receive buffer for the worst case (n x its T_l tokens x min(k, E_l)
-        rows: nothing is ever dropped; the ragged exchange's buffer is [n * T_l * min(k, E_l), d]);
-        c >= 1 bounds it to ceil(c * T_l * k) rows (c = 1 holds perfectly balanced
-        routing): assignments that don't fit are dropped like capacity drops (each
-        (source, local expert) chunk keeps up to a common cap, a source its first
-        rows) and counted in ``dropped_fraction``. No effect on one device.
+      dropless_buffer_factor: a dropless layer on a mesh: c >= 1 sizes every exchange
+        buffer to about c x its T_l * k rows per device and round, whatever the mesh size
+        (None: ``jmoe.parallel.DEFAULT_BUFFER_FACTOR``; c = 1 holds perfectly balanced
+        routing). Rows that do not fit go in further rounds of the same step
+        (``aux["exchange_rounds"]``). No effect on one device.
+      dropless_overflow: ``"rounds"`` (default: deliver every assignment, more rounds under
+        skew, nothing dropped) or ``"drop"`` (one round, a fixed step time: assignments that
+        do not fit are dropped like capacity drops, each (source, expert) chunk keeping up to
+        a common cap, and counted in ``dropped_fraction``).
       grouped_matmul: a dropless layer's grouped matmul, a name of
         :data:`jmoe.grouped_matmul.GROUPED_MATMULS` (``"auto"``: the platform's choice;
         each implementation's module says what it needs and what was measured).
@@ -235,6 +237,7 @@ class MoE(nnx.Module):
         dropless_exchange: str = "auto",
         grouped_matmul: str = "auto",
         dropless_buffer_factor: float | None = None,
+        dropless_overflow: str = "rounds",
         sow_aux: bool = False,
         rngs: nnx.Rngs,
     ):
@@ -255,7 +258,8 @@ class MoE(nnx.Module):
             raise ValueError("shared_gate=True gates the shared expert: it needs shared_d_ff")
         self.capacity_options = CapacityOptions(capacity_factor, eval_capacity_factor, min_capacity,
                                                 capacity_multiple_of)
-        self.dropless_options = DroplessOptions(grouped_matmul, dropless_exchange, dropless_buffer_factor)
+        self.dropless_options = DroplessOptions(grouped_matmul, dropless_exchange, dropless_buffer_factor,
+                                                dropless_overflow)
         self.mesh_options = MeshOptions(mesh, hierarchical_a2a, a2a_chunks, expert_axes, model_axis)
         check_combination(self.router, num_experts, self.capacity_options, self.dropless_options,
                           self.mesh_options, dispatch, dtype)
@@ -351,6 +355,7 @@ class MoE(nnx.Module):
                 forward, mesh, axes, self.params(), x, token_mask, self.draws(groups_shape), group_size=group_size,
                 hierarchical=self.mesh_options.hierarchical_a2a, a2a_chunks=self.mesh_options.a2a_chunks,
                 dropless_exchange=self.dropless_options.exchange, buffer_factor=self.dropless_options.buffer_factor,
+                overflow=self.dropless_options.overflow,
             )
         else:
             mask = None if token_mask is None else token_mask.reshape(groups_shape[:2])

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 
 from jmoe import grouped_matmul as gmm_lib
 from jmoe.dispatch import BACKENDS
-from jmoe.parallel.dropless_exchange import DROPLESS_EXCHANGES, receive_buffer_rows
+from jmoe.parallel.dropless_exchange import DEFAULT_BUFFER_FACTOR, DROPLESS_EXCHANGES, OVERFLOWS, check_buffer_factor
 from jmoe.checks import int_at_least, positive_number
 from jmoe.routing import Router, expert_capacity
 
@@ -56,18 +56,28 @@ class CapacityOptions:
 
 @dataclasses.dataclass(frozen=True)
 class DroplessOptions:
-    """A dropless layer's grouped matmul, and on a mesh its row exchange and receive buffer
-    (None: the worst case, nothing dropped; c >= 1: ceil(c * T_l * K) rows per device)."""
+    """A dropless layer's grouped matmul, and on a mesh its row exchange, its buffers
+    (c >= 1: about c * T_l * K rows per device and round; None: ``DEFAULT_BUFFER_FACTOR``)
+    and what the rows that do not fit one round do (``overflow``: ``"rounds"``, more
+    rounds, nothing dropped; ``"drop"``: dropped and counted)."""
 
     grouped_matmul: str = "auto"
     exchange: str = "auto"
     buffer_factor: float | None = None
+    overflow: str = "rounds"
 
     def __post_init__(self):
         gmm_lib.GROUPED_MATMULS.check(self.grouped_matmul)
         DROPLESS_EXCHANGES.check(self.exchange)
         if self.buffer_factor is not None:
-            receive_buffer_rows(1, 1, self.buffer_factor)  # the one check of c
+            check_buffer_factor(self.buffer_factor)
+        if self.overflow not in OVERFLOWS:
+            raise ValueError(f"dropless_overflow must be one of {OVERFLOWS}, got {self.overflow!r}")
+
+    @property
+    def factor(self) -> float:
+        """c, the default resolved."""
+        return DEFAULT_BUFFER_FACTOR if self.buffer_factor is None else self.buffer_factor
 
 
 @dataclasses.dataclass(frozen=True)
@@ -114,6 +124,9 @@ def check_combination(router: Router, num_experts: int, capacity: CapacityOption
                          f"router={router.name!r} needs a capacity")
     if dropless.buffer_factor is not None and not capacity.dropless:
         raise ValueError(f"dropless_buffer_factor={dropless.buffer_factor} is for a dropless layer "
+                         f"(capacity_factor=None), got capacity_factor={capacity.capacity_factor}")
+    if dropless.overflow != "rounds" and not capacity.dropless:
+        raise ValueError(f"dropless_overflow={dropless.overflow!r} is for a dropless layer "
                          f"(capacity_factor=None), got capacity_factor={capacity.capacity_factor}")
     if capacity.dropless and (mesh.hierarchical_a2a or mesh.a2a_chunks != 1):
         raise ValueError(

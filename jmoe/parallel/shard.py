@@ -46,8 +46,9 @@ class MeshExchange:
     """The exchange step of the one forward (:mod:`jmoe.forward`) inside ``shard_map``.
 
     ``hierarchical`` / ``chunks``: the capacity
-    path's 2DH and chunked all-to-all; ``dropless_exchange`` / ``buffer_factor``: the
-    dropless path's row exchange and receive-buffer bound.
+    path's 2DH and chunked all-to-all; ``dropless_exchange`` / ``buffer_factor`` /
+    ``overflow``: the dropless path's row exchange, its buffer size and what happens to
+    the rows that do not fit one round (:mod:`jmoe.parallel.dropless_exchange`).
     """
 
     axes: MeshAxes
@@ -55,6 +56,7 @@ class MeshExchange:
     chunks: int = 1
     dropless_exchange: str = "auto"
     buffer_factor: float | None = None
+    overflow: str = "rounds"
 
     @property
     def model_axis(self) -> str | None:
@@ -70,21 +72,21 @@ class MeshExchange:
                                 axes=self.axes, hierarchical=self.hierarchical)
 
     def dropless_experts(self, tokens: Array, token_expert: Array, token_weight: Array, params: dict[str, Array],
-                         activation: str, grouped_matmul: str, num_experts: int) -> tuple[Array, Array]:
-        """[T_l, d] -> (y [T_l, d], assignments the receive buffers dropped)."""
+                         activation: str, grouped_matmul: str, num_experts: int) -> tuple[Array, dict[str, Array]]:
+        """[T_l, d] -> (y [T_l, d], {"dropped": assignments not delivered, "rounds": exchange rounds})."""
         return dropless_exchange_experts(
             tokens, token_expert, token_weight, params, activation, num_experts=num_experts,
             expert_axes=self.axes.expert_axes, expert_size=self.axes.expert_size,
             model_axis=self.axes.model_axis, exchange=self.dropless_exchange, grouped_matmul=grouped_matmul,
-            buffer_factor=self.buffer_factor,
+            buffer_factor=self.buffer_factor, overflow=self.overflow, token_axes=self.axes.token_axes,
         )
 
-    def reduce_aux(self, plan: RoutingPlan, mask: Array | None, buffer_dropped: Array | None = None):
-        return reduce_aux(plan, mask, self.axes.token_axes, buffer_dropped)
+    def reduce_aux(self, plan: RoutingPlan, mask: Array | None, exchange_stats: dict[str, Array] | None = None):
+        return reduce_aux(plan, mask, self.axes.token_axes, exchange_stats)
 
 
 def reduce_aux(plan: RoutingPlan, mask: Array | None, token_axes: tuple[str, ...],
-               buffer_dropped: Array | None = None) -> dict[str, Array]:
+               exchange_stats: dict[str, Array] | None = None) -> dict[str, Array]:
     """Per-device aux -> the one-device values (inside shard_map).
 
     Per-group means (load balancing, padding, and any other aux value): ``pmean``
@@ -92,14 +94,17 @@ def reduce_aux(plan: RoutingPlan, mask: Array | None, token_axes: tuple[str, ...
     Per-valid-token means (z_loss, entropy): ``psum(v_l * t_l) / psum(t_l)``.
     dropped_fraction: ``psum(f_l * r_l + b_l) / psum(r_l)``, r_l = the plan's requested
     assignments (k per valid token, less the 2nd choices GShard's random policy skipped),
-    b_l = ``buffer_dropped``, the assignments a dropless exchange's bounded receive
-    buffers dropped (0 without one).
+    b_l = ``exchange_stats["dropped"]``, the assignments a dropless exchange did not
+    deliver (``overflow="drop"``; 0 otherwise).
+    exchange_rounds: the dropless exchange's rounds (already the same on every device);
+    1 for the capacity path.
     tokens_per_expert: ``psum``.
     A router's extra losses: computed from the ``psum`` of their statistics (sums over
     tokens, :class:`~jmoe.routing.plan.ExtraLoss`), so they are the whole batch's.
     """
+    rounds = jnp.ones((), jnp.int32) if exchange_stats is None else exchange_stats["rounds"]
     if not token_axes:
-        return plan.aux()
+        return {**plan.aux(), "exchange_rounds": rounds}
     aux = plan.aux()
     if mask is None:
         tokens = jnp.asarray(plan.num_groups * plan.group_size, jnp.float32)
@@ -116,11 +121,11 @@ def reduce_aux(plan: RoutingPlan, mask: Array | None, token_axes: tuple[str, ...
     else:
         z = weighted(aux["z_loss"], tokens)
         ent = weighted(aux["router_entropy"], tokens)
-    extra = 0.0 if buffer_dropped is None else buffer_dropped.astype(jnp.float32)
+    extra = 0.0 if exchange_stats is None else exchange_stats["dropped"].astype(jnp.float32)
     dropped = weighted(aux["dropped_fraction"], plan.requested_assignments, extra)
     out = {name: jax.lax.pmean(value, token_axes) for name, value in aux.items()}  # per-group means
     out.update(z_loss=z, router_entropy=ent, dropped_fraction=dropped,
-               tokens_per_expert=jax.lax.psum(aux["tokens_per_expert"], token_axes))
+               tokens_per_expert=jax.lax.psum(aux["tokens_per_expert"], token_axes), exchange_rounds=rounds)
     for name, loss in plan.extra_losses.items():
         out[name] = loss.replace(statistic=jax.lax.psum(loss.statistic, token_axes)).value
     return out
@@ -128,7 +133,8 @@ def reduce_aux(plan: RoutingPlan, mask: Array | None, token_axes: tuple[str, ...
 
 def forward_on_mesh(forward: Callable, mesh, axes: MeshAxes, params: dict, x: Array, token_mask: Array | None,
                     draws: dict[str, Array], *, group_size: int, hierarchical: bool = False, a2a_chunks: int = 1,
-                    dropless_exchange: str = "auto", buffer_factor: float | None = None):
+                    dropless_exchange: str = "auto", buffer_factor: float | None = None,
+                    overflow: str = "rounds"):
     """``forward(params, groups, token_mask, draws, exchange) -> (y, aux)`` run per device
     under ``jax.shard_map`` with a :class:`MeshExchange`.
 
@@ -146,7 +152,7 @@ def forward_on_mesh(forward: Callable, mesh, axes: MeshAxes, params: dict, x: Ar
     w_in = params["experts"]["w_in"]  # [E, d, f]
     check_mesh(axes, num_experts=w_in.shape[0], num_groups=num_tokens // group_size, d_ff=w_in.shape[2],
                hierarchical=hierarchical, shared_d_ff=params["shared"]["w_in"].shape[1] if "shared" in params else None)
-    exchange = MeshExchange(axes, hierarchical, a2a_chunks, dropless_exchange, buffer_factor)
+    exchange = MeshExchange(axes, hierarchical, a2a_chunks, dropless_exchange, buffer_factor, overflow)
     token_spec = P(axes.token_axes or None)
     explicit = is_explicit(mesh)
     inputs = {"tokens": _flat(x, x.ndim - 1, token_spec, explicit, mesh),  # [T, d]
