@@ -105,9 +105,10 @@ def _a2a_bytes(hlo_text):
 
 
 def test_dropless_hlo_count_and_data_exchanges_no_weight_gather():
-    """Forward: 3 all-to-alls (counts [n, E_l] int32, data out, data home: [n, A, d] each),
-    no all-gather. The padded buffer (A = T_l * K rows per destination) against the capacity
-    path with C = group size (what a dropless layer on a mesh used before): [E, G_l * S, d]."""
+    """Forward: one all-gather of the counts [n, n, E_l] int32, then (in the rounds loop) 2
+    all-to-alls of cells [n, P, d] (data out, data home), P = ceil(c * A / n) rounded up to 8
+    (c = 1.25: 16 rows, half of A = T_l * K = 32, the worst case the padded exchange used to
+    move per destination). The capacity path with C = group size: [E, G_l * S, d]."""
     mesh = parallel.make_mesh(data=2, expert=4)  # n = 4, 8 token shards
     x, _, _ = inputs(22, batch=16, seq=8, with_mask=False)  # G_l = 2, S = 8, T_l = 16
     num_experts, k, d = 16, 2, D_MODEL
@@ -121,11 +122,13 @@ def test_dropless_hlo_count_and_data_exchanges_no_weight_gather():
         forward = jax.jit(lambda state, x: nnx.merge(graphdef, state)(x))
         texts[name] = forward.lower(state, x).compile().as_text()
     ops = _collectives(texts["dropless"])
-    assert ops["all-to-all"] == 3, ops
-    assert ops["all-gather"] == 0, ops
+    assert ops["all-to-all"] == 2, ops
+    assert ops["all-gather"] == 1, ops
     n, e_l, a = 4, num_experts // 4, 16 * k
+    cell = parallel.exchange_sizes(a, n, parallel.DEFAULT_BUFFER_FACTOR, k=k, local_experts=e_l).cell_rows
+    assert cell == 16 and cell < a
     dropless_a2a = _a2a_bytes(texts["dropless"])
-    assert sorted(dropless_a2a) == sorted([("s32", 4 * n * e_l), ("f32", 4 * n * a * d), ("f32", 4 * n * a * d)])
+    assert sorted(dropless_a2a) == sorted([("f32", 4 * n * cell * d), ("f32", 4 * n * cell * d)])
     capacity_a2a = _a2a_bytes(texts["capacity"])
     assert capacity_a2a == [("f32", 4 * num_experts * 2 * 8 * d)] * 2, capacity_a2a
     print(f"per-device all-to-all bytes: dropless {dropless_a2a}, capacity C=S {capacity_a2a}")
@@ -309,12 +312,14 @@ def test_worst_case_buffer_min_k_local_experts_is_reached_and_drops_nothing(exch
     assert tokens[0] == tokens[1] == x.shape[0] * x.shape[1]  # device 0: 2 rows from every token
 
 
-def kept_by_buffer(token_expert, token_weight, *, data, expert, num_experts, buffer_rows):
-    """numpy reference of the bounded receive buffer: [G, S, K] bool, True where the
-    assignment is computed. Token shard s = data index * expert + expert index (the groups'
-    sharding); within a data row, receiver j keeps ``fit_to_buffer`` rows of each (source,
-    local expert) chunk; a source keeps its first assignments (flat order t * K + k) for
-    each expert."""
+def kept_by_buffer(token_expert, token_weight, *, data, expert, num_experts, buffer_rows, cell_rows=None):
+    """numpy reference of one round of bounded buffers (``dropless_overflow="drop"``): [G, S, K]
+    bool, True where the assignment is computed. Token shard s = data index * expert + expert
+    index (the groups' sharding); within a data row, receiver j keeps ``fit_to_buffer`` rows
+    of each (source, local expert) chunk out of ``buffer_rows`` (ragged), or, with
+    ``cell_rows`` P (padded), each source's cell to j keeps ``fit_to_buffer`` of its own
+    chunks out of P; a source keeps its first assignments (flat order t * K + k) for each
+    expert."""
     te = np.asarray(token_expert).reshape(data * expert, -1)  # [shards, T_l * K]
     valid = np.asarray(token_weight).reshape(data * expert, -1) != 0
     e_l = num_experts // expert
@@ -323,7 +328,11 @@ def kept_by_buffer(token_expert, token_weight, *, data, expert, num_experts, buf
         shards = [dd * expert + i for i in range(expert)]
         for j in range(expert):
             counts = np.array([[np.sum(valid[s] & (te[s] == j * e_l + e)) for e in range(e_l)] for s in shards])
-            kept = np.asarray(parallel.fit_to_buffer(jnp.asarray(counts), buffer_rows))
+            if cell_rows is None:
+                kept = np.asarray(parallel.fit_to_buffer(jnp.asarray(counts), buffer_rows))
+            else:
+                kept = np.stack([np.asarray(parallel.fit_to_buffer(jnp.asarray(c[None]), cell_rows))[0]
+                                 for c in counts])
             for i, s in enumerate(shards):
                 for e in range(e_l):
                     rows = np.flatnonzero(valid[s] & (te[s] == j * e_l + e))
@@ -333,10 +342,11 @@ def kept_by_buffer(token_expert, token_weight, *, data, expert, num_experts, buf
 
 @pytest.mark.parametrize("exchange, factor", [("ragged", 1.0), ("padded", 1.0), ("ragged", 1.5)])
 def test_bounded_receive_buffer_drops_and_counts(exchange, factor):
-    """dropless_buffer_factor on a 2 x 4 mesh with the skewed router (half the tokens all
-    want one device) and a token mask: output, dropped_fraction and gradients (input,
-    router, expert weights) equal a one-device reference that computes exactly the
-    assignments a numpy model of the buffer keeps (masked tokens take no buffer space)."""
+    """dropless_overflow="drop" (one round) with dropless_buffer_factor on a 2 x 4 mesh with
+    the skewed router (half the tokens all want one device) and a token mask: output,
+    dropped_fraction and gradients (input, router, expert weights) equal a one-device
+    reference that computes exactly the assignments a numpy model of the buffer keeps
+    (masked tokens take no buffer space)."""
     from jmoe import dropless
     from jmoe.layer import group_tokens
     from tests.test_parallel import _value_and_grads
@@ -345,7 +355,8 @@ def test_bounded_receive_buffer_drops_and_counts(exchange, factor):
     x, mask, r = inputs(22, batch=16, seq=8, with_mask=True)
     options = dict(num_experts=8, k=2, activation="swiglu", capacity_factor=None)
     ref = make_moe(None, **options)
-    ep = make_moe(mesh, dropless_exchange=exchange, dropless_buffer_factor=factor, **options)
+    ep = make_moe(mesh, dropless_exchange=exchange, dropless_buffer_factor=factor, dropless_overflow="drop",
+                  **options)
     x, w = skewed(ref, x)
     ep.router_weight[...] = w
     parallel.shard_moe_params(ep, mesh)
@@ -356,8 +367,9 @@ def test_bounded_receive_buffer_drops_and_counts(exchange, factor):
     router_in = groups.astype(jnp.float32)
     plan = ref.router.plan(router_in @ w, router_in, {}, {}, group_mask, ref.capacity(groups.shape[1]))
     a_local = groups.shape[0] * groups.shape[1] * 2 // 8
+    sizes = parallel.exchange_sizes(a_local, 4, factor, k=2, local_experts=2)
     keep = kept_by_buffer(plan.token_expert, plan.token_weight, data=2, expert=4, num_experts=8,
-                          buffer_rows=parallel.receive_buffer_rows(a_local, 4, factor))
+                          buffer_rows=sizes.receive_rows, cell_rows=sizes.cell_rows if exchange == "padded" else None)
     requested = np.sum(np.asarray(plan.token_weight) != 0)
     dropped = requested - np.sum(keep & (np.asarray(plan.token_weight) != 0))
     assert dropped > 0.1 * requested  # the skew overflows the buffer
@@ -388,3 +400,107 @@ def test_buffer_factor_bad_values_fail_at_construction():
         make_moe(None, num_experts=8, capacity_factor=1.25, dropless_buffer_factor=2.0)
     with pytest.raises(ValueError, match=">= 1"):
         make_moe(None, num_experts=8, capacity_factor=None, dropless_buffer_factor=0.5)
+
+
+# ----------------------------------------------------------------------------
+# Overflow rounds: bounded buffers, nothing dropped (issue 25)
+# ----------------------------------------------------------------------------
+
+
+def adversarial(layer, x):
+    """Router weight and inputs that send every token's two experts to experts 0 and 1:
+    one device's experts (E_l >= 2) or the first two devices'."""
+    w = 0.2 * jax.random.normal(jax.random.key(24), (D_MODEL, layer.num_experts))
+    w = w.at[:, 0].add(1.5).at[:, 1].add(1.4)
+    layer.router_weight[...] = w
+    return x + 1.0, w
+
+
+@pytest.mark.parametrize("exchange", ["padded", "ragged"])
+@pytest.mark.parametrize("mesh_sizes", [dict(data=1, expert=8), dict(expert_outer=2, expert=4)], ids=["1x8", "2x4"])
+def test_rounds_adversarial_routing_equals_one_device(exchange, mesh_sizes):
+    """Every token's experts on one device (E=16, E_l = 2 on 8 devices: experts 0 and 1 both
+    on device 0), a token mask, c = 1.0 and 1.25: values, every aux value and every gradient
+    equal one device, nothing is dropped, and the bounded buffers take >= 2 rounds (device 0
+    must compute n x its buffer's rows)."""
+    mesh = parallel.make_mesh(**mesh_sizes)
+    x, mask, r = inputs(25, batch=16, seq=16, with_mask=True)
+    options = dict(num_experts=16, k=2, capacity_factor=None, activation="swiglu", use_bias=True)
+    ref = make_moe(None, **options)
+    x, w = adversarial(ref, x)
+    layers = [ref]
+    for factor in (1.0, 1.25):
+        ep = make_moe(mesh, dropless_exchange=exchange, dropless_buffer_factor=factor, **options)
+        ep.router_weight[...] = w
+        parallel.shard_moe_params(ep, mesh)
+        layers.append(ep)
+    expected, *actual = values_and_grads(layers, x, mask, r)
+    tokens = np.asarray(expected[1]["tokens_per_expert"])
+    assert tokens[0] == tokens[1] == int(np.sum(mask))  # every valid token: experts 0 and 1
+    for factor, got in zip((1.0, 1.25), actual):
+        assert_tree_close(got, expected)
+        assert float(got[1]["dropped_fraction"]) == 0.0
+        assert int(got[1]["exchange_rounds"]) >= 2, (factor, got[1]["exchange_rounds"])
+    assert int(actual[0][1]["exchange_rounds"]) >= int(actual[1][1]["exchange_rounds"])  # a smaller c: more rounds
+
+
+def test_rounds_balanced_routing_takes_one_round_and_skew_on_some_devices_only():
+    """Balanced routing (a random-init router, E = 8 on 8 devices) needs one round; the same
+    layer with the first 64 tokens (4 of 8 token shards) pulled to experts 0 and 1 takes
+    more rounds on every device (the others run the same collectives, with nothing or
+    little to send) and still equals one device. Masked tokens take no buffer space: with
+    every token sent to device 0 (256 rows for a buffer of R = 80) and all but 4 tokens of
+    each sequence masked (64 rows), one round suffices."""
+    mesh = parallel.make_mesh(data=1, expert=8)
+    x, _, r = inputs(26, batch=16, seq=16, with_mask=False)
+    options = dict(num_experts=8, k=2, capacity_factor=None, dropless_buffer_factor=1.25)
+    ref, ep = make_moe(None, **options), make_moe(mesh, dropless_exchange="ragged", **options)
+    parallel.shard_moe_params(ep, mesh)
+    expected, actual = values_and_grads([ref, ep], x, None, r)
+    assert_tree_close(actual, expected)
+    assert int(actual[1]["exchange_rounds"]) == 1
+
+    w = ep.router_weight[...]
+    w = w.at[:, 0].add(3.0).at[:, 1].add(2.9)
+    ref.router_weight[...] = w
+    ep.router_weight[...] = w
+    skewed_x = x.at[:4].add(1.0)  # rows 0-3 of the batch: token shards 0-3
+    expected, actual = values_and_grads([ref, ep], skewed_x, None, r)
+    assert_tree_close(actual, expected)
+    assert int(actual[1]["exchange_rounds"]) >= 2 and float(actual[1]["dropped_fraction"]) == 0.0
+    x_adv, w = adversarial(ref, x)
+    ep.router_weight[...] = w
+    assert parallel.exchange_sizes(64, 8, 1.25, k=2, local_experts=1).receive_rows == 80
+    mask = jnp.zeros(x.shape[:2], bool).at[:, :4].set(True)
+    expected, actual = values_and_grads([ref, ep], x_adv, mask, r)
+    assert_tree_close(actual, expected)
+    assert np.asarray(expected[1]["tokens_per_expert"])[0] == 64
+    assert int(actual[1]["exchange_rounds"]) == 1
+
+
+def test_count_rounds_hand_example():
+    """Two devices, one local expert each; ragged, R = 8: device 0 receives 10 + 6 rows ->
+    rounds of 8 (4 + 4), then 8 (the rest); padded cells of P = 4: the largest cell (10
+    rows) takes 3 rounds."""
+    from jmoe.parallel.dropless_exchange import count_rounds
+    from jmoe.parallel.row_exchanges import PaddedExchange, RaggedExchange
+
+    counts_all = jnp.array([[[10], [1]], [[6], [2]]], jnp.int32)  # [src, dst, E_l]
+    rounds, left = count_rounds(RaggedExchange(8, ()), counts_all, limit=100)
+    assert int(rounds) == 2 and int(jnp.sum(left)) == 0
+    kept = RaggedExchange(8, ()).plan_round(counts_all)
+    np.testing.assert_array_equal(kept[:, 0, 0], [4, 4])  # common cap over sources
+    np.testing.assert_array_equal(kept[:, 1, 0], [1, 2])
+    rounds, left = count_rounds(PaddedExchange(4, ()), counts_all, limit=100)
+    assert int(rounds) == 3 and int(jnp.sum(left)) == 0
+    rounds, left = count_rounds(PaddedExchange(4, ()), counts_all, limit=1)  # overflow="drop"
+    assert int(rounds) == 1 and np.asarray(left).ravel().tolist() == [6, 0, 2, 0]
+    sizes = parallel.exchange_sizes(4096, 64, 1.25, k=8, local_experts=4)  # DeepSeek-V3 shape, EP 64
+    assert sizes.receive_rows == 5120 and sizes.cell_rows == 80
+
+
+def test_dropless_overflow_bad_values():
+    with pytest.raises(ValueError, match="dropless_overflow must be one of"):
+        make_moe(None, num_experts=8, capacity_factor=None, dropless_overflow="spill")
+    with pytest.raises(ValueError, match="capacity_factor=None"):
+        make_moe(None, num_experts=8, capacity_factor=1.25, dropless_overflow="drop")

@@ -75,9 +75,30 @@ def value_and_grads(moe, x, mask, r):
     return jax.device_get(nnx.jit(_value_and_grads)(moe, x, mask, r))
 
 
+def _rounds_apart(tree):
+    """``tree`` without its aux dicts' ``exchange_rounds`` (how many rounds a mesh's exchange
+    took: a property of the exchange, not of the function), and those values."""
+    found = []
+
+    def strip(node):
+        if isinstance(node, dict):
+            if "exchange_rounds" in node:
+                found.append(int(np.asarray(node["exchange_rounds"])))
+            return {k: strip(v) for k, v in node.items() if k != "exchange_rounds"}
+        if isinstance(node, (tuple, list)):
+            return type(node)(strip(v) for v in node)
+        return node
+
+    return strip(tree), found
+
+
 def assert_tree_close(actual, expected, rtol=2e-5):
     """Same tree structure, and every leaf close in float64 (chex), with an absolute
-    tolerance scaled by the leaf's largest magnitude."""
+    tolerance scaled by the leaf's largest magnitude. An aux dict's ``exchange_rounds``
+    is compared apart: present on both sides, an integer >= 1 (a mesh may take more
+    rounds than one device's 1)."""
+    (actual, rounds_a), (expected, rounds_e) = _rounds_apart(actual), _rounds_apart(expected)
+    assert len(rounds_a) == len(rounds_e) and all(r >= 1 for r in rounds_a + rounds_e), (rounds_a, rounds_e)
     chex.assert_trees_all_equal_structs(actual, expected)
     for (path, a), (_, e) in zip(jax.tree_util.tree_leaves_with_path(actual), jax.tree_util.tree_leaves_with_path(expected)):
         e = np.asarray(e, np.float64)

@@ -6,14 +6,18 @@ The layer's one forward (:mod:`jmoe.forward`) runs per device under ``jax.shard_
   mesh.py               axis names and roles, ``make_mesh``, shape checks
   placement.py          where parameters live (:func:`moe_param_spec`), global arrays
   capacity_exchange.py  the capacity path's all-to-all (flat, 2DH, chunked)
-  dropless_exchange.py  the dropless path's counts + rows exchange (padded, ragged), buffer bound
+  dropless_exchange.py  the dropless path: counts, then rows in bounded rounds (custom VJP)
+  row_exchanges.py      how one round moves rows (padded cells, ragged), fit_to_buffer
   shard.py              the ``shard_map`` wrapper, :class:`MeshExchange`, the aux reduction
 """
 
 from jmoe.parallel.capacity_exchange import exchange_experts, exchange_to_experts, exchange_to_tokens
 from jmoe.parallel.dropless_exchange import (
+    DEFAULT_BUFFER_FACTOR,
     DROPLESS_EXCHANGES,
+    OVERFLOWS,
     dropless_exchange_experts,
+    exchange_sizes,
     fit_to_buffer,
     ragged_all_to_all_emulated,
     ragged_exchange_offsets,
@@ -38,7 +42,7 @@ from jmoe.parallel.placement import expert_param_specs, moe_param_spec, param_sh
 from jmoe.parallel.shard import MeshExchange, forward_on_mesh, reduce_aux
 
 __all__ = [
-    "AXES", "DATA", "DROPLESS_EXCHANGES", "EXPERT", "EXPERT_OUTER", "MODEL", "MeshAxes", "MeshExchange",
+    "AXES", "DATA", "DEFAULT_BUFFER_FACTOR", "DROPLESS_EXCHANGES", "OVERFLOWS", "exchange_sizes", "EXPERT", "EXPERT_OUTER", "MODEL", "MeshAxes", "MeshExchange",
     "axis_size", "check_mesh", "dropless_exchange_experts", "exchange_experts", "exchange_to_experts",
     "exchange_to_tokens", "expert_param_specs", "expert_parallel_size", "fit_to_buffer", "forward_on_mesh",
     "is_explicit", "make_mesh", "moe_param_spec", "param_sharding", "ragged_all_to_all_emulated", "ragged_exchange_offsets",

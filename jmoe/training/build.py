@@ -43,7 +43,7 @@ def build_model(cfg: Config, rngs: nnx.Rngs, mesh=None) -> model_lib.LM:
         eval_capacity_factor=cfg.eval_capacity_factor, priority=cfg.priority,
         second_expert_policy=cfg.second_expert_policy, router=cfg.router, dispatch=cfg.dispatch, jitter=cfg.jitter,
         group_size=cfg.group_size or None, grouped_matmul=cfg.grouped_matmul, dropless_exchange=cfg.dropless_exchange,
-        dropless_buffer_factor=cfg.dropless_buffer_factor or None,
+        dropless_buffer_factor=cfg.dropless_buffer_factor or None, dropless_overflow=cfg.dropless_overflow,
         shared_d_ff=cfg.shared_d_ff or None, shared_gate=bool(cfg.shared_gate), **cfg.moe_router_kwargs(),
     )
     if mesh is not None and runs_expert_parallel(mesh):
@@ -186,7 +186,8 @@ def make_train_step(s: Setup) -> Callable:
 
     Metrics (device arrays): ``loss`` (total), ``lm_loss``, ``bits_per_byte``, the aux losses summed over
     layers (``load_balancing_loss``, ``z_loss``, ``sequence_balance_loss``, ``global_load_balancing_loss``,
-    the routers' own), ``grad_norm``, ``lr``, and per MoE layer ``dropped_fraction`` [L],
+    the routers' own), ``grad_norm``, ``lr``, and per MoE layer ``dropped_fraction`` [L], ``exchange_rounds`` [L]
+    (the dropless exchange's rounds on an expert mesh; 1 otherwise),
     ``padding_fraction`` [L], ``router_entropy`` [L], ``tokens_per_expert`` [L, E], ``load_max_over_mean``
     [L] (max_e / mean_e of tokens_per_expert); with selection biases also ``selection_bias`` [L, E] (the
     biases this step chose with, before its update).

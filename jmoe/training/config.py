@@ -26,6 +26,7 @@ from jmoe.experts import ACTIVATIONS
 from jmoe.grouped_matmul import NAMES as GROUPED_MATMUL_NAMES
 from jmoe.training.model import ATTENTION_IMPLS, EMBEDDINGS
 from jmoe.parallel.dropless_exchange import NAMES as DROPLESS_EXCHANGE_NAMES
+from jmoe.parallel.dropless_exchange import OVERFLOWS
 from jmoe.routing import DEFAULT_ROUTER
 from jmoe.routing import NAMES as ROUTER_NAMES
 from jmoe.routing import PRIORITIES, SECOND_EXPERT_POLICIES, make_router
@@ -82,9 +83,12 @@ class Config:
                                  role="compile", choices=GROUPED_MATMUL_NAMES)
     dropless_exchange: str = _field("auto", "dropless on a mesh: how rows move (auto = ragged on GPU/TPU)",
                                     role="compile", choices=DROPLESS_EXCHANGE_NAMES)
-    dropless_buffer_factor: float = _field(0.0, "dropless on a mesh: receive buffer = factor x local "
-                                                "assignments (>= 1; overflow dropped and counted); 0 = worst "
-                                                "case, nothing dropped", role="compile", range=(0.0, None))
+    dropless_buffer_factor: float = _field(0.0, "dropless on a mesh: exchange buffers = factor x local "
+                                                "assignments per round (>= 1; overflow goes in more rounds); "
+                                                "0 = jmoe's default", role="compile", range=(0.0, None))
+    dropless_overflow: str = _field("rounds", "dropless on a mesh: rows that do not fit one round: rounds "
+                                              "(more rounds, nothing dropped) or drop (dropped and counted)",
+                                    role="compile", choices=OVERFLOWS)
     priority: str = _field("choice", "who wins a slot: choice-major or token-major (token keeps a causal LM "
                                            "causal when k > 1)", role="compile", choices=PRIORITIES)
     second_expert_policy: str = _field("all", "GShard's 2nd expert: all, or random (k=2)", role="compile",
@@ -189,7 +193,7 @@ class Config:
             raise ValueError("nan_at_step=0 never happens: steps are numbered from 1, as in the log (-1 = never)")
         if self.dropless_buffer_factor and not (self.dropless and self.dropless_buffer_factor >= 1.0):
             raise ValueError(f"dropless_buffer_factor={self.dropless_buffer_factor} needs dropless=1 and a value "
-                             f">= 1 (0 = the worst-case buffer)")
+                             f">= 1 (0 = jmoe's default)")
         self._check_router_options()
 
     def _check_router_options(self) -> None:

@@ -74,6 +74,9 @@ def progress_line(step: int, total: int, rec: dict, width: int = 20) -> str:
              f"lm {rec['lm_loss']:.4f}"]
     if drop:
         parts.append(f"drop {np.mean(drop):.3f}")
+    rounds = rec.get("exchange_rounds") or []
+    if rounds:  # the most rounds any MoE layer's dropless exchange took this step
+        parts.append(f"rounds {int(np.max(rounds))}")
     parts.append(f"{tps / 1e3:.1f}k tok/s" if tps else "- tok/s")
     if rec.get("mfu") is not None:
         parts.append(f"mfu {100 * rec['mfu']:.1f}%")

@@ -40,7 +40,7 @@ from jmoe.experts import ExpertBank
 Array = jax.Array
 
 # Per-layer MoE metrics kept in aux (stacked over MoE layers); the two losses are summed.
-LAYER_METRICS = ("dropped_fraction", "padding_fraction", "router_entropy", "tokens_per_expert")
+LAYER_METRICS = ("dropped_fraction", "padding_fraction", "router_entropy", "tokens_per_expert", "exchange_rounds")
 # Summed over MoE layers: the Switch loss, the z-loss, the routers' own (pre-weighted) losses, then the unweighted
 # balance losses lb_weight may multiply instead of the Switch loss (see total_loss)
 AUX_LOSSES = ("load_balancing_loss", "z_loss", *routing.EXTRA_LOSSES, *routing.BALANCE_LOSSES)
