@@ -24,7 +24,9 @@
 #   6. train        train.py with configs/small_gpu (attention=auto: cuDNN) for a few steps           45 s
 #   extra (named only): bench_mixtral (the Mixtral-like layer per dispatch backend, 30 s), bench_deepseek
 #   (issue 20: the DeepSeek-like layer beside it: 64 small experts, top-6, a shared expert, group-limited
-#   sigmoid router; dropless and capacity 1.25, 40 s), bench_pallas
+#   sigmoid router; dropless and capacity 1.25, 40 s), bench_rounds (issue 25.7: the dropless exchange's
+#   rounds machinery on a 1-device expert axis, one round, XLA's ragged_all_to_all, vs the one-device dropless
+#   experts, fwd+bwd at the DeepSeek-like shape, 40 s), bench_pallas
 #   (50 s), mosaic_dispatch (issue 17: Mosaic GPU vs Triton vs gather dispatch/combine at the Mixtral and
 #   FastMoE shapes, % of copy bandwidth, 90 s), bench_peers (25 s), bench_sweep (20 s), sanitizer (issue 15: the Pallas kernel tests compiled
 #   under compute-sanitizer memcheck, which catches a read or write past a buffer's end, 90 s)
@@ -33,6 +35,8 @@
 # On the device machine: `bash benchmarks/gpu_check.sh /tmp/gpu_check $OUT/gpu_check.tgz`.
 # The next call wanted (issue 16 first, then issue 7's grouped matmuls; 505 s of step limits; timeout_s=540):
 #   GPU_CHECK_ONLY="device bench_train ragged_dot tests bench_dropless train" bash benchmarks/gpu_check.sh /tmp/g $OUT/g.tgz
+# then issue 25.7's (55 s; timeout_s=90):
+#   GPU_CHECK_ONLY="device bench_rounds" bash benchmarks/gpu_check.sh /tmp/r $OUT/r.tgz
 set -u
 OUT=${1:?usage: gpu_check.sh OUT_DIR [ARCHIVE.tgz]}
 ARCHIVE=${2:-$OUT.tgz}
@@ -73,6 +77,8 @@ step bench_mixtral 30 $PY benchmarks/bench_layer.py --suite peers --only mixtral
   --dtype $DTYPE --backends $BACKENDS --iters $ITERS --out "$OUT"
 step bench_deepseek 40 $PY benchmarks/bench_layer.py --suite peers --only deepseek --tag deepseek --scale $SCALE \
   --dtype $DTYPE --backends $BACKENDS --iters $ITERS --out "$OUT"
+step bench_rounds 40 $PY benchmarks/bench_rounds.py --scale $SCALE --dtype $DTYPE --iters $ITERS \
+  --out "$OUT/bench_rounds.json"
 step bench_peers 25 $PY benchmarks/bench_layer.py --suite peers --only fastmoe,tutel --scale $SCALE --dtype $DTYPE \
   --backends $BACKENDS --iters $ITERS --out "$OUT"
 step bench_sweep 20 $PY benchmarks/bench_layer.py --suite sweep --scale $SCALE --dtype $DTYPE \

@@ -110,10 +110,12 @@ def dropless_experts(
 def unsort_and_combine(out_sorted: Array, order: Array, token_weight: Array, dtype) -> Array:
     """Expert-ordered outputs ``[T*K, d]`` (row i is assignment ``order[i]``) ->
     ``y[t] = sum_k token_weight[t, k] * out[t, k]`` ``[T, d]``, summed in float32; an
-    assignment with weight 0 contributes exactly 0."""
+    assignment with weight 0 contributes exactly 0 (its output is never NaN or inf: it is
+    never computed) and gets no gradient. The backward keeps the outputs ``[T, K, d]`` and
+    the weights, nothing of size ``T * K * d`` more."""
     num_tokens, k = token_weight.shape
     out = jnp.zeros_like(out_sorted).at[order].set(out_sorted, unique_indices=True)  # [T*K, d] assignment order
     out = out.reshape(num_tokens, k, -1).astype(jnp.float32)  # [T, K, d]
-    kept = (token_weight != 0)[..., None]
-    y = jnp.sum(jnp.where(kept, token_weight[..., None] * out, 0.0), axis=1)  # [T, d]
+    weight = jnp.where(token_weight != 0, token_weight, 0.0).astype(jnp.float32)  # [T, K]: no gradient where 0
+    y = jnp.einsum("tk,tkd->td", weight, out, precision=jax.lax.Precision.HIGHEST)  # [T, d]
     return y.astype(dtype)

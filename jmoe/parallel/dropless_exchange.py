@@ -168,7 +168,8 @@ def dropless_exchange_experts(
     row_exchange = (PaddedExchange(sizes.cell_rows, tuple(expert_axes)) if name == "padded"
                     else RaggedExchange(sizes.receive_rows, tuple(expert_axes)))
 
-    order, counts, _, _ = dropless.sort_assignments(tokens, token_expert, token_weight, num_experts)
+    routed = jnp.where(token_weight != 0, token_expert, num_experts)  # [T_l, K]: weight 0 -> past every group
+    order, counts = dropless.sort_by_expert(routed, num_experts)  # [A], [E]
     counts = counts.reshape(n, e_l)  # [n_dst, E_l]
     counts_all = jax.lax.all_gather(counts, expert_axes) if expert_axes else counts[None]  # [n_src, n_dst, E_l]
     limit = 1 if overflow == "drop" else n * a  # every round delivers >= 1 row while any is left
