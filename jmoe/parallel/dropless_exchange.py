@@ -30,9 +30,7 @@ the expert weights' gradient; no round's receive buffer or FFN activation is a r
 
 from __future__ import annotations
 
-import dataclasses
 import functools
-import math
 from typing import Callable
 
 import jax
@@ -42,11 +40,15 @@ from jmoe import dropless
 from jmoe.compat import vary_like
 from jmoe.parallel.row_exchanges import (
     ROW_EXCHANGES,
+    ExchangeSizes,
     PaddedExchange,
     RaggedExchange,
+    check_buffer_factor,
+    exchange_sizes,
     fit_to_buffer,
     ragged_all_to_all_emulated,
     ragged_exchange_offsets,
+    receive_buffer_rows,
 )
 
 Array = jax.Array
@@ -58,58 +60,9 @@ DROPLESS_EXCHANGES = ROW_EXCHANGES
 NAMES = ROW_EXCHANGES.names
 
 __all__ = ["DEFAULT_BUFFER_FACTOR", "DROPLESS_EXCHANGES", "NAMES", "OVERFLOWS", "ExchangeSizes",
-           "PaddedExchange", "RaggedExchange", "dropless_exchange_experts", "exchange_sizes", "fit_to_buffer",
-           "ragged_all_to_all_emulated", "ragged_exchange_offsets", "receive_buffer_rows"]
-
-
-def receive_buffer_rows(num_assignments: int, expert_size: int, buffer_factor: float | None, *, k: int = 1,
-                        local_experts: int | None = None) -> int:
-    """R, the rows a device's experts compute in one round of the ragged exchange.
-
-    Worst case (``buffer_factor=None``): ``n * T_l * min(K, E_l)`` with ``T_l = A / K``
-    tokens per device: a token's K experts are distinct, so it sends at most
-    ``min(K, E_l)`` rows to one device (E_l local experts; ``local_experts=None``: K), and
-    every one of the n sources may send all its tokens to the same device: one round
-    always suffices. With a factor c >= 1: ``ceil(c * A)`` rounded up to a multiple of 8,
-    at most the worst case.
-    """
-    tokens = num_assignments // k
-    worst = expert_size * tokens * (k if local_experts is None else min(k, local_experts))
-    if buffer_factor is None:
-        return worst
-    check_buffer_factor(buffer_factor)
-    return min(worst, _round8(math.ceil(buffer_factor * num_assignments)))
-
-
-def check_buffer_factor(buffer_factor: float) -> None:
-    if not (isinstance(buffer_factor, (int, float)) and math.isfinite(buffer_factor) and buffer_factor >= 1.0):
-        raise ValueError(f"buffer_factor must be finite and >= 1 (1 holds perfectly balanced routing; None: the "
-                         f"default {DEFAULT_BUFFER_FACTOR}), got {buffer_factor}")
-
-
-def _round8(rows: int) -> int:
-    return -(-rows // 8) * 8
-
-
-@dataclasses.dataclass(frozen=True)
-class ExchangeSizes:
-    """The static sizes of one round: ``receive_rows`` R (ragged: a receiver's rows from
-    all sources) and ``cell_rows`` P (padded: rows per (source, destination) cell, R = n P)."""
-
-    receive_rows: int
-    cell_rows: int
-
-
-def exchange_sizes(num_assignments: int, expert_size: int, buffer_factor: float, *, k: int,
-                   local_experts: int) -> ExchangeSizes:
-    """R = ``ceil(c * A)`` and P = ``ceil(c * A / n)``, each rounded up to 8 and at most its
-    worst case (R: ``n * T_l * min(K, E_l)``; P: ``T_l * min(K, E_l)``, one source's rows
-    for one device). Neither grows with n at a fixed A."""
-    check_buffer_factor(buffer_factor)
-    recv = receive_buffer_rows(num_assignments, expert_size, buffer_factor, k=k, local_experts=local_experts)
-    worst_cell = (num_assignments // k) * min(k, local_experts)
-    cell = min(worst_cell, _round8(math.ceil(buffer_factor * num_assignments / expert_size)))
-    return ExchangeSizes(recv, max(cell, 1))
+           "PaddedExchange", "RaggedExchange", "check_buffer_factor", "count_rounds", "dropless_exchange_experts",
+           "exchange_sizes", "fit_to_buffer", "ragged_all_to_all_emulated", "ragged_exchange_offsets",
+           "receive_buffer_rows"]
 
 
 def dropless_exchange_experts(
@@ -164,9 +117,7 @@ def dropless_exchange_experts(
     a, k = token_expert.size, token_expert.shape[1]
     sizes = exchange_sizes(a, n, DEFAULT_BUFFER_FACTOR if buffer_factor is None else buffer_factor, k=k,
                            local_experts=e_l)
-    name = ROW_EXCHANGES.resolve(exchange)
-    row_exchange = (PaddedExchange(sizes.cell_rows, tuple(expert_axes)) if name == "padded"
-                    else RaggedExchange(sizes.receive_rows, tuple(expert_axes)))
+    row_exchange = ROW_EXCHANGES.get(exchange).sized(sizes, tuple(expert_axes))
 
     routed = jnp.where(token_weight != 0, token_expert, num_experts)  # [T_l, K]: weight 0 -> past every group
     order, counts = dropless.sort_by_expert(routed, num_experts)  # [A], [E]
@@ -222,9 +173,10 @@ def _rounds_ffn(row_exchange, experts: Callable, k: int, expert_axes: tuple[str,
     def rows_of(tokens, order):
         return tokens[order // k]  # [A, d], expert order
 
-    def carry_like(x: Array, *like) -> Array:  # a zero carry with the mesh type the loop body gives it
-        zero = vary_like(jnp.zeros_like(x), x, *like)
-        return vary_like(zero, _over(expert_axes, zero)) if expert_axes else zero
+    def carry_like(x: Array, *like) -> Array:
+        """Zeros like ``x`` with the mesh type the loop body gives the carry: varying over the
+        axes of ``x`` and ``like`` and over the expert axes (what comes home was exchanged)."""
+        return vary_like(jnp.zeros_like(x), x, *like, _me(expert_axes))
 
     def forward(tokens, params, order, counts_all, rounds):
         rows = rows_of(tokens, order)
@@ -269,9 +221,4 @@ def _rounds_ffn(row_exchange, experts: Callable, k: int, expert_axes: tuple[str,
         return d_tokens, d_params, None, None, None
 
     run.defvjp(run_fwd, run_bwd)
-    return lambda tokens, params, order, counts_all, rounds: run(tokens, params, order, counts_all, rounds)
-
-
-def _over(axes: tuple[str, ...], like: Array) -> Array:
-    """A scalar that varies over ``axes`` (inside ``shard_map``), to mark a carry with."""
-    return jax.lax.axis_index(axes).astype(like.dtype)
+    return run

@@ -24,6 +24,7 @@ kept rows move; a receiver takes at most R rows per round from all sources toget
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import jax
 import jax.numpy as jnp
@@ -69,6 +70,56 @@ def fit_to_buffer(counts: Array, buffer_rows: int) -> Array:
     return kept.reshape(e_l, n_src).T.astype(counts.dtype)
 
 
+def receive_buffer_rows(num_assignments: int, expert_size: int, buffer_factor: float | None, *, k: int = 1,
+                        local_experts: int | None = None) -> int:
+    """R, the rows a device's experts compute in one round of the ragged exchange.
+
+    Worst case (``buffer_factor=None``): ``n * T_l * min(K, E_l)`` with ``T_l = A / K``
+    tokens per device: a token's K experts are distinct, so it sends at most
+    ``min(K, E_l)`` rows to one device (E_l local experts; ``local_experts=None``: K), and
+    every one of the n sources may send all its tokens to the same device: one round
+    always suffices. With a factor c >= 1: ``ceil(c * A)`` rounded up to a multiple of 8,
+    at most the worst case.
+    """
+    tokens = num_assignments // k
+    worst = expert_size * tokens * (k if local_experts is None else min(k, local_experts))
+    if buffer_factor is None:
+        return worst
+    check_buffer_factor(buffer_factor)
+    return min(worst, _round8(math.ceil(buffer_factor * num_assignments)))
+
+
+def check_buffer_factor(buffer_factor: float) -> None:
+    if not (isinstance(buffer_factor, (int, float)) and math.isfinite(buffer_factor) and buffer_factor >= 1.0):
+        raise ValueError(f"buffer_factor must be finite and >= 1 (1 holds perfectly balanced routing), "
+                         f"got {buffer_factor}")
+
+
+def _round8(rows: int) -> int:
+    return -(-rows // 8) * 8
+
+
+@dataclasses.dataclass(frozen=True)
+class ExchangeSizes:
+    """The static sizes of one round: ``receive_rows`` R (ragged: a receiver's rows from
+    all sources) and ``cell_rows`` P (padded: rows per (source, destination) cell, R = n P)."""
+
+    receive_rows: int
+    cell_rows: int
+
+
+def exchange_sizes(num_assignments: int, expert_size: int, buffer_factor: float, *, k: int,
+                   local_experts: int) -> ExchangeSizes:
+    """R = ``ceil(c * A)`` and P = ``ceil(c * A / n)``, each rounded up to 8 and at most its
+    worst case (R: ``n * T_l * min(K, E_l)``; P: ``T_l * min(K, E_l)``, one source's rows
+    for one device). Neither grows with n at a fixed A."""
+    check_buffer_factor(buffer_factor)
+    recv = receive_buffer_rows(num_assignments, expert_size, buffer_factor, k=k, local_experts=local_experts)
+    worst_cell = (num_assignments // k) * min(k, local_experts)
+    cell = min(worst_cell, _round8(math.ceil(buffer_factor * num_assignments / expert_size)))
+    return ExchangeSizes(recv, max(cell, 1))
+
+
 def _exclusive_cumsum(x: Array, axis: int) -> Array:
     return jnp.cumsum(x, axis=axis) - x
 
@@ -83,6 +134,10 @@ class PaddedExchange:
 
     cell_rows: int  # P
     axes: tuple[str, ...]
+
+    @classmethod
+    def sized(cls, sizes: "ExchangeSizes", axes: tuple[str, ...]) -> "PaddedExchange":
+        return cls(sizes.cell_rows, axes)
 
     def buffer_rows(self, n: int) -> int:
         return n * self.cell_rows
@@ -178,6 +233,10 @@ class RaggedExchange:
 
     receive_rows: int  # R
     axes: tuple[str, ...]
+
+    @classmethod
+    def sized(cls, sizes: "ExchangeSizes", axes: tuple[str, ...]) -> "RaggedExchange":
+        return cls(sizes.receive_rows, axes)
 
     def buffer_rows(self, n: int) -> int:
         return self.receive_rows
