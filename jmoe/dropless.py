@@ -111,11 +111,30 @@ def unsort_and_combine(out_sorted: Array, order: Array, token_weight: Array, dty
     """Expert-ordered outputs ``[T*K, d]`` (row i is assignment ``order[i]``) ->
     ``y[t] = sum_k token_weight[t, k] * out[t, k]`` ``[T, d]``, summed in float32; an
     assignment with weight 0 contributes exactly 0 (its output is never NaN or inf: it is
-    never computed) and gets no gradient. The backward keeps the outputs ``[T, K, d]`` and
-    the weights, nothing of size ``T * K * d`` more."""
+    never computed) and gets no gradient."""
     num_tokens, k = token_weight.shape
     out = jnp.zeros_like(out_sorted).at[order].set(out_sorted, unique_indices=True)  # [T*K, d] assignment order
-    out = out.reshape(num_tokens, k, -1).astype(jnp.float32)  # [T, K, d]
     weight = jnp.where(token_weight != 0, token_weight, 0.0).astype(jnp.float32)  # [T, K]: no gradient where 0
-    y = jnp.einsum("tk,tkd->td", weight, out, precision=jax.lax.Precision.HIGHEST)  # [T, d]
-    return y.astype(dtype)
+    return weighted_sum(out.reshape(num_tokens, k, -1), weight).astype(dtype)  # [T, d]
+
+
+@jax.custom_vjp
+def weighted_sum(out: Array, weight: Array) -> Array:
+    """``y[t] = sum_k weight[t, k] * out[t, k]`` in float32: ``out [T, K, d]`` (any float
+    dtype), ``weight [T, K]`` float32 -> ``[T, d]`` float32. The backward keeps ``out`` in
+    its own dtype (a bf16 layer keeps bf16 rows, not a float32 copy) and the weights."""
+    return jnp.einsum("tk,tkd->td", weight, out.astype(jnp.float32), precision=jax.lax.Precision.HIGHEST)
+
+
+def _weighted_sum_fwd(out, weight):
+    return weighted_sum(out, weight), (out, weight)
+
+
+def _weighted_sum_bwd(res, dy):
+    out, weight = res
+    d_out = (weight[..., None] * dy[:, None, :]).astype(out.dtype)  # [T, K, d]
+    d_weight = jnp.einsum("tkd,td->tk", out.astype(jnp.float32), dy, precision=jax.lax.Precision.HIGHEST)
+    return d_out, d_weight
+
+
+weighted_sum.defvjp(_weighted_sum_fwd, _weighted_sum_bwd)

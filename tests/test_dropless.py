@@ -108,3 +108,28 @@ def test_dropless_never_drops_even_when_one_expert_gets_everything():
 def test_dropless_rejects_expert_choice():
     with pytest.raises(ValueError, match="dropless"):
         jmoe.MoE(8, 16, 4, capacity_factor=None, router="experts_choose", rngs=nnx.Rngs(0))
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_weighted_sum_value_and_vjp_match_plain_jnp(dtype):
+    """``weighted_sum``'s custom VJP (it keeps ``out`` in its own dtype for the backward)
+    against autodiff of the plain float32 formula ``sum_k w[t, k] * out[t, k]``, on random
+    inputs with some zero weights; the cotangent of ``out`` comes back in out's dtype."""
+    from jmoe.dropless import weighted_sum
+
+    keys = jax.random.split(jax.random.key(41), 3)
+    out = jax.random.normal(keys[0], (12, 3, 8)).astype(dtype)
+    weight = jax.random.uniform(keys[1], (12, 3)).at[::4, 1].set(0.0)
+    dy = jax.random.normal(keys[2], (12, 8))
+
+    def plain(out, weight):
+        return jnp.sum(weight[..., None] * out.astype(jnp.float32), axis=1)
+
+    y, pull = jax.vjp(weighted_sum, out, weight)
+    y_ref, pull_ref = jax.vjp(plain, out, weight)
+    np.testing.assert_allclose(y, y_ref, rtol=1e-6, atol=1e-6)
+    (d_out, d_w), (d_out_ref, d_w_ref) = pull(dy), pull_ref(dy)
+    assert d_out.dtype == dtype
+    tol = 1e-6 if dtype == jnp.float32 else 1e-2
+    np.testing.assert_allclose(np.asarray(d_out, np.float32), np.asarray(d_out_ref, np.float32), rtol=tol, atol=tol)
+    np.testing.assert_allclose(d_w, d_w_ref, rtol=1e-5, atol=1e-5)
