@@ -43,7 +43,8 @@ def build_model(cfg: Config, rngs: nnx.Rngs, mesh=None) -> model_lib.LM:
         eval_capacity_factor=cfg.eval_capacity_factor, priority=cfg.priority,
         second_expert_policy=cfg.second_expert_policy, router=cfg.router, dispatch=cfg.dispatch, jitter=cfg.jitter,
         group_size=cfg.group_size or None, grouped_matmul=cfg.grouped_matmul, dropless_exchange=cfg.dropless_exchange,
-        dropless_buffer_factor=cfg.dropless_buffer_factor or None, dropless_overflow=cfg.dropless_overflow,
+        dropless_buffer_factor=cfg.dropless_buffer_factor or None,
+        dropless_overflow=cfg.dropless_overflow if cfg.dropless else "rounds",  # unused without dropless=1
         shared_d_ff=cfg.shared_d_ff or None, shared_gate=bool(cfg.shared_gate), **cfg.moe_router_kwargs(),
     )
     if mesh is not None and runs_expert_parallel(mesh):
