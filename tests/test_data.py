@@ -151,6 +151,32 @@ def test_a_folder_whose_file_split_works_keeps_it(text_dir):
         data_lib.load_corpus(str(text_dir), val_percent=20, min_bytes=100_000)
 
 
+def test_a_folder_whose_file_split_leaves_training_short_is_split_by_bytes(tmp_path):
+    """The file rule can fail on the *train* side too: here the big book is held out
+    (crc32("book22819.txt") % 10000 = 499 < 500 at 5%, checked below with zlib, not with the
+    rule's code) and the one kept file has 100 bytes, fewer than min_bytes=130. The whole
+    folder is then split by bytes, every file giving its last 5% to validation (as in the
+    issue-22 test, which covers the validation side: there the file split holds out nothing)."""
+    import zlib
+
+    folder = tmp_path / "books"
+    folder.mkdir()
+    rng = np.random.default_rng(1)
+    big = " ".join(f"w{int(rng.integers(1_000_000))}" for _ in range(1500)).encode()[:6000]
+    small = bytes(range(97, 123)) * 3 + b"0123456789" * 2 + b"!@"  # 100 bytes
+    (folder / "book22819.txt").write_bytes(big)
+    (folder / "book16027.txt").write_bytes(small)
+    assert zlib.crc32(b"book22819.txt") % 10000 < 500 <= zlib.crc32(b"book16027.txt") % 10000
+    assert len(small) < 130 <= len(big)  # the file split: train 100 bytes, val 6000
+    c = data_lib.load_corpus(str(folder), 5, min_bytes=130)
+    assert c.split == "bytes" and c.num_files == 2
+    texts = [small, big]  # sorted path order: book16027.txt, book22819.txt
+    cuts = [len(t) - len(t) * 5 // 100 for t in texts]  # each file's last 5%, rounded down: 5 and 300 bytes
+    assert cuts == [95, 5700]
+    assert c.train.tobytes() == b"\n".join(t[:cut] for t, cut in zip(texts, cuts))
+    assert c.val.tobytes() == b"\n".join(t[cut:] for t, cut in zip(texts, cuts))
+
+
 def test_a_small_folder_trains_like_a_single_file(tmp_path):
     """The byte rule on a folder of one file is the single-file rule."""
     folder = books(tmp_path, sizes=(6000,))

@@ -164,6 +164,44 @@ def test_ties_go_to_the_lower_group_and_expert():
     assert plan_choices(plan)[0][0].tolist() == [0, 1, 2]
 
 
+@pytest.mark.parametrize("group_score", ["top2_sum", "max"])
+def test_a_kept_expert_with_a_negative_biased_score_beats_every_excluded_group(group_score):
+    """The excluded groups' experts are -inf before the top-k, not 0: once a negative
+    selection bias makes a kept expert's biased score c = s + b negative, an excluded expert
+    at 0 would beat it. By hand (8 experts, 4 groups of 2, keep 1 group, k=2):
+
+      token 0: s = [.9 .3 | .6 .5 | .2 .1 | .4 .3],  b = [0 -.5 | -.3 -.3 | -.4 -.4 | -.5 -.5]
+               c = [.9 -.2 | .3 .2 | -.2 -.3 | -.1 -.2]
+               group scores top2_sum .7, .5, -.5, -.3 / max .9, .3, -.2, -.1 -> group 0 kept
+               -> experts [0, 1] (c .9 and -.2), weights the unbiased s [.9, .3]
+      token 1: s = [.2 .3 | .4 .1 | .8 .3 | .6 .5], same b
+               c = [.2 -.2 | .1 -.2 | .4 -.1 | .1 0]
+               group scores top2_sum 0, -.1, .3, .1 / max .2, .1, .4, .1 -> group 2 kept
+               -> experts [4, 5], weights [.8, .3]
+      token 2: s = [.1 .2 | .3 .35 | .45 .3 | .2 .4], same b
+               c = [.1 -.3 | 0 .05 | .05 -.1 | -.3 -.1]
+               top2_sum -.2, .05, -.05, -.4 -> group 1 -> experts [3, 2], weights [.35, .3];
+               max .1, .05, .05, -.1 -> group 0 -> experts [0, 1], weights [.1, .2]
+
+    (with 0 for the excluded experts token 0 would get [0, 2], token 1 [4, 0], token 2 under
+    max [0, 2]). Also against the float64 reference."""
+    s = np.array([[.9, .3, .6, .5, .2, .1, .4, .3],
+                  [.2, .3, .4, .1, .8, .3, .6, .5],
+                  [.1, .2, .3, .35, .45, .3, .2, .4]])
+    bias = np.array([0.0, -0.5, -0.3, -0.3, -0.4, -0.4, -0.5, -0.5])
+    logits = np.log(s) - np.log1p(-s)  # sigmoid^-1
+    plan = group_limited_top_k(jnp.asarray(logits, jnp.float32)[None], k=2, capacity=3, n_group=4, topk_group=1,
+                               group_score=group_score, selection_bias=jnp.asarray(bias, jnp.float32))
+    experts, weights = plan_choices(plan)
+    want = [[0, 1], [4, 5], [3, 2] if group_score == "top2_sum" else [0, 1]]
+    assert experts.tolist() == want
+    np.testing.assert_allclose(weights, np.take_along_axis(s, np.array(want), axis=-1), rtol=1e-6)
+    ref_experts, ref_weights = group_limited_ref(logits, k=2, n_group=4, topk_group=1, group_score=group_score,
+                                                 bias=bias)
+    assert ref_experts.tolist() == want
+    np.testing.assert_allclose(weights, ref_weights, rtol=1e-6)
+
+
 @pytest.mark.parametrize("options", [
     dict(k=4, n_group=4, topk_group=2, normalize=True, scale=2.5),  # DeepSeek-V3
     dict(k=3, n_group=4, topk_group=3, group_score="max", score_function="softmax", scale=16.0),  # DeepSeek-V2
@@ -491,6 +529,32 @@ def test_eval_mode_counts_no_load():
     moe.train()
     moe(skewed_batch(0))
     assert float(np.sum(moe.expert_load[...])) == 8 * 16 * 4
+
+
+def test_the_load_accumulates_over_the_calls_between_two_bias_updates():
+    """Gradient accumulation, or a layer called twice in a step: every train-mode call *adds*
+    its tokens_per_expert to ``expert_load`` (a call that overwrote it would balance on the
+    last micro-batch alone), and the update then moves the bias by
+    ``rate * sign(mean(load) - load)`` of the summed load (numpy, from the calls' aux)."""
+    moe = skewed_layer()
+    moe.selection_bias[...] = jnp.linspace(-0.05, 0.05, 16)  # the update adds to whatever is there
+    bias0 = np.asarray(moe.selection_bias[...], np.float64)
+    x1 = skewed_batch(0)[:2]  # skewed towards experts 0-3
+    x2 = -skewed_batch(1)[:2]  # the opposite offset: other experts win
+    call = nnx.jit(lambda moe, x: moe(x)[1]["tokens_per_expert"])  # a train-mode call writes expert_load
+    counts = [np.asarray(call(moe, x), np.float64) for x in (x1, x2)]
+    assert all(c.sum() == 2 * 16 * 4 for c in counts)  # dropless: every assignment kept
+    load = counts[0] + counts[1]
+    np.testing.assert_array_equal(np.asarray(moe.expert_load[...]), load)
+    rate = 0.01
+    want = bias0 + rate * np.sign(load.mean() - load)
+    # the calls disagree: the last call's load alone would move some bias the other way
+    assert np.any(np.sign(load.mean() - load) != np.sign(counts[1].mean() - counts[1]))
+    assert jmoe.update_selection_biases(moe, rate=rate) == 1
+    np.testing.assert_allclose(np.asarray(moe.selection_bias[...]), want, atol=1e-7)
+    assert np.all(np.asarray(moe.expert_load[...]) == 0)
+    after = call(moe, x2)  # the next step counts from zero (under the new bias)
+    np.testing.assert_array_equal(np.asarray(moe.expert_load[...]), np.asarray(after))
 
 
 def test_stacked_layers_under_scan_count_their_own_load_and_update_their_own_bias():

@@ -336,6 +336,80 @@ def test_dequantizers_by_hand():
         dequantize_fp8(np.ones((200, 130), np.float32), np.ones((1, 2), np.float32), "w")
 
 
+def fp8_reference(weight_fp8: np.ndarray, scale_inv: np.ndarray, block) -> np.ndarray:
+    """Block-scaled FP8 by the definition, one element at a time: element (i, j) of the
+    ``[rows, cols]`` weight is scaled by ``scale_inv[i // block[0], j // block[1]]`` (the
+    config's ``weight_block_size`` is [rows, cols]; a dim's last block may be partial)."""
+    w = weight_fp8.astype(np.float32)
+    out = np.empty_like(w)
+    for i in range(w.shape[0]):
+        for j in range(w.shape[1]):
+            out[i, j] = w[i, j] * scale_inv[i // block[0], j // block[1]]
+    return out
+
+
+def random_fp8(rng, shape):
+    import ml_dtypes
+    return rng.normal(0.0, 2.0, shape).astype(ml_dtypes.float8_e4m3fn)
+
+
+def random_scale_inv(rng, shape):
+    return rng.uniform(0.5, 4.0, shape).astype(np.float32)  # a different scale per block
+
+
+@pytest.mark.parametrize("shape,block", [((4, 8), (2, 4)), ((6, 8), (4, 2)), ((5, 10), (2, 4)), ((5, 5), (3, 4))],
+                         ids=["2x4", "4x2", "2x4-ragged", "3x4-ragged-same-grid"])
+def test_fp8_non_square_blocks_are_rows_by_columns(tmp_path, shape, block):
+    """``weight_block_size: [r, c]`` is r rows (the output dim) by c columns (the input dim) of
+    the stored ``[out, in]`` weight, as DeepSeek-V3's ``weight_dequant`` reads it; a square
+    128 x 128 block cannot tell the two apart. A checkpoint of one FP8 weight and its
+    ``weight_scale_inv`` (one random scale per block) dequantizes, both by
+    ``Checkpoint.float32`` (the config's block size) and by ``dequantize_fp8``, to the
+    element-wise reference; with ragged last blocks too (5 x 5 in 3 x 4 blocks has the same
+    2 x 2 scale grid as in 4 x 3 blocks: a swapped block size is wrong values, not an error)."""
+    from safetensors.numpy import save_file
+
+    from jmoe.hf.files import dequantize_fp8
+    rng = np.random.default_rng(sum(shape) + 10 * sum(block))
+    grid = (-(-shape[0] // block[0]), -(-shape[1] // block[1]))
+    weight, scale_inv = random_fp8(rng, shape), random_scale_inv(rng, grid)
+    save_file({"w": weight, "w_scale_inv": scale_inv}, tmp_path / "model.safetensors")
+    config = {"quantization_config": {"quant_method": "fp8", "weight_block_size": list(block)}}
+    checkpoint = Checkpoint(tmp_path, config)
+    assert checkpoint.quantization("w") == "fp8" and checkpoint.stored_dtype("w") == "F8_E4M3"
+    want = fp8_reference(weight, scale_inv, block)
+    np.testing.assert_array_equal(checkpoint.float32("w"), want)
+    np.testing.assert_array_equal(dequantize_fp8(weight.astype(np.float32), scale_inv, "w", block), want)
+
+
+def test_a_deepseek_fp8_layer_with_non_square_blocks_loads_rows_by_columns(tmp_path):
+    """The DeepSeek-V3 FP8 checkpoint re-scaled in 2 x 4 blocks (config ``weight_block_size:
+    [2, 4]``, every ``weight_scale_inv`` replaced by one random scale per 2 x 4 block of its
+    weight): the loaded layer's experts and shared expert are the element-wise reference,
+    transposed to the ``x @ W`` layout."""
+    from safetensors.numpy import save_file
+    folder = copy_with(tmp_path, "deepseek_v3_fp8", lambda c: c["quantization_config"].update(weight_block_size=[2, 4]))
+    stored = Checkpoint(folder)
+    rng = np.random.default_rng(0)
+    tensors = {n: stored.raw(n) for n in stored.names()}
+    for name in [n for n in tensors if n.endswith("_scale_inv")]:
+        rows, cols = tensors[name.removesuffix("_scale_inv")].shape
+        tensors[name] = random_scale_inv(rng, (-(-rows // 2), -(-cols // 4)))
+    (folder / "model.safetensors").unlink()
+    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+    moe = hf.load_moe(folder, 1)
+
+    def want(name):
+        return fp8_reference(tensors[f"model.layers.1.mlp.{name}.weight"],
+                             tensors[f"model.layers.1.mlp.{name}.weight_scale_inv"], (2, 4)).T
+
+    for e in range(8):
+        for attr, proj in (("w_gate", "gate_proj"), ("w_in", "up_proj"), ("w_out", "down_proj")):
+            np.testing.assert_array_equal(np.asarray(getattr(moe.experts, attr)[...])[e], want(f"experts.{e}.{proj}"))
+    np.testing.assert_array_equal(np.asarray(moe.shared_expert.w_gate[...]), want("shared_experts.gate_proj"))
+    np.testing.assert_array_equal(np.asarray(moe.shared_expert.w_out[...]), want("shared_experts.down_proj"))
+
+
 def test_switch_router_jitter_is_train_mode_only(tmp_path):
     folder = copy_with(tmp_path, "switch_transformers", lambda c: c.update(router_jitter_noise=0.01))
     info, x, y_ref = record("switch_transformers", "encoder")
