@@ -129,15 +129,28 @@ def worker(args) -> dict:
                 row["fwd_bwd_ms"] = 1e3 * median_time(fn, state, x, iters=args.iters, warmup=1)
         layer = make("padded", args.skew_factor, "rounds", skew)
         row["rows"] = rows_per_token(layer, x, n, np)
+        row["rounds_by_counts"] = rounds_by_counts(layer, x, n, args.skew_factor, parallel, np)
         out["skew"].append(row)
         print(json.dumps(row), flush=True)
     return out
 
 
+def route(layer, x):
+    """The layer's routing plan of every token (groups of 4 tokens, capacity 4: dropless, and
+    the plan's per-group arrays stay small), tokens in x's order."""
+    import jax
+    import numpy as np
+
+    one = jax.devices()[0]  # host copies: the layer's weights live on every device of the mesh
+    params = jax.tree.map(lambda a: jax.device_put(np.asarray(a), one), layer.params()["router"])
+    groups = jax.device_put(np.asarray(x).reshape(-1, 4, x.shape[-1]), one)  # [T / 4, 4, d]
+    return jax.jit(lambda p, g: layer.router.route(p, g, {}, None, 4))(params, groups)
+
+
 def rows_per_token(layer, x, n, np) -> dict:
     """Per token (mean): rows of a flat exchange, distinct devices / nodes reached, rows
     crossing nodes (flat: one per assignment; once per node: one per distinct other node)."""
-    plan = layer.router.route(layer.params()["router"], x, {}, None, x.shape[1])  # x [G, S, d]: routed per token
+    plan = route(layer, x)
     expert = np.asarray(plan.token_expert).reshape(-1, 8)  # [T, k]
     t = expert.shape[0]
     device = expert // (256 // n)
@@ -148,6 +161,20 @@ def rows_per_token(layer, x, n, np) -> dict:
     return {"rows": 8.0, "devices": float(distinct(device)), "nodes": float(distinct(node)),
             "inter_node_flat": float(np.mean(np.sum(node != home_node, axis=1))),
             "inter_node_once_per_node": float(np.mean(other_nodes))}
+
+
+def rounds_by_counts(layer, x, n, factor, parallel, np) -> dict:
+    """Each exchange's rounds from the routing's counts alone (exact: a round fills a
+    receiver's R rows (ragged) or a cell's P rows (padded) while any are left): ragged
+    ``max_j ceil(rows to j / R)``, padded ``max_(i, j) ceil(rows i sends j / P)``."""
+    plan = route(layer, x)
+    expert = np.asarray(plan.token_expert).reshape(n, -1)  # [source, T_l * k]
+    e_l = 256 // n
+    cells = np.stack([np.bincount(row // e_l, minlength=n) for row in expert])  # [source, destination]
+    sizes = parallel.exchange_sizes(expert.shape[1], n, factor, k=8, local_experts=e_l)
+    return {"ragged": int(np.max(np.ceil(cells.sum(0) / sizes.receive_rows))),
+            "padded": int(np.max(np.ceil(cells / sizes.cell_rows))),
+            "receiver_max_over_mean": float(cells.sum(0).max() / cells.sum(0).mean())}
 
 
 def main() -> None:
@@ -179,7 +206,7 @@ def main() -> None:
         sys.stdout.write("\n".join(line for line in proc.stdout.splitlines() if not line.startswith("RESULT ")) + "\n")
         if proc.returncode != 0:
             sys.stderr.write(proc.stderr[-3000:])
-            raise SystemExit(f"n = {n} failed")
+            raise SystemExit(f"n = {n} failed (exit code {proc.returncode})")
         results.append(json.loads(proc.stdout.split("RESULT ", 1)[1]))
     import jax
 
