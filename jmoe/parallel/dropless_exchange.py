@@ -53,7 +53,7 @@ from jmoe.parallel.row_exchanges import (
 
 Array = jax.Array
 
-DEFAULT_BUFFER_FACTOR = 1.25
+DEFAULT_BUFFER_FACTOR = 1.5
 """The default c (``dropless_buffer_factor=None``): see BENCHMARKS.md, "Dropless at scale"."""
 OVERFLOWS = ("rounds", "drop")
 DROPLESS_EXCHANGES = ROW_EXCHANGES
