@@ -54,7 +54,7 @@ from jmoe.parallel.row_exchanges import (
 Array = jax.Array
 
 DEFAULT_BUFFER_FACTOR = 1.5
-"""The default c (``dropless_buffer_factor=None``): see BENCHMARKS.md, "Dropless at scale"."""
+"""The default c (``dropless_buffer_factor=None``): measured, BENCHMARKS.md ("CPU, 2026-12-03")."""
 OVERFLOWS = ("rounds", "drop")
 DROPLESS_EXCHANGES = ROW_EXCHANGES
 NAMES = ROW_EXCHANGES.names
