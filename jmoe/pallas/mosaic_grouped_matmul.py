@@ -24,9 +24,9 @@ Limits of the kernels, checked here: x and w in the same 16-bit dtype; K and F
 multiples of the tiles (64 or 128). Not checked, a cost: the forward / dx kernel's
 persistent grid covers all N rows, and a row tile past the groups is still multiplied
 (its result is not stored). Fine on one device (no such rows but padding tokens); on an
-expert mesh the worst-case receive buffer has n * A rows of which about A are filled
-when routing is balanced, so set ``dropless_buffer_factor`` there (jmoe's Pallas
-kernels skip such tiles).
+expert mesh a round's receive buffer has about c * A rows (``dropless_buffer_factor`` c),
+of which about A are filled when routing is balanced (jmoe's Pallas kernels skip such
+tiles).
 """
 
 from __future__ import annotations
