@@ -63,6 +63,15 @@ def grouped_ffn(rows: Array, row_expert: Array, group_sizes: Array, params: dict
     return y
 
 
+def sort_routed(token_expert: Array, token_weight: Array, num_experts: int) -> tuple[Array, Array, Array]:
+    """The assignments that count, in expert order: ``(order [A], group_sizes [E],
+    routed [T, K])``, A = T * K. Weight-0 assignments (padding tokens, skipped 2nd choices)
+    get expert id E in ``routed``: sorted last, past every group and in no count."""
+    routed = jnp.where(token_weight != 0, token_expert, num_experts)  # [T, K]
+    order, group_sizes = sort_by_expert(routed, num_experts)  # [A], [E]
+    return order, group_sizes, routed
+
+
 def sort_assignments(tokens: Array, token_expert: Array, token_weight: Array,
                      num_experts: int) -> tuple[Array, Array, Array, Array]:
     """The assignments in expert order: ``(order [A], group_sizes [E], rows [A, d],
@@ -74,8 +83,7 @@ def sort_assignments(tokens: Array, token_expert: Array, token_weight: Array,
     id (E for those).
     """
     k = token_expert.shape[1]
-    routed = jnp.where(token_weight != 0, token_expert, num_experts)  # [T, K]
-    order, group_sizes = sort_by_expert(routed, num_experts)  # [A], [E]
+    order, group_sizes, routed = sort_routed(token_expert, token_weight, num_experts)  # [A], [E], [T, K]
     rows = tokens[order // k]  # [A, d] sorted by expert
     return order, group_sizes, rows, routed.reshape(-1)[order]
 

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 
 from jmoe import grouped_matmul as gmm_lib
 from jmoe.dispatch import BACKENDS
-from jmoe.parallel.dropless_exchange import DEFAULT_BUFFER_FACTOR, DROPLESS_EXCHANGES, OVERFLOWS, check_buffer_factor
+from jmoe.parallel.dropless_exchange import DROPLESS_EXCHANGES, OVERFLOWS, check_buffer_factor
 from jmoe.checks import int_at_least, positive_number
 from jmoe.routing import Router, expert_capacity
 
@@ -57,7 +57,7 @@ class CapacityOptions:
 @dataclasses.dataclass(frozen=True)
 class DroplessOptions:
     """A dropless layer's grouped matmul, and on a mesh its row exchange, its buffers
-    (c >= 1: about c * T_l * K rows per device and round; None: ``DEFAULT_BUFFER_FACTOR``)
+    (c >= 1: about c * T_l * K rows per device and round; None: ``jmoe.parallel.DEFAULT_BUFFER_FACTOR``)
     and what the rows that do not fit one round do (``overflow``: ``"rounds"``, more
     rounds, nothing dropped; ``"drop"``: dropped and counted)."""
 
@@ -73,11 +73,6 @@ class DroplessOptions:
             check_buffer_factor(self.buffer_factor)
         if self.overflow not in OVERFLOWS:
             raise ValueError(f"dropless_overflow must be one of {OVERFLOWS}, got {self.overflow!r}")
-
-    @property
-    def factor(self) -> float:
-        """c, the default resolved."""
-        return DEFAULT_BUFFER_FACTOR if self.buffer_factor is None else self.buffer_factor
 
 
 @dataclasses.dataclass(frozen=True)

@@ -88,7 +88,7 @@ def dropless_exchange_experts(
     device's T_l tokens, the experts living on the n = ``expert_size`` devices of
     ``expert_axes`` (expert e on device ``e // E_l``; ``params`` holds the E_l local ones).
 
-    The assignments are sorted by expert (:func:`jmoe.dropless.sort_assignments`; weight-0
+    The assignments are sorted by expert (:func:`jmoe.dropless.sort_routed`; weight-0
     ones, e.g. padding tokens, sort last and are never sent: they take no buffer space or
     compute); the counts are all-gathered; the rows travel in rounds of bounded buffers
     (module docstring), each round through ``exchange`` (a name of
@@ -119,8 +119,7 @@ def dropless_exchange_experts(
                            local_experts=e_l)
     row_exchange = ROW_EXCHANGES.get(exchange).sized(sizes, tuple(expert_axes))
 
-    routed = jnp.where(token_weight != 0, token_expert, num_experts)  # [T_l, K]: weight 0 -> past every group
-    order, counts = dropless.sort_by_expert(routed, num_experts)  # [A], [E]
+    order, counts, _ = dropless.sort_routed(token_expert, token_weight, num_experts)  # [A], [E]; rows not gathered
     counts = counts.reshape(n, e_l)  # [n_dst, E_l]
     counts_all = jax.lax.all_gather(counts, expert_axes) if expert_axes else counts[None]  # [n_src, n_dst, E_l]
     limit = 1 if overflow == "drop" else n * a  # every round delivers >= 1 row while any is left

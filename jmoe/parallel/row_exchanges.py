@@ -139,9 +139,6 @@ class PaddedExchange:
     def sized(cls, sizes: "ExchangeSizes", axes: tuple[str, ...]) -> "PaddedExchange":
         return cls(sizes.cell_rows, axes)
 
-    def buffer_rows(self, n: int) -> int:
-        return n * self.cell_rows
-
     def plan_round(self, remaining: Array) -> Array:
         """``remaining [n_src, n_dst, E_l]`` -> kept this round, same shape."""
         per_cell = lambda c: fit_to_buffer(c[None], self.cell_rows)[0]  # noqa: E731
@@ -237,9 +234,6 @@ class RaggedExchange:
     @classmethod
     def sized(cls, sizes: "ExchangeSizes", axes: tuple[str, ...]) -> "RaggedExchange":
         return cls(sizes.receive_rows, axes)
-
-    def buffer_rows(self, n: int) -> int:
-        return self.receive_rows
 
     def plan_round(self, remaining: Array) -> Array:
         """``remaining [n_src, n_dst, E_l]`` -> kept this round, same shape."""
