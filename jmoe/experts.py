@@ -137,6 +137,45 @@ class Shared:
         return experts if self.activation is None else self.activation
 
 
+@dataclasses.dataclass(frozen=True)
+class ZeroExperts:
+    """Zero-computation experts (LongCat-Flash; MoE++), routed like the FFN experts: ``identity``
+    experts that return their input and ``constant`` experts that return a learned vector
+    ``c_i [d]`` (``zero_constants [constant, d]``, zero-initialised). With E FFN experts the
+    router chooses among E + identity + constant: a choice e < E is FFN expert e, then the
+    identity experts, then the constant ones; a chosen zero-computation expert adds ``w x``
+    (identity) or ``w c_i`` (constant) to the token's output, w its combine weight. They cost no
+    FFN and no exchange; their slots (capacity) and loads are counted like the others'."""
+
+    identity: int = 0
+    constant: int = 0
+
+    def __post_init__(self):
+        int_at_least("ZeroExperts.identity", self.identity, 0)
+        int_at_least("ZeroExperts.constant", self.constant, 0)
+        if self.count == 0:
+            raise ValueError("ZeroExperts needs identity >= 1 or constant >= 1 (None: no zero-computation experts)")
+
+    @property
+    def count(self) -> int:
+        return self.identity + self.constant
+
+    def outputs(self, groups: Array, token_expert: Array, token_weight: Array, num_experts: int,
+                constants: Array | None) -> Array:
+        """What the zero-computation choices add: ``groups [G, S, d]``, ``token_expert`` /
+        ``token_weight [G, S, K]`` (0 where dropped) over E FFN experts first; ``constants
+        [constant, d]``. Returns ``sum_k w_k (x or c_{e_k})`` ``[G, S, d]`` float32."""
+        is_identity = (token_expert >= num_experts) & (token_expert < num_experts + self.identity)  # [G, S, K]
+        w_identity = jnp.sum(jnp.where(is_identity, token_weight, 0.0), axis=-1)  # [G, S]
+        y = w_identity[..., None] * groups.astype(jnp.float32)  # [G, S, d]
+        if self.constant:
+            first = num_experts + self.identity
+            w_constant = jnp.where(token_expert >= first, token_weight, 0.0)  # [G, S, K]
+            picked = constants.astype(jnp.float32)[jnp.clip(token_expert - first, 0, self.constant - 1)]  # [G, S, K, d]
+            y = y + jnp.einsum("gsk,gskd->gsd", w_constant, picked)
+        return y
+
+
 def expert_ffn(x: Array, params: dict[str, Array], activation: str | Activation,
                model_axis: str | None = None) -> Array:
     """The bank's math as a pure function of stacked weights.
