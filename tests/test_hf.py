@@ -32,6 +32,13 @@ CASES = [
     ("gpt_oss", "", None), ("gpt_oss_mxfp4", "", None), ("llama4_text", "", None), ("llama4", "", None),
     ("switch_transformers", "encoder", "encoder"), ("switch_transformers", "decoder", "decoder"),
 ]
+# transformers 5.25's families on the blocks above (tests/data/hf/README.md): d = 16, fused and per-expert layouts
+NEW_FAMILIES = [
+    "glm4_moe", "glm4_moe_lite", "glm4v_moe", "dots1", "deepseek_v32", "exaone_moe", "mimo_v2_flash", "qwen3_next",
+    "qwen3_5_moe_text", "qwen3_vl_moe_text", "qwen3_vl_moe", "flex_olmo", "ernie4_5_moe", "hunyuan_v1_moe", "minimax",
+    "minimax_m2", "dbrx", "granitemoe", "granitemoeshared", "aria_text", "cohere2_moe", "afmoe", "jamba",
+]
+CASES += [(case, "", None) for case in NEW_FAMILIES]
 
 
 def record(case: str, sub: str = ""):
@@ -48,8 +55,11 @@ def load(case: str, layer: int, stack=None, **kwargs) -> jmoe.MoE:
     return hf.load_moe(DATA / case, layer, **({"stack": stack} if stack else {}), **kwargs)
 
 
+FORWARD = nnx.jit(lambda m, x: m(x))  # one jitted function: layers of one structure (families sharing a block) share a compile
+
+
 def run(moe, x):
-    y, aux = nnx.jit(lambda m, x: m(x))(moe, jax.numpy.asarray(x))
+    y, aux = FORWARD(moe, jax.numpy.asarray(x))
     return np.asarray(y), aux
 
 
@@ -122,9 +132,12 @@ def test_sharded_checkpoint_reads_only_the_layers_files(monkeypatch):
     assert opened and set(opened) <= needed
 
 
-@pytest.mark.parametrize("case,layer,stack", [("mixtral", 0, None), ("qwen2_moe", 1, None),
-                                              ("deepseek_v3", 1, None), ("gpt_oss", 0, None),
-                                              ("llama4", 1, None), ("switch_transformers", 1, "decoder")])
+ROUND_TRIPS = [("mixtral", 0, None), ("qwen2_moe", 1, None), ("deepseek_v3", 1, None), ("gpt_oss", 0, None),
+               ("llama4", 1, None), ("switch_transformers", 1, "decoder")]
+ROUND_TRIPS += [(case, json.loads((DATA / case / "case.json").read_text())["layer"], None) for case in NEW_FAMILIES]
+
+
+@pytest.mark.parametrize("case,layer,stack", ROUND_TRIPS, ids=[case for case, _, _ in ROUND_TRIPS])
 def test_load_save_load_round_trip(tmp_path, case, layer, stack):
     folder = tmp_path / case
     shutil.copytree(DATA / case, folder)
