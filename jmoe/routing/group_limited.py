@@ -107,23 +107,44 @@ def group_limited_top_k(
     ``selection_bias [E]`` (None: 0) is read without gradient and added to the scores or, with
     ``bias_on="logits"``, to the logits the choice is made on. Returns a plan with K = k."""
     mask = check_logits(logits, token_mask)  # [G, S]
-    num_groups, group_size, num_experts = logits.shape
     scores = router_scores(logits, score_function)  # [G, S, E]
     choice = scores if bias_on == "scores" else logits.astype(jnp.float32)  # [G, S, E]
     if selection_bias is not None:
         choice = choice + jax.lax.stop_gradient(selection_bias)
     top_experts = group_limited_experts(choice, k=k, n_group=n_group, topk_group=topk_group,
                                         group_score=group_score)  # [G, S, K]
-    weights = jnp.take_along_axis(scores, top_experts, axis=-1)  # [G, S, K] unbiased
+    return plan_from_scores(logits, scores, score_function, top_experts, mask, normalize=normalize,
+                            normalize_epsilon=normalize_epsilon, routed_scaling_factor=routed_scaling_factor,
+                            capacity=capacity, priority=priority)
+
+
+def plan_from_scores(logits: Array, scores: Array, score_function: str, experts: Array, mask: Array, *,
+                     normalize: bool, normalize_epsilon: float, routed_scaling_factor: float, capacity: int,
+                     priority: str) -> RoutingPlan:
+    """The plan of a router whose tokens chose ``experts [G, S, K]`` and are weighted by their
+    ``scores [G, S, E]``: ``w = s_e`` (``/ (sum_k s + normalize_epsilon)``) ``* routed_scaling_factor``,
+    slots in token order; the losses read ``p = s / sum_e s_e`` (the softmax itself)."""
+    num_groups, group_size, _ = logits.shape
+    weights = jnp.take_along_axis(scores, experts, axis=-1)  # [G, S, K] unbiased
     if normalize:
         weights = weights / (jnp.sum(weights, axis=-1, keepdims=True) + normalize_epsilon)
     weights = weights * routed_scaling_factor
-
-    requested = jnp.broadcast_to(mask[..., None], top_experts.shape)  # [G, S, K]
+    requested = jnp.broadcast_to(mask[..., None], experts.shape)  # [G, S, K]
     order = jnp.broadcast_to(jnp.arange(group_size), (num_groups, group_size))  # [G, S]
     probs = scores if score_function == "softmax" else scores / jnp.sum(scores, axis=-1, keepdims=True)  # [G, S, E]
-    return plan_from_choices(logits, probs, top_experts, weights, requested, order, mask, capacity=capacity,
+    return plan_from_choices(logits, probs, experts, weights, requested, order, mask, capacity=capacity,
                              priority=priority)
+
+
+def check_score_options(router) -> None:
+    """The options of a router weighted by :func:`plan_from_scores`: ``score_function``,
+    ``priority``, ``routed_scaling_factor`` > 0, ``normalize_epsilon`` >= 0."""
+    if router.score_function not in SCORE_FUNCTIONS:
+        raise ValueError(f"score_function must be one of {tuple(SCORE_FUNCTIONS)}, got {router.score_function!r}")
+    if router.priority not in PRIORITIES:
+        raise ValueError(f"priority must be one of {PRIORITIES}, got {router.priority!r}")
+    positive_number("routed_scaling_factor", router.routed_scaling_factor)
+    non_negative_number("normalize_epsilon", router.normalize_epsilon)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -152,20 +173,15 @@ class GroupLimited(Router):
 
     def __post_init__(self):
         super().__post_init__()
-        if self.score_function not in SCORE_FUNCTIONS:
-            raise ValueError(f"score_function must be one of {tuple(SCORE_FUNCTIONS)}, got {self.score_function!r}")
+        check_score_options(self)
         if self.bias_on not in BIAS_ON:
             raise ValueError(f"bias_on must be one of {BIAS_ON}, got {self.bias_on!r}")
-        non_negative_number("normalize_epsilon", self.normalize_epsilon)
         if self.group_score not in GROUP_SCORES:
             raise ValueError(f"group_score must be one of {GROUP_SCORES}, got {self.group_score!r}")
-        if self.priority not in PRIORITIES:
-            raise ValueError(f"priority must be one of {PRIORITIES}, got {self.priority!r}")
         int_at_least("n_group", self.n_group, 1)
         int_at_least("topk_group", self.topk_group, 1)
         if self.topk_group > self.n_group:
             raise ValueError(f"topk_group={self.topk_group} must be <= n_group={self.n_group}")
-        positive_number("routed_scaling_factor", self.routed_scaling_factor)
 
     def check_experts(self, num_experts: int) -> None:
         super().check_experts(num_experts)
