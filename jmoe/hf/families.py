@@ -2,7 +2,9 @@
 
 All family knowledge of jmoe lives here (the layer knows no model names). A family is
 
-* ``moe_kwargs(config)``: the ``jmoe.MoE`` arguments of its MoE block (transformers 5.x
+* ``moe_kwargs(config)``: the options of its MoE block as flat keys (``router="group_limited",
+  n_group=..., shared_d_ff=...``; :func:`jmoe.options.layer_arguments` turns them into the
+  ``jmoe.MoE`` arguments: router, activation and shared-expert objects) (transformers 5.x
   semantics, checked against transformers' own block outputs in tests/test_hf.py);
 * ``prefix``: where layer i's MoE block lives in the checkpoint (the hub's name first, then
   other names the same weights have been saved under, e.g. Llama 4's text model inside the
