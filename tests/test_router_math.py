@@ -162,3 +162,44 @@ def test_token_hash_needs_token_ids():
         moe(x, token_ids=jnp.zeros((2, 4), jnp.int32))
     y, _ = jmoe.MoE(4, 6, 8, k=2, rngs=nnx.Rngs(0))(x, token_ids=jnp.zeros((2, 5), jnp.int32))  # others ignore them
     assert y.shape == x.shape
+
+
+# ---------------------------------------------------------------- SparseMixer (Phi-3.5-MoE), eval forward
+
+
+def sparsemixer64(logits, eps):
+    """transformers' sparsemixer in eval mode, per token, in float64."""
+    experts, weights = [], []
+    for scores in logits:
+        candidates, chosen, ws = scores.copy(), [], []
+        for _ in range(2):
+            top = candidates.max()
+            e = int(np.argmax(candidates))
+            factor = np.maximum(np.abs(scores), top)
+            masked = np.where((top - scores) / factor > 2 * eps, -np.inf, candidates)
+            p = np.exp(masked - masked.max())
+            ws.append(p[e] / p.sum())
+            chosen.append(e)
+            candidates = candidates.copy()
+            candidates[e] = -np.inf
+        experts.append(chosen)
+        weights.append(ws)
+    return np.array(experts), np.array(weights)
+
+
+@pytest.mark.parametrize("eps", [0.01, 0.2])
+def test_sparsemixer_matches_float64(eps):
+    rng = np.random.default_rng(3)
+    logits = rng.normal(size=(G, S, E)) * 0.5 + 1.0  # near each other: the relative threshold matters
+    plan = jmoe.routing.SparseMixer(k=2, jitter_eps=eps).plan(jnp.asarray(logits, jnp.float32), None, {}, {}, None, S)
+    want_e, want_w = sparsemixer64(logits.reshape(-1, E), eps)
+    np.testing.assert_array_equal(np.asarray(plan.token_expert).reshape(-1, 2), want_e)
+    np.testing.assert_allclose(np.asarray(plan.token_weight, np.float64).reshape(-1, 2), want_w, rtol=1e-5)
+    assert np.any(want_w < 1.0) and (eps > 0.01 or np.any(want_w == 1.0))  # the threshold keeps 1 or several
+
+
+def test_sparsemixer_needs_k2():
+    with pytest.raises(ValueError, match="needs k=2"):
+        jmoe.MoE(4, 6, 8, k=1, router="sparsemixer", rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="jitter_eps"):
+        jmoe.routing.SparseMixer(jitter_eps=0.0)
