@@ -22,7 +22,6 @@ from flax import nnx
 
 from jmoe import parallel, routing
 from jmoe.balancing import ExpertLoad, SelectionBias
-from jmoe.checks import int_at_least
 from jmoe.compat import in_capture
 from jmoe.experts import Activation, ExpertBank, Shared, SharedExpert, ZeroExperts, as_activation
 from jmoe.forward import Pipeline, moe_forward
@@ -145,14 +144,15 @@ class MoE(nnx.Module):
       router: a name of :data:`jmoe.routing.ROUTERS` (that router with its defaults) or a
         configured router object, a :class:`jmoe.routing.Router` (``TokensChoose``: Switch /
         GShard / top-k, the default; ``ExpertsChoose``; ``NoisyTopK``, Shazeer et al. 2017;
-        ``GroupLimited``: sigmoid / softmax scores, the group limit, the selection bias,
-        DeepSeek-V2/V3, Llama 4; or a user's own subclass). Every router option lives on the
+        ``GroupLimited``: sigmoid / softmax / sqrt-softplus scores, the group limit, the selection
+        bias, DeepSeek-V2/V3/V4, Llama 4; ``TokenHash``: experts by token id, with ``token_ids=``
+        at the call; ``SparseMixer``: Phi-3.5-MoE; or a user's own subclass). Every router option lives on the
         router object (priority, normalize, jitter, router_bias, scale_expert_input, ...);
         ``k`` is the layer's and binds the router (:func:`jmoe.routing.as_router`). A router
         with ``selection_bias=True`` adds the state ``selection_bias [E]`` and the load it
         balances, ``expert_load [E]`` (:func:`jmoe.update_selection_biases`).
-      activation: the experts' activation, a name (``relu``, ``gelu``, ``swiglu``, ``geglu``,
-        ``clamped_swiglu``) or a configured :class:`jmoe.experts.Activation` (e.g. GPT-OSS's
+      activation: the experts' activation, a name of :data:`jmoe.experts.ACTIVATIONS` or a
+        configured :class:`jmoe.experts.Activation` (e.g. GPT-OSS's
         ``Activation("clamped_swiglu", swiglu_alpha=1.702, swiglu_limit=7.0)``).
       use_bias: biases in the expert FFNs (gated: on the gate, the up and the down projection).
       shared: the shared expert (DeepSeek-MoE, Qwen2-MoE, Llama 4), a :class:`jmoe.experts.Shared`
