@@ -498,7 +498,7 @@ def family_case(case, cfg_cls, model_cls, *, layer, seed, block_of=lambda m, i: 
     """A tiny random model of the family saved, reloaded, and the MoE block of ``layer`` recorded
     on an x [B, S, 16] whose top-k choice has no near-tie (margin > 1e-3 on the router's choice scores)."""
     config = config or cfg_cls(**{**TINY, **cfg})
-    model = model_cls(config)
+    model = getattr(model_cls, "from_config", model_cls)(config)  # an Auto class, or the model class itself
     randomize(model, seed)
     bf16_round(model)
     path = save(model, case)
@@ -606,6 +606,57 @@ NEW = {
                                  num_hidden_layers=2, num_experts=4, num_experts_per_tok=2, expert_layer_period=2,
                                  expert_layer_offset=1, attn_layer_period=1, attn_layer_offset=0),
 }
+NEW.update({  # model types whose transformers block is one of the above (the hub's configs name them)
+    "sarvam_moe": lambda: family_case("sarvam_moe", T.SarvamMoEConfig, T.AutoModelForCausalLM, layer=1, seed=430,
+                                      score="sigmoid", **V3),
+    "sarvam_mla": lambda: family_case("sarvam_mla", T.SarvamMLAConfig, T.AutoModelForCausalLM, layer=1, seed=440,
+                                      score="sigmoid", **V3, **MLA),
+    "solar_open": lambda: family_case("solar_open", T.SolarOpenConfig, T.AutoModelForCausalLM, layer=1, seed=450,
+                                      score="sigmoid", **V3),
+    "minicpm5_moe": lambda: family_case("minicpm5_moe", T.MiniCPM5MoeConfig, T.AutoModelForCausalLM, layer=1,
+                                        seed=460, score="sigmoid", **V3),
+    "glm_moe_dsa": lambda: family_case("glm_moe_dsa", T.GlmMoeDsaConfig, T.AutoModelForCausalLM, layer=1, seed=470,
+                                       score="sigmoid", **V3, **MLA, index_n_heads=2, index_head_dim=8, index_topk=4),
+    "kimi_linear": lambda: family_case("kimi_linear", T.KimiLinearConfig, T.AutoModelForCausalLM, layer=1, seed=480,
+                                       score="sigmoid", pad_token_id=0, moe_intermediate_size=6, num_hidden_layers=2,
+                                       num_experts=8, num_shared_experts=1, num_experts_per_token=2,
+                                       num_expert_group=4, topk_group=2, first_k_dense_replace=1,
+                                       routed_scaling_factor=2.0, moe_renormalize=True, linear_head_dim=8,
+                                       linear_num_heads=2, **MLA),
+    "mistral4": lambda: family_case("mistral4", T.Mistral4Config, T.Mistral4ForCausalLM, layer=1, seed=490,
+                                    **dict(V3, routed_scaling_factor=1.5), **MLA),
+    "qwen4_exp_text": lambda: family_case("qwen4_exp_text", T.Qwen4ExpTextConfig, T.AutoModelForCausalLM, layer=1,
+                                          seed=500, **QWEN, **dict(LINEAR_ATTN, layer_types=["linear_attention"] * 2),
+                                          shared_expert_intermediate_size=12, hc_count=2, hc_lowrank=4,
+                                          norm_topk_prob=True, mlp_only_layers=[0]),
+    "qwen3_omni_moe_text": lambda: family_case("qwen3_omni_moe_text", T.Qwen3OmniMoeTextConfig,
+                                               T.Qwen3OmniMoeThinkerTextModel, layer=1, seed=510,
+                                               block_of=lambda m, i: m.layers[i].mlp, **QWEN, norm_topk_prob=True,
+                                               decoder_sparse_step=2),
+    "mellum": lambda: family_case("mellum", T.MellumConfig, T.AutoModelForCausalLM, layer=1, seed=520, **QWEN,
+                                  norm_topk_prob=False, decoder_sparse_step=2),
+    "lara_mini": lambda: family_case("lara_mini", T.LaraMiniConfig, T.AutoModelForCausalLM, layer=1, seed=530,
+                                     **QWEN, **LINEAR_ATTN, shared_expert_intermediate_size=12, norm_topk_prob=True),
+    "granitemoehybrid": lambda: family_case("granitemoehybrid", T.GraniteMoeHybridConfig, T.AutoModelForCausalLM,
+                                            layer=0, seed=540, block_of=lambda m, i: WithShared(m.model.layers[i]),
+                                            intermediate_size=6, num_hidden_layers=1, num_local_experts=4,
+                                            num_experts_per_tok=2, shared_intermediate_size=12,
+                                            layer_types=["attention"], mamba_n_heads=2, mamba_d_head=16),
+    "granitemoe_swa": lambda: family_case("granitemoe_swa", T.GraniteMoeSWAConfig, T.AutoModelForCausalLM, layer=0,
+                                          seed=550, block_of=lambda m, i: WithShared(m.model.layers[i]),
+                                          intermediate_size=6, num_hidden_layers=1, num_local_experts=4,
+                                          num_experts_per_tok=2, shared_intermediate_size=12),
+    "mistral_large4_text": lambda: family_case("mistral_large4_text", T.MistralLarge4TextConfig,
+                                               T.MistralLarge4TextModel, layer=1, seed=560,
+                                               block_of=lambda m, i: m.layers[i].mlp,
+                                               **dict(V3, routed_scaling_factor=1.5), **MLA, index_head_dim=8,
+                                               index_n_heads=2, index_topk=4),
+    "qwen3_5_moe": lambda: family_case(
+        "qwen3_5_moe", None, T.Qwen3_5MoeForConditionalGeneration, layer=1, seed=570,
+        block_of=lambda m, i: m.model.language_model.layers[i].mlp,
+        config=T.Qwen3_5MoeConfig(text_config=dict(TINY, **QWEN, **LINEAR_ATTN, shared_expert_intermediate_size=12),
+                                  vision_config=dict(VISION, patch_size=14, num_position_embeddings=16))),
+})
 
 
 CASES = {"mixtral": mixtral, "qwen2_moe": qwen2_moe, "qwen3_moe": qwen3_moe, "olmoe": olmoe,

@@ -37,6 +37,9 @@ NEW_FAMILIES = [
     "glm4_moe", "glm4_moe_lite", "glm4v_moe", "dots1", "deepseek_v32", "exaone_moe", "mimo_v2_flash", "qwen3_next",
     "qwen3_5_moe_text", "qwen3_vl_moe_text", "qwen3_vl_moe", "flex_olmo", "ernie4_5_moe", "hunyuan_v1_moe", "minimax",
     "minimax_m2", "dbrx", "granitemoe", "granitemoeshared", "aria_text", "cohere2_moe", "afmoe", "jamba",
+    "sarvam_moe", "sarvam_mla", "solar_open", "minicpm5_moe", "glm_moe_dsa", "kimi_linear", "mistral4",
+    "mistral_large4_text", "qwen4_exp_text", "qwen3_omni_moe_text", "mellum", "lara_mini", "granitemoehybrid",
+    "granitemoe_swa", "qwen3_5_moe",
 ]
 CASES += [(case, "", None) for case in NEW_FAMILIES]
 
@@ -332,6 +335,47 @@ def test_llama4_text_model_under_either_multimodal_prefix(tmp_path):
     save_file(renamed, folder / "model.safetensors")
     info, x, y_ref = record("llama4")
     assert rel_err(run(hf.load_moe(folder, info["layer"]), x)[0], y_ref) <= TOL
+
+
+@pytest.mark.parametrize("case,text_type", [("glm4v_moe", "glm4v_moe_text"), ("qwen3_vl_moe", "qwen3_vl_moe_text"),
+                                            ("qwen3_5_moe", "qwen3_5_moe_text")])
+def test_multimodal_checkpoints_text_model_as_its_own_checkpoint(tmp_path, case, text_type):
+    """The text model of a multimodal checkpoint (``text_config``; tensors under
+    ``model.language_model.``) saved as its own: its config, its tensors under ``model.``: the
+    same layer as from the multimodal checkpoint, and transformers' recorded block output."""
+    from safetensors.numpy import save_file
+    folder = tmp_path / text_type
+    folder.mkdir()
+    config = json.loads((DATA / case / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps(dict(config["text_config"], model_type=text_type)))
+    checkpoint = Checkpoint(DATA / case)
+    save_file({n.replace("model.language_model.", "model.", 1): checkpoint.raw(n) for n in checkpoint.names()
+               if n.startswith("model.language_model.")}, folder / "model.safetensors")
+    info, x, y_ref = record(case)
+    moe = hf.load_moe(folder, info["layer"])
+    assert rel_err(run(moe, x)[0], y_ref) <= TOL
+    for name, value in weights(load(case, info["layer"])).items():
+        np.testing.assert_array_equal(weights(moe)[name], value, err_msg=name)
+
+
+def test_qwen3_vl_moe_fused_experts_in_either_layout(tmp_path):
+    """Qwen3-VL-MoE's hub checkpoints hold ``gate_up_proj [E, d, 2f]`` / ``down_proj [E, f, d]``,
+    transformers 5.25 saves them as ``[E, 2f, d]`` / ``[E, d, f]`` (and reads both): both load to
+    the same layer, and save_moe writes each back in the layout it found."""
+    from safetensors.numpy import save_file
+    folder = copy_with(tmp_path, "qwen3_vl_moe")
+    checkpoint = Checkpoint(folder)
+    fused = ("mlp.experts.gate_up_proj", "mlp.experts.down_proj")
+    tensors = {n: (np.ascontiguousarray(np.swapaxes(checkpoint.raw(n), -1, -2)) if n.endswith(fused)
+                   else checkpoint.raw(n)) for n in checkpoint.names()}
+    save_file(tensors, folder / "model.safetensors")
+    info, x, y_ref = record("qwen3_vl_moe")
+    moe = hf.load_moe(folder, info["layer"])
+    assert rel_err(run(moe, x)[0], y_ref) <= TOL
+    hf.save_moe(moe, folder, info["layer"], "qwen3_vl_moe")
+    after = Checkpoint(folder)
+    for name in tensors:
+        np.testing.assert_array_equal(after.raw(name), tensors[name], err_msg=name)
 
 
 def test_dequantizers_by_hand():

@@ -457,13 +457,18 @@ def sigmoid_top_k(c: dict, *, scale_key: str | None = "routed_scaling_factor", b
     return kwargs
 
 
+def fused_experts(prefix: str = "experts.", *, either_layout: bool = False) -> list:
+    """transformers 5's own expert tensors, as it saves a family without a conversion to per-expert
+    names: ``gate_up_proj [E, 2f, d]`` (gate half first) and ``down_proj [E, d, f]``."""
+    return [fused_pair("experts.w_gate", "experts.w_in", prefix + "gate_up_proj", interleaved=False, transposed=True,
+                       either_layout=either_layout),
+            stacked_linear("experts.w_out", prefix + "down_proj", either_layout=either_layout)]
+
+
 def qwen3_vl_rules(c: dict) -> list:
-    """Qwen3-VL-MoE's fused experts: ``gate_up_proj`` (gate half first) and ``down_proj`` as
-    transformers 5 saves them (``[E, 2f, d]``, ``[E, d, f]``) or transposed as the hub has them."""
-    return [linear("router_weight", "gate.weight"),
-            fused_pair("experts.w_gate", "experts.w_in", "experts.gate_up_proj", interleaved=False, transposed=True,
-                       either_layout=True),
-            stacked_linear("experts.w_out", "experts.down_proj", either_layout=True)]
+    """Qwen3-VL-MoE's fused experts as transformers 5 saves them or transposed (``[E, d, 2f]``,
+    ``[E, f, d]``) as the hub has them."""
+    return [linear("router_weight", "gate.weight"), *fused_experts(either_layout=True)]
 
 
 def mistral4_kwargs(c: dict) -> dict:
@@ -540,14 +545,22 @@ def granite_kwargs(c: dict) -> dict:
     return kwargs
 
 
-def granite_rules(c: dict) -> list:  # under model.layers.{i}.: the block and the layer's shared MLP
+def granite_shared(c: dict) -> list:  # the decoder layer's shared MLP, its input_linear [2F, d] gate half first
+    return [fused_pair("shared_expert.w_gate", "shared_expert.w_in", "shared_mlp.input_linear.weight",
+                       interleaved=False, transposed=True),
+            linear("shared_expert.w_out", "shared_mlp.output_linear.weight")]
+
+
+def granite_rules(c: dict) -> list:  # under model.layers.{i}.: the block (its hub names) and the shared MLP
     return [linear("router_weight", "block_sparse_moe.router.layer.weight"),
             fused_pair("experts.w_gate", "experts.w_in", "block_sparse_moe.input_linear.weight", interleaved=False,
                        transposed=True),
-            stacked_linear("experts.w_out", "block_sparse_moe.output_linear.weight"),
-            fused_pair("shared_expert.w_gate", "shared_expert.w_in", "shared_mlp.input_linear.weight",
-                       interleaved=False, transposed=True),
-            linear("shared_expert.w_out", "shared_mlp.output_linear.weight")]
+            stacked_linear("experts.w_out", "block_sparse_moe.output_linear.weight"), *granite_shared(c)]
+
+
+def granite_swa_rules(c: dict) -> list:  # Granite-MoE-SWA: transformers 5's names (no conversion to the old ones)
+    return [linear("router_weight", "block_sparse_moe.router.weight"), *fused_experts("block_sparse_moe.experts."),
+            *granite_shared(c)]
 
 
 def aria_kwargs(c: dict) -> dict:
@@ -613,6 +626,13 @@ def jamba_dense_reason(c: dict, i: int, stack) -> str | None:
     return None
 
 
+def attribute_map(fn: Callable[[dict], dict], **names: str) -> Callable[[dict], dict]:
+    """``fn`` of a config whose keys ``names.values()`` stand for ``names.keys()`` (as a
+    transformers config's ``attribute_map`` says: Kimi-Linear's ``num_experts_per_token`` is
+    ``num_experts_per_tok``)."""
+    return lambda c: fn({**c, **{standard: c[key] for standard, key in names.items() if key in c}})
+
+
 def shared_kwargs(kwargs_fn: Callable[[dict], dict], *keys: str, times: str | None = None) -> Callable[[dict], dict]:
     """``kwargs_fn`` plus an unweighted shared expert of width ``c[keys[0]]`` (or the next key the
     config has), times ``c[times]`` when given (a count of shared experts)."""
@@ -662,13 +682,24 @@ for family in (
            switch_layer_count, stacks=("encoder", "decoder")),
     # DeepSeek-V3's block: sigmoid group-limited routing, e_score_correction_bias, shared experts
     family(("glm4_moe", "glm4_moe_lite", "glm4v_moe", "glm4v_moe_text", "dots1", "deepseek_v32", "glm_moe_dsa",
-            "sarvam_moe", "sarvam_mla", "solar_open", "kimi_linear", "minicpm5_moe", "mimo_v2_flash"),
+            "sarvam_mla", "solar_open", "minicpm5_moe", "mimo_v2_flash"),
            deepseek_kwargs, "mlp", deepseek_rules, deepseek_dense_reason),
+    family(("kimi_linear",), attribute_map(deepseek_kwargs, norm_topk_prob="moe_renormalize", n_group="num_expert_group",
+                                           n_routed_experts="num_experts", num_experts_per_tok="num_experts_per_token",
+                                           n_shared_experts="num_shared_experts"),
+           "block_sparse_moe", lambda c: [*mixtral_rules(c), same("selection_bias", "gate.e_score_correction_bias"),
+                                          *shared_mlp("shared_experts")], deepseek_dense_reason),
+    family(("sarvam_moe",), deepseek_kwargs, "mlp",
+           routed_rules("gate.weight", same("selection_bias", "gate.expert_bias"), shared="shared_experts"),
+           deepseek_dense_reason),
     family(("exaone_moe",), deepseek_kwargs, "mlp",
            routed_rules("gate.weight", same("selection_bias", "e_score_correction_bias"), shared="shared_experts"),
            deepseek_dense_reason),
-    family(("mistral4", "mistral_large4_text"), mistral4_kwargs, "mlp",
-           routed_rules("gate.weight", shared="shared_experts"), deepseek_dense_reason),
+    family(("mistral4",), mistral4_kwargs, "mlp",
+           lambda c: [linear("router_weight", "gate.weight"), *fused_experts(), *shared_mlp("shared_experts")],
+           deepseek_dense_reason),
+    family(("mistral_large4_text",), mistral4_kwargs, "",  # Mistral's own names: layers.{i}.experts.{j}.w1, ...
+           lambda c: [*mixtral_rules(c), *shared_mlp("shared_experts")], deepseek_dense_reason),
     # Qwen's softmax top-k block
     family(("qwen3_next", "qwen4_exp_text"), functools.partial(qwen_kwargs, shared="gated"), "mlp", qwen_rules,
            qwen_dense_reason),
@@ -679,7 +710,8 @@ for family in (
     family(("qwen3_omni_moe", "qwen3_omni_moe_text", "mellum"), qwen_kwargs, "mlp", qwen_rules, qwen_dense_reason),
     family(("flex_olmo",), qwen_kwargs, "mlp", qwen_rules),
     family(("lara_mini",), functools.partial(qwen_kwargs, shared="plain"), "mlp",
-           routed_rules("gate.weight", shared="shared_expert"), qwen_dense_reason),
+           lambda c: [linear("router_weight", "gate.weight"), *fused_experts(), *shared_mlp("shared_expert")],
+           qwen_dense_reason),
     family(("hunyuan_v1_moe",), hunyuan_kwargs, "mlp", routed_rules("gate.wg.weight", shared="shared_mlp")),
     family(("ernie4_5_moe",), ernie_kwargs, "mlp",
            routed_rules("gate.weight", reshaped("selection_bias", "moe_statics.e_score_correction_bias",
@@ -697,7 +729,8 @@ for family in (
            routed_rules("router.gate.weight", same("selection_bias", "expert_bias"), shared="shared_experts"),
            afmoe_dense_reason),
     # fused expert tensors
-    family(("granitemoe", "granitemoeshared", "granitemoehybrid", "granitemoe_swa"), granite_kwargs, "", granite_rules),
+    family(("granitemoe", "granitemoeshared", "granitemoehybrid"), granite_kwargs, "", granite_rules),
+    family(("granitemoe_swa",), granite_kwargs, "", granite_swa_rules),
     family(("aria_text",), aria_kwargs, "mlp", aria_rules),
     Family(("dbrx",), dbrx_kwargs, lambda c, s: ("transformer.blocks.{i}.ffn.",), dbrx_rules,
            layer_count=lambda c, s: int(get(c, "n_layers", "num_hidden_layers", default=0))),
