@@ -3,12 +3,20 @@
 Runs in a scratch environment, never in jmoe's (the test suite imports neither torch nor
 transformers). Made with:
 
-    python3 -m venv /tmp/scratch-hf
-    /tmp/scratch-hf/bin/pip install torch==2.13.0 transformers==5.24.0 safetensors==0.8.0 accelerate numpy
-    /tmp/scratch-hf/bin/python scripts/make_hf_vectors.py            # writes tests/data/hf/
+    python3.12 -m venv /tmp/scratch-hf
+    /tmp/scratch-hf/bin/pip install torch==2.14.1 "huggingface-hub>=2.4,<3" "tokenizers>=0.23.1,<0.24" \
+        "regex>=2025.10.22" pyyaml typer tqdm safetensors==0.8.0 accelerate numpy
+    /tmp/scratch-hf/bin/pip install --no-deps transformers==5.25.0   # its kernels>=0.19.1 pin is not
+                                                                     # on the index; unused here
+    /tmp/scratch-hf/bin/python scripts/make_hf_vectors.py [case ...]  # writes tests/data/hf/
 
-Versions used for the committed data: torch 2.13.0 (CPU), transformers 5.24.0, safetensors 0.8.0,
-accelerate (for the FP8 check only), numpy 2.4.6 (also written to tests/data/hf/versions.json).
+Versions used for the committed data: the first 10 families (mixtral ... switch_transformers)
+torch 2.13.0 (CPU), transformers 5.24.0, safetensors 0.8.0, numpy 2.4.6; they give bitwise the same
+block outputs under transformers 5.25.0 and were not re-recorded. The families of ``NEW``:
+torch 2.14.1, transformers 5.25.0, safetensors 0.8.0, numpy 2.5.5, python 3.12.1, accelerate (for
+the FP8 check only) (tests/data/hf/versions.json: the last run's). Hub kernels are off
+(``USE_HUB_KERNELS=0``); ``NEW``'s blocks run the modeling file's own expert loop
+(``experts_implementation="eager"``; 5.25's default ``grouped_mm`` needs 16-byte strides).
 
 For each case: a tiny random config of the family (a dense layer too where the family has them),
 every weight randomised (biases, the router bias, e_score_correction_bias: nonzero so they

@@ -1,7 +1,7 @@
 """jmoe.hf: a Hugging Face checkpoint's MoE layer as a jmoe.MoE, and back.
 
 The checkpoints and transformers' recorded block outputs in tests/data/hf/ were made by
-scripts/make_hf_vectors.py (transformers 5.24, torch 2.13 CPU) in a scratch environment; this
+scripts/make_hf_vectors.py (transformers 5.24 / 5.25, torch 2.13 / 2.14) in a scratch environment; this
 file imports neither torch nor transformers.
 """
 
@@ -261,6 +261,17 @@ def test_unsupported_model_type_lists_the_supported(tmp_path):
         hf.load_moe(folder, 0)
     with pytest.raises(hf.CheckpointError, match="not supported"):
         hf.moe_kwargs({"model_type": "bert"})
+
+
+@pytest.mark.parametrize("model_type,missing", [("phimoe", "sparsemixer routing"), ("laguna", "a tanh softcap"),
+                                                ("nemotron_h", "non-gated squared-ReLU experts"),
+                                                ("hy_v3", "its family entry")])
+def test_a_known_unsupported_family_names_what_it_needs(tmp_path, model_type, missing):
+    """transformers' MoE model types jmoe.hf does not load yet say what their block needs
+    (tests/data/hf/FAMILIES.md), not just that they are unsupported."""
+    folder = copy_with(tmp_path, "olmoe", lambda c: c.update(model_type=model_type))
+    with pytest.raises(hf.CheckpointError, match=f"{model_type}: needs {missing}.*not supported by jmoe.hf yet"):
+        hf.load_moe(folder, 0)
 
 
 def test_missing_tensor_names_it(tmp_path):
