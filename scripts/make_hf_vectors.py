@@ -664,6 +664,27 @@ NEW.update({  # model types whose transformers block is one of the above (the hu
         block_of=lambda m, i: m.model.language_model.layers[i].mlp,
         config=T.Qwen3_5MoeConfig(text_config=dict(TINY, **QWEN, **LINEAR_ATTN, shared_expert_intermediate_size=12),
                                   vision_config=dict(VISION, patch_size=14, num_position_embeddings=16))),
+    "hy_v3": lambda: family_case("hy_v3", T.HYV3Config, T.AutoModelForCausalLM, layer=1, seed=580, score="sigmoid",
+                                 **QWEN, num_shared_experts=1, mlp_layer_types=["dense", "sparse"],
+                                 router_scaling_factor=1.5),
+    "minimax_m3_vl_text": lambda: family_case("minimax_m3_vl_text", T.MiniMaxM3VLTextConfig, T.AutoModelForCausalLM,
+                                              layer=1, seed=590, score="sigmoid", intermediate_size=6,
+                                              num_hidden_layers=2, num_local_experts=8, num_experts_per_tok=2,
+                                              shared_intermediate_size=12, dense_intermediate_size=24,
+                                              swiglu_limit=1.5),  # a low limit, so the clamps matter
+    "flint": lambda: family_case("flint", T.FlintConfig, T.AutoModelForCausalLM, layer=1, seed=600, score="sigmoid",
+                                 **QWEN, shared_expert_intermediate_size=12, norm_topk_prob=True, mlp_only_layers=[0]),
+    "beam": lambda: family_case("beam", T.BeamConfig, T.AutoModelForCausalLM, layer=1, seed=610, score="sigmoid",
+                                **QWEN, n_group=4, topk_group=2, routed_scaling_factor=1.5,
+                                mlp_layer_types=["dense", "sparse"]),
+    "dots3_note_text": lambda: family_case("dots3_note_text", T.Dots3NoteTextConfig, T.AutoModelForCausalLM, layer=1,
+                                           seed=620, score="sigmoid", **dict(V3, n_shared_experts=2),
+                                           shared_experts_intermediate_size=4, num_key_value_heads=2, pad_token_id=0),
+    "openai_privacy_filter": lambda: family_case("openai_privacy_filter", T.OpenAIPrivacyFilterConfig,
+                                                 T.OpenAIPrivacyFilterModel, layer=0, seed=630,
+                                                 block_of=lambda m, i: m.layers[i].mlp, intermediate_size=6,
+                                                 num_hidden_layers=1, num_local_experts=4, num_experts_per_tok=2,
+                                                 pad_token_id=0, swiglu_limit=1.5),
 })
 
 

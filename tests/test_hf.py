@@ -39,7 +39,8 @@ NEW_FAMILIES = [
     "minimax_m2", "dbrx", "granitemoe", "granitemoeshared", "aria_text", "cohere2_moe", "afmoe", "jamba",
     "sarvam_moe", "sarvam_mla", "solar_open", "minicpm5_moe", "glm_moe_dsa", "kimi_linear", "mistral4",
     "mistral_large4_text", "qwen4_exp_text", "qwen3_omni_moe_text", "mellum", "lara_mini", "granitemoehybrid",
-    "granitemoe_swa", "qwen3_5_moe",
+    "granitemoe_swa", "qwen3_5_moe", "hy_v3", "minimax_m3_vl_text", "flint", "beam", "dots3_note_text",
+    "openai_privacy_filter",
 ]
 CASES += [(case, "", None) for case in NEW_FAMILIES]
 
@@ -265,7 +266,7 @@ def test_unsupported_model_type_lists_the_supported(tmp_path):
 
 @pytest.mark.parametrize("model_type,missing", [("phimoe", "sparsemixer routing"), ("laguna", "a tanh softcap"),
                                                 ("nemotron_h", "non-gated squared-ReLU experts"),
-                                                ("hy_v3", "its family entry")])
+                                                ("unlimited_ocr_text", "its family entry")])
 def test_a_known_unsupported_family_names_what_it_needs(tmp_path, model_type, missing):
     """transformers' MoE model types jmoe.hf does not load yet say what their block needs
     (tests/data/hf/FAMILIES.md), not just that they are unsupported."""

@@ -331,10 +331,12 @@ def gpt_oss_kwargs(c: dict) -> dict:
                 capacity_factor=None)
 
 
-def gpt_oss_rules(c: dict) -> list:
+def gpt_oss_rules(c: dict, *, interleaved: bool = True) -> list:
+    """GPT-OSS's router (bias) and fused experts with biases, gate / up interleaved (OpenAI's
+    privacy filter: in halves)."""
     return [linear("router_weight", "router.weight"), same("router_bias", "router.bias"),
-            fused_pair("experts.w_gate", "experts.w_in", "experts.gate_up_proj", interleaved=True),
-            fused_pair("experts.b_gate", "experts.b_in", "experts.gate_up_proj_bias", interleaved=True),
+            fused_pair("experts.w_gate", "experts.w_in", "experts.gate_up_proj", interleaved=interleaved),
+            fused_pair("experts.b_gate", "experts.b_in", "experts.gate_up_proj_bias", interleaved=interleaved),
             same("experts.w_out", "experts.down_proj"), same("experts.b_out", "experts.down_proj_bias")]
 
 
@@ -606,14 +608,6 @@ def cohere2_rules(c: dict) -> list:
     return [linear("router_weight", "gate.weight"), *gated_experts("gate_proj", "up_proj", "down_proj"), *shared]
 
 
-def afmoe_kwargs(c: dict) -> dict:
-    kwargs = sigmoid_top_k(c, scale_key="route_scale")
-    shared = c.get("num_shared_experts") or 0
-    if shared:
-        kwargs["shared_d_ff"] = shared * need(c, "moe_intermediate_size")
-    return kwargs
-
-
 def afmoe_dense_reason(c: dict, i: int, stack) -> str | None:
     dense = c.get("num_dense_layers", 0) or 0
     return f"num_dense_layers={dense}: layers 0..{dense - 1} are dense" if i < dense else None
@@ -642,6 +636,15 @@ def shared_kwargs(kwargs_fn: Callable[[dict], dict], *keys: str, times: str | No
         if width and count:
             out["shared_d_ff"] = width * count
         return out
+    return kwargs
+
+
+def minimax_m3_kwargs(c: dict) -> dict:
+    """MiniMax-M3-VL's text model: sigmoid + selection bias renormalised, the routed output times
+    ``routed_scaling_factor``; experts and the shared MLP with GPT-OSS's clamped SwiGLU (alpha, +1)."""
+    kwargs = sigmoid_top_k(c, d_ff=("intermediate_size",))
+    kwargs.update(activation="clamped_swiglu", swiglu_alpha=float(c.get("swiglu_alpha", 1.702)),
+                  swiglu_limit=float(c.get("swiglu_limit", 7.0)), shared_d_ff=need(c, "shared_intermediate_size"))
     return kwargs
 
 
@@ -724,10 +727,30 @@ for family in (
     family(("minimax",), mixtral_kwargs, "block_sparse_moe", mixtral_rules),
     family(("minimax_m2",), sigmoid_top_k, "block_sparse_moe",
            lambda c: [*mixtral_rules(c), same("selection_bias", "e_score_correction_bias")]),
-    # sigmoid top-k with a selection bias and shared experts
-    family(("afmoe",), afmoe_kwargs, "mlp",
+    # sigmoid top-k (a selection bias, scaling, shared experts)
+    family(("afmoe",), shared_kwargs(functools.partial(sigmoid_top_k, scale_key="route_scale"), "moe_intermediate_size",
+                                     times="num_shared_experts"), "mlp",
            routed_rules("router.gate.weight", same("selection_bias", "expert_bias"), shared="shared_experts"),
            afmoe_dense_reason),
+    family(("hy_v3",), shared_kwargs(functools.partial(sigmoid_top_k, scale_key="router_scaling_factor"),
+                                     "moe_intermediate_size", times="num_shared_experts"), "mlp",
+           routed_rules("router.gate.weight", same("selection_bias", "expert_bias"), shared="shared_mlp"),
+           deepseek_dense_reason),
+    family(("flint",), shared_kwargs(functools.partial(sigmoid_top_k, scale_key=None, bias=False, normalize=None),
+                                     "shared_expert_intermediate_size"), "mlp",
+           routed_rules("gate.weight", shared="shared_expert"), qwen_dense_reason),
+    family(("minimax_m3_vl_text",), minimax_m3_kwargs, "mlp",
+           lambda c: [linear("router_weight", "gate.weight"), same("selection_bias", "gate.e_score_correction_bias"),
+                      *fused_experts(), fused_pair("shared_expert.w_gate", "shared_expert.w_in",
+                                                   "shared_experts.gate_up_proj.weight", interleaved=False,
+                                                   transposed=True),
+                      linear("shared_expert.w_out", "shared_experts.down_proj.weight")],
+           deepseek_dense_reason),
+    family(("beam",), deepseek_kwargs, "mlp", deepseek_rules, deepseek_dense_reason),  # V3's router, no shared expert
+    family(("dots3_note_text",), shared_kwargs(deepseek_kwargs, "shared_experts_intermediate_size",
+                                               times="n_shared_experts"), "mlp", deepseek_rules, deepseek_dense_reason),
+    # GPT-OSS's block with gate / up in halves; its top-k softmax / k times k (the block's "additional scaling")
+    family(("openai_privacy_filter",), gpt_oss_kwargs, "mlp", functools.partial(gpt_oss_rules, interleaved=False)),
     # fused expert tensors
     family(("granitemoe", "granitemoeshared", "granitemoehybrid"), granite_kwargs, "", granite_rules),
     family(("granitemoe_swa",), granite_kwargs, "", granite_swa_rules),
@@ -772,8 +795,7 @@ MISSING = {
     "nllb-moe": "NLLB's top-2 routing with capacity and second-expert sampling",
     "ernie4_5_vl_moe_text": "modality-isolated text / vision experts (moe_mm_token_type_ids)",
     "bailing_hybrid": "Step-3.7's experts (SwiGLU clamped after the activation)",
-    **dict.fromkeys(("hy_v3", "flint", "beam", "openai_privacy_filter", "minimax_m3_vl_text", "deepseek_ocr2_text",
-                     "unlimited_ocr_text", "dots3_note_text"), "its family entry (the block is expressible)"),
+    **dict.fromkeys(("deepseek_ocr2_text", "unlimited_ocr_text"), "its family entry (the block is expressible)"),
 }
 
 
