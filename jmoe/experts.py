@@ -4,7 +4,8 @@ Plain FFN:  ``y_e = act(u) W_out[e] + b_out[e]`` with ``u = x W_in[e] + b_in[e]`
 Gated FFN:  ``y_e = act(u, g) W_out[e] + b_out[e]`` with also ``g = x W_gate[e] + b_gate[e]``
 (the biases exist with ``use_bias=True``; GPT-OSS has them on the gate, the up and the down
 projection). The activations (:class:`Activation`, one function each in :data:`PLAIN` /
-:data:`GATED_FUNCTIONS`; L = ``swiglu_limit``, alpha = ``swiglu_alpha``, c = ``softcap``):
+:data:`GATED_FUNCTIONS`; L = ``swiglu_limit``, alpha = ``swiglu_alpha``, c_g / c_u =
+``gate_softcap`` / ``up_softcap``, ``cap(v, c) = c tanh(v / c)``):
 
   relu               relu(u)
   gelu               gelu(u)
@@ -15,7 +16,9 @@ projection). The activations (:class:`Activation`, one function each in :data:`P
                      (u' + 1) * g' * sigmoid(alpha * g')
   limited_swiglu     silu(min(g, L)) * clip(u, -L, L)         SwiGLU with GPT-OSS's clamps but
                                                               neither its alpha nor its + 1
-  softcapped_swiglu  c * tanh(silu(g) * u / c)                SwiGLU's output softcapped
+                                                              (DeepSeek-V4, HY-V4, GLM-5-Next)
+  softcapped_swiglu  cap(g, c_g) * sigmoid(g) * cap(u, c_u)   the sigmoid sees the raw gate
+                                                              (Inkling-2)
 
 Weights are ``[E, d, f]`` and ``[E, f, d]``: each projection is one batched
 matmul over experts, never a Python loop. Each expert is initialised like a
@@ -53,8 +56,8 @@ def limited_swiglu(act: "Activation", up: Array, gate: Array) -> Array:
 
 
 def softcapped_swiglu(act: "Activation", up: Array, gate: Array) -> Array:
-    """``c * tanh(silu(g) * u / c)``."""
-    return softcap(jax.nn.silu(gate) * up, act.softcap)
+    """``cap(g, c_g) * sigmoid(g) * cap(u, c_u)``: SwiGLU whose linear gate factor and up are softcapped."""
+    return softcap(gate, act.gate_softcap) * jax.nn.sigmoid(gate) * softcap(up, act.up_softcap)
 
 
 # name -> h from the up projection u (plain FFNs) / from (u, g) (gated FFNs); each reads its options from act.
@@ -79,22 +82,25 @@ NEEDS_SOFTCAP = ("softcapped_swiglu",)
 class Activation:
     """An expert FFN's hidden activation ``h = act(up, gate)`` (static, hashable): ``name`` (the
     module docstring's table) and its options, ``swiglu_alpha`` / ``swiglu_limit``
-    (``clamped_swiglu``; the limit also ``limited_swiglu``) and ``softcap`` (needed by
-    ``softcapped_swiglu``)."""
+    (``clamped_swiglu``; the limit also ``limited_swiglu``) and ``gate_softcap`` / ``up_softcap``
+    (needed by ``softcapped_swiglu``)."""
 
     name: str = "gelu"
     swiglu_alpha: float = 1.702
     swiglu_limit: float = 7.0
-    softcap: float | None = None
+    gate_softcap: float | None = None
+    up_softcap: float | None = None
 
     def __post_init__(self):
         if self.name not in ACTIVATIONS:
             raise ValueError(f"activation must be one of {ACTIVATIONS}, got {self.name!r}")
         positive_number("swiglu_alpha", self.swiglu_alpha)
         positive_number("swiglu_limit", self.swiglu_limit)
-        check_softcap("softcap", self.softcap)
-        if self.name in NEEDS_SOFTCAP and self.softcap is None:
-            raise ValueError(f"activation {self.name!r} needs softcap=c > 0: Activation({self.name!r}, softcap=c)")
+        check_softcap("gate_softcap", self.gate_softcap)
+        check_softcap("up_softcap", self.up_softcap)
+        if self.name in NEEDS_SOFTCAP and (self.gate_softcap is None or self.up_softcap is None):
+            raise ValueError(f"activation {self.name!r} needs gate_softcap and up_softcap > 0: "
+                             f"Activation({self.name!r}, gate_softcap=c_g, up_softcap=c_u)")
 
     @property
     def gated(self) -> bool:
