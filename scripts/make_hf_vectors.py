@@ -477,6 +477,9 @@ LINEAR_ATTN = dict(layer_types=["full_attention", "full_attention"], linear_key_
                    linear_num_key_heads=1, linear_num_value_heads=2)
 VISION = dict(depth=1, hidden_size=16, intermediate_size=16, num_heads=2, out_hidden_size=16)
 
+OCR_TEXT = dict(moe_intermediate_size=6, num_hidden_layers=2, n_routed_experts=8, n_shared_experts=1,
+                num_experts_per_tok=2, n_group=4, topk_group=2, topk_method="group_limited_greedy",
+                routed_scaling_factor=1.5, mlp_layer_types=["dense", "sparse"], pad_token_id=0)
 ROUTERS = ("gate.weight", "gate.wg.weight", "router.weight", "router.layer.weight", "router.gate.weight",
            "block_sparse_moe.router.weight")
 BIASES = ("gate.e_score_correction_bias", "e_score_correction_bias", "expert_bias",
@@ -685,6 +688,12 @@ NEW.update({  # model types whose transformers block is one of the above (the hu
                                                  block_of=lambda m, i: m.layers[i].mlp, intermediate_size=6,
                                                  num_hidden_layers=1, num_local_experts=4, num_experts_per_tok=2,
                                                  pad_token_id=0, swiglu_limit=1.5),
+    "deepseek_ocr2_text": lambda: family_case("deepseek_ocr2_text", T.DeepseekOcr2TextConfig, T.DeepseekOcr2TextModel,
+                                              layer=1, seed=640, block_of=lambda m, i: m.layers[i].mlp,
+                                              **OCR_TEXT),
+    "unlimited_ocr_text": lambda: family_case("unlimited_ocr_text", T.UnlimitedOcrTextConfig, T.UnlimitedOcrTextModel,
+                                              layer=1, seed=650, block_of=lambda m, i: m.layers[i].mlp,
+                                              **OCR_TEXT),
 })
 
 

@@ -40,7 +40,7 @@ NEW_FAMILIES = [
     "sarvam_moe", "sarvam_mla", "solar_open", "minicpm5_moe", "glm_moe_dsa", "kimi_linear", "mistral4",
     "mistral_large4_text", "qwen4_exp_text", "qwen3_omni_moe_text", "mellum", "lara_mini", "granitemoehybrid",
     "granitemoe_swa", "qwen3_5_moe", "hy_v3", "minimax_m3_vl_text", "flint", "beam", "dots3_note_text",
-    "openai_privacy_filter",
+    "openai_privacy_filter", "deepseek_ocr2_text", "unlimited_ocr_text",
 ]
 CASES += [(case, "", None) for case in NEW_FAMILIES]
 
@@ -266,7 +266,7 @@ def test_unsupported_model_type_lists_the_supported(tmp_path):
 
 @pytest.mark.parametrize("model_type,missing", [("phimoe", "sparsemixer routing"), ("laguna", "a tanh softcap"),
                                                 ("nemotron_h", "non-gated squared-ReLU experts"),
-                                                ("unlimited_ocr_text", "its family entry")])
+                                                ("jetmoe", "a bias on the block output")])
 def test_a_known_unsupported_family_names_what_it_needs(tmp_path, model_type, missing):
     """transformers' MoE model types jmoe.hf does not load yet say what their block needs
     (tests/data/hf/FAMILIES.md), not just that they are unsupported."""

@@ -473,11 +473,17 @@ def qwen3_vl_rules(c: dict) -> list:
     return [linear("router_weight", "gate.weight"), *fused_experts(either_layout=True)]
 
 
+def deepseek_v2_kwargs(c: dict) -> dict:
+    """DeepSeek-V2's block under another model type (the OCR models' text decoders: their
+    group-limited greedy fills the other groups with 0.0, which no positive softmax score loses to)."""
+    return deepseek_kwargs(dict(c, model_type="deepseek_v2"))
+
+
 def mistral4_kwargs(c: dict) -> dict:
     """Mistral 4's DeepSeek-V2-based router: softmax scores, groups by their top-2 sum (the other
     groups' experts 0.0, which no positive softmax score loses to), norm_topk_prob,
     routed_scaling_factor; shared experts."""
-    kwargs = deepseek_kwargs(dict(c, model_type="deepseek_v2", topk_method="greedy"))
+    kwargs = deepseek_v2_kwargs(dict(c, topk_method="greedy"))
     kwargs.update(n_group=c.get("n_group") or 1, topk_group=c.get("topk_group") or 1, group_score="top2_sum",
                   normalize=bool(c.get("norm_topk_prob", True)))
     return kwargs
@@ -749,6 +755,11 @@ for family in (
     family(("beam",), deepseek_kwargs, "mlp", deepseek_rules, deepseek_dense_reason),  # V3's router, no shared expert
     family(("dots3_note_text",), shared_kwargs(deepseek_kwargs, "shared_experts_intermediate_size",
                                                times="n_shared_experts"), "mlp", deepseek_rules, deepseek_dense_reason),
+    # DeepSeek-V2's block (softmax, greedy or group-limited greedy) in the OCR models' text decoders
+    family(("unlimited_ocr_text",), deepseek_v2_kwargs, "mlp", deepseek_rules, deepseek_dense_reason),
+    family(("deepseek_ocr2_text",), deepseek_v2_kwargs, "mlp",
+           lambda c: [linear("router_weight", "gate.weight"), *fused_experts(), *shared_mlp("shared_experts")],
+           deepseek_dense_reason),
     # GPT-OSS's block with gate / up in halves; its top-k softmax / k times k (the block's "additional scaling")
     family(("openai_privacy_filter",), gpt_oss_kwargs, "mlp", functools.partial(gpt_oss_rules, interleaved=False)),
     # fused expert tensors
@@ -795,7 +806,6 @@ MISSING = {
     "nllb-moe": "NLLB's top-2 routing with capacity and second-expert sampling",
     "ernie4_5_vl_moe_text": "modality-isolated text / vision experts (moe_mm_token_type_ids)",
     "bailing_hybrid": "Step-3.7's experts (SwiGLU clamped after the activation)",
-    **dict.fromkeys(("deepseek_ocr2_text", "unlimited_ocr_text"), "its family entry (the block is expressible)"),
 }
 
 
