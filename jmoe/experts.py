@@ -17,6 +17,8 @@ projection). The activations (:class:`Activation`, one function each in :data:`P
   limited_swiglu     silu(min(g, L)) * clip(u, -L, L)         SwiGLU with GPT-OSS's clamps but
                                                               neither its alpha nor its + 1
                                                               (DeepSeek-V4, HY-V4, GLM-5-Next)
+  post_limited_swiglu  min(silu(g), L) * clip(u, -L, L)       the clamp after the activation
+                                                              (Step-3.5 / 3.7)
   softcapped_swiglu  cap(g, c_g) * sigmoid(g) * cap(u, c_u)   the sigmoid sees the raw gate
                                                               (Inkling-2)
 
@@ -55,6 +57,11 @@ def limited_swiglu(act: "Activation", up: Array, gate: Array) -> Array:
     return jax.nn.silu(jnp.minimum(gate, act.swiglu_limit)) * jnp.clip(up, -act.swiglu_limit, act.swiglu_limit)
 
 
+def post_limited_swiglu(act: "Activation", up: Array, gate: Array) -> Array:
+    """``min(silu(g), L) * clip(u, -L, L)``: the gate clamped after its activation."""
+    return jnp.minimum(jax.nn.silu(gate), act.swiglu_limit) * jnp.clip(up, -act.swiglu_limit, act.swiglu_limit)
+
+
 def softcapped_swiglu(act: "Activation", up: Array, gate: Array) -> Array:
     """``cap(g, c_g) * sigmoid(g) * cap(u, c_u)``: SwiGLU whose linear gate factor and up are softcapped."""
     return softcap(gate, act.gate_softcap) * jax.nn.sigmoid(gate) * softcap(up, act.up_softcap)
@@ -71,6 +78,7 @@ GATED_FUNCTIONS = {
     "geglu": lambda act, up, gate: jax.nn.gelu(gate) * up,
     "clamped_swiglu": clamped_swiglu,
     "limited_swiglu": limited_swiglu,
+    "post_limited_swiglu": post_limited_swiglu,
     "softcapped_swiglu": softcapped_swiglu,
 }
 ACTIVATIONS = (*PLAIN, *GATED_FUNCTIONS)
@@ -82,7 +90,7 @@ NEEDS_SOFTCAP = ("softcapped_swiglu",)
 class Activation:
     """An expert FFN's hidden activation ``h = act(up, gate)`` (static, hashable): ``name`` (the
     module docstring's table) and its options, ``swiglu_alpha`` / ``swiglu_limit``
-    (``clamped_swiglu``; the limit also ``limited_swiglu``) and ``gate_softcap`` / ``up_softcap``
+    (``clamped_swiglu``; the limit also ``limited_swiglu`` / ``post_limited_swiglu``) and ``gate_softcap`` / ``up_softcap``
     (needed by ``softcapped_swiglu``)."""
 
     name: str = "gelu"
