@@ -477,6 +477,7 @@ LINEAR_ATTN = dict(layer_types=["full_attention", "full_attention"], linear_key_
                    linear_num_key_heads=1, linear_num_value_heads=2)
 VISION = dict(depth=1, hidden_size=16, intermediate_size=16, num_heads=2, out_hidden_size=16)
 
+MAX_BYTES = 400_000  # a case's folder (tests/data/hf stays a few MB)
 OCR_TEXT = dict(moe_intermediate_size=6, num_hidden_layers=2, n_routed_experts=8, n_shared_experts=1,
                 num_experts_per_tok=2, n_group=4, topk_group=2, topk_method="group_limited_greedy",
                 routed_scaling_factor=1.5, mlp_layer_types=["dense", "sparse"], pad_token_id=0)
@@ -524,6 +525,8 @@ def family_case(case, cfg_cls, model_cls, *, layer, seed, block_of=lambda m, i: 
         if margin > 1e-3:
             break
     record(path, block, x, {"layer": layer, "margin": margin})
+    size = sum(f.stat().st_size for f in path.iterdir())
+    assert size < MAX_BYTES, f"{case}: {size} bytes; make its config tinier (attention / indexer sizes)"
 
 
 def text_of(config):
@@ -681,8 +684,9 @@ NEW.update({  # model types whose transformers block is one of the above (the hu
                                 **QWEN, n_group=4, topk_group=2, routed_scaling_factor=1.5,
                                 mlp_layer_types=["dense", "sparse"]),
     "dots3_note_text": lambda: family_case("dots3_note_text", T.Dots3NoteTextConfig, T.AutoModelForCausalLM, layer=1,
-                                           seed=620, score="sigmoid", **dict(V3, n_shared_experts=2),
-                                           shared_experts_intermediate_size=4, num_key_value_heads=2, pad_token_id=0),
+                                           seed=620, score="sigmoid", **dict(V3, n_shared_experts=2), **MLA,
+                                           shared_experts_intermediate_size=4, num_key_value_heads=2, pad_token_id=0,
+                                           index_n_heads=2, index_head_dim=8, index_topk=4),
     "openai_privacy_filter": lambda: family_case("openai_privacy_filter", T.OpenAIPrivacyFilterConfig,
                                                  T.OpenAIPrivacyFilterModel, layer=0, seed=630,
                                                  block_of=lambda m, i: m.layers[i].mlp, intermediate_size=6,

@@ -313,6 +313,15 @@ def test_hub_id_is_not_downloaded(tmp_path, monkeypatch):
         hf.load_moe(tmp_path / "nowhere", 0)
 
 
+def test_recorded_checkpoints_stay_tiny():
+    """Each recorded case is a tiny model (a few to 100s of KB): a config that leaves an attention
+    or indexer size at its default would add megabytes to the repository."""
+    sizes = {folder.name: sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
+             for folder in DATA.iterdir() if folder.is_dir()}
+    assert max(sizes.values()) < 400_000, max(sizes.items(), key=lambda item: item[1])
+    assert sum(sizes.values()) < 5_000_000
+
+
 def test_no_torch_and_only_jmoe_hf_imports_safetensors():
     assert "torch" not in sys.modules and "transformers" not in sys.modules
     root = pathlib.Path(jmoe.__file__).parent
