@@ -22,7 +22,7 @@ def moe_kwargs(config: dict) -> dict:
     """The :class:`jmoe.MoE` arguments of a checkpoint's MoE block, from its ``config.json``
     (a dict), so ``jmoe.MoE(**moe_kwargs(config), rngs=nnx.Rngs(0))`` is a fresh layer of that
     family's shape and semantics (``d_model``, ``d_ff``, ``num_experts`` included; a multimodal
-    Llama 4 config's ``text_config`` is used). The families that never drop a token
+    config's ``text_config`` is used). The families that never drop a token
     (transformers computes every choice) are dropless (``capacity_factor=None``); Switch keeps
     its per-sequence ``expert_capacity``."""
     return layer_arguments(families.family_of(config.get("model_type")).moe_kwargs(config))
@@ -101,9 +101,12 @@ def load_moe(path, layer: int, *, dtype=None, mesh=None, stack: str | None = Non
       overrides: any other :class:`jmoe.MoE` argument, over :func:`moe_kwargs` (e.g.
         ``capacity_factor=1.25`` for capacity routing, ``dispatch="gather"``).
 
-    Supported ``model_type``: mixtral, qwen2_moe, qwen3_moe, deepseek_v3, deepseek_v2, olmoe,
-    gpt_oss (also MXFP4), switch_transformers, llama4 (multimodal, ``language_model.`` prefix),
-    llama4_text; DeepSeek-V3's block-scaled FP8 weights are dequantized too.
+    Supported ``model_type``: :data:`jmoe.hf.SUPPORTED` (mixtral, qwen2_moe, qwen3_moe, deepseek_v3,
+    deepseek_v2, olmoe, gpt_oss (also MXFP4), switch_transformers, llama4 (multimodal), llama4_text,
+    and transformers 5.25's families on these blocks: glm4_moe, qwen3_next, qwen3_vl_moe, ...;
+    a multimodal checkpoint's ``text_config`` and text-model prefix are read); DeepSeek-V3's
+    block-scaled FP8 weights are dequantized too. Another known MoE ``model_type`` is an error
+    naming what its block needs (``jmoe.hf.families.MISSING``).
 
     Raises:
       CheckpointError (a ValueError): a dense layer (naming it and why), an unsupported
