@@ -379,6 +379,23 @@ def test_multimodal_checkpoints_text_model_as_its_own_checkpoint(tmp_path, case,
         np.testing.assert_array_equal(weights(moe)[name], value, err_msg=name)
 
 
+@pytest.mark.parametrize("prefix", ["thinker.model.", "thinker.model.language_model."])
+def test_qwen3_omni_checkpoint_reads_the_thinkers_text_model(tmp_path, prefix):
+    """A Qwen3-Omni checkpoint (``thinker_config.text_config``; the thinker's text model under
+    ``thinker.model.``, or ``thinker.model.language_model.`` as transformers 5 holds it) loads
+    the recorded ``qwen3_omni_moe_text`` layer."""
+    from safetensors.numpy import save_file
+    folder = tmp_path / "omni"
+    folder.mkdir()
+    text = json.loads((DATA / "qwen3_omni_moe_text" / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({"model_type": "qwen3_omni_moe",
+                                                    "thinker_config": {"text_config": text}}))
+    checkpoint = Checkpoint(DATA / "qwen3_omni_moe_text")
+    save_file({prefix + n: checkpoint.raw(n) for n in checkpoint.names()}, folder / "model.safetensors")
+    info, x, y_ref = record("qwen3_omni_moe_text")
+    assert rel_err(run(hf.load_moe(folder, info["layer"]), x)[0], y_ref) <= TOL
+
+
 def test_qwen3_vl_moe_fused_experts_in_either_layout(tmp_path):
     """Qwen3-VL-MoE's hub checkpoints hold ``gate_up_proj [E, d, 2f]`` / ``down_proj [E, f, d]``,
     transformers 5.25 saves them as ``[E, 2f, d]`` / ``[E, d, f]`` (and reads both): both load to

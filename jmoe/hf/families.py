@@ -439,11 +439,13 @@ def on_text(fn: Callable) -> Callable:
 
 def layer_prefix(module: str) -> Callable[[dict, str | None], tuple[str, ...]]:
     """Layer i's ``module`` under the text model (``model.layers.{i}``), the hub's multimodal
-    layouts (``model.language_model.``, ``language_model.model.``, Qwen3-Omni's
-    ``thinker.model.``) or a bare text model (``layers.{i}``); a multimodal config's first."""
+    layouts (``model.language_model.``, ``language_model.model.``, Qwen3-Omni's ``thinker.model.``
+    and transformers 5's ``thinker.model.language_model.``) or a bare text model (``layers.{i}``);
+    a multimodal config's first."""
     block = f"layers.{{i}}.{module}." if module else "layers.{i}."
     text, bare = "model." + block, block
-    multimodal = ("model.language_model." + block, "language_model.model." + block, "thinker.model." + block)
+    multimodal = ("model.language_model." + block, "language_model.model." + block, "thinker.model." + block,
+                  "thinker.model.language_model." + block)
     return lambda c, stack: (*multimodal, text, bare) if text_config(c) is not c else (text, *multimodal, bare)
 
 
