@@ -16,7 +16,7 @@ K (DeepSeek-V3's node-limited dispatch, DeepEP's two hops)::
 
 A = T_l * K as on the flat path, so every buffer is about c * A rows per device whatever
 N_o and n_i: the gateway's slots, its inner exchange (sized for S assignments, c = 1 there:
-S already holds the factor) and the outer receive buffer (rows <= assignments). Rows that
+S already holds the factor, unless S is capped at the worst case) and the outer receive buffer (rows <= assignments). Rows that
 do not fit go in further rounds (outer, or inner within an outer round); nothing is dropped
 with ``overflow="rounds"``. ``extra["rounds"]``: the expert passes of the step (the inner
 rounds summed over the outer rounds; 1 when everything fits at once), the same on every
@@ -41,7 +41,7 @@ from jmoe.parallel.dropless_exchange import (
     dropless_exchange_experts,
     rounds_ffn,
 )
-from jmoe.parallel.row_exchanges import ROW_EXCHANGES, exchange_sizes, fit_to_buffer
+from jmoe.parallel.row_exchanges import ROW_EXCHANGES, exchange_sizes, fit_to_buffer, receive_buffer_rows
 
 Array = jax.Array
 
@@ -104,7 +104,9 @@ def node_exchange_experts(
     costs = tuple(range(1, kn + 1))  # [kn]: row class w costs w + 1 (static: closed over by the VJP)
     # a node row is at most one per token and node: A rows, at most T_l to one node
     sizes = exchange_sizes(a, outer_size, c, k=k, local_experts=1)
-    budget = max(sizes.receive_rows, kn)  # assignments a gateway takes per round (>= any row's cost)
+    # assignments a gateway takes per round: ceil(c A), at most every source's rows at full cost
+    budget = max(receive_buffer_rows(a, outer_size, c, k=k, local_experts=kn), kn)
+    inner_factor = max(1.0, c * a / budget)  # the gateway's S = budget slots already hold c (up to the cap)
     outer = Budgeted(ROW_EXCHANGES.get(exchange).sized(sizes, (outer_axis,)), costs, budget)
 
     node, cost, first = node_rows(token_expert, token_weight, per_node)  # [T, K] x 3
@@ -126,7 +128,7 @@ def node_exchange_experts(
 
     def gateway(x, weights, labels, layout, p):  # [R1, d] node rows -> [R1, d] node-combined outputs
         del layout
-        return _gateway(x, weights, labels, p, activation, num_experts=per_node, slots=budget,
+        return _gateway(x, weights, labels, p, activation, num_experts=per_node, slots=budget, buffer_factor=inner_factor,
                         inner_axis=inner_axis, inner_size=inner_size, model_axis=model_axis, exchange=exchange,
                         grouped_matmul=grouped_matmul, overflow=overflow, token_axes=axes, outer_axis=outer_axis)
 
@@ -140,7 +142,7 @@ def node_exchange_experts(
 
 
 def _gateway(x: Array, weights: Array, ids: Array, params: dict[str, Array], activation: str, *,
-             num_experts: int, slots: int, inner_axis: str, inner_size: int, model_axis: str | None,
+             num_experts: int, slots: int, buffer_factor: float, inner_axis: str, inner_size: int, model_axis: str | None,
              exchange: str, grouped_matmul: str, overflow: str, token_axes: tuple[str, ...],
              outer_axis: str) -> tuple[Array, Array]:
     """A gateway's node rows ``x [R1, d]`` with their ``weights`` / expert ``ids [R1, K]``
@@ -157,7 +159,7 @@ def _gateway(x: Array, weights: Array, ids: Array, params: dict[str, Array], act
     y_slots, stats = dropless_exchange_experts(
         x[slot_row], slot_expert[:, None], slot_weight[:, None], params, activation, num_experts=num_experts,
         expert_axes=(inner_axis,), expert_size=inner_size, model_axis=model_axis, exchange=exchange,
-        grouped_matmul=grouped_matmul, buffer_factor=1.0, overflow=overflow, token_axes=token_axes,
+        grouped_matmul=grouped_matmul, buffer_factor=buffer_factor, overflow=overflow, token_axes=token_axes,
     )  # [S, d], weighted; 0 on empty slots
     y = jnp.zeros((r1, x.shape[1]), jnp.float32).at[slot_row].add(y_slots.astype(jnp.float32))  # [R1, d]
     return y.astype(x.dtype), jnp.stack([stats["dropped"], stats["rounds"]])
