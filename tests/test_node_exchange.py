@@ -15,12 +15,15 @@ from tests.test_dropless_parallel import adversarial
 from tests.test_parallel import assert_tree_close, inputs, make_moe, values_and_grads
 
 
-@pytest.mark.parametrize("exchange", ["padded", "ragged"])
-def test_node_exchange_equals_one_device(exchange):
-    """Random routing (E = 16, k = 4, a token mask) on 2 nodes x 4 devices, c = 1.25; then
-    every token's experts on device 0 at c = 1.0 (rounds >= 2): values, every aux value and
-    every gradient equal one device, nothing dropped."""
-    mesh = parallel.make_mesh(expert_outer=2, expert=4)
+@pytest.mark.parametrize("exchange, mesh_sizes", [("padded", dict(expert_outer=2, expert=4)),
+                                                   ("ragged", dict(expert_outer=2, expert=2, model=2))],
+                         ids=["padded-2x4", "ragged-2x2x2model"])
+def test_node_exchange_equals_one_device(exchange, mesh_sizes):
+    """Random routing (E = 16, k = 4, a token mask) on 2 nodes x 4 devices (or 2 x 2, each
+    expert's hidden dim split over ``model``), c = 1.25; then every token's experts on device 0
+    at c = 1.0 (rounds >= 2): values, every aux value and every gradient equal one device,
+    nothing dropped."""
+    mesh = parallel.make_mesh(**mesh_sizes)
     x, mask, r = inputs(31, batch=16, seq=8, with_mask=True)
     options = dict(num_experts=16, k=4, capacity_factor=None, activation="swiglu", use_bias=True)
     ref = make_moe(None, **options)
