@@ -35,6 +35,7 @@ from benchtools import median_time  # noqa: E402  (a script's own folder is on s
 import jmoe
 from jmoe import routing
 from jmoe.experts import GATED, expert_ffn, shared_ffn
+from jmoe.options import layer_arguments
 
 
 @dataclasses.dataclass(frozen=True)
@@ -122,14 +123,6 @@ class BalancedRouter(routing.TokensChoose):
         return super().plan(balanced, *args)
 
 
-class BalancedMoE(jmoe.MoE):
-    """The layer with :class:`BalancedRouter`."""
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.router = BalancedRouter(**dataclasses.asdict(self.router))
-
-
 def temp_bytes(jitted, *args) -> int | None:
     try:
         analysis = jitted.lower(*args).compile().memory_analysis()
@@ -139,11 +132,12 @@ def temp_bytes(jitted, *args) -> int | None:
 
 
 def bench_workload(w: Workload, backend: str, dtype, iters: int) -> dict:
-    cls = BalancedMoE if w.balanced else jmoe.MoE
-    moe = cls(w.d_model, w.d_ff, w.num_experts, k=w.k, capacity_factor=w.capacity_factor,
-              activation=w.activation, use_bias=w.use_bias, dispatch=backend, dtype=dtype,
-              param_dtype=dtype, grouped_matmul=w.grouped_matmul, shared_d_ff=w.shared_d_ff, router=w.router,
-              rngs=nnx.Rngs(0), **dict(w.router_options))
+    options = layer_arguments(dict(router=w.router, shared_d_ff=w.shared_d_ff, **dict(w.router_options)))
+    if w.balanced:
+        options["router"] = BalancedRouter()
+    moe = jmoe.MoE(w.d_model, w.d_ff, w.num_experts, k=w.k, capacity_factor=w.capacity_factor,
+                   activation=w.activation, use_bias=w.use_bias, dispatch=backend, dtype=dtype,
+                   param_dtype=dtype, grouped_matmul=w.grouped_matmul, rngs=nnx.Rngs(0), **options)
     graphdef, params, rest = nnx.split(moe, nnx.Param, ...)
     x = jax.random.normal(jax.random.key(1), (w.batch, w.seq, w.d_model), dtype)
 

@@ -64,12 +64,17 @@ def worker(args) -> dict:
     shape = (n * args.tokens_per_device // seq, seq, args.d_model)
     x, r = jax.random.normal(kx, shape), jax.random.normal(kr, shape)
     has_overflow = "dropless_overflow" in inspect.signature(jmoe.MoE.__init__).parameters
+    router_options = dict(score_function="sigmoid", n_group=8, topk_group=4, normalize=True, routed_scaling_factor=2.5,
+                          router_bias=True)
+    if hasattr(jmoe.routing, "as_router"):  # router options on the router object
+        router_args = dict(router=jmoe.routing.GroupLimited(**router_options))
+    else:  # an older jmoe: flat layer keywords
+        router_args = dict(router="group_limited", **router_options)
 
     def make(exchange, factor, overflow="rounds", skew=0.0):
         extra = {"dropless_overflow": overflow} if has_overflow else {}
-        layer = jmoe.MoE(args.d_model, args.d_ff, num_experts=256, k=8, capacity_factor=None, router="group_limited",
-                         score_function="sigmoid", n_group=8, topk_group=4, normalize=True, routed_scaling_factor=2.5,
-                         router_bias=True, activation="swiglu", mesh=mesh, dropless_exchange=exchange,
+        layer = jmoe.MoE(args.d_model, args.d_ff, num_experts=256, k=8, capacity_factor=None, **router_args,
+                         activation="swiglu", mesh=mesh, dropless_exchange=exchange,
                          dropless_buffer_factor=factor, deterministic=True, rngs=nnx.Rngs(0), **extra)
         if skew:
             rank = np.random.default_rng(0).permutation(256)

@@ -2,18 +2,22 @@
 
 from jmoe.balancing import ExpertLoad, SelectionBias, update_selection_biases
 from jmoe.dispatch import BACKENDS
-from jmoe.experts import ExpertBank
+from jmoe.experts import Activation, ExpertBank, Shared
 from jmoe.layer import MoE, sown_aux
+from jmoe import routing
 from jmoe.routing import RoutingPlan, expert_capacity, experts_choose, tokens_choose
 
 __all__ = [
+    "Activation",
     "BACKENDS",
     "ExpertBank",
     "ExpertLoad",
     "SelectionBias",
     "MoE",
     "RoutingPlan",
+    "Shared",
     "expert_capacity",
+    "routing",
     "experts_choose",
     "sown_aux",
     "tokens_choose",

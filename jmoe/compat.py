@@ -6,6 +6,8 @@
 * Mosaic GPU's interpret mode: public in jax >= 0.11, private in 0.10.
 * The derivative of ``erf`` inside ``shard_map`` (jax 0.12): :func:`normal_cdf`.
 * Ops without a sharding rule for explicitly sharded operands: :func:`on_auto_axes`.
+* Whether a Flax module runs inside ``nnx.capture`` (where ``Module.sow`` is not
+  deprecated): :func:`in_capture`.
 """
 
 from __future__ import annotations
@@ -17,6 +19,12 @@ import jax
 import jax.numpy as jnp
 from jax.scipy.stats import norm
 from jax.sharding import PartitionSpec as P
+
+def in_capture(module) -> bool:
+    """True inside ``nnx.capture(...)``: flax 0.12.x marks each captured module with a
+    ``__captures__`` attribute for the call (Module.sow's own test)."""
+    return hasattr(module, "__captures__")
+
 
 try:
     shard_map = jax.shard_map

@@ -1,12 +1,21 @@
 """A bank of E independent expert FFNs held as stacked weights, and the shared expert.
 
-Plain FFN (``relu``, ``gelu``):   ``y_e = act(x W_in[e] + b_in[e]) W_out[e] + b_out[e]``
-Gated FFN (``swiglu``, ``geglu``): ``y_e = (act(x W_gate[e] + b_gate[e]) * (x W_in[e] + b_in[e])) W_out[e] + b_out[e]``
-with ``act`` = silu for swiglu and gelu for geglu (Shazeer 2020); the biases exist with
-``use_bias=True`` (GPT-OSS has them on the gate, the up and the down projection).
-``clamped_swiglu`` (GPT-OSS): ``g = min(x W_gate + b_gate, limit)``,
-``u = clip(x W_in + b_in, -limit, limit)``, ``h = (u + 1) * g * sigmoid(alpha * g)``
-(alpha 1.702, limit 7.0 by default: :class:`Activation`).
+Plain FFN:  ``y_e = act(u) W_out[e] + b_out[e]`` with ``u = x W_in[e] + b_in[e]``
+Gated FFN:  ``y_e = act(u, g) W_out[e] + b_out[e]`` with also ``g = x W_gate[e] + b_gate[e]``
+(the biases exist with ``use_bias=True``; GPT-OSS has them on the gate, the up and the down
+projection). The activations (:class:`Activation`, one function each in :data:`PLAIN` /
+:data:`GATED_FUNCTIONS`; L = ``swiglu_limit``, alpha = ``swiglu_alpha``, c = ``softcap``):
+
+  relu               relu(u)
+  gelu               gelu(u)
+  relu2              relu(u)^2                                squared ReLU (Primer; Nemotron-H)
+  swiglu             silu(g) * u                              (Shazeer 2020)
+  geglu              gelu(g) * u
+  clamped_swiglu     g' = min(g, L), u' = clip(u, -L, L),     GPT-OSS (alpha 1.702, L 7.0)
+                     (u' + 1) * g' * sigmoid(alpha * g')
+  limited_swiglu     silu(min(g, L)) * clip(u, -L, L)         SwiGLU with GPT-OSS's clamps but
+                                                              neither its alpha nor its + 1
+  softcapped_swiglu  c * tanh(silu(g) * u / c)                SwiGLU's output softcapped
 
 Weights are ``[E, d, f]`` and ``[E, f, d]``: each projection is one batched
 matmul over experts, never a Python loop. Each expert is initialised like a
@@ -14,7 +23,8 @@ dense FFN: truncated normal with variance ``1 / fan_in`` per projection.
 
 The shared expert (:class:`SharedExpert`; DeepSeek-MoE, Qwen2-MoE, Llama 4) is one
 dense FFN of its own width that every token goes through, with the experts'
-activation, optionally scaled per token by ``sigmoid(x w_g)`` (Qwen2-MoE).
+activation or its own, optionally scaled per token by ``sigmoid(x w_g)`` (Qwen2-MoE);
+the layer takes it as a :class:`Shared` object (``jmoe.MoE(..., shared=Shared(d_ff))``).
 """
 
 from __future__ import annotations
@@ -25,54 +35,106 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jmoe.checks import positive_number
+from jmoe.checks import int_at_least, positive_number
+from jmoe.elementwise import check_softcap, softcap
 
 Array = jax.Array
 
-ACTIVATIONS = ("relu", "gelu", "swiglu", "geglu", "clamped_swiglu")
-GATED = ("swiglu", "geglu", "clamped_swiglu")
+def clamped_swiglu(act: "Activation", up: Array, gate: Array) -> Array:
+    """GPT-OSS: ``(clip(u, -L, L) + 1) * g' * sigmoid(alpha * g')``, ``g' = min(g, L)``."""
+    gate = jnp.minimum(gate, act.swiglu_limit)
+    up = jnp.clip(up, -act.swiglu_limit, act.swiglu_limit)
+    return (up + 1.0) * gate * jax.nn.sigmoid(act.swiglu_alpha * gate)
+
+
+def limited_swiglu(act: "Activation", up: Array, gate: Array) -> Array:
+    """``silu(min(g, L)) * clip(u, -L, L)``: GPT-OSS's clamps on a plain SwiGLU."""
+    return jax.nn.silu(jnp.minimum(gate, act.swiglu_limit)) * jnp.clip(up, -act.swiglu_limit, act.swiglu_limit)
+
+
+def softcapped_swiglu(act: "Activation", up: Array, gate: Array) -> Array:
+    """``c * tanh(silu(g) * u / c)``."""
+    return softcap(jax.nn.silu(gate) * up, act.softcap)
+
+
+# name -> h from the up projection u (plain FFNs) / from (u, g) (gated FFNs); each reads its options from act.
+PLAIN = {
+    "relu": lambda act, up: jax.nn.relu(up),
+    "gelu": lambda act, up: jax.nn.gelu(up),
+    "relu2": lambda act, up: jnp.square(jax.nn.relu(up)),
+}
+GATED_FUNCTIONS = {
+    "swiglu": lambda act, up, gate: jax.nn.silu(gate) * up,
+    "geglu": lambda act, up, gate: jax.nn.gelu(gate) * up,
+    "clamped_swiglu": clamped_swiglu,
+    "limited_swiglu": limited_swiglu,
+    "softcapped_swiglu": softcapped_swiglu,
+}
+ACTIVATIONS = (*PLAIN, *GATED_FUNCTIONS)
+GATED = tuple(GATED_FUNCTIONS)
+NEEDS_SOFTCAP = ("softcapped_swiglu",)
 
 
 @dataclasses.dataclass(frozen=True)
 class Activation:
-    """An expert FFN's hidden activation ``h = act(up, gate)`` (static, hashable).
-
-    ``relu`` / ``gelu``: ``act(up)``; ``swiglu`` / ``geglu``: ``silu(gate) * up`` /
-    ``gelu(gate) * up``; ``clamped_swiglu`` (GPT-OSS): ``g = min(gate, swiglu_limit)``,
-    ``u = clip(up, -swiglu_limit, swiglu_limit)``, ``(u + 1) * g * sigmoid(swiglu_alpha * g)``.
-    """
+    """An expert FFN's hidden activation ``h = act(up, gate)`` (static, hashable): ``name`` (the
+    module docstring's table) and its options, ``swiglu_alpha`` / ``swiglu_limit``
+    (``clamped_swiglu``; the limit also ``limited_swiglu``) and ``softcap`` (needed by
+    ``softcapped_swiglu``)."""
 
     name: str = "gelu"
     swiglu_alpha: float = 1.702
     swiglu_limit: float = 7.0
+    softcap: float | None = None
 
     def __post_init__(self):
         if self.name not in ACTIVATIONS:
             raise ValueError(f"activation must be one of {ACTIVATIONS}, got {self.name!r}")
         positive_number("swiglu_alpha", self.swiglu_alpha)
         positive_number("swiglu_limit", self.swiglu_limit)
+        check_softcap("softcap", self.softcap)
+        if self.name in NEEDS_SOFTCAP and self.softcap is None:
+            raise ValueError(f"activation {self.name!r} needs softcap=c > 0: Activation({self.name!r}, softcap=c)")
 
     @property
     def gated(self) -> bool:
         return self.name in GATED
 
     def __call__(self, up: Array, gate: Array | None = None) -> Array:
-        if self.name == "relu":
-            return jax.nn.relu(up)
-        if self.name == "gelu":
-            return jax.nn.gelu(up)
-        if self.name == "swiglu":
-            return jax.nn.silu(gate) * up
-        if self.name == "geglu":
-            return jax.nn.gelu(gate) * up
-        gate = jnp.minimum(gate, self.swiglu_limit)
-        up = jnp.clip(up, -self.swiglu_limit, self.swiglu_limit)
-        return (up + 1.0) * gate * jax.nn.sigmoid(self.swiglu_alpha * gate)
+        if self.gated:
+            return GATED_FUNCTIONS[self.name](self, up, gate)
+        return PLAIN[self.name](self, up)
 
 
 def as_activation(activation: str | Activation) -> Activation:
     """``activation`` as an :class:`Activation` (a name takes the default alpha and limit)."""
-    return activation if isinstance(activation, Activation) else Activation(activation)
+    if isinstance(activation, Activation):
+        return activation
+    if not isinstance(activation, str):
+        raise TypeError(f"activation must be a name of {ACTIVATIONS} or a jmoe.experts.Activation, "
+                        f"got {activation!r}")
+    return Activation(activation)
+
+
+@dataclasses.dataclass(frozen=True)
+class Shared:
+    """The shared expert's options (DeepSeek-MoE, Qwen2-MoE, Llama 4): its hidden width
+    ``d_ff`` (``n_shared_experts * d_ff`` for DeepSeek's several), ``gate`` (Qwen2-MoE's
+    per-token ``sigmoid(x w_g)``, ``w_g [d, 1]``) and ``activation`` (a name or an
+    :class:`Activation`; None: the routed experts')."""
+
+    d_ff: int
+    gate: bool = False
+    activation: str | Activation | None = None
+
+    def __post_init__(self):
+        int_at_least("Shared.d_ff", self.d_ff, 1)
+        if self.activation is not None:
+            object.__setattr__(self, "activation", as_activation(self.activation))
+
+    def activation_for(self, experts: Activation) -> Activation:
+        """Its activation: its own, else the routed experts' ``experts``."""
+        return experts if self.activation is None else self.activation
 
 
 def expert_ffn(x: Array, params: dict[str, Array], activation: str | Activation,

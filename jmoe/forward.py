@@ -38,7 +38,7 @@ class Pipeline:
     ``capacity``: slots per expert and group, or None for a dropless layer (MegaBlocks:
     every assignment computed by a grouped matmul; the plan is routed with C = S, so it
     drops nothing). ``dispatch``: the capacity path's backend; ``grouped_matmul``: the
-    dropless path's.
+    dropless path's. ``shared_activation``: the shared expert's (None: ``activation``).
     """
 
     router: Router
@@ -47,6 +47,7 @@ class Pipeline:
     compute_dtype: Any = jnp.float32
     dispatch: str = "auto"
     grouped_matmul: str = "auto"
+    shared_activation: Activation | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,7 +91,8 @@ def moe_forward(pipeline: Pipeline, params: dict, groups: Array, token_mask: Arr
     aux = exchange.reduce_aux(plan, token_mask, exchange_stats)
     if "shared" in params:
         tokens = groups.reshape(-1, d).astype(pipeline.compute_dtype)  # [T, d]
-        shared = shared_ffn(tokens, params["shared"], pipeline.activation, exchange.model_axis)  # [T, d]
+        activation = pipeline.shared_activation or pipeline.activation
+        shared = shared_ffn(tokens, params["shared"], activation, exchange.model_axis)  # [T, d]
         y = y + shared.reshape(groups.shape).astype(y.dtype)
         if token_mask is not None:
             y = jnp.where(token_mask[..., None], y, jnp.zeros((), y.dtype))

@@ -23,7 +23,8 @@ from flax import nnx
 from jmoe import parallel, routing
 from jmoe.balancing import ExpertLoad, SelectionBias
 from jmoe.checks import int_at_least
-from jmoe.experts import Activation, ExpertBank, SharedExpert
+from jmoe.compat import in_capture
+from jmoe.experts import Activation, ExpertBank, Shared, SharedExpert, as_activation
 from jmoe.forward import Pipeline, moe_forward
 from jmoe.options import CapacityOptions, DroplessOptions, MeshOptions, check_combination, check_layer
 
@@ -44,6 +45,29 @@ def sown_aux(sown, *, pop: bool = True) -> dict[str, Array]:
         for value in values:
             totals[name] = totals[name] + value if name in totals else value
     return totals
+
+
+class RouterBuffer(nnx.Variable):
+    """A router's fixed table (e.g. :class:`jmoe.routing.TokenHash`'s ``token_experts``): state that
+    is neither a parameter nor trained; it is saved with ``nnx.state`` and loaded with a checkpoint."""
+
+
+def sow_aux(module: nnx.Module, aux: dict[str, Array]) -> None:
+    """Record ``aux`` as ``nnx.Intermediate`` values of ``module``, one tuple entry per call.
+
+    Inside ``nnx.capture(model, nnx.Intermediate)`` (Flax's way of extracting intermediates)
+    this is ``module.sow``, and capture returns them. Outside a capture, where Flax deprecates
+    ``sow``, the module keeps them as its own ``nnx.Intermediate`` variables (what ``sow`` did
+    there), for :func:`sown_aux` to collect from the model or ``nnx.bridge.ToLinen``'s
+    ``intermediates`` collection."""
+    for name, value in aux.items():
+        if in_capture(module):
+            module.sow(nnx.Intermediate, name, value)
+        elif hasattr(module, name):
+            variable = getattr(module, name)
+            variable.set_value(variable.get_value() + (value,))
+        else:
+            setattr(module, name, nnx.Intermediate((value,)))
 
 
 def router_stream(rngs: nnx.Rngs, router: routing.Router) -> nnx.RngStream:
@@ -118,41 +142,25 @@ class MoE(nnx.Module):
         train and eval mode; ``eval_capacity_factor`` is then ignored).
       min_capacity, capacity_multiple_of: see :func:`jmoe.routing.expert_capacity`.
       group_size: tokens per routing group (default: the sequence length).
-      router: a name of :data:`jmoe.routing.ROUTERS` (token choice: Switch / GShard /
-        top-k, the default; expert choice; noisy top-k, Shazeer et al. 2017, with a
-        second float32 weight ``noise_weight`` [d, E] and Gaussian noise on the logits in
-        train mode only).
-      activation: ``relu``, ``gelu``, ``swiglu``, ``geglu``, ``clamped_swiglu`` (GPT-OSS,
-        with ``swiglu_alpha`` (1.702) and ``swiglu_limit`` (7.0); :class:`jmoe.experts.Activation`).
+      router: a name of :data:`jmoe.routing.ROUTERS` (that router with its defaults) or a
+        configured router object, a :class:`jmoe.routing.Router` (``TokensChoose``: Switch /
+        GShard / top-k, the default; ``ExpertsChoose``; ``NoisyTopK``, Shazeer et al. 2017;
+        ``GroupLimited``: sigmoid / softmax scores, the group limit, the selection bias,
+        DeepSeek-V2/V3, Llama 4; or a user's own subclass). Every router option lives on the
+        router object (priority, normalize, jitter, router_bias, scale_expert_input, ...);
+        ``k`` is the layer's and binds the router (:func:`jmoe.routing.as_router`). A router
+        with ``selection_bias=True`` adds the state ``selection_bias [E]`` and the load it
+        balances, ``expert_load [E]`` (:func:`jmoe.update_selection_biases`).
+      activation: the experts' activation, a name (``relu``, ``gelu``, ``swiglu``, ``geglu``,
+        ``clamped_swiglu``) or a configured :class:`jmoe.experts.Activation` (e.g. GPT-OSS's
+        ``Activation("clamped_swiglu", swiglu_alpha=1.702, swiglu_limit=7.0)``).
       use_bias: biases in the expert FFNs (gated: on the gate, the up and the down projection).
-      shared_d_ff: width of the shared expert (DeepSeek-MoE, Qwen2-MoE, Llama 4): one dense
-        FFN with the experts' activation that every token goes through, added to the routed
-        output (``n_shared_experts * d_ff`` for DeepSeek's several); None: no shared expert.
-        On a mesh its hidden dim is split over ``model``, never over the expert axes.
-      shared_gate: scale the shared expert per token by ``sigmoid(x w_g)``, ``w_g [d, 1]``
-        (Qwen2-MoE).
-      router_bias: a trained router bias, ``logits = x W_r + b_r`` (GPT-OSS), any router.
-      scale_expert_input: the chosen expert's weight multiplies its *input*, ``y = FFN_e(w x)``
-        (Llama 4; needs k = 1).
-      score_function, n_group, topk_group, group_score, routed_scaling_factor,
-        selection_bias: options of ``router="group_limited"``
-        (:class:`jmoe.routing.group_limited.GroupLimited`: sigmoid or softmax scores, the
-        group limit, the scaling factor; ``selection_bias=True`` adds the state
-        ``selection_bias [E]`` that only the choice sees, updated without gradients by
-        :func:`jmoe.update_selection_biases` from the load this layer counts in train mode,
-        ``expert_load [E]``: DeepSeek-V3's aux-loss-free balancing).
+      shared: the shared expert (DeepSeek-MoE, Qwen2-MoE, Llama 4), a :class:`jmoe.experts.Shared`
+        (its width, Qwen2-MoE's gate, its activation: default the experts'): one dense FFN every
+        token goes through, added to the routed output; None: no shared expert. On a mesh its
+        hidden dim is split over ``model``, never over the expert axes.
       dispatch: a name of :data:`jmoe.dispatch.BACKENDS` (``"auto"``: the platform's
         choice). All compute the same function (:mod:`jmoe.dispatch`).
-      priority, batch_prioritized, normalize, second_expert_policy: router
-        options (:class:`jmoe.routing.token_choice.TokensChoose`; noisy top-k has the
-        first two, group_limited ``priority`` and ``normalize``); None = the router's default. An option the router does not have is
-        an error unless it is at its default.
-      jitter: multiplicative router-input noise ``x * U(1 - jitter, 1 + jitter)``
-        in train mode (Switch); 0 disables it.
-      importance_loss_weight, load_loss_weight: coefficients (>= 0) of the
-        noisy top-k importance and load losses (``aux["importance_loss"]``,
-        ``aux["load_loss"]``, already weighted). Default None: the paper's 0.1.
-        Every router's extra losses are in ``aux`` (0 for the routers without them).
       dtype: activation / expert compute dtype; param_dtype: expert weights.
       mesh, hierarchical_a2a, a2a_chunks: expert parallelism
         (:mod:`jmoe.parallel`). The mesh is ``mesh`` if given, else the ambient
@@ -180,8 +188,10 @@ class MoE(nnx.Module):
       grouped_matmul: a dropless layer's grouped matmul, a name of
         :data:`jmoe.grouped_matmul.GROUPED_MATMULS` (``"auto"``: the platform's choice;
         each implementation's module says what it needs and what was measured).
-      sow_aux: return y alone and record the aux values with ``self.sow(nnx.Intermediate, ...)``
-        (a drop-in MLP for ``nnx.Sequential``); :func:`sown_aux` collects and sums them.
+      sow_aux: return y alone and record the aux values as ``nnx.Intermediate`` (a drop-in MLP
+        for ``nnx.Sequential``; :func:`sow_aux`): collect them with
+        ``nnx.capture(model, nnx.Intermediate)`` (Flax's way) or from the model, and sum them
+        with :func:`sown_aux`.
       rngs: ``params`` stream for init; only a router that draws random numbers (jitter,
         GShard's random policy, noisy top-k) needs the ``router`` stream (else ``default``).
       expert_axes, model_axis: the mesh axes that hold the experts / split each expert's
@@ -203,29 +213,11 @@ class MoE(nnx.Module):
         min_capacity: int = 1,
         capacity_multiple_of: int = 1,
         group_size: int | None = None,
-        router: str = routing.DEFAULT_ROUTER,
-        activation: str = "gelu",
+        router: str | routing.Router = routing.DEFAULT_ROUTER,
+        activation: str | Activation = "gelu",
         use_bias: bool = False,
-        swiglu_alpha: float = 1.702,
-        swiglu_limit: float = 7.0,
-        shared_d_ff: int | None = None,
-        shared_gate: bool = False,
-        router_bias: bool = False,
-        scale_expert_input: bool = False,
-        score_function: str | None = None,
-        n_group: int | None = None,
-        topk_group: int | None = None,
-        group_score: str | None = None,
-        routed_scaling_factor: float | None = None,
-        selection_bias: bool | None = None,
+        shared: Shared | None = None,
         dispatch: str = "auto",
-        priority: str | None = None,
-        batch_prioritized: bool | None = None,
-        normalize: bool | None = None,
-        second_expert_policy: str | None = None,
-        jitter: float = 0.0,
-        importance_loss_weight: float | None = None,
-        load_loss_weight: float | None = None,
         dtype=jnp.float32,
         param_dtype=jnp.float32,
         deterministic: bool = False,
@@ -242,20 +234,10 @@ class MoE(nnx.Module):
         rngs: nnx.Rngs,
     ):
         check_layer(d_model, d_ff, num_experts, dtype, param_dtype)
-        router_options = dict(priority=priority, batch_prioritized=batch_prioritized, normalize=normalize,
-                              second_expert_policy=second_expert_policy,
-                              importance_loss_weight=importance_loss_weight, load_loss_weight=load_loss_weight,
-                              score_function=score_function, n_group=n_group, topk_group=topk_group,
-                              group_score=group_score, routed_scaling_factor=routed_scaling_factor,
-                              selection_bias=selection_bias)
-        self.router = routing.make_router(router, k=k, jitter=jitter, router_bias=router_bias,
-                                          scale_expert_input=scale_expert_input,
-                                          **{n: v for n, v in router_options.items() if v is not None})
-        activation = Activation(activation, swiglu_alpha, swiglu_limit)
-        if shared_d_ff is not None:  # None: no shared expert
-            int_at_least("shared_d_ff", shared_d_ff, 1)
-        if shared_gate and shared_d_ff is None:
-            raise ValueError("shared_gate=True gates the shared expert: it needs shared_d_ff")
+        self.router = routing.as_router(router, k)
+        activation = as_activation(activation)
+        if shared is not None and not isinstance(shared, Shared):
+            raise TypeError(f"shared must be a jmoe.experts.Shared (or None), got {shared!r}")
         self.capacity_options = CapacityOptions(capacity_factor, eval_capacity_factor, min_capacity,
                                                 capacity_multiple_of)
         self.dropless_options = DroplessOptions(grouped_matmul, dropless_exchange, dropless_buffer_factor,
@@ -268,13 +250,15 @@ class MoE(nnx.Module):
         self.sow_aux = sow_aux
 
         mesh, axes = self._mesh_axes()
+        shared_d_ff = None if shared is None else shared.d_ff
         if mesh is not None:  # the mesh is known: check what needs only the sizes, then place the weights
             parallel.check_mesh(axes, num_experts=num_experts, num_groups=0, d_ff=d_ff,
                                 hierarchical=hierarchical_a2a and parallel.uses_mesh(mesh, axes), shared_d_ff=shared_d_ff)
         placed_on = mesh if self.mesh_options.mesh else None
         sharding = {} if mesh is None else parallel.param_sharding(axes, placed_on)
         for name, value in self.router.init_params(rngs.params(), d_model, num_experts).items():
-            kind = SelectionBias if name in self.router.state_params else nnx.Param
+            kind = (SelectionBias if name in self.router.state_params else
+                    RouterBuffer if name in self.router.buffers else nnx.Param)
             setattr(self, name, kind(value, **sharding.get(name, {})))  # router_weight [d, E] float32, ...
         if hasattr(self, "selection_bias"):  # the load its bias update balances
             self.expert_load = ExpertLoad(jnp.zeros((num_experts,), jnp.float32), **sharding.get("selection_bias", {}))
@@ -282,10 +266,11 @@ class MoE(nnx.Module):
             num_experts, d_model, d_ff, activation=activation, use_bias=use_bias,
             dtype=dtype, param_dtype=param_dtype, sharding=sharding, rngs=rngs,
         )
-        if shared_d_ff is not None:
+        if shared is not None:
             self.shared_expert = SharedExpert(
-                d_model, shared_d_ff, activation=activation, gate=shared_gate, dtype=dtype, param_dtype=param_dtype,
-                sharding={} if mesh is None else parallel.param_sharding(axes, placed_on, shared=True), rngs=rngs,
+                d_model, shared.d_ff, activation=shared.activation_for(activation), gate=shared.gate, dtype=dtype,
+                param_dtype=param_dtype, rngs=rngs,
+                sharding={} if mesh is None else parallel.param_sharding(axes, placed_on, shared=True),
             )
         self.rngs = router_stream(rngs, self.router) if self.router.draws_random else None
 
@@ -312,8 +297,9 @@ class MoE(nnx.Module):
 
     def _pipeline(self, group_size: int) -> Pipeline:
         """What the forward computes for groups of ``group_size`` tokens in the current mode."""
+        shared = self.shared_expert.activation if hasattr(self, "shared_expert") else None
         return Pipeline(self.router, self._slots(group_size), self.experts.activation, self.dtype, self.dispatch,
-                        self.dropless_options.grouped_matmul)
+                        self.dropless_options.grouped_matmul, shared)
 
     def params(self) -> dict:
         """``{"router": {name: [d, E] float32, ...}, "experts": {w_in: [E, d, f], ...}}``, and
@@ -331,42 +317,58 @@ class MoE(nnx.Module):
             return {}
         return self.router.draw(self.rngs, groups_shape, self.num_experts)
 
-    def route(self, groups: Array, token_mask: Array | None = None) -> routing.RoutingPlan:
-        """groups [G, S, d] -> the routing plan (router logits in float32)."""
-        return self.router.route(self.params()["router"], groups, self.draws(groups.shape), token_mask,
-                                 self.capacity(groups.shape[1]))
+    def router_inputs(self, groups_shape: tuple[int, ...], token_ids: Array | None) -> dict[str, Array]:
+        """What the router reads besides the tokens, per token ``[G, S, ...]``: its random draws
+        and, for a router that routes by token id, ``token_ids [G, S]``."""
+        if not self.router.needs_token_ids:
+            return self.draws(groups_shape)
+        if token_ids is None:
+            raise ValueError(f"router={self.router.name!r} routes by token id: call the layer with token_ids= "
+                             f"(the input's shape without d, integers)")
+        self.router.check_token_ids(token_ids)
+        return {**self.draws(groups_shape), "token_ids": token_ids.reshape(groups_shape[:2])}
 
-    def __call__(self, x: Array, *, token_mask: Array | None = None):
+    def route(self, groups: Array, token_mask: Array | None = None,
+              token_ids: Array | None = None) -> routing.RoutingPlan:
+        """groups [G, S, d] -> the routing plan (router logits in float32)."""
+        return self.router.route(self.params()["router"], groups, self.router_inputs(groups.shape, token_ids),
+                                 token_mask, self.capacity(groups.shape[1]))
+
+    def __call__(self, x: Array, *, token_mask: Array | None = None, token_ids: Array | None = None):
         """x [B, S, d] or [T, d] -> (y of x's shape and dtype, aux losses and metrics); with
         ``sow_aux=True`` only y, the aux values sown as ``nnx.Intermediate`` (:func:`sown_aux`).
 
         ``token_mask`` (x's shape without d) marks padding tokens with False:
         they take no expert slot, get output 0, and are left out of the losses.
+        ``token_ids`` (x's shape without d, integers): the tokens' vocabulary ids, for a router
+        that routes by them (``TokenHash``); the other routers ignore them.
         """
         check_input(x, self.d_model)
         if token_mask is not None:
             check_token_mask(token_mask, x)
+        if token_ids is not None and token_ids.shape != x.shape[:-1]:
+            raise ValueError(f"token_ids must have shape {x.shape[:-1]}, got {token_ids.shape}")
         group_size = group_size_for(x, self.group_size, not self.deterministic)
         groups_shape = (x.size // (group_size * self.d_model), group_size, self.d_model)  # [G, S, d]
+        router_inputs = self.router_inputs(groups_shape, token_ids)
         forward = functools.partial(moe_forward, self._pipeline(group_size))
         mesh, axes = self._mesh_axes(x)
         if parallel.uses_mesh(mesh, axes):  # under shard_map: expert / model parallel, or an explicit mesh
             y, aux = parallel.forward_on_mesh(
-                forward, mesh, axes, self.params(), x, token_mask, self.draws(groups_shape), group_size=group_size,
+                forward, mesh, axes, self.params(), x, token_mask, router_inputs, group_size=group_size,
                 hierarchical=self.mesh_options.hierarchical_a2a, a2a_chunks=self.mesh_options.a2a_chunks,
                 dropless_exchange=self.dropless_options.exchange, buffer_factor=self.dropless_options.buffer_factor,
                 overflow=self.dropless_options.overflow,
             )
         else:
             mask = None if token_mask is None else token_mask.reshape(groups_shape[:2])
-            y, aux = forward(self.params(), x.reshape(groups_shape), mask, self.draws(groups_shape))
+            y, aux = forward(self.params(), x.reshape(groups_shape), mask, router_inputs)
         y, aux = y.reshape(x.shape).astype(x.dtype), routing.complete_aux(aux)
         if hasattr(self, "expert_load") and not self.deterministic:  # the load the next bias update balances
             self.expert_load[...] = self.expert_load[...] + aux["tokens_per_expert"]
         if not self.sow_aux:
             return y, aux
-        for name, value in aux.items():
-            self.sow(nnx.Intermediate, name, value)
+        sow_aux(self, aux)
         return y
 
     def _mesh_axes(self, x: Array | None = None) -> tuple:

@@ -1,8 +1,14 @@
 """The layer's options, grouped by what they configure; each group validates itself.
 
-``jmoe.MoE`` keeps its flat keyword arguments and assembles them into these groups and a
-router (:func:`jmoe.routing.make_router`); :func:`check_combination` holds the few rules
-that span groups. Every check runs at construction, before any tracing.
+``jmoe.MoE`` assembles its keyword arguments into these groups; its router, activation and
+shared expert are objects of their own (:class:`jmoe.routing.Router`,
+:class:`jmoe.experts.Activation`, :class:`jmoe.experts.Shared`) that validate themselves.
+:func:`check_combination` holds the few rules that span groups. Every check runs at
+construction, before any tracing.
+
+Flat option sources (``train.py``'s config keys, a Hugging Face ``config.json``'s
+translation in :mod:`jmoe.hf.families`) name every option as one key; :func:`layer_arguments`
+is the one translation of such a dict into the layer's arguments.
 """
 
 from __future__ import annotations
@@ -16,7 +22,13 @@ from jmoe import grouped_matmul as gmm_lib
 from jmoe.dispatch import BACKENDS
 from jmoe.parallel.dropless_exchange import DROPLESS_EXCHANGES, OVERFLOWS, check_buffer_factor
 from jmoe.checks import int_at_least, positive_number
-from jmoe.routing import Router, expert_capacity
+from jmoe.experts import Activation, Shared
+from jmoe.routing import DEFAULT_ROUTER, ROUTERS, Router, expert_capacity, make_router
+
+# The flat keys that are router options: every registered router's dataclass fields but k (the layer's).
+ROUTER_OPTIONS = tuple(dict.fromkeys(f.name for cls in ROUTERS.values() for f in dataclasses.fields(cls)
+                                     if f.name != "k"))
+ACTIVATION_OPTIONS = tuple(f.name for f in dataclasses.fields(Activation) if f.name != "name")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,6 +105,37 @@ class MeshOptions:
             if isinstance(self.expert_axes, str) or not all(isinstance(a, str) for a in self.expert_axes):
                 raise ValueError(f"expert_axes must be a tuple of mesh axis names, got {self.expert_axes!r}")
             object.__setattr__(self, "expert_axes", tuple(self.expert_axes))
+
+
+def layer_arguments(flat: dict) -> dict:
+    """:class:`jmoe.MoE` keyword arguments from ``flat`` options, where every option is one key:
+    ``router`` (a name) and its options (:data:`ROUTER_OPTIONS`, via
+    :func:`jmoe.routing.make_router`, which rejects an option of another router) -> ``router=``
+    a router object; ``activation`` (a name) with ``swiglu_alpha`` / ``swiglu_limit`` ->
+    ``activation=`` an :class:`Activation`; ``shared_d_ff`` / ``shared_gate`` -> ``shared=`` a
+    :class:`Shared`. A key that is absent stays absent (the layer's default); the other keys
+    pass through unchanged."""
+    flat = dict(flat)
+    router_options = {name: flat.pop(name) for name in ROUTER_OPTIONS if name in flat}
+    if "router" in flat or router_options:
+        router = flat.get("router", DEFAULT_ROUTER)
+        if isinstance(router, str):
+            flat["router"] = make_router(router, **router_options)
+        elif router_options:
+            raise ValueError(f"router options {sorted(router_options)} go on the router object, got {router!r}")
+    activation_options = {name: flat.pop(name) for name in ACTIVATION_OPTIONS if name in flat}
+    if "activation" in flat or activation_options:
+        activation = flat.get("activation", Activation().name)
+        if isinstance(activation, str):
+            flat["activation"] = Activation(activation, **activation_options)
+        elif activation_options:
+            raise ValueError(f"{sorted(activation_options)} go on the Activation object, got {activation!r}")
+    shared_d_ff, shared_gate = flat.pop("shared_d_ff", None), flat.pop("shared_gate", False)
+    if shared_gate and shared_d_ff is None:
+        raise ValueError("shared_gate=True gates the shared expert: it needs shared_d_ff")
+    if shared_d_ff is not None:
+        flat["shared"] = Shared(shared_d_ff, gate=bool(shared_gate))
+    return flat
 
 
 def check_layer(d_model, d_ff, num_experts, dtype, param_dtype) -> None:

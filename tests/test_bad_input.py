@@ -8,12 +8,13 @@ from flax import nnx
 
 import jmoe
 from jmoe import parallel, routing
+from jmoe.options import layer_arguments
 
 
 def layer(**kw):
     if "num_experts_on_mesh" in kw:  # the mesh is known at construction: its sizes are checked there
         return jmoe.MoE(8, 16, kw.pop("num_experts_on_mesh"), mesh=parallel.make_mesh(expert=4), rngs=nnx.Rngs(0))
-    return jmoe.MoE(8, 16, 4, rngs=nnx.Rngs(0), **kw)
+    return jmoe.MoE(8, 16, 4, rngs=nnx.Rngs(0), **layer_arguments(kw))  # flat keys, as a config's
 
 
 @pytest.mark.parametrize(

@@ -33,10 +33,12 @@ CASES = [
     pytest.param(dict(data=2, expert=4), dict(num_experts=8, k=2, activation="swiglu", use_bias=True),
                  True, True, id="2x4-E8-k2-swiglu-bias-mask-skewed"),
     # 1x8, E=8, k=1, gelu, train mode with jitter.
-    pytest.param(dict(data=1, expert=8), dict(num_experts=8, k=1, deterministic=False, jitter=0.1),
+    pytest.param(dict(data=1, expert=8),
+                 dict(num_experts=8, k=1, deterministic=False, router=routing.TokensChoose(jitter=0.1)),
                  False, False, id="1x8-E8-k1-jitter"),
     # 2x2 expert x 2 model: hidden dim split, psum over model.
-    pytest.param(dict(data=2, expert=2, model=2), dict(num_experts=8, k=2, use_bias=True, normalize=True),
+    pytest.param(dict(data=2, expert=2, model=2),
+                 dict(num_experts=8, k=2, use_bias=True, router=routing.TokensChoose(normalize=True)),
                  False, True, id="2x2x2model-E8-k2-bias-skewed"),
     # The ragged exchange: worst-case skew with a mask, and the model axis.
     pytest.param(dict(data=2, expert=4), dict(num_experts=8, k=2, activation="swiglu", use_bias=True,
@@ -47,8 +49,9 @@ CASES = [
     # noisy top-k in train mode (eps drawn over the global batch) and GShard's random policy
     pytest.param(dict(data=2, expert=4), dict(num_experts=8, k=2, router="noisy_top_k", deterministic=False),
                  True, False, id="2x4-E8-k2-noisy-train-mask"),
-    pytest.param(dict(data=2, expert=4), dict(num_experts=8, k=2, second_expert_policy="random",
-                                              deterministic=False, dropless_exchange="ragged"),
+    pytest.param(dict(data=2, expert=4),
+                 dict(num_experts=8, k=2, router=routing.TokensChoose(second_expert_policy="random"),
+                      deterministic=False, dropless_exchange="ragged"),
                  False, False, id="ragged-2x4-E8-gshard-random"),
     # jmoe's Pallas grouped matmul in the exchange (off GPU: its jnp reference inside shard_map).
     pytest.param(dict(data=2, expert=2, model=2),
@@ -73,7 +76,7 @@ def test_dropless_on_mesh_matches_one_device(mesh_sizes, options, with_mask, ske
     _, aux, grads = actual
     assert float(aux["dropped_fraction"]) == 0.0 and float(aux["padding_fraction"]) == 0.0
     valid = 16 * 8 if mask is None else int(np.sum(mask))
-    if options.get("second_expert_policy") == "random":  # skipped 2nd choices hold no expert
+    if getattr(options.get("router"), "second_expert_policy", "all") == "random":  # skipped 2nd choices hold none
         assert valid < np.sum(aux["tokens_per_expert"]) < valid * options["k"]
     else:
         np.testing.assert_allclose(np.sum(aux["tokens_per_expert"]), valid * options["k"])

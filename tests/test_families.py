@@ -16,7 +16,9 @@ from flax import nnx
 
 import jmoe
 from jmoe import parallel
-from jmoe.routing import group_limited_top_k
+from jmoe.experts import Shared
+from jmoe.options import layer_arguments
+from jmoe.routing import GroupLimited, TokensChoose, group_limited_top_k
 from tests.test_parallel import assert_tree_close
 
 D, F = 16, 24
@@ -265,24 +267,27 @@ def test_balance_losses_equal_their_formulas():
 # ----------------------------------------------------------------------------
 
 FAMILIES = {
-    "deepseek_v3": (dict(num_experts=16, k=4, router="group_limited", n_group=4, topk_group=2, normalize=True,
-                         routed_scaling_factor=2.5, selection_bias=True, shared_d_ff=32, activation="swiglu"),
+    "deepseek_v3": (dict(num_experts=16, k=4, router=GroupLimited(n_group=4, topk_group=2, normalize=True,
+                                                                  routed_scaling_factor=2.5, selection_bias=True),
+                         shared=Shared(32), activation="swiglu"),
                     dict(k=4, n_group=4, topk_group=2, normalize=True, scale=2.5)),
-    "deepseek_v2": (dict(num_experts=8, k=2, router="group_limited", score_function="softmax", n_group=4,
-                         topk_group=2, group_score="max", routed_scaling_factor=3.0, shared_d_ff=16,
-                         activation="swiglu"),
+    "deepseek_v2": (dict(num_experts=8, k=2, router=GroupLimited(score_function="softmax", n_group=4, topk_group=2,
+                                                                 group_score="max", routed_scaling_factor=3.0),
+                         shared=Shared(16), activation="swiglu"),
                     dict(k=2, n_group=4, topk_group=2, group_score="max", score_function="softmax", scale=3.0)),
-    "qwen2_moe": (dict(num_experts=8, k=2, normalize=True, shared_d_ff=40, shared_gate=True, activation="swiglu"),
+    "qwen2_moe": (dict(num_experts=8, k=2, router=TokensChoose(normalize=True), shared=Shared(40, gate=True),
+                       activation="swiglu"),
                   dict(k=2, score_function="softmax", normalize=True)),
-    "gpt_oss": (dict(num_experts=8, k=2, normalize=True, router_bias=True, use_bias=True,
+    "gpt_oss": (dict(num_experts=8, k=2, router=TokensChoose(normalize=True, router_bias=True), use_bias=True,
                      activation="clamped_swiglu"),
                 dict(k=2, score_function="softmax", normalize=True)),
-    "llama4": (dict(num_experts=8, k=1, router="group_limited", scale_expert_input=True, shared_d_ff=32,
+    "llama4": (dict(num_experts=8, k=1, router=GroupLimited(scale_expert_input=True), shared=Shared(32),
                     activation="swiglu"),
                dict(k=1)),
-    "all_options": (dict(num_experts=16, k=4, router="group_limited", n_group=4, topk_group=2, normalize=True,
-                         routed_scaling_factor=2.5, selection_bias=True, router_bias=True, use_bias=True,
-                         activation="clamped_swiglu", shared_d_ff=32, shared_gate=True),
+    "all_options": (dict(num_experts=16, k=4, router=GroupLimited(n_group=4, topk_group=2, normalize=True,
+                                                                  routed_scaling_factor=2.5, selection_bias=True,
+                                                                  router_bias=True),
+                         use_bias=True, activation="clamped_swiglu", shared=Shared(32, gate=True)),
                     dict(k=4, n_group=4, topk_group=2, normalize=True, scale=2.5)),
 }
 
@@ -353,12 +358,14 @@ def test_shared_expert_weights_are_parameters_with_gradients():
     (dict(num_experts=8, n_group=2), "needs router='group_limited'"),
     (dict(num_experts=8, selection_bias=True), "needs router='group_limited'"),
     (dict(num_experts=8, shared_gate=True), "needs shared_d_ff"),
-    (dict(num_experts=8, shared_d_ff=0), "shared_d_ff must be"),
+    (dict(num_experts=8, shared_d_ff=0), "d_ff must be"),
     (dict(num_experts=8, activation="clamped_swiglu", swiglu_limit=-1.0), "swiglu_limit"),
 ])
 def test_bad_options_are_clear_errors(bad, match):
+    """Each option as a flat key (a config's), translated to the router / activation / shared objects
+    that check it (or the layer, for the checks that need the expert count)."""
     with pytest.raises(ValueError, match=match):
-        jmoe.MoE(D, F, rngs=nnx.Rngs(0), **bad)
+        jmoe.MoE(D, F, rngs=nnx.Rngs(0), **layer_arguments(bad))
 
 
 # ----------------------------------------------------------------------------
@@ -408,14 +415,14 @@ def test_mesh_equals_one_device(name, dropless, make_mesh, with_mask):
     assert_tree_close(actual, expected)
     if not dropless:
         assert float(actual[1]["dropped_fraction"]) > 0  # the capacity binds
-    if "selection_bias" in FAMILIES[name][0]:
+    if getattr(FAMILIES[name][0]["router"], "selection_bias", False):
         assert "selection_bias" not in actual[2]["params"]  # state: no gradient
 
 
 def test_shared_expert_is_placed_like_a_dense_layer():
     mesh = jax.make_mesh((2, 2, 2), ("data", "expert", "model"))
     with jax.set_mesh(mesh):
-        moe = jmoe.MoE(D, F, 8, k=2, shared_d_ff=32, shared_gate=True, activation="swiglu", rngs=nnx.Rngs(0))
+        moe = jmoe.MoE(D, F, 8, k=2, shared=Shared(32, gate=True), activation="swiglu", rngs=nnx.Rngs(0))
     assert moe.shared_expert.w_in[...].sharding.spec == jax.P(None, "model")
     assert moe.shared_expert.w_out[...].sharding.spec == jax.P("model", None)
     assert moe.experts.w_in[...].sharding.spec == jax.P("expert", None, "model")
@@ -437,7 +444,7 @@ def test_bias_update_formula():
 
 
 def skewed_layer(mesh=None):
-    moe = jmoe.MoE(D, F, 16, k=4, router="group_limited", n_group=4, topk_group=2, selection_bias=True,
+    moe = jmoe.MoE(D, F, 16, k=4, router=GroupLimited(n_group=4, topk_group=2, selection_bias=True),
                    capacity_factor=None, mesh=mesh, rngs=nnx.Rngs(0))
     # A router that strongly prefers experts 0-3 (one group) for every token.
     moe.router_weight[...] = moe.router_weight[...].at[:, :4].add(0.8)
@@ -563,8 +570,8 @@ def test_stacked_layers_under_scan_count_their_own_load_and_update_their_own_bia
 
     class Block(nnx.Module):
         def __init__(self, *, rngs):
-            self.moe = jmoe.MoE(D, F, 8, k=2, router="group_limited", n_group=2, topk_group=1, selection_bias=True,
-                                capacity_factor=None, shared_d_ff=D, rngs=rngs)
+            self.moe = jmoe.MoE(D, F, 8, k=2, router=GroupLimited(n_group=2, topk_group=1, selection_bias=True),
+                                capacity_factor=None, shared=Shared(D), rngs=rngs)
 
         def __call__(self, x):
             y, aux = self.moe(x)
@@ -606,7 +613,7 @@ def test_stacked_layers_under_scan_count_their_own_load_and_update_their_own_bia
 def test_a_shared_width_the_model_axis_does_not_divide_is_a_clear_error():
     mesh = parallel.make_mesh(data=2, expert=2, model=2)
     with pytest.raises(ValueError, match="shared_d_ff=33 is not divisible by the 'model' axis size 2"):
-        jmoe.MoE(D, F, 8, shared_d_ff=33, mesh=mesh, rngs=nnx.Rngs(0))
-    moe = jmoe.MoE(D, F, 8, shared_d_ff=33, rngs=nnx.Rngs(0))  # no mesh known at construction
+        jmoe.MoE(D, F, 8, shared=Shared(33), mesh=mesh, rngs=nnx.Rngs(0))
+    moe = jmoe.MoE(D, F, 8, shared=Shared(33), rngs=nnx.Rngs(0))  # no mesh known at construction
     with jax.set_mesh(mesh), pytest.raises(ValueError, match="shared_d_ff=33 is not divisible"):
         moe(jnp.ones((8, 4, D)))

@@ -17,6 +17,7 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 import jmoe
+from jmoe.routing import TokensChoose
 
 VOCAB, D, SEQ, BATCH, EXPERTS = 32, 16, 8, 8, 4
 MOE_INPUT_TYPES = []
@@ -196,8 +197,8 @@ def test_rngs_only_when_the_router_draws():
     y, _ = jmoe.MoE(D, 2 * D, EXPERTS, rngs=nnx.Rngs(params=0))(x)  # like nnx.Linear: params alone
     assert y.shape == x.shape
     with pytest.raises(ValueError, match="'router' \\(or 'default'\\) stream"):
-        jmoe.MoE(D, 2 * D, EXPERTS, jitter=0.1, rngs=nnx.Rngs(params=0))
-    jmoe.MoE(D, 2 * D, EXPERTS, jitter=0.1, rngs=nnx.Rngs(0))  # the default stream serves
+        jmoe.MoE(D, 2 * D, EXPERTS, router=TokensChoose(jitter=0.1), rngs=nnx.Rngs(params=0))
+    jmoe.MoE(D, 2 * D, EXPERTS, router=TokensChoose(jitter=0.1), rngs=nnx.Rngs(0))  # the default stream serves
 
 
 def test_sow_makes_a_drop_in_mlp_for_sequential_and_collects_the_losses():

@@ -10,6 +10,8 @@ from flax import nnx
 
 import jmoe
 from jmoe import dispatch, routing
+from jmoe.options import layer_arguments
+from jmoe.routing import TokensChoose
 
 BACKEND_NAMES = ["einsum", "gather"]
 
@@ -259,13 +261,14 @@ def test_layer_grouping_2d_input_and_group_size():
     ],
 )
 def test_layer_bad_arguments(kwargs, match):
+    """As flat keys (a config's): the router options reach the router object that checks them."""
     with pytest.raises(ValueError, match=match):
-        jmoe.MoE(4, 8, 2, rngs=nnx.Rngs(0), **kwargs)
+        jmoe.MoE(4, 8, 2, rngs=nnx.Rngs(0), **layer_arguments(kwargs))
 
 
 def test_train_eval_switch_capacity_and_noise():
-    moe = jmoe.MoE(8, 16, 4, k=2, capacity_factor=1.0, eval_capacity_factor=2.0, jitter=0.1,
-                   second_expert_policy="random", rngs=nnx.Rngs(0))
+    moe = jmoe.MoE(8, 16, 4, k=2, capacity_factor=1.0, eval_capacity_factor=2.0,
+                   router=TokensChoose(jitter=0.1, second_expert_policy="random"), rngs=nnx.Rngs(0))
     x = jax.random.normal(jax.random.key(0), (2, 16, 8))
     assert moe.capacity(16) == 8
     y_train_1, _ = apply(moe, x)

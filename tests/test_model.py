@@ -9,6 +9,7 @@ import pytest
 from flax import nnx
 
 import jmoe
+from jmoe.routing import TokensChoose
 from jmoe.training import model as model_lib
 
 
@@ -114,8 +115,8 @@ def test_top2_needs_token_major_priority_to_stay_causal():
     # last slot, so editing a future token can change an earlier token's output. Token-major puts
     # all of an earlier token's choices first: causal. Train mode, factor 0.5: slots run out.
     kwargs = dict(k=2, capacity_factor=0.5)
-    choice = _tiny_lm(4, moe_kwargs=dict(priority="choice", **kwargs))
-    token = _tiny_lm(4, moe_kwargs=dict(priority="token", **kwargs))
+    choice = _tiny_lm(4, moe_kwargs=dict(router=TokensChoose(priority="choice"), **kwargs))
+    token = _tiny_lm(4, moe_kwargs=dict(router=TokensChoose(priority="token"), **kwargs))
     assert count_causality_violations(choice, trials=3) > 0  # the check has teeth
     assert count_causality_violations(token, trials=3) == 0
 

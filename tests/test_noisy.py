@@ -10,6 +10,7 @@ from scipy.stats import norm
 
 import jmoe
 from jmoe import routing
+from jmoe.options import layer_arguments
 from jmoe.routing import noisy
 from tests.reference import softmax64, tokens_choose_ref
 
@@ -193,7 +194,7 @@ def test_router_bad_arguments(kwargs, match):
 )
 def test_layer_bad_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):
-        jmoe.MoE(4, 8, 2, rngs=nnx.Rngs(0), **kwargs)
+        jmoe.MoE(4, 8, 2, rngs=nnx.Rngs(0), **layer_arguments(kwargs))  # flat keys, as a config's
 
 
 # ---------------------------------------------------------------- the layer

@@ -18,6 +18,7 @@ from flax import nnx
 
 import jmoe
 from jmoe import parallel
+from jmoe.routing import NoisyTopK, TokensChoose
 
 D_MODEL, D_FF = 16, 32
 
@@ -123,13 +124,13 @@ CASES = [
                  dict(num_experts=8, k=1, dispatch="einsum", capacity_factor=1.0), True, id="1x8-E8-k1-einsum-mask"),
     pytest.param(dict(data=2, expert=4),
                  dict(num_experts=16, k=2, dispatch="gather", activation="swiglu", use_bias=True,
-                      deterministic=False, jitter=0.1, capacity_factor=1.0), False, id="2x4-E16-k2-gather-jitter"),
+                      deterministic=False, router=TokensChoose(jitter=0.1), capacity_factor=1.0), False, id="2x4-E16-k2-gather-jitter"),
     pytest.param(dict(data=4, expert=2),
                  dict(num_experts=16, k=2, dispatch="gather", router="experts_choose"), True,
                  id="4x2-E16-expertchoice-gather-mask"),
     pytest.param(dict(data=2, expert=2, model=2),
-                 dict(num_experts=8, k=2, dispatch="einsum", use_bias=True, priority="token",
-                      batch_prioritized=True, normalize=True), False, id="2x2x2model-E8-k2-einsum"),
+                 dict(num_experts=8, k=2, dispatch="einsum", use_bias=True,
+                      router=TokensChoose(priority="token", batch_prioritized=True, normalize=True)), False, id="2x2x2model-E8-k2-einsum"),
 ]
 
 
@@ -286,7 +287,7 @@ def test_random_second_expert_policy_with_jitter_matches_one_device():
     U[0, 1) draws are made over the global [G, S] and sharded, so output, aux and gradients
     equal one device's with the same keys."""
     mesh = parallel.make_mesh(data=2, expert=4)
-    options = dict(num_experts=8, k=2, dispatch="gather", second_expert_policy="random", jitter=0.1,
+    options = dict(num_experts=8, k=2, dispatch="gather", router=TokensChoose(second_expert_policy="random", jitter=0.1),
                    deterministic=False, capacity_factor=1.0)
     x, mask, r = inputs(9, batch=16, seq=8, with_mask=True)
     ref, ep = make_moe(None, **options), make_moe(mesh, **options)
@@ -305,7 +306,7 @@ def test_noisy_top_k_matches_one_device_eval_and_train():
     and gradients w.r.t. x, the router weight, the noise weight and the expert weights.
     The four layers share one compile."""
     mesh = parallel.make_mesh(data=2, expert=4)
-    options = dict(num_experts=8, k=2, router="noisy_top_k", dispatch="gather", jitter=0.1,
+    options = dict(num_experts=8, k=2, router=NoisyTopK(jitter=0.1), dispatch="gather",
                    capacity_factor=1.0, eval_capacity_factor=1.0)
     x, mask, r = inputs(10, batch=16, seq=8, with_mask=True)
     noise_w = 0.5 * jax.random.normal(jax.random.key(11), (D_MODEL, 8))  # W_noise is 0 at init

@@ -15,6 +15,7 @@ from flax import nnx
 from jmoe.hf import families
 from jmoe.hf.files import Checkpoint, CheckpointError, checkpoint_dir, read_config, write_tensors
 from jmoe.layer import MoE
+from jmoe.options import layer_arguments
 
 
 def moe_kwargs(config: dict) -> dict:
@@ -24,7 +25,7 @@ def moe_kwargs(config: dict) -> dict:
     Llama 4 config's ``text_config`` is used). The families that never drop a token
     (transformers computes every choice) are dropless (``capacity_factor=None``); Switch keeps
     its per-sequence ``expert_capacity``."""
-    return dict(families.family_of(config.get("model_type")).moe_kwargs(config))
+    return layer_arguments(families.family_of(config.get("model_type")).moe_kwargs(config))
 
 
 def _stack(family: families.Family, model_type: str, stack: str | None) -> str | None:
@@ -115,7 +116,7 @@ def load_moe(path, layer: int, *, dtype=None, mesh=None, stack: str | None = Non
     family = families.family_of(model_type)
     stack = _stack(family, model_type, stack)
     _check_layer(family, config, layer, stack)
-    kwargs = family.moe_kwargs(config)
+    kwargs = layer_arguments(family.moe_kwargs(config))  # the family's flat options -> the layer's arguments
     if dtype is not None:
         kwargs.update(dtype=dtype, param_dtype=dtype)
     kwargs.update(mesh=mesh, **overrides)

@@ -7,10 +7,18 @@ classes, and nothing here knows about Flax layers. Registered (:data:`ROUTERS`):
   tokens_choose   Switch (k=1), GShard (k=2), top-k         :mod:`jmoe.routing.token_choice`
   experts_choose  expert choice (Zhou et al. 2022)          :mod:`jmoe.routing.expert_choice`
   noisy_top_k     noisy top-k gating (Shazeer et al. 2017)  :mod:`jmoe.routing.noisy`
-  group_limited   sigmoid / softmax scores, selection bias,  :mod:`jmoe.routing.group_limited`
-                  group-limited top-k (DeepSeek-V2/V3, Llama 4)
+  group_limited   sigmoid / softmax / sqrt-softplus scores,  :mod:`jmoe.routing.group_limited`
+                  selection bias, group-limited top-k
+                  (DeepSeek-V2/V3/V4, Llama 4)
+  token_hash      experts a fixed function of the token id  :mod:`jmoe.routing.token_hash`
+                  (Hash Layers; DeepSeek-V4's first layers)
 
-A new router is one module (a :class:`Router` subclass) plus one line in ``ROUTERS``.
+A new router is one module (a :class:`Router` subclass) plus one line in ``ROUTERS``; a
+user's own router is a :class:`Router` subclass given to the layer as an object
+(``jmoe.MoE(..., router=MyRouter())``), no registration needed. The layer takes its router
+as a name (the router's defaults) or a configured object (:func:`as_router`); ``k`` is the
+layer's and binds the router. :func:`make_router` builds one from flat options (a config
+file's keys).
 """
 
 from __future__ import annotations
@@ -25,13 +33,17 @@ from jmoe.routing.group_limited import GroupLimited, group_limited_top_k
 from jmoe.routing.noisy import NoisyTopK
 from jmoe.routing.plan import BALANCE_LOSSES, ExtraLoss, RoutingPlan, router_probabilities, z_loss
 from jmoe.routing.router import Router
-from jmoe.routing.token_choice import PRIORITIES, SECOND_EXPERT_POLICIES, TokensChoose, tokens_choose
+from jmoe.routing.token_hash import TokenHash
+from jmoe.routing.token_choice import (PRIORITIES, SECOND_EXPERT_POLICIES, TokensChoose, plan_from_choices,
+                                      tokens_choose)
 
-__all__ = ["BALANCE_LOSSES", "DEFAULT_ROUTER", "EXTRA_LOSSES", "STATE_PARAMS", "group_limited_top_k", "ExtraLoss", "NAMES", "PARAM_NAMES", "PRIORITIES", "ROUTERS", "Router", "RoutingPlan",
-           "SECOND_EXPERT_POLICIES", "complete_aux", "expert_capacity", "experts_choose", "make_router",
-           "router_probabilities", "tokens_choose", "z_loss"]
+__all__ = ["BALANCE_LOSSES", "DEFAULT_ROUTER", "EXTRA_LOSSES", "STATE_PARAMS", "group_limited_top_k", "ExtraLoss",
+           "ExpertsChoose", "GroupLimited", "NAMES", "NoisyTopK", "PARAM_NAMES", "PRIORITIES", "ROUTERS", "Router",
+           "RoutingPlan", "SECOND_EXPERT_POLICIES", "TokenHash", "TokensChoose", "as_router", "complete_aux", "expert_capacity",
+           "experts_choose", "make_router", "plan_from_choices", "router_probabilities", "tokens_choose", "z_loss"]
 
-ROUTERS: dict[str, type[Router]] = {cls.name: cls for cls in (TokensChoose, ExpertsChoose, NoisyTopK, GroupLimited)}
+ROUTERS: dict[str, type[Router]] = {cls.name: cls for cls in (TokensChoose, ExpertsChoose, NoisyTopK, GroupLimited,
+                                                               TokenHash)}
 NAMES = tuple(ROUTERS)
 DEFAULT_ROUTER = TokensChoose.name
 
@@ -77,6 +89,23 @@ def make_router(name: str, **options) -> Router:
                              f"got router={name!r}")
         del options[option]
     return cls(**options)
+
+
+def as_router(router: str | Router, k: int) -> Router:
+    """The layer's router bound to its ``k``: a name of :data:`ROUTERS` (that router's
+    defaults) or a configured :class:`Router` object (a registered one or a user's own
+    subclass) whose ``k`` is unset or equal to ``k``."""
+    if isinstance(router, str):
+        if router not in ROUTERS:
+            raise ValueError(f"router must be one of {NAMES} or a jmoe.routing.Router object, got {router!r}")
+        return ROUTERS[router](k=k)
+    if not isinstance(router, Router):
+        raise TypeError(f"router must be a name of {NAMES} or a jmoe.routing.Router object, got "
+                        f"{type(router).__name__}: {router!r}")
+    if router.k is not None and router.k != k:
+        raise ValueError(f"k is the layer's: jmoe.MoE(k={k}) was given a router with k={router.k}; leave the "
+                         f"router's k unset")
+    return dataclasses.replace(router, k=k)
 
 
 def complete_aux(aux: dict) -> dict:

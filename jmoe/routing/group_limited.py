@@ -5,9 +5,11 @@ Per token, from float32 logits ``l = x W_r`` ``[G, S, E]``::
 
     s      = sigmoid(l)                      score_function="sigmoid" (DeepSeek-V3, Llama 4)
            | softmax(l)                      score_function="softmax" (DeepSeek-V2)
+           | sqrt(softplus(l))               score_function="sqrt_softplus" (DeepSeek-V4)
     c      = s + b                           the choice is made on c; b [E] is the selection bias
                                              (state, not a parameter: no gradient reaches it;
                                              :mod:`jmoe.balancing` updates it between steps)
+           | l + b                           bias_on="logits" (Kolibri): the biased logits
     groups: the E experts form n_group equal, contiguous groups; a group's score is
            the sum of its 2 highest c (group_score="top2_sum", DeepSeek-V3) or its
            highest c (group_score="max", DeepSeek-V2's device-limited routing);
@@ -16,7 +18,8 @@ Per token, from float32 logits ``l = x W_r`` ``[G, S, E]``::
            groups' experts are -inf, as in DeepSeek's reference code, Megatron-Core and
            transformers' DeepSeek-V3)
     w_e    = s_e                                           the *unbiased* score
-           = s_e / (sum_{j in top-k} s_j + 1e-20)          normalize=True (norm_topk_prob)
+           = s_e / (sum_{j in top-k} s_j + eps)            normalize=True (norm_topk_prob), eps =
+                                                           normalize_epsilon (1e-20: DeepSeek-V3)
     w_e   *= routed_scaling_factor
 
 With ``n_group=1`` the group step keeps every expert (plain top-k of the scores). The
@@ -38,21 +41,31 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from jmoe.checks import int_at_least, positive_number
+from jmoe.checks import int_at_least, non_negative_number, positive_number
 from jmoe.routing.plan import RoutingPlan, check_logits
 from jmoe.routing.router import Router
 from jmoe.routing.token_choice import PRIORITIES, plan_from_choices
 
 Array = jax.Array
 
-SCORE_FUNCTIONS = ("sigmoid", "softmax")
+def sqrt_softplus(logits: Array) -> Array:
+    """``sqrt(softplus(l))`` elementwise (DeepSeek-V4's router scores): positive, ~sqrt(l) for large l."""
+    return jnp.sqrt(jax.nn.softplus(logits))
+
+
+# score_function name -> scores [G, S, E] from float32 logits [G, S, E].
+SCORE_FUNCTIONS = {
+    "sigmoid": jax.nn.sigmoid,
+    "softmax": lambda logits: jax.nn.softmax(logits, axis=-1),
+    "sqrt_softplus": sqrt_softplus,
+}
 GROUP_SCORES = ("top2_sum", "max")
+BIAS_ON = ("scores", "logits")
 
 
 def router_scores(logits: Array, score_function: str) -> Array:
-    """``sigmoid`` or ``softmax`` (over experts) of the float32 logits ``[G, S, E]``."""
-    logits = logits.astype(jnp.float32)
-    return jax.nn.sigmoid(logits) if score_function == "sigmoid" else jax.nn.softmax(logits, axis=-1)
+    """``SCORE_FUNCTIONS[score_function]`` of the float32 logits ``[G, S, E]``."""
+    return SCORE_FUNCTIONS[score_function](logits.astype(jnp.float32))
 
 
 def group_limited_experts(choice: Array, *, k: int, n_group: int, topk_group: int, group_score: str) -> Array:
@@ -85,25 +98,30 @@ def group_limited_top_k(
     normalize: bool = False,
     routed_scaling_factor: float = 1.0,
     selection_bias: Array | None = None,
+    bias_on: str = "scores",
+    normalize_epsilon: float = 1e-20,
     priority: str = "choice",
     token_mask: Array | None = None,
 ) -> RoutingPlan:
     """The plan of the module docstring's router for float32 ``logits [G, S, E]``;
-    ``selection_bias [E]`` (None: 0) is read without gradient. Returns a plan with K = k."""
+    ``selection_bias [E]`` (None: 0) is read without gradient and added to the scores or, with
+    ``bias_on="logits"``, to the logits the choice is made on. Returns a plan with K = k."""
     mask = check_logits(logits, token_mask)  # [G, S]
     num_groups, group_size, num_experts = logits.shape
     scores = router_scores(logits, score_function)  # [G, S, E]
-    choice = scores if selection_bias is None else scores + jax.lax.stop_gradient(selection_bias)  # [G, S, E]
+    choice = scores if bias_on == "scores" else logits.astype(jnp.float32)  # [G, S, E]
+    if selection_bias is not None:
+        choice = choice + jax.lax.stop_gradient(selection_bias)
     top_experts = group_limited_experts(choice, k=k, n_group=n_group, topk_group=topk_group,
                                         group_score=group_score)  # [G, S, K]
     weights = jnp.take_along_axis(scores, top_experts, axis=-1)  # [G, S, K] unbiased
     if normalize:
-        weights = weights / (jnp.sum(weights, axis=-1, keepdims=True) + 1e-20)
+        weights = weights / (jnp.sum(weights, axis=-1, keepdims=True) + normalize_epsilon)
     weights = weights * routed_scaling_factor
 
     requested = jnp.broadcast_to(mask[..., None], top_experts.shape)  # [G, S, K]
     order = jnp.broadcast_to(jnp.arange(group_size), (num_groups, group_size))  # [G, S]
-    probs = scores / jnp.sum(scores, axis=-1, keepdims=True) if score_function == "sigmoid" else scores  # [G, S, E]
+    probs = scores if score_function == "softmax" else scores / jnp.sum(scores, axis=-1, keepdims=True)  # [G, S, E]
     return plan_from_choices(logits, probs, top_experts, weights, requested, order, mask, capacity=capacity,
                              priority=priority)
 
@@ -113,8 +131,9 @@ class GroupLimited(Router):
     """:func:`group_limited_top_k` as a router. Options: ``score_function``, ``n_group`` /
     ``topk_group`` / ``group_score`` (the group limit), ``normalize`` (norm_topk_prob),
     ``routed_scaling_factor``, ``selection_bias`` (a float32 state ``selection_bias [E]``,
-    zero-initialised, no gradient: aux-loss-free balancing, :mod:`jmoe.balancing`),
-    ``priority`` (who wins a slot over capacity)."""
+    zero-initialised, no gradient: aux-loss-free balancing, :mod:`jmoe.balancing`) and
+    ``bias_on`` (what it is added to: the scores or the logits), ``normalize_epsilon`` (added to
+    the sum of the k scores when normalising), ``priority`` (who wins a slot over capacity)."""
 
     name = "group_limited"
     params = ("router_weight", "router_bias", "selection_bias")
@@ -127,12 +146,17 @@ class GroupLimited(Router):
     normalize: bool = False
     routed_scaling_factor: float = 1.0
     selection_bias: bool = False
+    bias_on: str = "scores"
+    normalize_epsilon: float = 1e-20
     priority: str = "choice"
 
     def __post_init__(self):
         super().__post_init__()
         if self.score_function not in SCORE_FUNCTIONS:
-            raise ValueError(f"score_function must be one of {SCORE_FUNCTIONS}, got {self.score_function!r}")
+            raise ValueError(f"score_function must be one of {tuple(SCORE_FUNCTIONS)}, got {self.score_function!r}")
+        if self.bias_on not in BIAS_ON:
+            raise ValueError(f"bias_on must be one of {BIAS_ON}, got {self.bias_on!r}")
+        non_negative_number("normalize_epsilon", self.normalize_epsilon)
         if self.group_score not in GROUP_SCORES:
             raise ValueError(f"group_score must be one of {GROUP_SCORES}, got {self.group_score!r}")
         if self.priority not in PRIORITIES:
@@ -167,5 +191,6 @@ class GroupLimited(Router):
             logits, k=self.k, capacity=capacity, score_function=self.score_function, n_group=self.n_group,
             topk_group=self.topk_group, group_score=self.group_score, normalize=self.normalize,
             routed_scaling_factor=float(self.routed_scaling_factor), selection_bias=params.get("selection_bias"),
-            priority=self.priority, token_mask=token_mask,
+            bias_on=self.bias_on, normalize_epsilon=float(self.normalize_epsilon), priority=self.priority,
+            token_mask=token_mask,
         )

@@ -13,14 +13,17 @@ A router is a frozen dataclass of its options (validated in ``__post_init__``) w
 * ``route(params, groups, draws, token_mask, capacity) -> RoutingPlan``: done once here:
   the float32 router input, multiplicative jitter ``x * U(1 - jitter, 1 + jitter)``
   (Switch), the router matmul ``logits = x W_r`` (``+ b_r`` with ``router_bias=True``,
-  GPT-OSS); then the subclass's :meth:`Router.plan` from the logits.
+  GPT-OSS), with ``logit_softcap=c`` the softcap ``logits = c tanh(logits / c)`` (Laguna);
+  then the subclass's :meth:`Router.plan` from the logits (its losses read the capped ones).
 
 ``scale_expert_input=True`` (Llama 4; k = 1): the chosen expert's combine weight
 multiplies its *input* instead of its output, ``y = FFN_e(w * x)``
 (:meth:`Router.expert_inputs`, which the forward calls between routing and the experts).
 
 A router's own losses travel in ``RoutingPlan.extra_losses`` under the names in its
-``extra_losses`` class attribute.
+``extra_losses`` class attribute. A router with ``needs_token_ids`` reads the token ids the layer
+was called with (``token_ids=``) as ``draws["token_ids"] [G, S]``, beside its random draws (so a
+mesh shards them like the tokens), and checks them in :meth:`Router.check_token_ids`.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jmoe.elementwise import check_softcap, softcap
 from jmoe.routing.plan import RoutingPlan
 
 Array = jax.Array
@@ -39,30 +43,37 @@ Array = jax.Array
 
 @dataclasses.dataclass(frozen=True)
 class Router:
-    """Options every router has: ``k`` (experts per token, for expert choice the average
-    that sets the capacity) and ``jitter`` (0 disables it)."""
+    """Options every router has: ``jitter`` (0 disables it), ``router_bias``,
+    ``scale_expert_input``, ``logit_softcap`` (None: no cap); and ``k`` (experts per token, for expert choice the average that
+    sets the capacity), which is the *layer's*: ``jmoe.MoE(k=...)`` binds its router to it
+    (:func:`jmoe.routing.as_router`), so a router object given to the layer leaves ``k`` unset
+    (None) or equal to the layer's."""
 
     name: ClassVar[str] = ""
     params: ClassVar[tuple[str, ...]] = ("router_weight", "router_bias")  # what init_params may return
     state_params: ClassVar[tuple[str, ...]] = ()  # of those, state that no gradient or optimizer touches
+    buffers: ClassVar[tuple[str, ...]] = ()  # of those, fixed tables (not parameters, no gradient)
+    needs_token_ids: ClassVar[bool] = False  # plan reads draws["token_ids"] [G, S] (the layer's token_ids=)
     extra_losses: ClassVar[tuple[str, ...]] = ()
     supports_dropless: ClassVar[bool] = True
     supports_input_scaling: ClassVar[bool] = True
 
-    k: int = 1
+    k: int | None = None
     jitter: float = 0.0
     router_bias: bool = False
     scale_expert_input: bool = False
+    logit_softcap: float | None = None
 
     def __post_init__(self):
-        if isinstance(self.k, bool) or not isinstance(self.k, int) or self.k < 1:
+        if self.k is not None and (isinstance(self.k, bool) or not isinstance(self.k, int) or self.k < 1):
             raise ValueError(f"k={self.k!r} must be an integer >= 1")
         if not 0.0 <= self.jitter < 1.0:
             raise ValueError(f"jitter must be in [0, 1), got {self.jitter}")
+        check_softcap("logit_softcap", self.logit_softcap)
         if self.scale_expert_input and not self.supports_input_scaling:
             raise ValueError(f"scale_expert_input=True needs a router whose tokens choose one expert, "
                              f"got router={self.name!r}")
-        if self.scale_expert_input and self.k != 1:
+        if self.scale_expert_input and self.k not in (None, 1):
             raise ValueError(f"scale_expert_input=True (Llama 4) scales the one chosen expert's input: it needs "
                              f"k=1, got k={self.k}")
 
@@ -74,6 +85,9 @@ class Router:
     def check_experts(self, num_experts: int) -> None:
         if self.k > num_experts:
             raise ValueError(f"k={self.k} must be in [1, num_experts={num_experts}]")
+
+    def check_token_ids(self, token_ids: Array) -> None:
+        """Token ids as the router needs them, else a clear error (only for ``needs_token_ids``)."""
 
     def init_params(self, key: Array, d_model: int, num_experts: int) -> dict[str, Array]:
         params = {"router_weight": nnx.initializers.lecun_normal()(key, (d_model, num_experts), jnp.float32)}
@@ -97,6 +111,8 @@ class Router:
         logits = router_in @ params["router_weight"]  # [G, S, E] float32
         if "router_bias" in params:
             logits = logits + params["router_bias"]
+        if self.logit_softcap is not None:
+            logits = softcap(logits, self.logit_softcap)
         return self.plan(logits, router_in, params, draws, token_mask, capacity)
 
     def expert_inputs(self, groups: Array, plan: RoutingPlan) -> tuple[Array, RoutingPlan]:

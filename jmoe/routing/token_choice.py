@@ -202,7 +202,7 @@ class TokensChoose(Router):
         if self.second_expert_policy not in SECOND_EXPERT_POLICIES:
             raise ValueError(f"second_expert_policy must be one of {SECOND_EXPERT_POLICIES}, "
                              f"got {self.second_expert_policy!r}")
-        if self.second_expert_policy == "random" and self.k != 2:
+        if self.second_expert_policy == "random" and self.k not in (None, 2):
             raise ValueError(f"second_expert_policy='random' needs k=2, got k={self.k}")
 
     @property

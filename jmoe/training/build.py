@@ -26,6 +26,7 @@ from flax import nnx
 import jmoe
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from jmoe.options import layer_arguments
 from jmoe.training import data as data_lib
 from jmoe.training import model as model_lib
 from jmoe.training.config import RUN_ONLY_KEYS, Config
@@ -38,7 +39,7 @@ LN2 = math.log(2.0)
 def build_model(cfg: Config, rngs: nnx.Rngs, mesh=None) -> model_lib.LM:
     """The LM described by ``cfg`` (vocabulary 256: bytes); MoE layers run expert-parallel on ``mesh``
     when its expert axis is > 1."""
-    moe_kwargs = dict(
+    moe_kwargs = layer_arguments(dict(  # the config's flat keys -> the layer's router and shared-expert objects
         k=cfg.k, capacity_factor=None if cfg.dropless else cfg.capacity_factor,
         eval_capacity_factor=cfg.eval_capacity_factor, priority=cfg.priority,
         second_expert_policy=cfg.second_expert_policy, router=cfg.router, dispatch=cfg.dispatch, jitter=cfg.jitter,
@@ -46,7 +47,7 @@ def build_model(cfg: Config, rngs: nnx.Rngs, mesh=None) -> model_lib.LM:
         dropless_buffer_factor=cfg.dropless_buffer_factor or None,
         dropless_overflow=cfg.dropless_overflow if cfg.dropless else "rounds",  # unused without dropless=1
         shared_d_ff=cfg.shared_d_ff or None, shared_gate=bool(cfg.shared_gate), **cfg.moe_router_kwargs(),
-    )
+    ))
     if mesh is not None and runs_expert_parallel(mesh):
         moe_kwargs["mesh"] = mesh
     return model_lib.LM(

@@ -22,15 +22,15 @@ import os
 from typing import Any
 
 from jmoe.dispatch import NAMES as DISPATCH_NAMES
-from jmoe.experts import ACTIVATIONS
+from jmoe.experts import ACTIVATIONS, NEEDS_SOFTCAP
 from jmoe.grouped_matmul import NAMES as GROUPED_MATMUL_NAMES
 from jmoe.training.model import ATTENTION_IMPLS, EMBEDDINGS
 from jmoe.parallel.dropless_exchange import NAMES as DROPLESS_EXCHANGE_NAMES
 from jmoe.parallel.dropless_exchange import OVERFLOWS
-from jmoe.routing import DEFAULT_ROUTER
-from jmoe.routing import NAMES as ROUTER_NAMES
-from jmoe.routing import PRIORITIES, SECOND_EXPERT_POLICIES, make_router
+from jmoe.routing import DEFAULT_ROUTER, PRIORITIES, ROUTERS, SECOND_EXPERT_POLICIES, make_router
 from jmoe.routing.group_limited import GROUP_SCORES, SCORE_FUNCTIONS
+
+ROUTER_NAMES = tuple(name for name, cls in ROUTERS.items() if not cls.needs_token_ids)  # the LM passes no ids
 
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "configs")
 
@@ -96,7 +96,7 @@ class Config:
     router: str = _field(DEFAULT_ROUTER, "router", role="model",
                          choices=ROUTER_NAMES)
     activation: str = _field("gelu", "FFN / expert activation", role="model",
-                             choices=tuple(ACTIVATIONS))
+                             choices=tuple(a for a in ACTIVATIONS if a not in NEEDS_SOFTCAP))
     dispatch: str = _field("auto", "MoE dispatch backend", role="compile",
                            choices=DISPATCH_NAMES)
     jitter: float = _field(0.0, "router input jitter in train mode", role="compile", range=(0.0, 0.999))
@@ -110,7 +110,7 @@ class Config:
     embedding: str = _field("gather", "token embedding: a row gather, or a one-hot matmul (same values; float32 "
                                       "backward)", role="compile", choices=EMBEDDINGS)
     score_function: str = _field("sigmoid", "group_limited: router scores, sigmoid (DeepSeek-V3) or softmax "
-                                            "(DeepSeek-V2)", role="model", choices=SCORE_FUNCTIONS)
+                                            "(DeepSeek-V2)", role="model", choices=tuple(SCORE_FUNCTIONS))
     n_group: int = _field(1, "group_limited: the experts form n_group equal groups (must divide num_experts)",
                           role="compile", range=_POS)
     topk_group: int = _field(1, "group_limited: a token's experts come from its topk_group best groups (<= n_group)",
@@ -211,8 +211,8 @@ class Config:
             raise ValueError("shared_gate=1 gates the shared expert: it needs shared_d_ff >= 1")
 
     def moe_router_kwargs(self) -> dict[str, Any]:
-        """The router options :class:`jmoe.MoE` takes from this config (the group_limited ones only for
-        that router; the others at their defaults are left to the layer)."""
+        """This config's router options as flat keys (the group_limited ones only for that router; the
+        others at their defaults are left to the router), for :func:`jmoe.options.layer_arguments`."""
         out: dict[str, Any] = {"router_bias": bool(self.router_bias), "scale_expert_input": bool(self.scale_expert_input)}
         if self.normalize:
             out["normalize"] = True

@@ -1,0 +1,19 @@
+"""Elementwise functions that routers and experts share."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from jmoe.checks import positive_number
+
+
+def softcap(x: jax.Array, cap: float) -> jax.Array:
+    """``cap * tanh(x / cap)``: ~x for |x| << cap, bounded to (-cap, cap) (Gemma 2's logit softcap)."""
+    return cap * jnp.tanh(x / cap)
+
+
+def check_softcap(name: str, cap: float | None) -> None:
+    """None (no cap) or a finite number > 0, else a ValueError naming ``name``."""
+    if cap is not None:
+        positive_number(name, cap)

@@ -1,0 +1,63 @@
+"""The newer expert activations against float64 references on random inputs: squared ReLU (a
+plain, non-gated FFN), SwiGLU with GPT-OSS's clamps but without its alpha and + 1, and a
+softcapped SwiGLU; and their bad options."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import jmoe
+from jmoe.experts import Activation
+
+
+def silu64(v):
+    return v / (1.0 + np.exp(-v))
+
+
+REFERENCES = {
+    "relu2": lambda up, gate, a: np.maximum(up, 0.0) ** 2,
+    "limited_swiglu": lambda up, gate, a: silu64(np.minimum(gate, a.swiglu_limit))
+    * np.clip(up, -a.swiglu_limit, a.swiglu_limit),
+    "softcapped_swiglu": lambda up, gate, a: a.softcap * np.tanh(silu64(gate) * up / a.softcap),
+}
+
+
+@pytest.mark.parametrize("activation", [Activation("relu2"), Activation("limited_swiglu", swiglu_limit=1.5),
+                                        Activation("softcapped_swiglu", softcap=2.0)], ids=lambda a: a.name)
+def test_activation_matches_float64(activation):
+    rng = np.random.default_rng(0)
+    up, gate = rng.normal(size=(2, 64)) * 3.0  # beyond the limit and the cap
+    got = np.asarray(activation(jnp.asarray(up, jnp.float32), jnp.asarray(gate, jnp.float32)), np.float64)
+    want = REFERENCES[activation.name](up, gate, activation)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    if activation.name == "limited_swiglu":  # the clamps bind somewhere
+        assert np.any(np.abs(up) > 1.5) and np.any(gate > 1.5)
+
+
+@pytest.mark.parametrize("name", ["relu2", "limited_swiglu"])
+def test_expert_bank_with_the_activation_matches_a_loop_over_experts(name):
+    """Squared ReLU is a plain FFN (no gate weight), limited SwiGLU a gated one."""
+    act = Activation(name, swiglu_limit=0.5)
+    bank = jmoe.ExpertBank(3, 4, 6, activation=act, rngs=nnx.Rngs(0))
+    assert hasattr(bank, "w_gate") == (name == "limited_swiglu")
+    x = jax.random.normal(jax.random.key(3), (3, 5, 4))
+    y = np.asarray(bank(x), np.float64)
+    p = {n: np.asarray(v, np.float64) for n, v in bank.params().items()}
+    for e in range(3):
+        xe = np.asarray(x[e], np.float64)
+        gate = xe @ p["w_gate"][e] if "w_gate" in p else None
+        want = REFERENCES[name](xe @ p["w_in"][e], gate, act) @ p["w_out"][e]
+        np.testing.assert_allclose(y[e], want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("make, match", [
+    (lambda: Activation("softcapped_swiglu"), "needs softcap"),
+    (lambda: Activation("softcapped_swiglu", softcap=0.0), "softcap must be"),
+    (lambda: Activation("limited_swiglu", swiglu_limit=-1.0), "swiglu_limit"),
+    (lambda: Activation("relu3"), "activation must be one of"),
+])
+def test_bad_activation_options_are_clear_errors(make, match):
+    with pytest.raises(ValueError, match=match):
+        make()

@@ -1,0 +1,164 @@
+"""The router math of the newest families against float64 references on random inputs:
+sqrt(softplus) scores, the selection bias on the logits, the renormalisation epsilon, a tanh
+softcap on the router logits (any router), and hash routing by token id."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import jmoe
+from jmoe import parallel
+from jmoe.routing import GroupLimited, TokenHash, TokensChoose, group_limited_top_k
+
+G, S, E = 2, 16, 8
+
+
+def scores64(logits, score_function):
+    if score_function == "sigmoid":
+        return 1.0 / (1.0 + np.exp(-logits))
+    if score_function == "sqrt_softplus":
+        return np.sqrt(np.log1p(np.exp(logits)))
+    e = np.exp(logits - logits.max(-1, keepdims=True))
+    return e / e.sum(-1, keepdims=True)
+
+
+def group_limited64(logits, *, k, score_function, bias, bias_on, normalize, eps, scale, n_group=1, topk_group=1):
+    """Per token: choice c (s + b or l + b), groups by the sum of their top-2 c, top-k of c in the
+    kept groups, weights s_e (/ (sum s + eps)) * scale. Returns experts, weights [T, k]."""
+    s = scores64(logits, score_function)  # [T, E]
+    c = (s if bias_on == "scores" else logits) + bias
+    experts, weights = [], []
+    for t in range(len(c)):
+        per_group = E // n_group
+        group_scores = [np.sort(c[t, g * per_group:(g + 1) * per_group])[-2:].sum() for g in range(n_group)]
+        kept = sorted(range(n_group), key=lambda g: (-group_scores[g], g))[:topk_group]
+        allowed = np.array([e // per_group in kept for e in range(E)])
+        ct = np.where(allowed, c[t], -np.inf)
+        top = sorted(range(E), key=lambda e: (-ct[e], e))[:k]
+        w = s[t, top]
+        if normalize:
+            w = w / (w.sum() + eps)
+        experts.append(top)
+        weights.append(w * scale)
+    return np.array(experts), np.array(weights)
+
+
+@pytest.mark.parametrize("score_function, bias_on, normalize, eps, n_group", [
+    ("sqrt_softplus", "scores", True, 1e-20, 1),  # DeepSeek-V4's scores
+    ("sqrt_softplus", "scores", False, 1e-20, 4),
+    ("sigmoid", "logits", True, 1e-20, 1),  # the bias on the logits (Kolibri)
+    ("sigmoid", "logits", False, 1e-20, 4),
+    ("sigmoid", "scores", True, 0.5, 1),  # a large epsilon, so its place in the formula shows
+    ("sigmoid", "scores", True, 1e-6, 2),  # LFM2-MoE's
+])
+def test_group_limited_math_matches_float64(score_function, bias_on, normalize, eps, n_group):
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=(G, S, E)) * 2.0
+    bias = rng.normal(size=E) * (2.0 if bias_on == "logits" else 0.3)  # large enough to change choices
+    k, scale = 3, 2.5
+    plan = group_limited_top_k(jnp.asarray(logits, jnp.float32), k=k, capacity=S, score_function=score_function,
+                               n_group=n_group, topk_group=2 if n_group > 1 else 1, normalize=normalize,
+                               routed_scaling_factor=scale, selection_bias=jnp.asarray(bias, jnp.float32),
+                               bias_on=bias_on, normalize_epsilon=eps)
+    want_e, want_w = group_limited64(logits.reshape(-1, E), k=k, score_function=score_function, bias=bias,
+                                     bias_on=bias_on, normalize=normalize, eps=eps, scale=scale, n_group=n_group,
+                                     topk_group=2 if n_group > 1 else 1)
+    np.testing.assert_array_equal(np.asarray(plan.token_expert).reshape(-1, k), want_e)
+    np.testing.assert_allclose(np.asarray(plan.token_weight, np.float64).reshape(-1, k), want_w, rtol=1e-5)
+    unbiased_e, _ = group_limited64(logits.reshape(-1, E), k=k, score_function=score_function, bias=0 * bias,
+                                    bias_on=bias_on, normalize=normalize, eps=eps, scale=scale, n_group=n_group,
+                                    topk_group=2 if n_group > 1 else 1)
+    assert (unbiased_e != want_e).any()  # the bias changed some choices: the test sees where it goes
+
+
+@pytest.mark.parametrize("router", [TokensChoose(k=2, normalize=True, logit_softcap=1.5),
+                                    GroupLimited(k=2, score_function="softmax", logit_softcap=1.5)])
+def test_logit_softcap_caps_the_logits_every_router_reads(router):
+    """logits = c tanh((x W) / c): the choice, the weights and the z-loss read the capped logits."""
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(G, S, 4))
+    w = rng.normal(size=(4, E)) * 2.0  # logits up to ~10: the cap binds
+    cap = 1.5
+    plan = router.route({"router_weight": jnp.asarray(w, jnp.float32)}, jnp.asarray(x, jnp.float32), {}, None, S)
+    capped = cap * np.tanh((x @ w) / cap)  # [G, S, E]
+    p = scores64(capped, "softmax").reshape(-1, E)
+    top = np.argsort(-p, axis=-1, kind="stable")[:, :2]
+    want = np.take_along_axis(p, top, -1)
+    want = want / want.sum(-1, keepdims=True) if router.normalize else want
+    np.testing.assert_array_equal(np.sort(np.asarray(plan.token_expert).reshape(-1, 2), -1), np.sort(top, -1))
+    np.testing.assert_allclose(np.sort(np.asarray(plan.token_weight, np.float64).reshape(-1, 2), -1),
+                               np.sort(want, -1), rtol=1e-5)
+    lse = np.log(np.exp(capped).sum(-1))
+    np.testing.assert_allclose(float(plan.z_loss), np.mean(lse ** 2), rtol=1e-5)
+
+
+@pytest.mark.parametrize("make, match", [
+    (lambda: TokensChoose(logit_softcap=0.0), "logit_softcap"),
+    (lambda: GroupLimited(logit_softcap=-2.0), "logit_softcap"),
+    (lambda: GroupLimited(bias_on="weights"), "bias_on"),
+    (lambda: GroupLimited(normalize_epsilon=-1e-6), "normalize_epsilon"),
+    (lambda: GroupLimited(score_function="sqrt"), "sqrt_softplus"),
+])
+def test_bad_router_math_options_are_clear_errors(make, match):
+    with pytest.raises(ValueError, match=match):
+        make()
+
+
+# ---------------------------------------------------------------- hash routing by token id
+
+
+def hash_layer(mesh=None, vocab=11, num_experts=8, k=2):
+    moe = jmoe.MoE(4, 6, num_experts, k=k, capacity_factor=None, mesh=mesh, activation="relu",
+                   router=TokenHash(vocab_size=vocab, score_function="sqrt_softplus", normalize=True,
+                                    routed_scaling_factor=1.5), rngs=nnx.Rngs(0))
+    rng = np.random.default_rng(5)  # a table of the checkpoint's kind: k distinct experts per id, not the initial one
+    table = np.stack([rng.choice(num_experts, size=k, replace=False) for _ in range(vocab)])
+    moe.token_experts[...] = jnp.asarray(table, jnp.int32)
+    return moe, table
+
+
+def test_token_hash_layer_matches_float64():
+    """TokenHash: experts = the table's row of the token id, weights = normalised sqrt(softplus)
+    scores at those experts x 1.5, against a float64 loop with the layer's weights."""
+    moe, table = hash_layer()
+    x = jax.random.normal(jax.random.key(0), (2, 5, 4))
+    ids = jax.random.randint(jax.random.key(1), (2, 5), 0, 11)
+    y, aux = moe(x, token_ids=ids)
+    xs, w_r = np.asarray(x, np.float64).reshape(-1, 4), np.asarray(moe.router_weight[...], np.float64)
+    w_in, w_out = (np.asarray(getattr(moe.experts, n)[...], np.float64) for n in ("w_in", "w_out"))
+    want = np.zeros_like(xs)
+    for t, token in enumerate(np.asarray(ids).reshape(-1)):
+        s = np.sqrt(np.log1p(np.exp(xs[t] @ w_r)))
+        experts = table[token]
+        weights = 1.5 * s[experts] / (s[experts].sum() + 1e-20)
+        for e, w in zip(experts, weights):
+            want[t] += w * np.maximum(xs[t] @ w_in[e], 0.0) @ w_out[e]
+    np.testing.assert_allclose(np.asarray(y, np.float64).reshape(-1, 4), want, rtol=1e-5, atol=1e-6)
+    assert "token_experts" not in nnx.state(moe, nnx.Param)  # a buffer, not a parameter
+
+
+def test_token_hash_on_a_mesh_matches_one_device():
+    """The ids travel with the tokens: on a 2 x 4 (data, expert) mesh, the same output."""
+    x = jax.random.normal(jax.random.key(2), (8, 4, 4))
+    ids = jax.random.randint(jax.random.key(3), (8, 4), 0, 11)
+    one, _ = hash_layer()
+    ep, _ = hash_layer(mesh=parallel.make_mesh(data=2, expert=4))
+    np.testing.assert_allclose(np.asarray(ep(x, token_ids=ids)[0]), np.asarray(one(x, token_ids=ids)[0]),
+                               rtol=1e-5, atol=1e-6)
+
+
+def test_token_hash_needs_token_ids():
+    moe, _ = hash_layer()
+    x = jnp.ones((2, 5, 4))
+    with pytest.raises(ValueError, match="routes by token id: call the layer with token_ids="):
+        moe(x)
+    with pytest.raises(ValueError, match=r"token_ids must be in \[0, vocab_size=11\)"):
+        moe(x, token_ids=jnp.full((2, 5), 11))
+    with pytest.raises(ValueError, match="token_ids must be integers"):
+        moe(x, token_ids=jnp.zeros((2, 5)))
+    with pytest.raises(ValueError, match="token_ids must have shape"):
+        moe(x, token_ids=jnp.zeros((2, 4), jnp.int32))
+    y, _ = jmoe.MoE(4, 6, 8, k=2, rngs=nnx.Rngs(0))(x, token_ids=jnp.zeros((2, 5), jnp.int32))  # others ignore them
+    assert y.shape == x.shape
