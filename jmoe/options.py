@@ -90,7 +90,8 @@ class DroplessOptions:
 @dataclasses.dataclass(frozen=True)
 class MeshOptions:
     """Expert parallelism: the mesh (None: the ambient one of ``jax.set_mesh``), the
-    capacity path's hierarchical (2DH) all-to-all and its chunks (each must divide C), and
+    two-step exchange (capacity: 2DH all-to-all; dropless: one row per (token, node)), the
+    capacity path's chunks (each must divide C), and
     the mesh axes that hold experts / split their hidden dim (None: jmoe's names)."""
 
     mesh: jax.sharding.Mesh | jax.sharding.AbstractMesh | None = None
