@@ -2,7 +2,7 @@
 
 from jmoe.balancing import ExpertLoad, SelectionBias, update_selection_biases
 from jmoe.dispatch import BACKENDS
-from jmoe.experts import Activation, ExpertBank, Shared
+from jmoe.experts import Activation, ExpertBank, Shared, ZeroExperts
 from jmoe.layer import MoE, sown_aux
 from jmoe import routing
 from jmoe.routing import RoutingPlan, expert_capacity, experts_choose, tokens_choose
@@ -16,6 +16,7 @@ __all__ = [
     "MoE",
     "RoutingPlan",
     "Shared",
+    "ZeroExperts",
     "expert_capacity",
     "routing",
     "experts_choose",

@@ -4,7 +4,8 @@ Plain FFN:  ``y_e = act(u) W_out[e] + b_out[e]`` with ``u = x W_in[e] + b_in[e]`
 Gated FFN:  ``y_e = act(u, g) W_out[e] + b_out[e]`` with also ``g = x W_gate[e] + b_gate[e]``
 (the biases exist with ``use_bias=True``; GPT-OSS has them on the gate, the up and the down
 projection). The activations (:class:`Activation`, one function each in :data:`PLAIN` /
-:data:`GATED_FUNCTIONS`; L = ``swiglu_limit``, alpha = ``swiglu_alpha``, c = ``softcap``):
+:data:`GATED_FUNCTIONS`; L = ``swiglu_limit``, alpha = ``swiglu_alpha``, c_g / c_u =
+``gate_softcap`` / ``up_softcap``, ``cap(v, c) = c tanh(v / c)``):
 
   relu               relu(u)
   gelu               gelu(u)
@@ -15,7 +16,11 @@ projection). The activations (:class:`Activation`, one function each in :data:`P
                      (u' + 1) * g' * sigmoid(alpha * g')
   limited_swiglu     silu(min(g, L)) * clip(u, -L, L)         SwiGLU with GPT-OSS's clamps but
                                                               neither its alpha nor its + 1
-  softcapped_swiglu  c * tanh(silu(g) * u / c)                SwiGLU's output softcapped
+                                                              (DeepSeek-V4, HY-V4, GLM-5-Next)
+  post_limited_swiglu  min(silu(g), L) * clip(u, -L, L)       the clamp after the activation
+                                                              (Step-3.5 / 3.7)
+  softcapped_swiglu  cap(g, c_g) * sigmoid(g) * cap(u, c_u)   the sigmoid sees the raw gate
+                                                              (Inkling-2)
 
 Weights are ``[E, d, f]`` and ``[E, f, d]``: each projection is one batched
 matmul over experts, never a Python loop. Each expert is initialised like a
@@ -52,9 +57,14 @@ def limited_swiglu(act: "Activation", up: Array, gate: Array) -> Array:
     return jax.nn.silu(jnp.minimum(gate, act.swiglu_limit)) * jnp.clip(up, -act.swiglu_limit, act.swiglu_limit)
 
 
+def post_limited_swiglu(act: "Activation", up: Array, gate: Array) -> Array:
+    """``min(silu(g), L) * clip(u, -L, L)``: the gate clamped after its activation."""
+    return jnp.minimum(jax.nn.silu(gate), act.swiglu_limit) * jnp.clip(up, -act.swiglu_limit, act.swiglu_limit)
+
+
 def softcapped_swiglu(act: "Activation", up: Array, gate: Array) -> Array:
-    """``c * tanh(silu(g) * u / c)``."""
-    return softcap(jax.nn.silu(gate) * up, act.softcap)
+    """``cap(g, c_g) * sigmoid(g) * cap(u, c_u)``: SwiGLU whose linear gate factor and up are softcapped."""
+    return softcap(gate, act.gate_softcap) * jax.nn.sigmoid(gate) * softcap(up, act.up_softcap)
 
 
 # name -> h from the up projection u (plain FFNs) / from (u, g) (gated FFNs); each reads its options from act.
@@ -68,6 +78,7 @@ GATED_FUNCTIONS = {
     "geglu": lambda act, up, gate: jax.nn.gelu(gate) * up,
     "clamped_swiglu": clamped_swiglu,
     "limited_swiglu": limited_swiglu,
+    "post_limited_swiglu": post_limited_swiglu,
     "softcapped_swiglu": softcapped_swiglu,
 }
 ACTIVATIONS = (*PLAIN, *GATED_FUNCTIONS)
@@ -79,22 +90,25 @@ NEEDS_SOFTCAP = ("softcapped_swiglu",)
 class Activation:
     """An expert FFN's hidden activation ``h = act(up, gate)`` (static, hashable): ``name`` (the
     module docstring's table) and its options, ``swiglu_alpha`` / ``swiglu_limit``
-    (``clamped_swiglu``; the limit also ``limited_swiglu``) and ``softcap`` (needed by
-    ``softcapped_swiglu``)."""
+    (``clamped_swiglu``; the limit also ``limited_swiglu`` / ``post_limited_swiglu``) and ``gate_softcap`` / ``up_softcap``
+    (needed by ``softcapped_swiglu``)."""
 
     name: str = "gelu"
     swiglu_alpha: float = 1.702
     swiglu_limit: float = 7.0
-    softcap: float | None = None
+    gate_softcap: float | None = None
+    up_softcap: float | None = None
 
     def __post_init__(self):
         if self.name not in ACTIVATIONS:
             raise ValueError(f"activation must be one of {ACTIVATIONS}, got {self.name!r}")
         positive_number("swiglu_alpha", self.swiglu_alpha)
         positive_number("swiglu_limit", self.swiglu_limit)
-        check_softcap("softcap", self.softcap)
-        if self.name in NEEDS_SOFTCAP and self.softcap is None:
-            raise ValueError(f"activation {self.name!r} needs softcap=c > 0: Activation({self.name!r}, softcap=c)")
+        check_softcap("gate_softcap", self.gate_softcap)
+        check_softcap("up_softcap", self.up_softcap)
+        if self.name in NEEDS_SOFTCAP and (self.gate_softcap is None or self.up_softcap is None):
+            raise ValueError(f"activation {self.name!r} needs gate_softcap and up_softcap > 0: "
+                             f"Activation({self.name!r}, gate_softcap=c_g, up_softcap=c_u)")
 
     @property
     def gated(self) -> bool:
@@ -135,6 +149,45 @@ class Shared:
     def activation_for(self, experts: Activation) -> Activation:
         """Its activation: its own, else the routed experts' ``experts``."""
         return experts if self.activation is None else self.activation
+
+
+@dataclasses.dataclass(frozen=True)
+class ZeroExperts:
+    """Zero-computation experts (LongCat-Flash; MoE++), routed like the FFN experts: ``identity``
+    experts that return their input and ``constant`` experts that return a learned vector
+    ``c_i [d]`` (``zero_constants [constant, d]``, zero-initialised). With E FFN experts the
+    router chooses among E + identity + constant: a choice e < E is FFN expert e, then the
+    identity experts, then the constant ones; a chosen zero-computation expert adds ``w x``
+    (identity) or ``w c_i`` (constant) to the token's output, w its combine weight. They cost no
+    FFN and no exchange; their slots (capacity) and loads are counted like the others'."""
+
+    identity: int = 0
+    constant: int = 0
+
+    def __post_init__(self):
+        int_at_least("ZeroExperts.identity", self.identity, 0)
+        int_at_least("ZeroExperts.constant", self.constant, 0)
+        if self.count == 0:
+            raise ValueError("ZeroExperts needs identity >= 1 or constant >= 1 (None: no zero-computation experts)")
+
+    @property
+    def count(self) -> int:
+        return self.identity + self.constant
+
+    def outputs(self, groups: Array, token_expert: Array, token_weight: Array, num_experts: int,
+                constants: Array | None) -> Array:
+        """What the zero-computation choices add: ``groups [G, S, d]``, ``token_expert`` /
+        ``token_weight [G, S, K]`` (0 where dropped) over E FFN experts first; ``constants
+        [constant, d]``. Returns ``sum_k w_k (x or c_{e_k})`` ``[G, S, d]`` float32."""
+        is_identity = (token_expert >= num_experts) & (token_expert < num_experts + self.identity)  # [G, S, K]
+        w_identity = jnp.sum(jnp.where(is_identity, token_weight, 0.0), axis=-1)  # [G, S]
+        y = w_identity[..., None] * groups.astype(jnp.float32)  # [G, S, d]
+        if self.constant:
+            first = num_experts + self.identity
+            w_constant = jnp.where(token_expert >= first, token_weight, 0.0)  # [G, S, K]
+            picked = constants.astype(jnp.float32)[jnp.clip(token_expert - first, 0, self.constant - 1)]  # [G, S, K, d]
+            y = y + jnp.einsum("gsk,gskd->gsd", w_constant, picked)
+        return y
 
 
 def expert_ffn(x: Array, params: dict[str, Array], activation: str | Activation,

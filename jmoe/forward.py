@@ -5,6 +5,7 @@
     (params, groups [G, S, d], token_mask [G, S], draws, exchange)
       route      plan = router.route(params["router"], groups, draws, token_mask, C)
       expert in  router.expert_inputs: x and the plan, or w x and weight 1 (scale_expert_input)
+      zero       zero-computation experts (ZeroExperts): w x or w c added; the rest is the FFN experts' plan
       capacity   dispatch -> [E, G * C, d]; exchange.capacity_experts; combine -> [G, S, d]
       dropless   exchange.dropless_experts: sort by expert, grouped FFN, unsort + combine
       shared     + the shared expert on every token (hidden dim split over the model axis)
@@ -25,7 +26,7 @@ import jax.numpy as jnp
 
 from jmoe import dispatch as dispatch_lib
 from jmoe import dropless
-from jmoe.experts import Activation, expert_ffn, shared_ffn
+from jmoe.experts import Activation, ZeroExperts, expert_ffn, shared_ffn
 from jmoe.routing import Router, RoutingPlan
 
 Array = jax.Array
@@ -39,6 +40,7 @@ class Pipeline:
     every assignment computed by a grouped matmul; the plan is routed with C = S, so it
     drops nothing). ``dispatch``: the capacity path's backend; ``grouped_matmul``: the
     dropless path's. ``shared_activation``: the shared expert's (None: ``activation``).
+    ``zero_experts``: the zero-computation experts after the ``num_experts`` FFN experts (None: none).
     """
 
     router: Router
@@ -48,6 +50,8 @@ class Pipeline:
     dispatch: str = "auto"
     grouped_matmul: str = "auto"
     shared_activation: Activation | None = None
+    zero_experts: ZeroExperts | None = None
+    num_experts: int | None = None  # the FFN experts, with zero_experts
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,7 +91,11 @@ def moe_forward(pipeline: Pipeline, params: dict, groups: Array, token_mask: Arr
     capacity = group_size if pipeline.capacity is None else pipeline.capacity
     plan = pipeline.router.route(params["router"], groups, draws, token_mask, capacity)
     routed_in, plan_for_experts = pipeline.router.expert_inputs(groups, plan)  # x, or w x (scale_expert_input)
+    if pipeline.zero_experts is not None:
+        plan_for_experts, y_zero = _split_zero_experts(pipeline, plan_for_experts, groups, params["router"])
     y, exchange_stats = _routed(pipeline, params["experts"], routed_in, plan_for_experts, exchange)  # [G, S, d]
+    if pipeline.zero_experts is not None:
+        y = (y.astype(jnp.float32) + y_zero).astype(y.dtype)
     aux = exchange.reduce_aux(plan, token_mask, exchange_stats)
     if "shared" in params:
         tokens = groups.reshape(-1, d).astype(pipeline.compute_dtype)  # [T, d]
@@ -99,6 +107,20 @@ def moe_forward(pipeline: Pipeline, params: dict, groups: Array, token_mask: Arr
     if pipeline.capacity is None:
         aux = {**aux, "padding_fraction": jnp.zeros((), jnp.float32)}
     return y, aux
+
+
+def _split_zero_experts(pipeline: Pipeline, plan: RoutingPlan, groups: Array,
+                        router_params: dict) -> tuple[RoutingPlan, Array]:
+    """The plan of the FFN experts alone (the zero-computation choices hold no slot of theirs and
+    weigh 0) and what the zero-computation choices add ``[G, S, d]`` (:class:`ZeroExperts`)."""
+    e = pipeline.num_experts
+    y_zero = pipeline.zero_experts.outputs(groups, plan.token_expert, plan.token_weight, e,
+                                           router_params.get("zero_constants"))  # [G, S, d]
+    zero = plan.token_expert >= e  # [G, S, K]
+    ffn_plan = plan.replace(slot_token=plan.slot_token[:, :e], token_expert=jnp.where(zero, 0, plan.token_expert),
+                            token_slot=jnp.where(zero, -1, plan.token_slot),
+                            token_weight=jnp.where(zero, 0.0, plan.token_weight))
+    return ffn_plan, y_zero
 
 
 def _routed(pipeline: Pipeline, experts: dict, groups: Array, plan: RoutingPlan,

@@ -22,9 +22,8 @@ from flax import nnx
 
 from jmoe import parallel, routing
 from jmoe.balancing import ExpertLoad, SelectionBias
-from jmoe.checks import int_at_least
 from jmoe.compat import in_capture
-from jmoe.experts import Activation, ExpertBank, Shared, SharedExpert, as_activation
+from jmoe.experts import Activation, ExpertBank, Shared, SharedExpert, ZeroExperts, as_activation
 from jmoe.forward import Pipeline, moe_forward
 from jmoe.options import CapacityOptions, DroplessOptions, MeshOptions, check_combination, check_layer
 
@@ -145,20 +144,24 @@ class MoE(nnx.Module):
       router: a name of :data:`jmoe.routing.ROUTERS` (that router with its defaults) or a
         configured router object, a :class:`jmoe.routing.Router` (``TokensChoose``: Switch /
         GShard / top-k, the default; ``ExpertsChoose``; ``NoisyTopK``, Shazeer et al. 2017;
-        ``GroupLimited``: sigmoid / softmax scores, the group limit, the selection bias,
-        DeepSeek-V2/V3, Llama 4; or a user's own subclass). Every router option lives on the
+        ``GroupLimited``: sigmoid / softmax / sqrt-softplus scores, the group limit, the selection
+        bias, DeepSeek-V2/V3/V4, Llama 4; ``TokenHash``: experts by token id, with ``token_ids=``
+        at the call; ``SparseMixer``: Phi-3.5-MoE; or a user's own subclass). Every router option lives on the
         router object (priority, normalize, jitter, router_bias, scale_expert_input, ...);
         ``k`` is the layer's and binds the router (:func:`jmoe.routing.as_router`). A router
         with ``selection_bias=True`` adds the state ``selection_bias [E]`` and the load it
         balances, ``expert_load [E]`` (:func:`jmoe.update_selection_biases`).
-      activation: the experts' activation, a name (``relu``, ``gelu``, ``swiglu``, ``geglu``,
-        ``clamped_swiglu``) or a configured :class:`jmoe.experts.Activation` (e.g. GPT-OSS's
+      activation: the experts' activation, a name of :data:`jmoe.experts.ACTIVATIONS` or a
+        configured :class:`jmoe.experts.Activation` (e.g. GPT-OSS's
         ``Activation("clamped_swiglu", swiglu_alpha=1.702, swiglu_limit=7.0)``).
       use_bias: biases in the expert FFNs (gated: on the gate, the up and the down projection).
       shared: the shared expert (DeepSeek-MoE, Qwen2-MoE, Llama 4), a :class:`jmoe.experts.Shared`
         (its width, Qwen2-MoE's gate, its activation: default the experts'): one dense FFN every
         token goes through, added to the routed output; None: no shared expert. On a mesh its
         hidden dim is split over ``model``, never over the expert axes.
+      zero_experts: zero-computation experts (LongCat-Flash), a :class:`jmoe.experts.ZeroExperts`:
+        the router chooses among the E FFN experts and these (identity: ``w x``; constant: ``w c``,
+        ``zero_constants [constant, d]``), routed like the others; None: none.
       dispatch: a name of :data:`jmoe.dispatch.BACKENDS` (``"auto"``: the platform's
         choice). All compute the same function (:mod:`jmoe.dispatch`).
       dtype: activation / expert compute dtype; param_dtype: expert weights.
@@ -218,6 +221,7 @@ class MoE(nnx.Module):
         activation: str | Activation = "gelu",
         use_bias: bool = False,
         shared: Shared | None = None,
+        zero_experts: ZeroExperts | None = None,
         dispatch: str = "auto",
         dtype=jnp.float32,
         param_dtype=jnp.float32,
@@ -244,7 +248,9 @@ class MoE(nnx.Module):
         self.dropless_options = DroplessOptions(grouped_matmul, dropless_exchange, dropless_buffer_factor,
                                                 dropless_overflow)
         self.mesh_options = MeshOptions(mesh, hierarchical_a2a, a2a_chunks, expert_axes, model_axis)
-        check_combination(self.router, num_experts, self.capacity_options, self.dropless_options,
+        self.zero_experts = zero_experts
+        self.num_choices = num_experts + (0 if zero_experts is None else zero_experts.count)  # what the router picks
+        check_combination(self.router, self.num_choices, self.capacity_options, self.dropless_options,
                           self.mesh_options, dispatch, dtype)
         self.d_model, self.num_experts, self.group_size = d_model, num_experts, group_size
         self.dispatch, self.dtype, self.deterministic = dispatch, dtype, deterministic
@@ -257,12 +263,7 @@ class MoE(nnx.Module):
                                 hierarchical=hierarchical_a2a and parallel.uses_mesh(mesh, axes), shared_d_ff=shared_d_ff)
         placed_on = mesh if self.mesh_options.mesh else None
         sharding = {} if mesh is None else parallel.param_sharding(axes, placed_on)
-        for name, value in self.router.init_params(rngs.params(), d_model, num_experts).items():
-            kind = (SelectionBias if name in self.router.state_params else
-                    RouterBuffer if name in self.router.buffers else nnx.Param)
-            setattr(self, name, kind(value, **sharding.get(name, {})))  # router_weight [d, E] float32, ...
-        if hasattr(self, "selection_bias"):  # the load its bias update balances
-            self.expert_load = ExpertLoad(jnp.zeros((num_experts,), jnp.float32), **sharding.get("selection_bias", {}))
+        self._init_router_state(rngs, d_model, param_dtype, sharding)
         self.experts = ExpertBank(
             num_experts, d_model, d_ff, activation=activation, use_bias=use_bias,
             dtype=dtype, param_dtype=param_dtype, sharding=sharding, rngs=rngs,
@@ -274,6 +275,20 @@ class MoE(nnx.Module):
                 sharding={} if mesh is None else parallel.param_sharding(axes, placed_on, shared=True),
             )
         self.rngs = router_stream(rngs, self.router) if self.router.draws_random else None
+
+    def _init_router_state(self, rngs: nnx.Rngs, d_model: int, param_dtype, sharding: dict) -> None:
+        """The router's weights (``router_weight [d, E]`` float32, ...: parameters, selection-bias
+        state or buffers as the router says), the load a selection bias balances, and the constant
+        zero-computation experts' vectors ``zero_constants [constant, d]``."""
+        for name, value in self.router.init_params(rngs.params(), d_model, self.num_choices).items():
+            kind = (SelectionBias if name in self.router.state_params else
+                    RouterBuffer if name in self.router.buffers else nnx.Param)
+            setattr(self, name, kind(value, **sharding.get(name, {})))
+        if hasattr(self, "selection_bias"):  # the load its bias update balances
+            self.expert_load = ExpertLoad(jnp.zeros((self.num_choices,), jnp.float32),
+                                          **sharding.get("selection_bias", {}))
+        if self.zero_experts is not None and self.zero_experts.constant:
+            self.zero_constants = nnx.Param(jnp.zeros((self.zero_experts.constant, d_model), param_dtype))
 
     @property
     def k(self) -> int:
@@ -294,18 +309,19 @@ class MoE(nnx.Module):
 
     def _slots(self, group_size: int) -> int | None:
         """C in the current mode (train / eval); None for a dropless layer."""
-        return self.capacity_options.slots(group_size, self.num_experts, self.router.k, not self.deterministic)
+        return self.capacity_options.slots(group_size, self.num_choices, self.router.k, not self.deterministic)
 
     def _pipeline(self, group_size: int) -> Pipeline:
         """What the forward computes for groups of ``group_size`` tokens in the current mode."""
         shared = self.shared_expert.activation if hasattr(self, "shared_expert") else None
         return Pipeline(self.router, self._slots(group_size), self.experts.activation, self.dtype, self.dispatch,
-                        self.dropless_options.grouped_matmul, shared)
+                        self.dropless_options.grouped_matmul, shared, self.zero_experts, self.num_experts)
 
     def params(self) -> dict:
         """``{"router": {name: [d, E] float32, ...}, "experts": {w_in: [E, d, f], ...}}``, and
         ``"shared": {w_in: [d, F], ...}`` with a shared expert."""
-        params = {"router": {name: getattr(self, name)[...] for name in self.router.params if hasattr(self, name)},
+        names = (*self.router.params, "zero_constants")  # the constant experts' vectors travel with the router's
+        params = {"router": {name: getattr(self, name)[...] for name in names if hasattr(self, name)},
                   "experts": self.experts.params()}
         if hasattr(self, "shared_expert"):
             params["shared"] = self.shared_expert.params()
@@ -316,7 +332,7 @@ class MoE(nnx.Module):
         global shapes: the mesh path shards them, so it matches one device."""
         if self.deterministic or self.rngs is None:
             return {}
-        return self.router.draw(self.rngs, groups_shape, self.num_experts)
+        return self.router.draw(self.rngs, groups_shape, self.num_choices)
 
     def router_inputs(self, groups_shape: tuple[int, ...], token_ids: Array | None) -> dict[str, Array]:
         """What the router reads besides the tokens, per token ``[G, S, ...]``: its random draws

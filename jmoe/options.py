@@ -22,7 +22,7 @@ from jmoe import grouped_matmul as gmm_lib
 from jmoe.dispatch import BACKENDS
 from jmoe.parallel.dropless_exchange import DROPLESS_EXCHANGES, OVERFLOWS, check_buffer_factor
 from jmoe.checks import int_at_least, positive_number
-from jmoe.experts import Activation, Shared
+from jmoe.experts import Activation, Shared, ZeroExperts
 from jmoe.routing import DEFAULT_ROUTER, ROUTERS, Router, expert_capacity, make_router
 
 # The flat keys that are router options: every registered router's dataclass fields but k (the layer's).
@@ -112,9 +112,10 @@ def layer_arguments(flat: dict) -> dict:
     """:class:`jmoe.MoE` keyword arguments from ``flat`` options, where every option is one key:
     ``router`` (a name) and its options (:data:`ROUTER_OPTIONS`, via
     :func:`jmoe.routing.make_router`, which rejects an option of another router) -> ``router=``
-    a router object; ``activation`` (a name) with ``swiglu_alpha`` / ``swiglu_limit`` ->
-    ``activation=`` an :class:`Activation`; ``shared_d_ff`` / ``shared_gate`` -> ``shared=`` a
-    :class:`Shared`. A key that is absent stays absent (the layer's default); the other keys
+    a router object; ``activation`` (a name) with its options (:data:`ACTIVATION_OPTIONS`:
+    ``swiglu_alpha``, ``swiglu_limit``, ...) -> ``activation=`` an :class:`Activation`;
+    ``shared_d_ff`` / ``shared_gate`` / ``shared_activation`` -> ``shared=`` a :class:`Shared`;
+    ``zero_identity`` / ``zero_constant`` -> ``zero_experts=`` a :class:`ZeroExperts`. A key that is absent stays absent (the layer's default); the other keys
     pass through unchanged."""
     flat = dict(flat)
     router_options = {name: flat.pop(name) for name in ROUTER_OPTIONS if name in flat}
@@ -132,10 +133,14 @@ def layer_arguments(flat: dict) -> dict:
         elif activation_options:
             raise ValueError(f"{sorted(activation_options)} go on the Activation object, got {activation!r}")
     shared_d_ff, shared_gate = flat.pop("shared_d_ff", None), flat.pop("shared_gate", False)
-    if shared_gate and shared_d_ff is None:
-        raise ValueError("shared_gate=True gates the shared expert: it needs shared_d_ff")
+    shared_activation = flat.pop("shared_activation", None)
+    if (shared_gate or shared_activation is not None) and shared_d_ff is None:
+        raise ValueError("shared_gate / shared_activation configure the shared expert: it needs shared_d_ff")
     if shared_d_ff is not None:
-        flat["shared"] = Shared(shared_d_ff, gate=bool(shared_gate))
+        flat["shared"] = Shared(shared_d_ff, gate=bool(shared_gate), activation=shared_activation)
+    zero = {name: flat.pop(f"zero_{name}") for name in ("identity", "constant") if f"zero_{name}" in flat}
+    if zero:
+        flat["zero_experts"] = ZeroExperts(**zero)
     return flat
 
 

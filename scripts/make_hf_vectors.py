@@ -3,12 +3,20 @@
 Runs in a scratch environment, never in jmoe's (the test suite imports neither torch nor
 transformers). Made with:
 
-    python3 -m venv /tmp/scratch-hf
-    /tmp/scratch-hf/bin/pip install torch==2.13.0 transformers==5.24.0 safetensors==0.8.0 accelerate numpy
-    /tmp/scratch-hf/bin/python scripts/make_hf_vectors.py            # writes tests/data/hf/
+    python3.12 -m venv /tmp/scratch-hf
+    /tmp/scratch-hf/bin/pip install torch==2.14.1 "huggingface-hub>=2.4,<3" "tokenizers>=0.23.1,<0.24" \
+        "regex>=2025.10.22" pyyaml typer tqdm safetensors==0.8.0 accelerate numpy
+    /tmp/scratch-hf/bin/pip install --no-deps transformers==5.25.0   # its kernels>=0.19.1 pin is not
+                                                                     # on the index; unused here
+    /tmp/scratch-hf/bin/python scripts/make_hf_vectors.py [case ...]  # writes tests/data/hf/
 
-Versions used for the committed data: torch 2.13.0 (CPU), transformers 5.24.0, safetensors 0.8.0,
-accelerate (for the FP8 check only), numpy 2.4.6 (also written to tests/data/hf/versions.json).
+Versions used for the committed data: the first 10 families (mixtral ... switch_transformers)
+torch 2.13.0 (CPU), transformers 5.24.0, safetensors 0.8.0, numpy 2.4.6; they give bitwise the same
+block outputs under transformers 5.25.0 and were not re-recorded. The families of ``NEW``:
+torch 2.14.1, transformers 5.25.0, safetensors 0.8.0, numpy 2.5.5, python 3.12.1, accelerate (for
+the FP8 check only) (tests/data/hf/versions.json: the last run's). Hub kernels are off
+(``USE_HUB_KERNELS=0``); ``NEW``'s blocks run the modeling file's own expert loop
+(``experts_implementation="eager"``; 5.25's default ``grouped_mm`` needs 16-byte strides).
 
 For each case: a tiny random config of the family (a dense layer too where the family has them),
 every weight randomised (biases, the router bias, e_score_correction_bias: nonzero so they
@@ -45,6 +53,7 @@ import numpy as np
 import torch
 
 import transformers
+import transformers as T
 from transformers import (DeepseekV2Config, DeepseekV2ForCausalLM, DeepseekV3Config, DeepseekV3ForCausalLM,
                           GptOssConfig, GptOssForCausalLM, Llama4Config, Llama4ForCausalLM,
                           Llama4ForConditionalGeneration, Llama4TextConfig, MixtralConfig, MixtralForCausalLM,
@@ -456,10 +465,247 @@ def switch():
         record(sub, block, x, info, experts)
 
 
+# ---------------------------------------------------------------- families on the blocks above (transformers 5.25)
+
+TINY = dict(vocab_size=16, num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64, head_dim=8,
+            hidden_size=16, intermediate_size=24)  # d = 16; expert widths 6 (2f = 12 != d: layouts are told apart)
+MLA = dict(kv_lora_rank=8, q_lora_rank=8, qk_rope_head_dim=4, v_head_dim=8, qk_nope_head_dim=4)
+V3 = dict(moe_intermediate_size=6, num_hidden_layers=2, n_routed_experts=8, n_shared_experts=1, num_experts_per_tok=2,
+          n_group=4, topk_group=2, first_k_dense_replace=1, routed_scaling_factor=2.0, norm_topk_prob=True)
+QWEN = dict(moe_intermediate_size=6, num_hidden_layers=2, num_experts=8, num_experts_per_tok=2)
+LINEAR_ATTN = dict(layer_types=["full_attention", "full_attention"], linear_key_head_dim=8, linear_value_head_dim=8,
+                   linear_num_key_heads=1, linear_num_value_heads=2)
+VISION = dict(depth=1, hidden_size=16, intermediate_size=16, num_heads=2, out_hidden_size=16)
+
+MAX_BYTES = 400_000  # a case's folder (tests/data/hf stays a few MB)
+OCR_TEXT = dict(moe_intermediate_size=6, num_hidden_layers=2, n_routed_experts=8, n_shared_experts=1,
+                num_experts_per_tok=2, n_group=4, topk_group=2, topk_method="group_limited_greedy",
+                routed_scaling_factor=1.5, mlp_layer_types=["dense", "sparse"], pad_token_id=0)
+ROUTERS = ("gate.weight", "gate.wg.weight", "router.weight", "router.layer.weight", "router.gate.weight",
+           "block_sparse_moe.router.weight")
+BIASES = ("gate.e_score_correction_bias", "e_score_correction_bias", "expert_bias",
+          "gate.moe_statics.e_score_correction_bias")
+
+
+def find(module, names):
+    """The first of ``names`` the module has, as a parameter or buffer (None if none)."""
+    tensors = {**dict(module.named_parameters()), **dict(module.named_buffers())}
+    return next((tensors[name] for name in names if name in tensors), None)
+
+
+def choice_scores(block, x: torch.Tensor, score: str) -> torch.Tensor:
+    """What the block's router takes the top-k of, for tokens x [T, d]: the logits ("logits":
+    softmax or top-k-then-softmax routers), or sigmoid / softmax scores plus the selection bias."""
+    weight = find(block, ROUTERS)
+    logits = torch.nn.functional.linear(x.float(), weight.float())
+    if score == "logits":
+        return logits
+    scores = torch.sigmoid(logits) if score == "sigmoid" else torch.softmax(logits, -1)
+    bias = find(block, BIASES)
+    return scores if bias is None else scores + bias.reshape(-1)
+
+
+def family_case(case, cfg_cls, model_cls, *, layer, seed, block_of=lambda m, i: m.model.layers[i].mlp,
+                score="logits", config=None, **cfg):
+    """A tiny random model of the family saved, reloaded, and the MoE block of ``layer`` recorded
+    on an x [B, S, 16] whose top-k choice has no near-tie (margin > 1e-3 on the router's choice scores)."""
+    config = config or cfg_cls(**{**TINY, **cfg})
+    model = getattr(model_cls, "from_config", model_cls)(config)  # an Auto class, or the model class itself
+    randomize(model, seed)
+    bf16_round(model)
+    path = save(model, case)
+    model = model_cls.from_pretrained(path, dtype=torch.float32, experts_implementation="eager").eval()
+    block = block_of(model, layer)  # the modeling file's own expert loop (eager), in float32
+    d, k = 16, getattr(text_of(config), "num_experts_per_tok", None) or 2
+    router = getattr(block, "router_block", block)
+    for s in range(seed + 1, seed + 200):
+        x = make_x(d, s)
+        with torch.no_grad():
+            margin = top_margin(choice_scores(router, x.reshape(-1, d), score), k)
+        if margin > 1e-3:
+            break
+    record(path, block, x, {"layer": layer, "margin": margin})
+    size = sum(f.stat().st_size for f in path.iterdir())
+    assert size < MAX_BYTES, f"{case}: {size} bytes; make its config tinier (attention / indexer sizes)"
+
+
+def text_of(config):
+    return getattr(config, "text_config", None) or config
+
+
+class WithShared(torch.nn.Module):
+    """Granite-MoE-Shared's block output: the MoE block plus the decoder layer's shared MLP."""
+
+    def __init__(self, layer):
+        super().__init__()
+        self.router_block = layer
+        self.layer = layer
+
+    def forward(self, x):
+        return self.layer.block_sparse_moe(x) + self.layer.shared_mlp(x)
+
+
+NEW = {
+    "glm4_moe": lambda: family_case("glm4_moe", T.Glm4MoeConfig, T.Glm4MoeForCausalLM, layer=1, seed=200,
+                                    score="sigmoid", **V3),
+    "glm4_moe_lite": lambda: family_case("glm4_moe_lite", T.Glm4MoeLiteConfig, T.Glm4MoeLiteForCausalLM, layer=1,
+                                         seed=210, score="sigmoid", **V3, **MLA),
+    "dots1": lambda: family_case("dots1", T.Dots1Config, T.Dots1ForCausalLM, layer=1, seed=220, score="sigmoid", **V3),
+    "deepseek_v32": lambda: family_case("deepseek_v32", T.DeepseekV32Config, T.DeepseekV32ForCausalLM, layer=1,
+                                        seed=230, score="sigmoid", **V3, **MLA, index_n_heads=2, index_head_dim=8,
+                                        index_topk=4),
+    "exaone_moe": lambda: family_case("exaone_moe", T.ExaoneMoeConfig, T.ExaoneMoeForCausalLM, layer=1, seed=240,
+                                      score="sigmoid", moe_intermediate_size=6, num_hidden_layers=2, num_experts=8,
+                                      num_experts_per_tok=2, num_shared_experts=1, first_k_dense_replace=1),
+    "mimo_v2_flash": lambda: family_case("mimo_v2_flash", T.MiMoV2FlashConfig, T.MiMoV2FlashForCausalLM, layer=1,
+                                         seed=250, score="sigmoid", moe_intermediate_size=6, num_hidden_layers=2,
+                                         n_routed_experts=8, num_experts_per_tok=2, routed_scaling_factor=1.5),
+    "qwen3_next": lambda: family_case("qwen3_next", T.Qwen3NextConfig, T.Qwen3NextForCausalLM, layer=1, seed=260,
+                                      **QWEN, **LINEAR_ATTN, shared_expert_intermediate_size=12, norm_topk_prob=True,
+                                      mlp_only_layers=[0]),
+    "qwen3_5_moe_text": lambda: family_case("qwen3_5_moe_text", T.Qwen3_5MoeTextConfig, T.Qwen3_5MoeForCausalLM,
+                                            layer=1, seed=270, **QWEN, **LINEAR_ATTN,
+                                            shared_expert_intermediate_size=12),
+    "qwen3_vl_moe_text": lambda: family_case("qwen3_vl_moe_text", T.Qwen3VLMoeTextConfig, T.Qwen3VLMoeTextModel,
+                                             layer=1, seed=280, block_of=lambda m, i: m.layers[i].mlp, **QWEN,
+                                             decoder_sparse_step=2),
+    "qwen3_vl_moe": lambda: family_case(
+        "qwen3_vl_moe", None, T.Qwen3VLMoeForConditionalGeneration, layer=1, seed=290,
+        block_of=lambda m, i: m.model.language_model.layers[i].mlp,
+        config=T.Qwen3VLMoeConfig(text_config=dict(TINY, **QWEN, decoder_sparse_step=2),
+                                  vision_config=dict(VISION, patch_size=14, deepstack_visual_indexes=[0],
+                                                     num_position_embeddings=16))),
+    "glm4v_moe": lambda: family_case(
+        "glm4v_moe", None, T.Glm4vMoeForConditionalGeneration, layer=1, seed=300, score="sigmoid",
+        block_of=lambda m, i: m.model.language_model.layers[i].mlp,
+        config=T.Glm4vMoeConfig(text_config=dict(TINY, **V3), vision_config=dict(VISION, patch_size=14, image_size=28))),
+    "flex_olmo": lambda: family_case("flex_olmo", T.FlexOlmoConfig, T.FlexOlmoForCausalLM, layer=0, seed=310,
+                                     num_hidden_layers=1, num_experts=4, num_experts_per_tok=2, pad_token_id=0),
+    "ernie4_5_moe": lambda: family_case("ernie4_5_moe", T.Ernie4_5_MoeConfig, T.Ernie4_5_MoeForCausalLM, layer=1,
+                                        seed=320, score="softmax", moe_intermediate_size=6, num_hidden_layers=2,
+                                        moe_num_experts=8, moe_k=2, moe_num_shared_experts=1, moe_layer_start_index=1),
+    "hunyuan_v1_moe": lambda: family_case("hunyuan_v1_moe", T.HunYuanMoEV1Config, T.HunYuanMoEV1ForCausalLM, layer=0,
+                                          seed=330, intermediate_size=6, num_hidden_layers=1, num_experts=8,
+                                          moe_topk=2),
+    "minimax": lambda: family_case("minimax", T.MiniMaxConfig, T.MiniMaxForCausalLM, layer=0, seed=340, intermediate_size=6,
+                                   num_hidden_layers=1, num_local_experts=4, num_experts_per_tok=2),
+    "minimax_m2": lambda: family_case("minimax_m2", T.MiniMaxM2Config, T.MiniMaxM2ForCausalLM, layer=0, seed=350,
+                                      score="sigmoid", intermediate_size=6, num_hidden_layers=1, num_local_experts=8,
+                                      num_experts_per_tok=2),
+    "dbrx": lambda: family_case("dbrx", T.DbrxConfig, T.DbrxForCausalLM, layer=0, seed=360,
+                                block_of=lambda m, i: m.transformer.blocks[i].ffn,
+                                config=T.DbrxConfig(vocab_size=16, d_model=16, n_heads=2, n_layers=1, max_seq_len=64,
+                                                    attn_config=dict(kv_n_heads=1, rope_theta=10000.0),
+                                                    ffn_config=dict(ffn_hidden_size=6, moe_num_experts=4,
+                                                                    moe_top_k=2))),
+    "granitemoe": lambda: family_case("granitemoe", T.GraniteMoeConfig, T.GraniteMoeForCausalLM, layer=0, seed=370,
+                                      block_of=lambda m, i: m.model.layers[i].block_sparse_moe, intermediate_size=6,
+                                      num_hidden_layers=1, num_local_experts=4, num_experts_per_tok=2),
+    "granitemoeshared": lambda: family_case("granitemoeshared", T.GraniteMoeSharedConfig,
+                                            T.GraniteMoeSharedForCausalLM, layer=0, seed=380,
+                                            block_of=lambda m, i: WithShared(m.model.layers[i]), intermediate_size=6,
+                                            num_hidden_layers=1, num_local_experts=4, num_experts_per_tok=2,
+                                            shared_intermediate_size=12),
+    "aria_text": lambda: family_case("aria_text", T.AriaTextConfig, T.AriaTextForCausalLM, layer=0, seed=390,
+                                     intermediate_size=6, num_hidden_layers=1, moe_num_experts=4, moe_topk=2,
+                                     moe_num_shared_experts=2),
+    "cohere2_moe": lambda: family_case("cohere2_moe", T.Cohere2MoeConfig, T.Cohere2MoeForCausalLM, layer=0, seed=400,
+                                       intermediate_size=6, num_hidden_layers=1, num_experts=4, num_experts_per_tok=2,
+                                       num_shared_experts=1, shared_expert_combination_strategy="average"),
+    "afmoe": lambda: family_case("afmoe", T.AfmoeConfig, T.AfmoeForCausalLM, layer=1, seed=410, score="sigmoid",
+                                 num_hidden_layers=2, num_experts=8, moe_intermediate_size=6, num_experts_per_tok=2,
+                                 num_shared_experts=1, route_scale=1.5),
+    "jamba": lambda: family_case("jamba", T.JambaConfig, T.JambaForCausalLM, layer=1, seed=420,
+                                 block_of=lambda m, i: m.model.layers[i].feed_forward, intermediate_size=6,
+                                 num_hidden_layers=2, num_experts=4, num_experts_per_tok=2, expert_layer_period=2,
+                                 expert_layer_offset=1, attn_layer_period=1, attn_layer_offset=0),
+}
+NEW.update({  # model types whose transformers block is one of the above (the hub's configs name them)
+    "sarvam_moe": lambda: family_case("sarvam_moe", T.SarvamMoEConfig, T.AutoModelForCausalLM, layer=1, seed=430,
+                                      score="sigmoid", **V3),
+    "sarvam_mla": lambda: family_case("sarvam_mla", T.SarvamMLAConfig, T.AutoModelForCausalLM, layer=1, seed=440,
+                                      score="sigmoid", **V3, **MLA),
+    "solar_open": lambda: family_case("solar_open", T.SolarOpenConfig, T.AutoModelForCausalLM, layer=1, seed=450,
+                                      score="sigmoid", **V3),
+    "minicpm5_moe": lambda: family_case("minicpm5_moe", T.MiniCPM5MoeConfig, T.AutoModelForCausalLM, layer=1,
+                                        seed=460, score="sigmoid", **V3),
+    "glm_moe_dsa": lambda: family_case("glm_moe_dsa", T.GlmMoeDsaConfig, T.AutoModelForCausalLM, layer=1, seed=470,
+                                       score="sigmoid", **V3, **MLA, index_n_heads=2, index_head_dim=8, index_topk=4),
+    "kimi_linear": lambda: family_case("kimi_linear", T.KimiLinearConfig, T.AutoModelForCausalLM, layer=1, seed=480,
+                                       score="sigmoid", pad_token_id=0, moe_intermediate_size=6, num_hidden_layers=2,
+                                       num_experts=8, num_shared_experts=1, num_experts_per_token=2,
+                                       num_expert_group=4, topk_group=2, first_k_dense_replace=1,
+                                       routed_scaling_factor=2.0, moe_renormalize=True, linear_head_dim=8,
+                                       linear_num_heads=2, **MLA),
+    "mistral4": lambda: family_case("mistral4", T.Mistral4Config, T.Mistral4ForCausalLM, layer=1, seed=490,
+                                    **dict(V3, routed_scaling_factor=1.5), **MLA),
+    "qwen4_exp_text": lambda: family_case("qwen4_exp_text", T.Qwen4ExpTextConfig, T.AutoModelForCausalLM, layer=1,
+                                          seed=500, **QWEN, **dict(LINEAR_ATTN, layer_types=["linear_attention"] * 2),
+                                          shared_expert_intermediate_size=12, hc_count=2, hc_lowrank=4,
+                                          norm_topk_prob=True, mlp_only_layers=[0]),
+    "qwen3_omni_moe_text": lambda: family_case("qwen3_omni_moe_text", T.Qwen3OmniMoeTextConfig,
+                                               T.Qwen3OmniMoeThinkerTextModel, layer=1, seed=510,
+                                               block_of=lambda m, i: m.layers[i].mlp, **QWEN, norm_topk_prob=True,
+                                               decoder_sparse_step=2),
+    "mellum": lambda: family_case("mellum", T.MellumConfig, T.AutoModelForCausalLM, layer=1, seed=520, **QWEN,
+                                  norm_topk_prob=False, decoder_sparse_step=2),
+    "lara_mini": lambda: family_case("lara_mini", T.LaraMiniConfig, T.AutoModelForCausalLM, layer=1, seed=530,
+                                     **QWEN, **LINEAR_ATTN, shared_expert_intermediate_size=12, norm_topk_prob=True),
+    "granitemoehybrid": lambda: family_case("granitemoehybrid", T.GraniteMoeHybridConfig, T.AutoModelForCausalLM,
+                                            layer=0, seed=540, block_of=lambda m, i: WithShared(m.model.layers[i]),
+                                            intermediate_size=6, num_hidden_layers=1, num_local_experts=4,
+                                            num_experts_per_tok=2, shared_intermediate_size=12,
+                                            layer_types=["attention"], mamba_n_heads=2, mamba_d_head=16),
+    "granitemoe_swa": lambda: family_case("granitemoe_swa", T.GraniteMoeSWAConfig, T.AutoModelForCausalLM, layer=0,
+                                          seed=550, block_of=lambda m, i: WithShared(m.model.layers[i]),
+                                          intermediate_size=6, num_hidden_layers=1, num_local_experts=4,
+                                          num_experts_per_tok=2, shared_intermediate_size=12),
+    "mistral_large4_text": lambda: family_case("mistral_large4_text", T.MistralLarge4TextConfig,
+                                               T.MistralLarge4TextModel, layer=1, seed=560,
+                                               block_of=lambda m, i: m.layers[i].mlp,
+                                               **dict(V3, routed_scaling_factor=1.5), **MLA, index_head_dim=8,
+                                               index_n_heads=2, index_topk=4),
+    "qwen3_5_moe": lambda: family_case(
+        "qwen3_5_moe", None, T.Qwen3_5MoeForConditionalGeneration, layer=1, seed=570,
+        block_of=lambda m, i: m.model.language_model.layers[i].mlp,
+        config=T.Qwen3_5MoeConfig(text_config=dict(TINY, **QWEN, **LINEAR_ATTN, shared_expert_intermediate_size=12),
+                                  vision_config=dict(VISION, patch_size=14, num_position_embeddings=16))),
+    "hy_v3": lambda: family_case("hy_v3", T.HYV3Config, T.AutoModelForCausalLM, layer=1, seed=580, score="sigmoid",
+                                 **QWEN, num_shared_experts=1, mlp_layer_types=["dense", "sparse"],
+                                 router_scaling_factor=1.5),
+    "minimax_m3_vl_text": lambda: family_case("minimax_m3_vl_text", T.MiniMaxM3VLTextConfig, T.AutoModelForCausalLM,
+                                              layer=1, seed=590, score="sigmoid", intermediate_size=6,
+                                              num_hidden_layers=2, num_local_experts=8, num_experts_per_tok=2,
+                                              shared_intermediate_size=12, dense_intermediate_size=24,
+                                              swiglu_limit=1.5),  # a low limit, so the clamps matter
+    "flint": lambda: family_case("flint", T.FlintConfig, T.AutoModelForCausalLM, layer=1, seed=600, score="sigmoid",
+                                 **QWEN, shared_expert_intermediate_size=12, norm_topk_prob=True, mlp_only_layers=[0]),
+    "beam": lambda: family_case("beam", T.BeamConfig, T.AutoModelForCausalLM, layer=1, seed=610, score="sigmoid",
+                                **QWEN, n_group=4, topk_group=2, routed_scaling_factor=1.5,
+                                mlp_layer_types=["dense", "sparse"]),
+    "dots3_note_text": lambda: family_case("dots3_note_text", T.Dots3NoteTextConfig, T.AutoModelForCausalLM, layer=1,
+                                           seed=620, score="sigmoid", **dict(V3, n_shared_experts=2), **MLA,
+                                           shared_experts_intermediate_size=4, num_key_value_heads=2, pad_token_id=0,
+                                           index_n_heads=2, index_head_dim=8, index_topk=4),
+    "openai_privacy_filter": lambda: family_case("openai_privacy_filter", T.OpenAIPrivacyFilterConfig,
+                                                 T.OpenAIPrivacyFilterModel, layer=0, seed=630,
+                                                 block_of=lambda m, i: m.layers[i].mlp, intermediate_size=6,
+                                                 num_hidden_layers=1, num_local_experts=4, num_experts_per_tok=2,
+                                                 pad_token_id=0, swiglu_limit=1.5),
+    "deepseek_ocr2_text": lambda: family_case("deepseek_ocr2_text", T.DeepseekOcr2TextConfig, T.DeepseekOcr2TextModel,
+                                              layer=1, seed=640, block_of=lambda m, i: m.layers[i].mlp,
+                                              **OCR_TEXT),
+    "unlimited_ocr_text": lambda: family_case("unlimited_ocr_text", T.UnlimitedOcrTextConfig, T.UnlimitedOcrTextModel,
+                                              layer=1, seed=650, block_of=lambda m, i: m.layers[i].mlp,
+                                              **OCR_TEXT),
+})
+
+
 CASES = {"mixtral": mixtral, "qwen2_moe": qwen2_moe, "qwen3_moe": qwen3_moe, "olmoe": olmoe,
          "deepseek_v3": deepseek_v3, "deepseek_v3_fp8": lambda: deepseek_v3("deepseek_v3_fp8", fp8=True),
          "deepseek_v2": deepseek_v2, "gpt_oss": gpt_oss, "gpt_oss_mxfp4": gpt_oss_mxfp4, "llama4_text": llama4_text,
          "llama4": llama4, "switch_transformers": switch}
+CASES.update(NEW)
 
 
 def main(names: list[str]) -> None:
@@ -476,4 +722,5 @@ def main(names: list[str]) -> None:
 
 if __name__ == "__main__":
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ["USE_HUB_KERNELS"] = "0"  # transformers' eager torch blocks, no kernels from the hub
     main(sys.argv[1:])

@@ -1,6 +1,6 @@
 """The newer expert activations against float64 references on random inputs: squared ReLU (a
-plain, non-gated FFN), SwiGLU with GPT-OSS's clamps but without its alpha and + 1, and a
-softcapped SwiGLU; and their bad options."""
+plain, non-gated FFN), SwiGLU with GPT-OSS's clamps but without its alpha and + 1 (DeepSeek-V4's
+``_apply_gate`` in transformers) or with the gate clamped after its activation (Step-3.7's), and Inkling-2's softcapped SwiGLU; and their bad options."""
 
 import jax
 import jax.numpy as jnp
@@ -20,20 +20,25 @@ REFERENCES = {
     "relu2": lambda up, gate, a: np.maximum(up, 0.0) ** 2,
     "limited_swiglu": lambda up, gate, a: silu64(np.minimum(gate, a.swiglu_limit))
     * np.clip(up, -a.swiglu_limit, a.swiglu_limit),
-    "softcapped_swiglu": lambda up, gate, a: a.softcap * np.tanh(silu64(gate) * up / a.softcap),
+    "post_limited_swiglu": lambda up, gate, a: np.minimum(silu64(gate), a.swiglu_limit)
+    * np.clip(up, -a.swiglu_limit, a.swiglu_limit),
+    "softcapped_swiglu": lambda up, gate, a: (a.gate_softcap * np.tanh(gate / a.gate_softcap) / (1.0 + np.exp(-gate))
+                                              * a.up_softcap * np.tanh(up / a.up_softcap)),
 }
 
 
 @pytest.mark.parametrize("activation", [Activation("relu2"), Activation("limited_swiglu", swiglu_limit=1.5),
-                                        Activation("softcapped_swiglu", softcap=2.0)], ids=lambda a: a.name)
+                                        Activation("post_limited_swiglu", swiglu_limit=1.5),
+                                        Activation("softcapped_swiglu", gate_softcap=2.0, up_softcap=1.5)],
+                         ids=lambda a: a.name)
 def test_activation_matches_float64(activation):
     rng = np.random.default_rng(0)
     up, gate = rng.normal(size=(2, 64)) * 3.0  # beyond the limit and the cap
     got = np.asarray(activation(jnp.asarray(up, jnp.float32), jnp.asarray(gate, jnp.float32)), np.float64)
     want = REFERENCES[activation.name](up, gate, activation)
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
-    if activation.name == "limited_swiglu":  # the clamps bind somewhere
-        assert np.any(np.abs(up) > 1.5) and np.any(gate > 1.5)
+    if "limited" in activation.name:  # the clamps bind somewhere
+        assert np.any(np.abs(up) > 1.5) and np.any(gate > 2.0)  # silu(2) > 1.5
 
 
 @pytest.mark.parametrize("name", ["relu2", "limited_swiglu"])
@@ -53,8 +58,8 @@ def test_expert_bank_with_the_activation_matches_a_loop_over_experts(name):
 
 
 @pytest.mark.parametrize("make, match", [
-    (lambda: Activation("softcapped_swiglu"), "needs softcap"),
-    (lambda: Activation("softcapped_swiglu", softcap=0.0), "softcap must be"),
+    (lambda: Activation("softcapped_swiglu", gate_softcap=2.0), "needs gate_softcap and up_softcap"),
+    (lambda: Activation("softcapped_swiglu", gate_softcap=2.0, up_softcap=0.0), "up_softcap must be"),
     (lambda: Activation("limited_swiglu", swiglu_limit=-1.0), "swiglu_limit"),
     (lambda: Activation("relu3"), "activation must be one of"),
 ])

@@ -59,10 +59,13 @@ def test_a_user_written_hash_router_plugs_into_the_layer():
 
 def test_a_router_object_and_its_flat_options_make_the_same_layer():
     flat = dict(router="group_limited", n_group=2, topk_group=1, normalize=True, routed_scaling_factor=2.0,
-                selection_bias=True, shared_d_ff=8, shared_gate=True, activation="clamped_swiglu", swiglu_limit=3.0)
+                selection_bias=True, shared_d_ff=8, shared_gate=True, shared_activation="relu2",
+                activation="clamped_swiglu", swiglu_limit=3.0, zero_identity=2)
     objects = dict(router=GroupLimited(n_group=2, topk_group=1, normalize=True, routed_scaling_factor=2.0,
                                        selection_bias=True),
-                   shared=jmoe.Shared(8, gate=True), activation=jmoe.Activation("clamped_swiglu", swiglu_limit=3.0))
+                   shared=jmoe.Shared(8, gate=True, activation="relu2"),
+                   activation=jmoe.Activation("clamped_swiglu", swiglu_limit=3.0),
+                   zero_experts=jmoe.ZeroExperts(identity=2))
     assert layer_arguments(flat) == objects
     x = jax.random.normal(jax.random.key(0), (2, 4, D))
     y1, _ = jmoe.MoE(D, 12, 8, k=2, rngs=nnx.Rngs(0), **layer_arguments(flat))(x)

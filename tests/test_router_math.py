@@ -24,7 +24,8 @@ def scores64(logits, score_function):
     return e / e.sum(-1, keepdims=True)
 
 
-def group_limited64(logits, *, k, score_function, bias, bias_on, normalize, eps, scale, n_group=1, topk_group=1):
+def group_limited64(logits, *, k, score_function, bias, bias_on, normalize, eps, scale, n_group=1, topk_group=1,
+                    fill=-np.inf):
     """Per token: choice c (s + b or l + b), groups by the sum of their top-2 c, top-k of c in the
     kept groups, weights s_e (/ (sum s + eps)) * scale. Returns experts, weights [T, k]."""
     s = scores64(logits, score_function)  # [T, E]
@@ -35,7 +36,7 @@ def group_limited64(logits, *, k, score_function, bias, bias_on, normalize, eps,
         group_scores = [np.sort(c[t, g * per_group:(g + 1) * per_group])[-2:].sum() for g in range(n_group)]
         kept = sorted(range(n_group), key=lambda g: (-group_scores[g], g))[:topk_group]
         allowed = np.array([e // per_group in kept for e in range(E)])
-        ct = np.where(allowed, c[t], -np.inf)
+        ct = np.where(allowed, c[t], fill)
         top = sorted(range(E), key=lambda e: (-ct[e], e))[:k]
         w = s[t, top]
         if normalize:
@@ -73,6 +74,26 @@ def test_group_limited_math_matches_float64(score_function, bias_on, normalize, 
     assert (unbiased_e != want_e).any()  # the bias changed some choices: the test sees where it goes
 
 
+def test_excluded_groups_filled_with_zero():
+    """excluded_fill="zero" (transformers' DeepSeek-V2, AXK-2): with a negative selection bias, a kept
+    group's expert whose biased score is < 0 loses to an excluded group's expert (0.0); "-inf" never."""
+    rng = np.random.default_rng(4)
+    logits = rng.normal(size=(G, S, E))
+    bias = np.where(np.arange(E) % 2 == 0, -1.2, 0.0)  # half the experts' biased scores go negative
+    options = dict(k=3, score_function="sigmoid", bias_on="scores", normalize=True, eps=1e-20, scale=1.0, n_group=4,
+                   topk_group=2)
+    results = {}
+    for fill, value in (("zero", 0.0), ("-inf", -np.inf)):
+        plan = group_limited_top_k(jnp.asarray(logits, jnp.float32), k=3, capacity=S, score_function="sigmoid",
+                                   n_group=4, topk_group=2, normalize=True, excluded_fill=fill,
+                                   selection_bias=jnp.asarray(bias, jnp.float32))
+        want_e, want_w = group_limited64(logits.reshape(-1, E), bias=bias, fill=value, **options)
+        np.testing.assert_array_equal(np.asarray(plan.token_expert).reshape(-1, 3), want_e)
+        np.testing.assert_allclose(np.asarray(plan.token_weight, np.float64).reshape(-1, 3), want_w, rtol=1e-5)
+        results[fill] = want_e
+    assert (results["zero"] != results["-inf"]).any()  # the fill decides some choices
+
+
 @pytest.mark.parametrize("router", [TokensChoose(k=2, normalize=True, logit_softcap=1.5),
                                     GroupLimited(k=2, score_function="softmax", logit_softcap=1.5)])
 def test_logit_softcap_caps_the_logits_every_router_reads(router):
@@ -100,6 +121,7 @@ def test_logit_softcap_caps_the_logits_every_router_reads(router):
     (lambda: GroupLimited(bias_on="weights"), "bias_on"),
     (lambda: GroupLimited(normalize_epsilon=-1e-6), "normalize_epsilon"),
     (lambda: GroupLimited(score_function="sqrt"), "sqrt_softplus"),
+    (lambda: GroupLimited(excluded_fill="0"), "excluded_fill"),
 ])
 def test_bad_router_math_options_are_clear_errors(make, match):
     with pytest.raises(ValueError, match=match):
@@ -162,3 +184,44 @@ def test_token_hash_needs_token_ids():
         moe(x, token_ids=jnp.zeros((2, 4), jnp.int32))
     y, _ = jmoe.MoE(4, 6, 8, k=2, rngs=nnx.Rngs(0))(x, token_ids=jnp.zeros((2, 5), jnp.int32))  # others ignore them
     assert y.shape == x.shape
+
+
+# ---------------------------------------------------------------- SparseMixer (Phi-3.5-MoE), eval forward
+
+
+def sparsemixer64(logits, eps):
+    """transformers' sparsemixer in eval mode, per token, in float64."""
+    experts, weights = [], []
+    for scores in logits:
+        candidates, chosen, ws = scores.copy(), [], []
+        for _ in range(2):
+            top = candidates.max()
+            e = int(np.argmax(candidates))
+            factor = np.maximum(np.abs(scores), top)
+            masked = np.where((top - scores) / factor > 2 * eps, -np.inf, candidates)
+            p = np.exp(masked - masked.max())
+            ws.append(p[e] / p.sum())
+            chosen.append(e)
+            candidates = candidates.copy()
+            candidates[e] = -np.inf
+        experts.append(chosen)
+        weights.append(ws)
+    return np.array(experts), np.array(weights)
+
+
+@pytest.mark.parametrize("eps", [0.01, 0.2])
+def test_sparsemixer_matches_float64(eps):
+    rng = np.random.default_rng(3)
+    logits = rng.normal(size=(G, S, E)) * 0.5 + 1.0  # near each other: the relative threshold matters
+    plan = jmoe.routing.SparseMixer(k=2, jitter_eps=eps).plan(jnp.asarray(logits, jnp.float32), None, {}, {}, None, S)
+    want_e, want_w = sparsemixer64(logits.reshape(-1, E), eps)
+    np.testing.assert_array_equal(np.asarray(plan.token_expert).reshape(-1, 2), want_e)
+    np.testing.assert_allclose(np.asarray(plan.token_weight, np.float64).reshape(-1, 2), want_w, rtol=1e-5)
+    assert np.any(want_w < 1.0) and (eps > 0.01 or np.any(want_w == 1.0))  # the threshold keeps 1 or several
+
+
+def test_sparsemixer_needs_k2():
+    with pytest.raises(ValueError, match="needs k=2"):
+        jmoe.MoE(4, 6, 8, k=1, router="sparsemixer", rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="jitter_eps"):
+        jmoe.routing.SparseMixer(jitter_eps=0.0)

@@ -133,7 +133,7 @@ def load_moe(path, layer: int, *, dtype=None, mesh=None, stack: str | None = Non
             if full not in checkpoint and checkpoint.quantization(full) is None:
                 raise CheckpointError(f"tensor {full!r} is missing from the checkpoint in {folder} "
                                       f"({model_type}, layer {layer}: {type(moe).__name__} needs it)")
-            value = checkpoint.float32(full)
+            value = families.in_layout(rule, checkpoint.float32(full), shape)
             if tuple(value.shape) != tuple(shape):
                 raise CheckpointError(f"tensor {full!r} has shape {tuple(value.shape)} in the checkpoint, expected "
                                       f"{tuple(shape)} from its config.json")
@@ -192,4 +192,6 @@ def save_moe(layer: MoE, path, layer_index: int, model_type: str, *, stack: str 
             if kind is not None:
                 raise CheckpointError(f"tensor {name!r} is stored {kind}-quantized in {folder}; save_moe writes "
                                       f"unquantized float weights: save into a new folder")
+            if name in checkpoint:  # a family's tensor the hub has in either layout: the stored one
+                tensors[name] = families.in_layout(None, tensors[name], checkpoint.shape(name))
     return write_tensors(folder, tensors)

@@ -16,7 +16,8 @@ Per token, from float32 logits ``l = x W_r`` ``[G, S, E]``::
            the topk_group best groups are kept (ties: the lower group index)
     top-k of c among the kept groups' experts (ties: the lower expert index; the other
            groups' experts are -inf, as in DeepSeek's reference code, Megatron-Core and
-           transformers' DeepSeek-V3)
+           transformers' DeepSeek-V3; excluded_fill="zero": 0.0, as transformers' DeepSeek-V2
+           and AXK-2 fill them, so an excluded expert beats a kept one whose c < 0)
     w_e    = s_e                                           the *unbiased* score
            = s_e / (sum_{j in top-k} s_j + eps)            normalize=True (norm_topk_prob), eps =
                                                            normalize_epsilon (1e-20: DeepSeek-V3)
@@ -61,6 +62,7 @@ SCORE_FUNCTIONS = {
 }
 GROUP_SCORES = ("top2_sum", "max")
 BIAS_ON = ("scores", "logits")
+EXCLUDED_FILLS = {"-inf": -jnp.inf, "zero": 0.0}  # what an excluded group's experts' choice becomes
 
 
 def router_scores(logits: Array, score_function: str) -> Array:
@@ -68,9 +70,11 @@ def router_scores(logits: Array, score_function: str) -> Array:
     return SCORE_FUNCTIONS[score_function](logits.astype(jnp.float32))
 
 
-def group_limited_experts(choice: Array, *, k: int, n_group: int, topk_group: int, group_score: str) -> Array:
+def group_limited_experts(choice: Array, *, k: int, n_group: int, topk_group: int, group_score: str,
+                          excluded_fill: str = "-inf") -> Array:
     """The k experts of each token: top-k of ``choice [G, S, E]`` among the experts of its
-    ``topk_group`` best groups (module docstring). Returns ``[G, S, K]`` int32."""
+    ``topk_group`` best groups, the others' choice set to ``EXCLUDED_FILLS[excluded_fill]``
+    (module docstring). Returns ``[G, S, K]`` int32."""
     num_groups, group_size, num_experts = choice.shape
     if n_group > 1 and topk_group < n_group:
         per_group = num_experts // n_group
@@ -82,7 +86,7 @@ def group_limited_experts(choice: Array, *, k: int, n_group: int, topk_group: in
         _, kept_groups = jax.lax.top_k(score, topk_group)  # [G, S, topk_group]
         kept = jnp.any(jax.nn.one_hot(kept_groups, n_group, dtype=jnp.bool_), axis=-2)  # [G, S, n_group]
         kept = jnp.repeat(kept, per_group, axis=-1)  # [G, S, E]
-        choice = jnp.where(kept, choice, -jnp.inf)
+        choice = jnp.where(kept, choice, EXCLUDED_FILLS[excluded_fill])
     return jax.lax.top_k(choice, k)[1].astype(jnp.int32)  # [G, S, K]
 
 
@@ -100,6 +104,7 @@ def group_limited_top_k(
     selection_bias: Array | None = None,
     bias_on: str = "scores",
     normalize_epsilon: float = 1e-20,
+    excluded_fill: str = "-inf",
     priority: str = "choice",
     token_mask: Array | None = None,
 ) -> RoutingPlan:
@@ -107,23 +112,44 @@ def group_limited_top_k(
     ``selection_bias [E]`` (None: 0) is read without gradient and added to the scores or, with
     ``bias_on="logits"``, to the logits the choice is made on. Returns a plan with K = k."""
     mask = check_logits(logits, token_mask)  # [G, S]
-    num_groups, group_size, num_experts = logits.shape
     scores = router_scores(logits, score_function)  # [G, S, E]
     choice = scores if bias_on == "scores" else logits.astype(jnp.float32)  # [G, S, E]
     if selection_bias is not None:
         choice = choice + jax.lax.stop_gradient(selection_bias)
     top_experts = group_limited_experts(choice, k=k, n_group=n_group, topk_group=topk_group,
-                                        group_score=group_score)  # [G, S, K]
-    weights = jnp.take_along_axis(scores, top_experts, axis=-1)  # [G, S, K] unbiased
+                                        group_score=group_score, excluded_fill=excluded_fill)  # [G, S, K]
+    return plan_from_scores(logits, scores, score_function, top_experts, mask, normalize=normalize,
+                            normalize_epsilon=normalize_epsilon, routed_scaling_factor=routed_scaling_factor,
+                            capacity=capacity, priority=priority)
+
+
+def plan_from_scores(logits: Array, scores: Array, score_function: str, experts: Array, mask: Array, *,
+                     normalize: bool, normalize_epsilon: float, routed_scaling_factor: float, capacity: int,
+                     priority: str) -> RoutingPlan:
+    """The plan of a router whose tokens chose ``experts [G, S, K]`` and are weighted by their
+    ``scores [G, S, E]``: ``w = s_e`` (``/ (sum_k s + normalize_epsilon)``) ``* routed_scaling_factor``,
+    slots in token order; the losses read ``p = s / sum_e s_e`` (the softmax itself)."""
+    num_groups, group_size, _ = logits.shape
+    weights = jnp.take_along_axis(scores, experts, axis=-1)  # [G, S, K] unbiased
     if normalize:
         weights = weights / (jnp.sum(weights, axis=-1, keepdims=True) + normalize_epsilon)
     weights = weights * routed_scaling_factor
-
-    requested = jnp.broadcast_to(mask[..., None], top_experts.shape)  # [G, S, K]
+    requested = jnp.broadcast_to(mask[..., None], experts.shape)  # [G, S, K]
     order = jnp.broadcast_to(jnp.arange(group_size), (num_groups, group_size))  # [G, S]
     probs = scores if score_function == "softmax" else scores / jnp.sum(scores, axis=-1, keepdims=True)  # [G, S, E]
-    return plan_from_choices(logits, probs, top_experts, weights, requested, order, mask, capacity=capacity,
+    return plan_from_choices(logits, probs, experts, weights, requested, order, mask, capacity=capacity,
                              priority=priority)
+
+
+def check_score_options(router) -> None:
+    """The options of a router weighted by :func:`plan_from_scores`: ``score_function``,
+    ``priority``, ``routed_scaling_factor`` > 0, ``normalize_epsilon`` >= 0."""
+    if router.score_function not in SCORE_FUNCTIONS:
+        raise ValueError(f"score_function must be one of {tuple(SCORE_FUNCTIONS)}, got {router.score_function!r}")
+    if router.priority not in PRIORITIES:
+        raise ValueError(f"priority must be one of {PRIORITIES}, got {router.priority!r}")
+    positive_number("routed_scaling_factor", router.routed_scaling_factor)
+    non_negative_number("normalize_epsilon", router.normalize_epsilon)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -133,7 +159,8 @@ class GroupLimited(Router):
     ``routed_scaling_factor``, ``selection_bias`` (a float32 state ``selection_bias [E]``,
     zero-initialised, no gradient: aux-loss-free balancing, :mod:`jmoe.balancing`) and
     ``bias_on`` (what it is added to: the scores or the logits), ``normalize_epsilon`` (added to
-    the sum of the k scores when normalising), ``priority`` (who wins a slot over capacity)."""
+    the sum of the k scores when normalising), ``excluded_fill`` (what an excluded group's experts
+    are chosen on: "-inf" or "zero"), ``priority`` (who wins a slot over capacity)."""
 
     name = "group_limited"
     params = ("router_weight", "router_bias", "selection_bias")
@@ -148,24 +175,22 @@ class GroupLimited(Router):
     selection_bias: bool = False
     bias_on: str = "scores"
     normalize_epsilon: float = 1e-20
+    excluded_fill: str = "-inf"
     priority: str = "choice"
 
     def __post_init__(self):
         super().__post_init__()
-        if self.score_function not in SCORE_FUNCTIONS:
-            raise ValueError(f"score_function must be one of {tuple(SCORE_FUNCTIONS)}, got {self.score_function!r}")
+        check_score_options(self)
+        if self.excluded_fill not in EXCLUDED_FILLS:
+            raise ValueError(f"excluded_fill must be one of {tuple(EXCLUDED_FILLS)}, got {self.excluded_fill!r}")
         if self.bias_on not in BIAS_ON:
             raise ValueError(f"bias_on must be one of {BIAS_ON}, got {self.bias_on!r}")
-        non_negative_number("normalize_epsilon", self.normalize_epsilon)
         if self.group_score not in GROUP_SCORES:
             raise ValueError(f"group_score must be one of {GROUP_SCORES}, got {self.group_score!r}")
-        if self.priority not in PRIORITIES:
-            raise ValueError(f"priority must be one of {PRIORITIES}, got {self.priority!r}")
         int_at_least("n_group", self.n_group, 1)
         int_at_least("topk_group", self.topk_group, 1)
         if self.topk_group > self.n_group:
             raise ValueError(f"topk_group={self.topk_group} must be <= n_group={self.n_group}")
-        positive_number("routed_scaling_factor", self.routed_scaling_factor)
 
     def check_experts(self, num_experts: int) -> None:
         super().check_experts(num_experts)
@@ -191,6 +216,7 @@ class GroupLimited(Router):
             logits, k=self.k, capacity=capacity, score_function=self.score_function, n_group=self.n_group,
             topk_group=self.topk_group, group_score=self.group_score, normalize=self.normalize,
             routed_scaling_factor=float(self.routed_scaling_factor), selection_bias=params.get("selection_bias"),
-            bias_on=self.bias_on, normalize_epsilon=float(self.normalize_epsilon), priority=self.priority,
+            bias_on=self.bias_on, normalize_epsilon=float(self.normalize_epsilon), excluded_fill=self.excluded_fill,
+            priority=self.priority,
             token_mask=token_mask,
         )

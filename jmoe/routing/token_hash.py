@@ -15,8 +15,7 @@ Per token with id t, from float32 logits ``l = x W_r`` ``[G, S, E]``::
 The layer is called with ``token_ids=`` (x's shape without d); the ids reach the router beside
 its random draws, sharded like the tokens on a mesh. Ids outside ``[0, vocab_size)`` are an
 error when the layer sees concrete ids (outside ``jit``) and clamped inside a trace. Slots and
-losses are the token-choice ones (:func:`jmoe.routing.token_choice.plan_from_choices`), the
-losses reading ``p = s / sum_e s_e`` (the softmax itself for softmax scores).
+losses are group-limited routing's (:func:`jmoe.routing.group_limited.plan_from_scores`).
 """
 
 from __future__ import annotations
@@ -26,11 +25,10 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from jmoe.checks import int_at_least, non_negative_number, positive_number
-from jmoe.routing.group_limited import SCORE_FUNCTIONS, router_scores
+from jmoe.checks import int_at_least
+from jmoe.routing.group_limited import check_score_options, plan_from_scores, router_scores
 from jmoe.routing.plan import RoutingPlan, check_logits
 from jmoe.routing.router import Router
-from jmoe.routing.token_choice import PRIORITIES, plan_from_choices
 
 Array = jax.Array
 
@@ -60,12 +58,7 @@ class TokenHash(Router):
     def __post_init__(self):
         super().__post_init__()
         int_at_least("vocab_size", self.vocab_size, 1)
-        if self.score_function not in SCORE_FUNCTIONS:
-            raise ValueError(f"score_function must be one of {tuple(SCORE_FUNCTIONS)}, got {self.score_function!r}")
-        if self.priority not in PRIORITIES:
-            raise ValueError(f"priority must be one of {PRIORITIES}, got {self.priority!r}")
-        positive_number("routed_scaling_factor", self.routed_scaling_factor)
-        non_negative_number("normalize_epsilon", self.normalize_epsilon)
+        check_score_options(self)
 
     def init_params(self, key, d_model: int, num_experts: int) -> dict[str, Array]:
         return {**super().init_params(key, d_model, num_experts),
@@ -82,16 +75,10 @@ class TokenHash(Router):
 
     def plan(self, logits, router_in, params, draws, token_mask, capacity) -> RoutingPlan:
         mask = check_logits(logits, token_mask)  # [G, S]
-        num_groups, group_size, _ = logits.shape
         table = params["token_experts"]  # [V, k]
         experts = jnp.take(table, draws["token_ids"], axis=0, mode="clip").astype(jnp.int32)  # [G, S, K]
         scores = router_scores(logits, self.score_function)  # [G, S, E]
-        weights = jnp.take_along_axis(scores, experts, axis=-1)  # [G, S, K]
-        if self.normalize:
-            weights = weights / (jnp.sum(weights, axis=-1, keepdims=True) + self.normalize_epsilon)
-        weights = weights * self.routed_scaling_factor
-        requested = jnp.broadcast_to(mask[..., None], experts.shape)  # [G, S, K]
-        order = jnp.broadcast_to(jnp.arange(group_size), (num_groups, group_size))  # [G, S]
-        probs = scores if self.score_function == "softmax" else scores / jnp.sum(scores, axis=-1, keepdims=True)
-        return plan_from_choices(logits, probs, experts, weights, requested, order, mask, capacity=capacity,
-                                 priority=self.priority)
+        return plan_from_scores(logits, scores, self.score_function, experts, mask, normalize=self.normalize,
+                                normalize_epsilon=float(self.normalize_epsilon),
+                                routed_scaling_factor=float(self.routed_scaling_factor), capacity=capacity,
+                                priority=self.priority)
