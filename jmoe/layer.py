@@ -175,8 +175,9 @@ class MoE(nnx.Module):
         ``expert_outer``); ``a2a_chunks``: split capacity into chunks to
         overlap exchange and expert compute (must divide C). A dropless layer
         on a mesh exchanges counts, then its assignment rows each way
-        (:mod:`jmoe.parallel.dropless_exchange`); it supports neither
-        ``hierarchical_a2a`` nor ``a2a_chunks > 1``.
+        (:mod:`jmoe.parallel.dropless_exchange`); with ``hierarchical_a2a`` one
+        row per (token, node) across ``expert_outer``
+        (:mod:`jmoe.parallel.node_exchange`); no ``a2a_chunks > 1``.
       dropless_exchange: how a dropless layer on a mesh moves rows, a name of
         :data:`jmoe.parallel.DROPLESS_EXCHANGES` (``"auto"``: the platform's choice).
       dropless_buffer_factor: a dropless layer on a mesh: c >= 1 sizes every exchange

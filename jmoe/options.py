@@ -90,7 +90,8 @@ class DroplessOptions:
 @dataclasses.dataclass(frozen=True)
 class MeshOptions:
     """Expert parallelism: the mesh (None: the ambient one of ``jax.set_mesh``), the
-    capacity path's hierarchical (2DH) all-to-all and its chunks (each must divide C), and
+    two-step exchange (capacity: 2DH all-to-all; dropless: one row per (token, node)), the
+    capacity path's chunks (each must divide C), and
     the mesh axes that hold experts / split their hidden dim (None: jmoe's names)."""
 
     mesh: jax.sharding.Mesh | jax.sharding.AbstractMesh | None = None
@@ -171,9 +172,8 @@ def check_combination(router: Router, num_experts: int, capacity: CapacityOption
     if dropless.overflow != "rounds" and not capacity.dropless:
         raise ValueError(f"dropless_overflow={dropless.overflow!r} is for a dropless layer "
                          f"(capacity_factor=None), got capacity_factor={capacity.capacity_factor}")
-    if capacity.dropless and (mesh.hierarchical_a2a or mesh.a2a_chunks != 1):
+    if capacity.dropless and mesh.a2a_chunks != 1:
         raise ValueError(
-            f"a dropless layer (capacity_factor=None) on a mesh supports neither hierarchical_a2a nor "
-            f"a2a_chunks > 1 (got hierarchical_a2a={mesh.hierarchical_a2a}, a2a_chunks={mesh.a2a_chunks}): its "
-            f"exchange is one all-to-all of rows each way"
+            f"a dropless layer (capacity_factor=None) on a mesh does not support a2a_chunks > 1 (got "
+            f"a2a_chunks={mesh.a2a_chunks}): its rows go in rounds of bounded buffers, not chunks of a capacity"
         )

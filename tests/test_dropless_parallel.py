@@ -137,12 +137,14 @@ def test_dropless_hlo_count_and_data_exchanges_no_weight_gather():
     print(f"per-device all-to-all bytes: dropless {dropless_a2a}, capacity C=S {capacity_a2a}")
 
 
-def test_dropless_rejects_hierarchical_and_chunks():
+def test_dropless_rejects_chunks_and_hierarchical_without_two_expert_axes():
     mesh = parallel.make_mesh(data=2, expert_outer=2, expert=2)
     x, _, _ = inputs(23, batch=8, seq=8, with_mask=False)
-    for options in (dict(hierarchical_a2a=True), dict(a2a_chunks=2)):
-        with pytest.raises(ValueError, match="dropless .* supports neither hierarchical_a2a nor a2a_chunks"):
-            trace_on_mesh(mesh, x, num_experts=8, capacity_factor=None, **options)
+    with pytest.raises(ValueError, match="dropless .* does not support a2a_chunks > 1"):
+        trace_on_mesh(mesh, x, num_experts=8, capacity_factor=None, a2a_chunks=2)
+    with pytest.raises(ValueError, match="hierarchical all-to-all needs two expert axes"):
+        trace_on_mesh(parallel.make_mesh(data=2, expert=4), x, num_experts=8, capacity_factor=None,
+                      hierarchical_a2a=True)
 
 
 def _ragged_all_to_all_loop(operands, outputs, starts, sizes, targets):

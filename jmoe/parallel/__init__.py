@@ -8,6 +8,7 @@ The layer's one forward (:mod:`jmoe.forward`) runs per device under ``jax.shard_
   capacity_exchange.py  the capacity path's all-to-all (flat, 2DH, chunked)
   dropless_exchange.py  the dropless path: counts, then rows in bounded rounds (custom VJP)
   row_exchanges.py      how one round moves rows (padded cells, ragged), fit_to_buffer
+  node_exchange.py      the dropless path on expert_outer x expert: one row per (token, node)
   shard.py              the ``shard_map`` wrapper, :class:`MeshExchange`, the aux reduction
 """
 
@@ -38,6 +39,7 @@ from jmoe.parallel.mesh import (
     resolve_mesh,
     uses_mesh,
 )
+from jmoe.parallel.node_exchange import node_exchange_experts, node_rows
 from jmoe.parallel.placement import expert_param_specs, moe_param_spec, param_sharding, shard_moe_params, to_global
 from jmoe.parallel.shard import MeshExchange, forward_on_mesh, reduce_aux
 
@@ -45,6 +47,6 @@ __all__ = [
     "AXES", "DATA", "DEFAULT_BUFFER_FACTOR", "DROPLESS_EXCHANGES", "OVERFLOWS", "exchange_sizes", "EXPERT", "EXPERT_OUTER", "MODEL", "MeshAxes", "MeshExchange",
     "axis_size", "check_mesh", "dropless_exchange_experts", "exchange_experts", "exchange_to_experts",
     "exchange_to_tokens", "expert_param_specs", "expert_parallel_size", "fit_to_buffer", "forward_on_mesh",
-    "is_explicit", "make_mesh", "moe_param_spec", "param_sharding", "ragged_all_to_all_emulated", "ragged_exchange_offsets",
+    "is_explicit", "make_mesh", "moe_param_spec", "node_exchange_experts", "node_rows", "param_sharding", "ragged_all_to_all_emulated", "ragged_exchange_offsets",
     "receive_buffer_rows", "reduce_aux", "resolve_mesh", "shard_moe_params", "to_global", "uses_mesh",
 ]

@@ -22,7 +22,7 @@ routing takes one round; skewed routing takes more rounds, never more memory, an
 nothing is dropped (``overflow="rounds"``). ``overflow="drop"`` keeps one round and
 drops what did not fit (a fixed step time), counted in ``dropped_fraction``.
 
-The backward (:func:`_rounds_ffn`'s custom VJP) keeps only the tokens, the parameters,
+The backward (:func:`rounds_ffn`'s custom VJP) keeps only the tokens, the parameters,
 the sort order and the counts: it runs the rounds again, sending each round's x and dy
 rows to the experts, recomputing their forward there, sending dx home and accumulating
 the expert weights' gradient; no round's receive buffer or FFN activation is a residual.
@@ -129,11 +129,13 @@ def dropless_exchange_experts(
     me = _me(expert_axes)
     dropped = jnp.sum(remaining[me]).astype(jnp.int32)
 
-    def experts(x_local, row_expert, group_sizes, p):  # rows grouped by local expert -> FFN outputs
-        return dropless.grouped_ffn(x_local, row_expert, group_sizes, p, activation, grouped_matmul, model_axis)
+    def experts(x_local, weights, labels, layout, p):  # rows grouped by local expert -> FFN outputs
+        y = dropless.grouped_ffn(x_local, layout["row_expert"], layout["group_sizes"], p, activation,
+                                 grouped_matmul, model_axis)
+        return y, jnp.zeros((2,), jnp.int32)
 
-    run = _rounds_ffn(row_exchange, experts, k, tuple(expert_axes))
-    out_sorted = run(tokens, params, order, counts_all, rounds)  # [A, d], expert order
+    run = rounds_ffn(row_exchange, experts, k, tuple(expert_axes))
+    out_sorted, _ = run(tokens, params, (), order, counts_all, rounds, ())  # [A, d], expert order
     y = dropless.unsort_and_combine(out_sorted, order, token_weight, tokens.dtype)
     return y, {"dropped": dropped, "rounds": rounds}
 
@@ -164,10 +166,16 @@ def _round(row_exchange, counts_all: Array, remaining: Array, me: Array):
     return kept, row_exchange.layout(counts_all, counts_all - remaining, kept, me)
 
 
-def _rounds_ffn(row_exchange, experts: Callable, k: int, expert_axes: tuple[str, ...]) -> Callable:
-    """``run(tokens [T_l, d], params, order [A], counts_all, rounds) -> out [A, d]``: row
-    ``i`` of the output is ``FFN_{expert of sorted row i}(tokens[order[i] // k])`` (0 for
-    rows never delivered), with a custom VJP that re-runs the rounds (module docstring)."""
+def rounds_ffn(row_exchange, experts: Callable, k: int, expert_axes: tuple[str, ...]) -> Callable:
+    """``run(tokens [T_l, d], params, weights, order [A], counts_all, rounds, labels) ->
+    (out [A, d], extra int32 [2])``: row ``i`` of ``out`` is what ``experts`` gave sorted row
+    i (``tokens[order[i] // k]``; 0 for rows never delivered), with a custom VJP that
+    re-runs the rounds (module docstring).
+
+    ``weights`` / ``labels``: pytrees of per-row values ``[A, ...]`` in sorted order (float /
+    int) that travel with the rows (``()``: none); ``experts(x [R, d], weights, labels,
+    layout, params) -> (y [R, d], extra int32 [2])`` on the receiver, differentiated in
+    ``x``, ``weights`` and ``params``; ``extra`` is summed over the rounds."""
 
     def rows_of(tokens, order):
         return tokens[order // k]  # [A, d], expert order
@@ -177,47 +185,58 @@ def _rounds_ffn(row_exchange, experts: Callable, k: int, expert_axes: tuple[str,
         axes of ``x`` and ``like`` and over the expert axes (what comes home was exchanged)."""
         return vary_like(jnp.zeros_like(x), x, *like, _me(expert_axes))
 
-    def forward(tokens, params, order, counts_all, rounds):
+    def send(tree, layout):
+        return jax.tree.map(lambda v: row_exchange.to_experts(v, layout), tree)
+
+    def forward(tokens, params, weights, order, counts_all, rounds, labels):
         rows = rows_of(tokens, order)
         me = _me(expert_axes)
 
         def body(state):
-            r, remaining, out = state
+            r, remaining, out, extra = state
             kept, layout = _round(row_exchange, counts_all, remaining, me)
-            y = experts(row_exchange.to_experts(rows, layout), layout["row_expert"], layout["group_sizes"], params)
-            return r + 1, remaining - kept, row_exchange.to_home(y, out, layout)
+            x = row_exchange.to_experts(rows, layout)
+            y, more = experts(x, send(weights, layout), send(labels, layout), layout, params)
+            return r + 1, remaining - kept, row_exchange.to_home(y, out, layout), extra + more
 
-        state = (jnp.zeros((), jnp.int32), counts_all, carry_like(rows, counts_all))
-        return jax.lax.while_loop(lambda s: s[0] < rounds, body, state)[2]
+        extra = carry_like(jnp.zeros((2,), jnp.int32), rows, counts_all)
+        state = (jnp.zeros((), jnp.int32), counts_all, carry_like(rows, counts_all), extra)
+        _, _, out, extra = jax.lax.while_loop(lambda s: s[0] < rounds, body, state)
+        return out, extra
 
     @jax.custom_vjp
-    def run(tokens, params, order, counts_all, rounds):
-        return forward(tokens, params, order, counts_all, rounds)
+    def run(tokens, params, weights, order, counts_all, rounds, labels):
+        return forward(tokens, params, weights, order, counts_all, rounds, labels)
 
-    def run_fwd(tokens, params, order, counts_all, rounds):
-        return forward(tokens, params, order, counts_all, rounds), (tokens, params, order, counts_all, rounds)
+    def run_fwd(tokens, params, weights, order, counts_all, rounds, labels):
+        res = (tokens, params, weights, order, counts_all, rounds, labels)
+        return forward(*res), res
 
-    def run_bwd(res, d_out):
-        tokens, params, order, counts_all, rounds = res
+    def run_bwd(res, cotangents):
+        tokens, params, weights, order, counts_all, rounds, labels = res
+        d_out = cotangents[0]  # [A, d]; the int extra has none
         rows = rows_of(tokens, order)
         me = _me(expert_axes)
 
         def body(state):
-            r, remaining, d_rows, d_params = state
+            r, remaining, d_rows, d_weights, d_params = state
             kept, layout = _round(row_exchange, counts_all, remaining, me)
             x = row_exchange.to_experts(rows, layout)  # [R, d]
             dy = row_exchange.to_experts(d_out, layout)  # [R, d]: 0 on rows past the groups
-            ffn = functools.partial(experts, row_expert=layout["row_expert"], group_sizes=layout["group_sizes"])
-            _, pull = jax.vjp(lambda x, p: ffn(x, p=p), x, params)
-            dx, dp = pull(dy.astype(x.dtype))
+            held = send(labels, layout)
+            ffn = lambda x, w, p: experts(x, w, held, layout, p)  # noqa: E731
+            _, pull, _ = jax.vjp(ffn, x, send(weights, layout), params, has_aux=True)
+            dx, dw, dp = pull(dy.astype(x.dtype))
+            d_weights = jax.tree.map(lambda acc, g: row_exchange.to_home(g, acc, layout), d_weights, dw)
             d_params = jax.tree.map(jnp.add, d_params, dp)
-            return r + 1, remaining - kept, row_exchange.to_home(dx, d_rows, layout), d_params
+            return r + 1, remaining - kept, row_exchange.to_home(dx, d_rows, layout), d_weights, d_params
 
         d_params = jax.tree.map(lambda p: vary_like(jnp.zeros_like(p), p), params)
-        state = (jnp.zeros((), jnp.int32), counts_all, carry_like(rows, counts_all, d_out), d_params)
-        _, _, d_rows, d_params = jax.lax.while_loop(lambda s: s[0] < rounds, body, state)
+        d_weights = jax.tree.map(lambda w: carry_like(w, counts_all, d_out), weights)
+        state = (jnp.zeros((), jnp.int32), counts_all, carry_like(rows, counts_all, d_out), d_weights, d_params)
+        _, _, d_rows, d_weights, d_params = jax.lax.while_loop(lambda s: s[0] < rounds, body, state)
         d_tokens = jnp.zeros_like(tokens).at[order // k].add(d_rows.astype(tokens.dtype))  # [T_l, d]
-        return d_tokens, d_params, None, None, None
+        return d_tokens, d_params, d_weights, None, None, None, None
 
     run.defvjp(run_fwd, run_bwd)
     return run

@@ -36,7 +36,7 @@ from jmoe.platform import Registry
 Array = jax.Array
 
 
-def fit_to_buffer(counts: Array, buffer_rows: int) -> Array:
+def fit_to_buffer(counts: Array, buffer_rows: int, costs: Array | None = None) -> Array:
     """Rows kept by a receive buffer of ``buffer_rows`` rows: a common cap per chunk.
 
     ``counts[i, e]``: rows source i sends to my local expert e ([n_src, E_l]). When they
@@ -50,22 +50,29 @@ def fit_to_buffer(counts: Array, buffer_rows: int) -> Array:
 
     So a cold expert behind a hot one keeps its rows, no source is always the one cut,
     and a source keeps the first ``kept[i, e]`` of its rows for expert e (its sorted order).
+
+    ``costs [E_l]`` (None: all 1): a row of column e takes ``costs[e]`` units of the buffer
+    (the node exchange's rows carry ``costs[e]`` assignments): a chunk keeps up to L units,
+    ``min(counts, L // costs)`` rows, and ``sum kept * costs <= buffer_rows``. Every round
+    keeps at least one row while any is left, as long as ``buffer_rows >= max(costs)``.
     """
     n_src, e_l = counts.shape
     flat = counts.T.reshape(-1).astype(jnp.int32)  # [E_l * n_src], (expert, source) order
-    fits = lambda level: jnp.sum(jnp.minimum(flat, level)) <= buffer_rows  # noqa: E731
+    cost = jnp.ones_like(flat) if costs is None else jnp.repeat(jnp.asarray(costs, jnp.int32), n_src)  # [E_l * n_src]
+    capped_at = lambda level: jnp.minimum(flat, level // cost)  # noqa: E731
+    fits = lambda level: jnp.sum(capped_at(level) * cost) <= buffer_rows  # noqa: E731
 
     def bisect(_, bounds):  # invariant: fits(lo); the level is in [lo, hi]
         lo, hi = bounds
         mid = (lo + hi + 1) // 2
         return jnp.where(fits(mid), mid, lo), jnp.where(fits(mid), hi, mid - 1)
 
-    top = jnp.max(flat)
+    top = jnp.max(flat * cost)
     level, _ = jax.lax.fori_loop(0, 32, bisect, (jnp.zeros_like(top), top))  # zeros_like: same mesh type
-    capped = jnp.minimum(flat, level)  # [E_l * n_src]
-    cut = flat > level
-    spare = buffer_rows - jnp.sum(capped)
-    extra = cut & (jnp.cumsum(cut) <= spare)  # one more row for the first `spare` cut chunks
+    capped = capped_at(level)  # [E_l * n_src]
+    cut = flat > capped
+    spare = buffer_rows - jnp.sum(capped * cost)
+    extra = cut & (jnp.cumsum(cut * cost) <= spare)  # one more row for the first cut chunks that fit
     kept = capped + extra.astype(jnp.int32)
     return kept.reshape(e_l, n_src).T.astype(counts.dtype)
 

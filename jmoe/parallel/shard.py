@@ -34,6 +34,7 @@ from jmoe.compat import shard_map
 from jmoe.experts import expert_ffn
 from jmoe.parallel.capacity_exchange import exchange_experts
 from jmoe.parallel.dropless_exchange import dropless_exchange_experts
+from jmoe.parallel.node_exchange import node_exchange_experts
 from jmoe.parallel.mesh import MeshAxes, check_mesh, is_explicit
 from jmoe.parallel.placement import expert_param_specs, shared_param_specs
 from jmoe.routing.plan import RoutingPlan
@@ -73,13 +74,20 @@ class MeshExchange:
 
     def dropless_experts(self, tokens: Array, token_expert: Array, token_weight: Array, params: dict[str, Array],
                          activation: str, grouped_matmul: str, num_experts: int) -> tuple[Array, dict[str, Array]]:
-        """[T_l, d] -> (y [T_l, d], {"dropped": assignments not delivered, "rounds": exchange rounds})."""
-        return dropless_exchange_experts(
-            tokens, token_expert, token_weight, params, activation, num_experts=num_experts,
-            expert_axes=self.axes.expert_axes, expert_size=self.axes.expert_size,
-            model_axis=self.axes.model_axis, exchange=self.dropless_exchange, grouped_matmul=grouped_matmul,
-            buffer_factor=self.buffer_factor, overflow=self.overflow, token_axes=self.axes.token_axes,
-        )
+        """[T_l, d] -> (y [T_l, d], {"dropped": assignments not delivered, "rounds": exchange rounds}).
+        ``hierarchical``: one row per (token, node) across ``expert_outer``
+        (:mod:`jmoe.parallel.node_exchange`); else one row per assignment."""
+        options = dict(num_experts=num_experts, model_axis=self.axes.model_axis, exchange=self.dropless_exchange,
+                       grouped_matmul=grouped_matmul, buffer_factor=self.buffer_factor, overflow=self.overflow,
+                       token_axes=self.axes.token_axes)
+        if self.hierarchical:
+            outer, inner = self.axes.expert_axes
+            return node_exchange_experts(tokens, token_expert, token_weight, params, activation, outer_axis=outer,
+                                         inner_axis=inner, outer_size=self.axes.size(outer),
+                                         inner_size=self.axes.size(inner), **options)
+        return dropless_exchange_experts(tokens, token_expert, token_weight, params, activation,
+                                         expert_axes=self.axes.expert_axes, expert_size=self.axes.expert_size,
+                                         **options)
 
     def reduce_aux(self, plan: RoutingPlan, mask: Array | None, exchange_stats: dict[str, Array] | None = None):
         return reduce_aux(plan, mask, self.axes.token_axes, exchange_stats)
