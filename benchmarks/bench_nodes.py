@@ -19,12 +19,9 @@ Per n (its own process) and exchange (flat, node), padded cells, c = the default
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
-import platform
 import re
-import subprocess
 import sys
 
 NODE = 8
@@ -53,9 +50,10 @@ def worker(args) -> dict:
     x, r = jax.random.normal(kx, shape), jax.random.normal(kr, shape)
 
     def make(hierarchical):
-        layer = jmoe.MoE(args.d_model, args.d_ff, num_experts=256, k=8, capacity_factor=None, router="group_limited",
-                         score_function="sigmoid", n_group=8, topk_group=4, normalize=True, routed_scaling_factor=2.5,
-                         router_bias=True, activation="swiglu", mesh=mesh, hierarchical_a2a=hierarchical,
+        router = jmoe.routing.GroupLimited(score_function="sigmoid", n_group=8, topk_group=4, normalize=True,
+                                           routed_scaling_factor=2.5, router_bias=True)
+        layer = jmoe.MoE(args.d_model, args.d_ff, num_experts=256, k=8, capacity_factor=None, router=router,
+                         activation="swiglu", mesh=mesh, hierarchical_a2a=hierarchical,
                          dropless_exchange="padded", deterministic=True, rngs=nnx.Rngs(0))
         parallel.shard_moe_params(layer, mesh)
         return layer
@@ -121,28 +119,12 @@ def main() -> None:
         args.devices = args.devices[0]
         print("RESULT " + json.dumps(worker(args)), flush=True)
         return
-    results = []
-    for n in args.devices:
-        cmd = [sys.executable, __file__, "--worker", "--devices", str(n), "--tokens-per-device",
-               str(args.tokens_per_device), "--d-model", str(args.d_model), "--d-ff", str(args.d_ff),
-               "--iters", str(args.iters)]
-        print(f"== n = {n}", flush=True)
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        sys.stdout.write("\n".join(line for line in proc.stdout.splitlines() if not line.startswith("RESULT ")) + "\n")
-        if proc.returncode != 0:
-            sys.stderr.write(proc.stderr[-3000:])
-            raise SystemExit(f"n = {n} failed (exit code {proc.returncode})")
-        results.append(json.loads(proc.stdout.split("RESULT ", 1)[1]))
-    import jax
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from benchtools import per_device_count, write_record
 
-    record = {"machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
-                          "jax": jax.__version__, "python": platform.python_version(),
-                          "date": datetime.date.today().isoformat()},
-              "args": {k: v for k, v in vars(args).items() if k not in ("worker", "out")}, "results": results}
-    if args.out:
-        os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-        with open(args.out, "w") as fh:
-            json.dump(record, fh, indent=1)
+    worker_args = ["--tokens-per-device", str(args.tokens_per_device), "--d-model", str(args.d_model),
+                   "--d-ff", str(args.d_ff), "--iters", str(args.iters)]
+    write_record(args, per_device_count(__file__, args.devices, worker_args))
 
 
 if __name__ == "__main__":

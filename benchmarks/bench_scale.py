@@ -29,14 +29,11 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import datetime
 import inspect
 import io
 import json
 import os
-import platform
 import re
-import subprocess
 import sys
 
 NODE = 8  # devices per node for the inter-node statistics
@@ -200,29 +197,13 @@ def main() -> None:
         args.devices = args.devices[0]
         print("RESULT " + json.dumps(worker(args)), flush=True)
         return
-    results = []
-    for n in args.devices:
-        cmd = [sys.executable, __file__, "--worker", "--devices", str(n), "--tokens-per-device",
-               str(args.tokens_per_device), "--d-model", str(args.d_model), "--d-ff", str(args.d_ff),
-               "--factors", *map(str, args.factors), "--skews", *map(str, args.skews),
-               "--skew-factor", str(args.skew_factor), "--iters", str(args.iters)] + (["--legacy"] if args.legacy else [])
-        print(f"== n = {n}", flush=True)
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        sys.stdout.write("\n".join(line for line in proc.stdout.splitlines() if not line.startswith("RESULT ")) + "\n")
-        if proc.returncode != 0:
-            sys.stderr.write(proc.stderr[-3000:])
-            raise SystemExit(f"n = {n} failed (exit code {proc.returncode})")
-        results.append(json.loads(proc.stdout.split("RESULT ", 1)[1]))
-    import jax
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from benchtools import per_device_count, write_record
 
-    record = {"machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
-                          "jax": jax.__version__, "python": platform.python_version(),
-                          "date": datetime.date.today().isoformat()},
-              "args": {k: v for k, v in vars(args).items() if k not in ("worker", "out")}, "results": results}
-    if args.out:
-        os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-        with open(args.out, "w") as fh:
-            json.dump(record, fh, indent=1)
+    worker_args = ["--tokens-per-device", str(args.tokens_per_device), "--d-model", str(args.d_model),
+                   "--d-ff", str(args.d_ff), "--factors", *map(str, args.factors), "--skews", *map(str, args.skews),
+                   "--skew-factor", str(args.skew_factor), "--iters", str(args.iters)] + (["--legacy"] if args.legacy else [])
+    write_record(args, per_device_count(__file__, args.devices, worker_args))
 
 
 if __name__ == "__main__":
