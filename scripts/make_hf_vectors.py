@@ -483,7 +483,7 @@ OCR_TEXT = dict(moe_intermediate_size=6, num_hidden_layers=2, n_routed_experts=8
                 routed_scaling_factor=1.5, mlp_layer_types=["dense", "sparse"], pad_token_id=0)
 ROUTERS = ("gate.weight", "gate.wg.weight", "router.weight", "router.layer.weight", "router.gate.weight",
            "block_sparse_moe.router.weight")
-BIASES = ("gate.e_score_correction_bias", "e_score_correction_bias", "expert_bias",
+BIASES = ("gate.e_score_correction_bias", "e_score_correction_bias", "expert_bias", "gate.expert_bias",
           "gate.moe_statics.e_score_correction_bias")
 
 
@@ -493,20 +493,26 @@ def find(module, names):
     return next((tensors[name] for name in names if name in tensors), None)
 
 
-def choice_scores(block, x: torch.Tensor, score: str) -> torch.Tensor:
+def choice_scores(block, x: torch.Tensor, score: str, softcap: float | None = None) -> torch.Tensor:
     """What the block's router takes the top-k of, for tokens x [T, d]: the logits ("logits":
-    softmax or top-k-then-softmax routers), or sigmoid / softmax scores plus the selection bias."""
+    softmax or top-k-then-softmax routers), the logits plus the selection bias ("biased_logits":
+    Kolibri), or sigmoid / softmax scores plus the selection bias; ``softcap``: of the logits first
+    (Laguna)."""
     weight = find(block, ROUTERS)
     logits = torch.nn.functional.linear(x.float(), weight.float())
+    if softcap:
+        logits = softcap * torch.tanh(logits / softcap)
     if score == "logits":
         return logits
+    if score == "biased_logits":
+        return logits + find(block, BIASES).reshape(-1)
     scores = torch.sigmoid(logits) if score == "sigmoid" else torch.softmax(logits, -1)
     bias = find(block, BIASES)
     return scores if bias is None else scores + bias.reshape(-1)
 
 
 def family_case(case, cfg_cls, model_cls, *, layer, seed, block_of=lambda m, i: m.model.layers[i].mlp,
-                score="logits", config=None, **cfg):
+                score="logits", softcap=None, config=None, **cfg):
     """A tiny random model of the family saved, reloaded, and the MoE block of ``layer`` recorded
     on an x [B, S, 16] whose top-k choice has no near-tie (margin > 1e-3 on the router's choice scores)."""
     config = config or cfg_cls(**{**TINY, **cfg})
@@ -521,7 +527,7 @@ def family_case(case, cfg_cls, model_cls, *, layer, seed, block_of=lambda m, i: 
     for s in range(seed + 1, seed + 200):
         x = make_x(d, s)
         with torch.no_grad():
-            margin = top_margin(choice_scores(router, x.reshape(-1, d), score), k)
+            margin = top_margin(choice_scores(router, x.reshape(-1, d), score, softcap), k)
         if margin > 1e-3:
             break
     record(path, block, x, {"layer": layer, "margin": margin})
@@ -698,6 +704,24 @@ NEW.update({  # model types whose transformers block is one of the above (the hu
     "unlimited_ocr_text": lambda: family_case("unlimited_ocr_text", T.UnlimitedOcrTextConfig, T.UnlimitedOcrTextModel,
                                               layer=1, seed=650, block_of=lambda m, i: m.layers[i].mlp,
                                               **OCR_TEXT),
+})
+
+
+NEW.update({  # blocks that needed jmoe's newer options (normalize_epsilon, logit_softcap, bias_on, activations, ...)
+    "lfm2_moe": lambda: family_case("lfm2_moe", T.Lfm2MoeConfig, T.AutoModelForCausalLM, layer=1, seed=660,
+                                    block_of=lambda m, i: m.model.layers[i].feed_forward, score="sigmoid", **QWEN,
+                                    num_dense_layers=1, layer_types=["full_attention"] * 2, routed_scaling_factor=1.5),
+    "laguna": lambda: family_case("laguna", T.LagunaConfig, T.AutoModelForCausalLM, layer=1, seed=670,
+                                  score="sigmoid", softcap=1.5, **QWEN, shared_expert_intermediate_size=12,
+                                  mlp_layer_types=["dense", "sparse"], moe_routed_scaling_factor=1.5,
+                                  moe_router_logit_softcapping=1.5),
+    "kolibri1": lambda: family_case("kolibri1", T.Kolibri1Config, T.AutoModelForCausalLM, layer=0, seed=680,
+                                    score="biased_logits", **dict(QWEN, num_hidden_layers=1),
+                                    shared_expert_intermediate_size=12, norm_topk_prob=True),
+    "kolibri1_1": lambda: family_case("kolibri1_1", T.Kolibri1_1Config, T.AutoModelForCausalLM, layer=1, seed=690,
+                                      score="biased_logits", **QWEN, shared_expert_intermediate_size=12,
+                                      mlp_only_layers=[0], mlp_only_intermediate_size=24, index_topk=4, head_dim=16,
+                                      index_num_heads=1),
 })
 
 

@@ -40,7 +40,8 @@ NEW_FAMILIES = [
     "sarvam_moe", "sarvam_mla", "solar_open", "minicpm5_moe", "glm_moe_dsa", "kimi_linear", "mistral4",
     "mistral_large4_text", "qwen4_exp_text", "qwen3_omni_moe_text", "mellum", "lara_mini", "granitemoehybrid",
     "granitemoe_swa", "qwen3_5_moe", "hy_v3", "minimax_m3_vl_text", "flint", "beam", "dots3_note_text",
-    "openai_privacy_filter", "deepseek_ocr2_text", "unlimited_ocr_text",
+    "openai_privacy_filter", "deepseek_ocr2_text", "unlimited_ocr_text", "lfm2_moe", "laguna", "kolibri1",
+    "kolibri1_1",
 ]
 CASES += [(case, "", None) for case in NEW_FAMILIES]
 
@@ -264,7 +265,8 @@ def test_unsupported_model_type_lists_the_supported(tmp_path):
         hf.moe_kwargs({"model_type": "bert"})
 
 
-@pytest.mark.parametrize("model_type,missing", [("phimoe", "sparsemixer routing"), ("laguna", "a tanh softcap"),
+@pytest.mark.parametrize("model_type,missing", [("inkling_text", "shared experts weighted by the router"),
+                                                ("axk1", "the RMSNorm on the block output"),
                                                 ("nemotron_h", "non-gated squared-ReLU experts"),
                                                 ("jetmoe", "a bias on the block output")])
 def test_a_known_unsupported_family_names_what_it_needs(tmp_path, model_type, missing):

@@ -128,12 +128,12 @@ def fused_pair(gate: str, up: str, name: str, *, interleaved: bool, transposed: 
     return PairRule(gate, up, name, interleaved, transposed, either_layout)
 
 
-def gated_experts(gate: str, up: str, down: str) -> list:
+def gated_experts(gate: str, up: str, down: str, prefix: str = "experts.") -> list:
     """Per-expert SwiGLU weights ``experts.{j}.<gate|up|down>.weight`` (Mixtral's w1/w3/w2,
-    Qwen / DeepSeek / OLMoE's gate_proj / up_proj / down_proj)."""
-    return [per_expert("experts.w_gate", f"experts.{{}}.{gate}.weight"),
-            per_expert("experts.w_in", f"experts.{{}}.{up}.weight"),
-            per_expert("experts.w_out", f"experts.{{}}.{down}.weight")]
+    Qwen / DeepSeek / OLMoE's gate_proj / up_proj / down_proj); ``prefix``: the experts' module."""
+    return [per_expert("experts.w_gate", f"{prefix}{{}}.{gate}.weight"),
+            per_expert("experts.w_in", f"{prefix}{{}}.{up}.weight"),
+            per_expert("experts.w_out", f"{prefix}{{}}.{down}.weight")]
 
 
 def shared_mlp(module: str) -> list:
@@ -656,6 +656,60 @@ def minimax_m3_kwargs(c: dict) -> dict:
     return kwargs
 
 
+def lfm2_kwargs(c: dict) -> dict:
+    """LFM2-MoE: sigmoid scores, the top-k of ``scores + expert_bias`` (``use_expert_bias``),
+    renormalised (``norm_topk_prob``) with epsilon 1e-6, times ``routed_scaling_factor``."""
+    kwargs = sigmoid_top_k(c, bias=bool(c.get("use_expert_bias", True)), normalize=bool(c.get("norm_topk_prob", True)))
+    kwargs["normalize_epsilon"] = 1e-6
+    return kwargs
+
+
+def lfm2_rules(c: dict) -> list:
+    return [*mixtral_rules(c), *([same("selection_bias", "expert_bias")] if c.get("use_expert_bias", True) else [])]
+
+
+def laguna_kwargs(c: dict) -> dict:
+    """Laguna: the router logits softcapped (``c tanh(l / c)``, ``moe_router_logit_softcapping``
+    > 0), then sigmoid + selection bias renormalised (no epsilon), the routed output times
+    ``moe_routed_scaling_factor``; an unweighted shared expert."""
+    if c.get("moe_apply_router_weight_on_input"):
+        raise CheckpointError("laguna: moe_apply_router_weight_on_input=True is not supported (nor by transformers)")
+    kwargs = shared_kwargs(functools.partial(sigmoid_top_k, scale_key="moe_routed_scaling_factor"),
+                           "shared_expert_intermediate_size")(c)
+    kwargs["normalize_epsilon"] = 0.0
+    cap = float(c.get("moe_router_logit_softcapping") or 0.0)
+    if cap > 0:
+        kwargs["logit_softcap"] = cap
+    return kwargs
+
+
+def laguna_dense_reason(c: dict, i: int, stack) -> str | None:  # no mlp_layer_types: the first layer dense
+    types = c.get("mlp_layer_types") or ["dense"] + ["sparse"] * (num_layers(c) - 1)
+    return deepseek_dense_reason(dict(c, mlp_layer_types=types), i, stack)
+
+
+def kolibri_kwargs(c: dict) -> dict:
+    """Kolibri-1: the top-k of ``logits + e_score_correction_bias`` (the bias on the logits), weights
+    the chosen logits' sigmoid, renormalised without epsilon (``norm_topk_prob``); an unweighted
+    shared expert."""
+    kwargs = shared_kwargs(functools.partial(sigmoid_top_k, scale_key=None, normalize=None),
+                           "shared_expert_intermediate_size")(c)
+    kwargs.update(bias_on="logits", normalize_epsilon=0.0)
+    return kwargs
+
+
+def kolibri_dense_reason(c: dict, i: int, stack) -> str | None:  # Kolibri-1.1's default: layers 0 and 1 dense
+    if c.get("model_type") == "kolibri1_1" and c.get("mlp_only_layers") is None:
+        c = dict(c, mlp_only_layers=[j for j in (0, 1) if j < num_layers(c)])
+    return qwen_dense_reason(c, i, stack)
+
+
+def kolibri_rules(c: dict) -> list:  # under model.layers.{i}.: the block's mlp. and the bias's moe.router.
+    return [linear("router_weight", "mlp.gate.weight"), same("selection_bias", "moe.router.expert_bias"),
+            *gated_experts("gate_proj", "up_proj", "down_proj", prefix="mlp.experts."),
+            *shared_mlp("mlp.shared_experts")]
+
+
 def mixtral_rules(c: dict) -> list:
     return [linear("router_weight", "gate.weight"), *gated_experts("w1", "w3", "w2")]
 
@@ -768,6 +822,12 @@ for family in (
     family(("granitemoe", "granitemoeshared", "granitemoehybrid"), granite_kwargs, "", granite_rules),
     family(("granitemoe_swa",), granite_kwargs, "", granite_swa_rules),
     family(("aria_text",), aria_kwargs, "mlp", aria_rules),
+    # sigmoid routers with the newer options: epsilon, softcapped logits, the bias on the logits
+    family(("lfm2_moe",), lfm2_kwargs, "feed_forward", lfm2_rules, afmoe_dense_reason),
+    family(("laguna",), laguna_kwargs, "mlp",
+           routed_rules("gate.weight", same("selection_bias", "experts.e_score_correction_bias"),
+                        shared="shared_expert"), laguna_dense_reason),
+    family(("kolibri1", "kolibri1_1"), kolibri_kwargs, "", kolibri_rules, kolibri_dense_reason),
     Family(("dbrx",), dbrx_kwargs, lambda c, s: ("transformer.blocks.{i}.ffn.",), dbrx_rules,
            layer_count=lambda c, s: int(get(c, "n_layers", "num_hidden_layers", default=0))),
 ):
@@ -781,10 +841,6 @@ SUPPORTED = tuple(FAMILIES)
 MISSING = {
     "phimoe": "sparsemixer routing (Phi-3.5-MoE)",
     "deepseek_v4": "sqrt(softplus) router scores, hash routing by token id and SwiGLU clamped without alpha / +1",
-    "kolibri1": "the selection bias added to the router logits (not the scores)",
-    "kolibri1_1": "the selection bias added to the router logits (not the scores)",
-    "laguna": "a tanh softcap on the router logits",
-    "lfm2_moe": "the renormalisation epsilon 1e-6",
     "hy_v4": "SwiGLU clamped without GPT-OSS's alpha and +1",
     "hy_v4_vl_text": "SwiGLU clamped without GPT-OSS's alpha and +1",
     "glm5_next_text": "SwiGLU clamped without GPT-OSS's alpha and +1",
