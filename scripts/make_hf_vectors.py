@@ -481,6 +481,9 @@ MAX_BYTES = 400_000  # a case's folder (tests/data/hf stays a few MB)
 OCR_TEXT = dict(moe_intermediate_size=6, num_hidden_layers=2, n_routed_experts=8, n_shared_experts=1,
                 num_experts_per_tok=2, n_group=4, topk_group=2, topk_method="group_limited_greedy",
                 routed_scaling_factor=1.5, mlp_layer_types=["dense", "sparse"], pad_token_id=0)
+# HY-V4: DeepSeek-V3's router, SwiGLU clamped without alpha / + 1 (a low limit, so the clamps matter), hyper-connections
+HY_V4 = dict(V3, **MLA, mlp_layer_types=["dense", "sparse"], swiglu_limit=1.0, hc_mult=2, index_topk=4,
+             index_head_dim=8, index_n_heads=2, pad_token_id=0, bos_token_id=1, eos_token_id=2)
 ROUTERS = ("gate.weight", "gate.wg.weight", "router.weight", "router.layer.weight", "router.gate.weight",
            "block_sparse_moe.router.weight")
 BIASES = ("gate.e_score_correction_bias", "e_score_correction_bias", "expert_bias", "gate.expert_bias",
@@ -722,6 +725,12 @@ NEW.update({  # blocks that needed jmoe's newer options (normalize_epsilon, logi
                                       score="biased_logits", **QWEN, shared_expert_intermediate_size=12,
                                       mlp_only_layers=[0], mlp_only_intermediate_size=24, index_topk=4, head_dim=16,
                                       index_num_heads=1),
+    "hy_v4": lambda: family_case("hy_v4", T.HYV4Config, T.AutoModelForCausalLM, layer=1, seed=700, score="sigmoid",
+                                 **HY_V4),
+    "hy_v4_vl_text": lambda: family_case("hy_v4_vl_text", T.HYV4VLTextConfig, T.HYV4VLTextModel, layer=1, seed=710,
+                                         block_of=lambda m, i: m.layers[i].mlp, score="sigmoid", **HY_V4,
+                                         rope_parameters=dict(rope_type="default", rope_theta=10000.0,
+                                                              mrope_section=[0, 1, 1])),
 })
 
 

@@ -710,6 +710,25 @@ def kolibri_rules(c: dict) -> list:  # under model.layers.{i}.: the block's mlp.
             *shared_mlp("mlp.shared_experts")]
 
 
+def limited(kwargs_fn: Callable[[dict], dict], *, name: str = "limited_swiglu", shared: bool = True,
+            limit: Callable[[dict], float] = lambda c: float(need(c, "swiglu_limit"))) -> Callable[[dict], dict]:
+    """``kwargs_fn`` with the SiLU-gated experts clamped by ``limit(c)``: ``name`` is
+    ``limited_swiglu`` (``silu(min(g, L)) * clip(u, -L, L)``: HY-V4, GLM-5-Next) or
+    ``post_limited_swiglu`` (the clamp after the SiLU: Step-3.5 / 3.7); ``shared``: the shared
+    expert clamped alike (else a plain SwiGLU)."""
+    def kwargs(c):
+        out = kwargs_fn(c)
+        plain = out["activation"]
+        if plain != "swiglu":
+            raise CheckpointError(f"{c.get('model_type')}: hidden_act={c.get('hidden_act')!r}; its clamped experts are "
+                                  f"SiLU-gated (jmoe's {name})")
+        out.update(activation=name, swiglu_limit=limit(c))
+        if not shared and "shared_d_ff" in out:
+            out["shared_activation"] = plain
+        return out
+    return kwargs
+
+
 def mixtral_rules(c: dict) -> list:
     return [linear("router_weight", "gate.weight"), *gated_experts("w1", "w3", "w2")]
 
@@ -828,6 +847,11 @@ for family in (
            routed_rules("gate.weight", same("selection_bias", "experts.e_score_correction_bias"),
                         shared="shared_expert"), laguna_dense_reason),
     family(("kolibri1", "kolibri1_1"), kolibri_kwargs, "", kolibri_rules, kolibri_dense_reason),
+    # DeepSeek-V3's router, SwiGLU clamped without GPT-OSS's alpha and + 1
+    family(("hy_v4", "hy_v4_vl_text"), limited(deepseek_kwargs, shared=False), "mlp",
+           lambda c: [linear("router_weight", "gate.weight"), same("selection_bias", "gate.e_score_correction_bias"),
+                      *fused_experts(), linear("shared_expert.w_gate", "shared_experts.linear_gate.weight"),
+                      *shared_mlp("shared_experts")[1:]], deepseek_dense_reason),
     Family(("dbrx",), dbrx_kwargs, lambda c, s: ("transformer.blocks.{i}.ffn.",), dbrx_rules,
            layer_count=lambda c, s: int(get(c, "n_layers", "num_hidden_layers", default=0))),
 ):
@@ -841,8 +865,6 @@ SUPPORTED = tuple(FAMILIES)
 MISSING = {
     "phimoe": "sparsemixer routing (Phi-3.5-MoE)",
     "deepseek_v4": "sqrt(softplus) router scores, hash routing by token id and SwiGLU clamped without alpha / +1",
-    "hy_v4": "SwiGLU clamped without GPT-OSS's alpha and +1",
-    "hy_v4_vl_text": "SwiGLU clamped without GPT-OSS's alpha and +1",
     "glm5_next_text": "SwiGLU clamped without GPT-OSS's alpha and +1",
     "inkling2_text": "softcapped SwiGLU and DeepSeek-V4's router",
     "inkling2_loop_text": "softcapped SwiGLU and DeepSeek-V4's router",
