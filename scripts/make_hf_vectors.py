@@ -731,6 +731,10 @@ NEW.update({  # blocks that needed jmoe's newer options (normalize_epsilon, logi
                                          block_of=lambda m, i: m.layers[i].mlp, score="sigmoid", **HY_V4,
                                          rope_parameters=dict(rope_type="default", rope_theta=10000.0,
                                                               mrope_section=[0, 1, 1])),
+    "glm5_next_text": lambda: family_case("glm5_next_text", T.Glm5NextTextConfig, T.Glm5NextTextModel, layer=1,
+                                          seed=720, block_of=lambda m, i: m.layers[i].mlp, score="sigmoid",
+                                          **dict(HY_V4, index_topk=16, qk_rope_head_dim=0), linear_head_dim=8, linear_num_heads=2,
+                                          num_key_value_heads=2),
 })
 
 

@@ -852,6 +852,7 @@ for family in (
            lambda c: [linear("router_weight", "gate.weight"), same("selection_bias", "gate.e_score_correction_bias"),
                       *fused_experts(), linear("shared_expert.w_gate", "shared_experts.linear_gate.weight"),
                       *shared_mlp("shared_experts")[1:]], deepseek_dense_reason),
+    family(("glm5_next_text",), limited(deepseek_kwargs), "mlp", deepseek_rules, deepseek_dense_reason),
     Family(("dbrx",), dbrx_kwargs, lambda c, s: ("transformer.blocks.{i}.ffn.",), dbrx_rules,
            layer_count=lambda c, s: int(get(c, "n_layers", "num_hidden_layers", default=0))),
 ):
@@ -865,7 +866,6 @@ SUPPORTED = tuple(FAMILIES)
 MISSING = {
     "phimoe": "sparsemixer routing (Phi-3.5-MoE)",
     "deepseek_v4": "sqrt(softplus) router scores, hash routing by token id and SwiGLU clamped without alpha / +1",
-    "glm5_next_text": "SwiGLU clamped without GPT-OSS's alpha and +1",
     "inkling2_text": "softcapped SwiGLU and DeepSeek-V4's router",
     "inkling2_loop_text": "softcapped SwiGLU and DeepSeek-V4's router",
     "inkling_text": "shared experts weighted by the router",
