@@ -485,9 +485,9 @@ OCR_TEXT = dict(moe_intermediate_size=6, num_hidden_layers=2, n_routed_experts=8
 HY_V4 = dict(V3, **MLA, mlp_layer_types=["dense", "sparse"], swiglu_limit=1.0, hc_mult=2, index_topk=4,
              index_head_dim=8, index_n_heads=2, pad_token_id=0, bos_token_id=1, eos_token_id=2)
 ROUTERS = ("gate.weight", "gate.wg.weight", "router.weight", "router.layer.weight", "router.gate.weight",
-           "block_sparse_moe.router.weight")
+           "block_sparse_moe.router.weight", "router.classifier.weight")
 BIASES = ("gate.e_score_correction_bias", "e_score_correction_bias", "expert_bias", "gate.expert_bias",
-          "gate.moe_statics.e_score_correction_bias")
+          "gate.moe_statics.e_score_correction_bias", "router.e_score_correction_bias")
 
 
 def find(module, names):
@@ -735,6 +735,10 @@ NEW.update({  # blocks that needed jmoe's newer options (normalize_epsilon, logi
                                           seed=720, block_of=lambda m, i: m.layers[i].mlp, score="sigmoid",
                                           **dict(HY_V4, index_topk=16, qk_rope_head_dim=0), linear_head_dim=8, linear_num_heads=2,
                                           num_key_value_heads=2),
+    "longcat_flash": lambda: family_case("longcat_flash", T.LongcatFlashConfig, T.AutoModelForCausalLM, layer=0,
+                                         seed=730, score="softmax", **MLA, num_layers=1, ffn_hidden_size=24,
+                                         moe_topk=2, n_routed_experts=8, zero_expert_num=4, expert_ffn_hidden_size=6,
+                                         routed_scaling_factor=1.5),
 })
 
 

@@ -729,6 +729,21 @@ def limited(kwargs_fn: Callable[[dict], dict], *, name: str = "limited_swiglu", 
     return kwargs
 
 
+def longcat_kwargs(c: dict) -> dict:
+    """LongCat-Flash: a softmax over the ``n_routed_experts`` FFN experts and ``zero_expert_num``
+    identity experts (jmoe's ``ZeroExperts``: a chosen one adds ``w x``), the top-k of ``scores +
+    e_score_correction_bias``, weights the unbiased scores, not renormalised, times
+    ``routed_scaling_factor``. transformers' router reads only the classifier's weight (a
+    ``router_bias`` is never added), so jmoe reads only that too."""
+    kwargs = top_k(c, d_ff=("expert_ffn_hidden_size",), k=("moe_topk", "num_experts_per_tok"), normalize=False)
+    kwargs.update(num_experts=need(c, "n_routed_experts"), router="group_limited", score_function="softmax",
+                  n_group=1, topk_group=1, selection_bias=True,
+                  routed_scaling_factor=float(c.get("routed_scaling_factor") or 1.0))
+    if c.get("zero_expert_num"):
+        kwargs["zero_identity"] = c["zero_expert_num"]
+    return kwargs
+
+
 def mixtral_rules(c: dict) -> list:
     return [linear("router_weight", "gate.weight"), *gated_experts("w1", "w3", "w2")]
 
@@ -853,6 +868,9 @@ for family in (
                       *fused_experts(), linear("shared_expert.w_gate", "shared_experts.linear_gate.weight"),
                       *shared_mlp("shared_experts")[1:]], deepseek_dense_reason),
     family(("glm5_next_text",), limited(deepseek_kwargs), "mlp", deepseek_rules, deepseek_dense_reason),
+    # zero-computation (identity) experts routed with the FFN experts
+    family(("longcat_flash",), longcat_kwargs, "mlp",
+           routed_rules("router.classifier.weight", same("selection_bias", "router.e_score_correction_bias"))),
     Family(("dbrx",), dbrx_kwargs, lambda c, s: ("transformer.blocks.{i}.ffn.",), dbrx_rules,
            layer_count=lambda c, s: int(get(c, "n_layers", "num_hidden_layers", default=0))),
 ):
@@ -869,7 +887,6 @@ MISSING = {
     "inkling2_text": "softcapped SwiGLU and DeepSeek-V4's router",
     "inkling2_loop_text": "softcapped SwiGLU and DeepSeek-V4's router",
     "inkling_text": "shared experts weighted by the router",
-    "longcat_flash": "zero-computation (identity) experts",
     "nemotron_h": "non-gated squared-ReLU experts and the latent projection around them",
     "step3p5": "SwiGLU clamped after the activation (per-layer limits)",
     "step3p7": "SwiGLU clamped after the activation (per-layer limits)",
