@@ -739,6 +739,9 @@ NEW.update({  # blocks that needed jmoe's newer options (normalize_epsilon, logi
                                          seed=730, score="softmax", **MLA, num_layers=1, ffn_hidden_size=24,
                                          moe_topk=2, n_routed_experts=8, zero_expert_num=4, expert_ffn_hidden_size=6,
                                          routed_scaling_factor=1.5),
+    "phimoe": lambda: family_case("phimoe", T.PhimoeConfig, T.AutoModelForCausalLM, layer=0, seed=740,
+                                  intermediate_size=6, num_hidden_layers=1, num_local_experts=8,
+                                  num_experts_per_tok=2, router_jitter_noise=0.2),  # eps 0.2: the masks matter
 })
 
 

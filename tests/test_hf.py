@@ -41,7 +41,7 @@ NEW_FAMILIES = [
     "mistral_large4_text", "qwen4_exp_text", "qwen3_omni_moe_text", "mellum", "lara_mini", "granitemoehybrid",
     "granitemoe_swa", "qwen3_5_moe", "hy_v3", "minimax_m3_vl_text", "flint", "beam", "dots3_note_text",
     "openai_privacy_filter", "deepseek_ocr2_text", "unlimited_ocr_text", "lfm2_moe", "laguna", "kolibri1",
-    "kolibri1_1", "hy_v4", "hy_v4_vl_text", "glm5_next_text", "longcat_flash",
+    "kolibri1_1", "hy_v4", "hy_v4_vl_text", "glm5_next_text", "longcat_flash", "phimoe",
 ]
 CASES += [(case, "", None) for case in NEW_FAMILIES]
 

@@ -744,6 +744,19 @@ def longcat_kwargs(c: dict) -> dict:
     return kwargs
 
 
+def phimoe_kwargs(c: dict) -> dict:
+    """Phi-3.5-MoE: SparseMixer's top-2 with ``eps = router_jitter_noise`` (``router="sparsemixer"``;
+    transformers' eval-mode forward: the argmax and a softmax over the logits within 2 eps of it,
+    twice, not renormalised). Train mode differs from transformers' (its sampled routing, Heun's
+    gradient estimator and ``input_jitter_noise`` are not in jmoe)."""
+    kwargs = mixtral_kwargs(c)
+    if kwargs["k"] != 2:
+        raise CheckpointError(f"phimoe: num_experts_per_tok={kwargs['k']}; SparseMixer (and jmoe's) chooses 2")
+    del kwargs["normalize"]  # not a SparseMixer option
+    kwargs.update(router="sparsemixer", jitter_eps=float(need(c, "router_jitter_noise")))
+    return kwargs
+
+
 def mixtral_rules(c: dict) -> list:
     return [linear("router_weight", "gate.weight"), *gated_experts("w1", "w3", "w2")]
 
@@ -871,6 +884,7 @@ for family in (
     # zero-computation (identity) experts routed with the FFN experts
     family(("longcat_flash",), longcat_kwargs, "mlp",
            routed_rules("router.classifier.weight", same("selection_bias", "router.e_score_correction_bias"))),
+    family(("phimoe",), phimoe_kwargs, "block_sparse_moe", mixtral_rules),  # SparseMixer routing on Mixtral's names
     Family(("dbrx",), dbrx_kwargs, lambda c, s: ("transformer.blocks.{i}.ffn.",), dbrx_rules,
            layer_count=lambda c, s: int(get(c, "n_layers", "num_hidden_layers", default=0))),
 ):
@@ -882,7 +896,6 @@ SUPPORTED = tuple(FAMILIES)
 # transformers' MoE model types jmoe.hf does not load yet, and what their block needs
 # (the survey: tests/data/hf/FAMILIES.md)
 MISSING = {
-    "phimoe": "sparsemixer routing (Phi-3.5-MoE)",
     "deepseek_v4": "sqrt(softplus) router scores, hash routing by token id and SwiGLU clamped without alpha / +1",
     "inkling2_text": "softcapped SwiGLU and DeepSeek-V4's router",
     "inkling2_loop_text": "softcapped SwiGLU and DeepSeek-V4's router",
