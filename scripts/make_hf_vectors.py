@@ -484,6 +484,10 @@ OCR_TEXT = dict(moe_intermediate_size=6, num_hidden_layers=2, n_routed_experts=8
 # HY-V4: DeepSeek-V3's router, SwiGLU clamped without alpha / + 1 (a low limit, so the clamps matter), hyper-connections
 HY_V4 = dict(V3, **MLA, mlp_layer_types=["dense", "sparse"], swiglu_limit=1.0, hc_mult=2, index_topk=4,
              index_head_dim=8, index_n_heads=2, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+# Step-3.5 / 3.7: sigmoid + selection bias, the SwiGLU clamped after the activation with per-layer limits (low, so
+# the clamps matter; the shared expert's its own)
+STEP3P5 = dict(QWEN, n_routed_experts=8, share_expert_dim=12, mlp_layer_types=["dense", "sparse"],
+               moe_router_scaling_factor=1.5, swiglu_limits=[0.0, 0.3], swiglu_limits_shared=[0.0, 0.5], pad_token_id=0)
 ROUTERS = ("gate.weight", "gate.wg.weight", "router.weight", "router.layer.weight", "router.gate.weight",
            "block_sparse_moe.router.weight", "router.classifier.weight")
 BIASES = ("gate.e_score_correction_bias", "e_score_correction_bias", "expert_bias", "gate.expert_bias",
@@ -742,6 +746,14 @@ NEW.update({  # blocks that needed jmoe's newer options (normalize_epsilon, logi
     "phimoe": lambda: family_case("phimoe", T.PhimoeConfig, T.AutoModelForCausalLM, layer=0, seed=740,
                                   intermediate_size=6, num_hidden_layers=1, num_local_experts=8,
                                   num_experts_per_tok=2, router_jitter_noise=0.2),  # eps 0.2: the masks matter
+    "step3p5": lambda: family_case("step3p5", T.Step3p7TextConfig, T.Step3p7TextModel, layer=1, seed=750,
+                                   block_of=lambda m, i: m.layers[i].mlp, score="sigmoid", **STEP3P5),
+    "step3p7": lambda: family_case(
+        "step3p7", None, T.Step3p7ForConditionalGeneration, layer=1, seed=760, score="sigmoid",
+        block_of=lambda m, i: m.model.language_model.layers[i].mlp,
+        config=T.Step3p7Config(text_config=dict(TINY, **STEP3P5),
+                               vision_config=dict(hidden_size=16, intermediate_size=16, num_hidden_layers=1,
+                                                  num_attention_heads=2, image_size=28, patch_size=14))),
 })
 
 

@@ -41,7 +41,7 @@ NEW_FAMILIES = [
     "mistral_large4_text", "qwen4_exp_text", "qwen3_omni_moe_text", "mellum", "lara_mini", "granitemoehybrid",
     "granitemoe_swa", "qwen3_5_moe", "hy_v3", "minimax_m3_vl_text", "flint", "beam", "dots3_note_text",
     "openai_privacy_filter", "deepseek_ocr2_text", "unlimited_ocr_text", "lfm2_moe", "laguna", "kolibri1",
-    "kolibri1_1", "hy_v4", "hy_v4_vl_text", "glm5_next_text", "longcat_flash", "phimoe",
+    "kolibri1_1", "hy_v4", "hy_v4_vl_text", "glm5_next_text", "longcat_flash", "phimoe", "step3p5", "step3p7",
 ]
 CASES += [(case, "", None) for case in NEW_FAMILIES]
 
@@ -199,10 +199,10 @@ def test_mesh_equals_one_device(case):
 @pytest.mark.parametrize("case", sorted({c for c, _, _ in CASES}))
 def test_moe_kwargs_builds_a_fresh_layer_of_the_family(case):
     config = json.loads((DATA / case / "config.json").read_text())
-    kwargs = hf.moe_kwargs(config)
+    info = json.loads((DATA / case / ("encoder" if case.startswith("switch") else "") / "case.json").read_text())
+    kwargs = hf.moe_kwargs(config, layer=info["layer"])  # the layer's own options (Step-3.5's per-layer clamps)
     assert {"d_model", "d_ff", "num_experts", "k"} <= set(kwargs)
     fresh = jmoe.MoE(**kwargs, rngs=nnx.Rngs(0))
-    info = json.loads((DATA / case / ("encoder" if case.startswith("switch") else "") / "case.json").read_text())
     loaded = load(case, info["layer"])
     assert jax.tree.map(np.shape, weights(fresh)) == jax.tree.map(np.shape, weights(loaded))
     assert fresh.router == loaded.router and fresh.experts.activation == loaded.experts.activation

@@ -18,14 +18,16 @@ from jmoe.layer import MoE
 from jmoe.options import layer_arguments
 
 
-def moe_kwargs(config: dict) -> dict:
+def moe_kwargs(config: dict, layer: int | None = None) -> dict:
     """The :class:`jmoe.MoE` arguments of a checkpoint's MoE block, from its ``config.json``
     (a dict), so ``jmoe.MoE(**moe_kwargs(config), rngs=nnx.Rngs(0))`` is a fresh layer of that
     family's shape and semantics (``d_model``, ``d_ff``, ``num_experts`` included; a multimodal
     config's ``text_config`` is used). The families that never drop a token
     (transformers computes every choice) are dropless (``capacity_factor=None``); Switch keeps
-    its per-sequence ``expert_capacity``."""
-    return layer_arguments(families.family_of(config.get("model_type")).moe_kwargs(config))
+    its per-sequence ``expert_capacity``. ``layer``: the block of that layer, for a family with
+    per-layer options (Step-3.5's ``swiglu_limits``; without it they must agree across layers)."""
+    family = families.family_of(config.get("model_type"))
+    return layer_arguments(family.moe_kwargs(config if layer is None else family.at_layer(config, layer)))
 
 
 def _stack(family: families.Family, model_type: str, stack: str | None) -> str | None:
@@ -119,7 +121,8 @@ def load_moe(path, layer: int, *, dtype=None, mesh=None, stack: str | None = Non
     family = families.family_of(model_type)
     stack = _stack(family, model_type, stack)
     _check_layer(family, config, layer, stack)
-    kwargs = layer_arguments(family.moe_kwargs(config))  # the family's flat options -> the layer's arguments
+    # the family's flat options (layer's own where they are per layer) -> the layer's arguments
+    kwargs = layer_arguments(family.moe_kwargs(family.at_layer(config, layer)))
     if dtype is not None:
         kwargs.update(dtype=dtype, param_dtype=dtype)
     kwargs.update(mesh=mesh, **overrides)

@@ -10,6 +10,8 @@ All family knowledge of jmoe lives here (the layer knows no model names). A fami
   other names the same weights have been saved under, e.g. Llama 4's text model inside the
   multimodal one as ``language_model.model.`` or ``model.language_model.``);
 * ``dense_reason(config, i)``: why layer i has no MoE block (a dense FFN), or None;
+* ``at_layer(config, i)``: the config with layer i's per-layer options resolved (Step-3.5's
+  ``swiglu_limits``), which ``moe_kwargs`` then reads (default: the config);
 * ``rules``: the tensors, each a :class:`Rule` between one jmoe weight and its hub tensor(s).
 
 jmoe's weights: ``router_weight [d, E]``, ``router_bias [E]``, ``selection_bias [E]`` (float32),
@@ -26,6 +28,7 @@ from typing import Callable
 
 import numpy as np
 
+from jmoe.experts import Activation
 from jmoe.hf.files import CheckpointError
 
 # Switch Transformers' capacity is an absolute number per sequence (config.expert_capacity): jmoe's
@@ -246,6 +249,7 @@ class Family:
     layer_count: Callable[[dict, str | None], int] = lambda config, stack: num_layers(config)
     text_config: Callable[[dict], dict] = lambda config: config
     stacks: tuple[str, ...] = ()
+    at_layer: Callable[[dict, int], dict] = lambda config, i: config
 
 
 def mixtral_kwargs(c: dict) -> dict:
@@ -757,6 +761,44 @@ def phimoe_kwargs(c: dict) -> dict:
     return kwargs
 
 
+STEP3P5_LIMITS = ("swiglu_limits", "swiglu_limits_shared")  # per layer; 0 or absent: no clamp
+
+
+def step3p5_at_layer(c: dict, i: int) -> dict:
+    """Layer i's clamps of Step-3.5 / 3.7 (``swiglu_limits[i]``, ``swiglu_limits_shared[i]``) as
+    one value each."""
+    return dict(c, **{key: [(c.get(key) or [])[i] if i < len(c.get(key) or []) else None] for key in STEP3P5_LIMITS})
+
+
+def step3p5_kwargs(c: dict) -> dict:
+    """Step-3.5 / 3.7: sigmoid + selection bias, renormalised (no epsilon), the routed output times
+    ``moe_router_scaling_factor``; the experts' and the shared expert's SwiGLU clamped after the
+    SiLU (``post_limited_swiglu``) by their layer's ``swiglu_limits`` / ``swiglu_limits_shared``
+    (0 or none: a plain SwiGLU). The limits are per layer: without a layer (``at_layer``) every
+    layer's must be the same."""
+    if c.get("mlp_bias"):
+        raise CheckpointError(f"{c.get('model_type')}: mlp_bias=True gives the shared expert biases, which jmoe's "
+                              f"shared expert does not have")
+    kwargs = shared_kwargs(functools.partial(sigmoid_top_k, scale_key="moe_router_scaling_factor"),
+                           "share_expert_dim")(c)
+    kwargs.update(num_experts=need(c, "n_routed_experts", "num_local_experts"), normalize_epsilon=0.0)
+    if kwargs["activation"] != "swiglu":
+        raise CheckpointError(f"{c.get('model_type')}: hidden_act={c.get('hidden_act')!r}; jmoe.hf reads SiLU experts")
+    limits = []
+    for key in STEP3P5_LIMITS:
+        values = {float(v or 0.0) for v in (c.get(key) or [None])}
+        if len(values) > 1:
+            raise CheckpointError(f"{c.get('model_type')}: {key}={c[key]} differ per layer: give the layer "
+                                  f"(jmoe.hf.moe_kwargs(config, layer=i); load_moe does)")
+        limits.append(values.pop())
+    routed, shared = limits
+    if routed:
+        kwargs.update(activation="post_limited_swiglu", swiglu_limit=routed)
+    if shared != routed and "shared_d_ff" in kwargs:
+        kwargs["shared_activation"] = Activation("post_limited_swiglu", swiglu_limit=shared) if shared else "swiglu"
+    return kwargs
+
+
 def mixtral_rules(c: dict) -> list:
     return [linear("router_weight", "gate.weight"), *gated_experts("w1", "w3", "w2")]
 
@@ -770,12 +812,25 @@ def routed_rules(router: str = "gate.weight", *extra: Rule, shared: str | None =
 
 
 def family(model_types: tuple[str, ...], kwargs: Callable[[dict], dict], module: str, rules: Callable[[dict], list],
-           dense_reason: Callable[[dict, int, str | None], str | None] | None = None) -> Family:
+           dense_reason: Callable[[dict, int, str | None], str | None] | None = None,
+           at_layer: Callable[[dict, int], dict] | None = None) -> Family:
     """A decoder family whose layer i's block is ``module`` (:func:`layer_prefix`), its config the
-    text model's (a multimodal checkpoint's ``text_config`` is read)."""
+    text model's (a multimodal checkpoint's ``text_config`` is read); ``at_layer(text config, i)``:
+    per-layer options resolved (:class:`Family`)."""
     return Family(model_types, on_text(kwargs), layer_prefix(module), on_text(rules),
                   on_text(dense_reason) if dense_reason else (lambda c, i, stack: None),
-                  lambda c, stack: num_layers(text_config(c)), text_config)
+                  lambda c, stack: num_layers(text_config(c)), text_config,
+                  at_layer=(lambda c, i: with_text(c, at_layer(text_config(c), i))) if at_layer else
+                  (lambda c, i: c))
+
+
+def with_text(c: dict, text: dict) -> dict:
+    """``c`` with its text model's config (:func:`text_config`) replaced by ``text``."""
+    if text_config(c) is c:
+        return text
+    if c.get("text_config"):
+        return dict(c, text_config=text)
+    return dict(c, thinker_config=dict(c["thinker_config"], text_config=text))
 
 
 FAMILIES: dict[str, Family] = {}
@@ -885,6 +940,16 @@ for family in (
     family(("longcat_flash",), longcat_kwargs, "mlp",
            routed_rules("router.classifier.weight", same("selection_bias", "router.e_score_correction_bias"))),
     family(("phimoe",), phimoe_kwargs, "block_sparse_moe", mixtral_rules),  # SparseMixer routing on Mixtral's names
+    family(("step3p5",), step3p5_kwargs, "mlp",
+           lambda c: [linear("router_weight", "gate.weight"), same("selection_bias", "gate.e_score_correction_bias"),
+                      *fused_experts(), *shared_mlp("shared_experts")], deepseek_dense_reason, step3p5_at_layer),
+    # Step-3.7's multimodal checkpoint: StepFun's names under model.layers.{i}. (stacked [E, out, in] experts)
+    family(("step3p7",), step3p5_kwargs, "",
+           lambda c: [linear("router_weight", "moe.gate.weight"), same("selection_bias", "moe.router_bias"),
+                      stacked_linear("experts.w_gate", "moe.gate_proj.weight"),
+                      stacked_linear("experts.w_in", "moe.up_proj.weight"),
+                      stacked_linear("experts.w_out", "moe.down_proj.weight"), *shared_mlp("share_expert")],
+           deepseek_dense_reason, step3p5_at_layer),
     Family(("dbrx",), dbrx_kwargs, lambda c, s: ("transformer.blocks.{i}.ffn.",), dbrx_rules,
            layer_count=lambda c, s: int(get(c, "n_layers", "num_hidden_layers", default=0))),
 ):
@@ -901,8 +966,6 @@ MISSING = {
     "inkling2_loop_text": "softcapped SwiGLU and DeepSeek-V4's router",
     "inkling_text": "shared experts weighted by the router",
     "nemotron_h": "non-gated squared-ReLU experts and the latent projection around them",
-    "step3p5": "SwiGLU clamped after the activation (per-layer limits)",
-    "step3p7": "SwiGLU clamped after the activation (per-layer limits)",
     "gemma4_text": "a normalised, scaled router input, per-expert output scales and the norms around the block",
     "gemma4_unified_text": "a normalised, scaled router input, per-expert output scales and the norms around the block",
     "diffusion_gemma_text": "a normalised, scaled router input, per-expert output scales and the norms around the block",
