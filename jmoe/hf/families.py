@@ -961,16 +961,17 @@ SUPPORTED = tuple(FAMILIES)
 # transformers' MoE model types jmoe.hf does not load yet, and what their block needs
 # (the survey: tests/data/hf/FAMILIES.md)
 MISSING = {
-    "deepseek_v4": "sqrt(softplus) router scores, hash routing by token id and SwiGLU clamped without alpha / +1",
-    "inkling2_text": "softcapped SwiGLU and DeepSeek-V4's router",
-    "inkling2_loop_text": "softcapped SwiGLU and DeepSeek-V4's router",
+    "deepseek_v4": "a table entry whose hash layers get the token ids (its sqrt_softplus scores, TokenHash routing "
+                   "and limited_swiglu are in jmoe)",
+    "inkling2_text": "a table entry (softcapped_swiglu and DeepSeek-V4's router pieces are in jmoe)",
+    "inkling2_loop_text": "a table entry (softcapped_swiglu and DeepSeek-V4's router pieces are in jmoe)",
     "inkling_text": "shared experts weighted by the router",
     "nemotron_h": "non-gated squared-ReLU experts and the latent projection around them",
     "gemma4_text": "a normalised, scaled router input, per-expert output scales and the norms around the block",
     "gemma4_unified_text": "a normalised, scaled router input, per-expert output scales and the norms around the block",
     "diffusion_gemma_text": "a normalised, scaled router input, per-expert output scales and the norms around the block",
     "axk1": "the RMSNorm on the block output",
-    "axk2": "excluded groups filled with 0.0 instead of -inf, and its gated norm",
+    "axk2": "its gated norm around the block (excluded_fill='zero' is in jmoe)",
     "muse_spark_text": "the projections and norms around the experts and a per-expert output norm",
     "ergo": "squared-ReLU experts with a per-expert output norm and a normed shared expert",
     "jetmoe": "a bias on the block output",
@@ -978,7 +979,7 @@ MISSING = {
     "doge": "product-key routing with single-neuron experts",
     "nllb-moe": "NLLB's top-2 routing with capacity and second-expert sampling",
     "ernie4_5_vl_moe_text": "modality-isolated text / vision experts (moe_mm_token_type_ids)",
-    "bailing_hybrid": "Step-3.7's experts (SwiGLU clamped after the activation)",
+    "bailing_hybrid": "a table entry (its clamped experts are post_limited_swiglu, in jmoe)",
 }
 
 
