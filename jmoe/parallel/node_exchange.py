@@ -91,8 +91,8 @@ def node_exchange_experts(
     ``(e // (n_i E_l), (e // E_l) % n_i)``); module docstring for the steps.
 
     Returns ``y [T_l, d]`` and ``{"dropped": my assignments not delivered, "rounds": the
-    step's expert passes (int32, the same everywhere), "outer_rows": my rows that crossed
-    the outer axis to another node}``.
+    step's expert passes (int32, the same everywhere)}``; the rows that cross the outer axis
+    are :func:`node_rows`' ``first`` on other nodes.
     """
     if overflow not in OVERFLOWS:
         raise ValueError(f"overflow must be one of {OVERFLOWS}, got {overflow!r}")
@@ -136,9 +136,8 @@ def node_exchange_experts(
     out_sorted, extra = run(tokens, params, carried_weights.astype(jnp.float32), order, counts_all, rounds,
                             carried_ids)  # [A, d] node rows, [2]
     y = dropless.unsort_and_combine(out_sorted, order, first.astype(jnp.float32), tokens.dtype)  # [T_l, d]
-    outer_rows = jnp.sum(first & (node != me)).astype(jnp.int32)
     passes = jax.lax.pmax(extra[1], axes)  # the same on every device already; pmax: typed so
-    return y, {"dropped": outer_dropped + extra[0], "rounds": passes, "outer_rows": outer_rows}
+    return y, {"dropped": outer_dropped + extra[0], "rounds": passes}
 
 
 def _gateway(x: Array, weights: Array, ids: Array, params: dict[str, Array], activation: str, *,
