@@ -2,7 +2,7 @@
 
 from jmoe.balancing import ExpertLoad, SelectionBias, update_selection_biases
 from jmoe.dispatch import BACKENDS
-from jmoe.experts import Activation, ExpertBank, Shared, ZeroExperts
+from jmoe.experts import Activation, ExpertBank, OutputNorm, Shared, ZeroExperts
 from jmoe.layer import MoE, sown_aux
 from jmoe import routing
 from jmoe.routing import RoutingPlan, expert_capacity, experts_choose, tokens_choose
@@ -14,6 +14,7 @@ __all__ = [
     "ExpertLoad",
     "SelectionBias",
     "MoE",
+    "OutputNorm",
     "RoutingPlan",
     "Shared",
     "ZeroExperts",

@@ -60,6 +60,8 @@ def grouped_ffn(rows: Array, row_expert: Array, group_sizes: Array, params: dict
     y = sum_over_model(grouped_matmul(h, params["w_out"], group_sizes, matmul), model_axis)  # [N, d]
     if "b_out" in params:
         y = y + params["b_out"][row_expert]
+    if act.output_norm is not None:
+        y = act.output_norm(y, params["out_norm"])  # [N, d]
     return y
 
 

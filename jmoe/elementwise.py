@@ -17,3 +17,9 @@ def check_softcap(name: str, cap: float | None) -> None:
     """None (no cap) or a finite number > 0, else a ValueError naming ``name``."""
     if cap is not None:
         positive_number(name, cap)
+
+
+def rms_normalize(x: jax.Array, eps: float) -> jax.Array:
+    """``x / sqrt(mean(x^2) + eps)`` over the last axis, in float32 (an RMSNorm without its weight)."""
+    x = x.astype(jnp.float32)
+    return x * jax.lax.rsqrt(jnp.mean(jnp.square(x), axis=-1, keepdims=True) + eps)

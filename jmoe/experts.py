@@ -22,6 +22,9 @@ projection). The activations (:class:`Activation`, one function each in :data:`P
   softcapped_swiglu  cap(g, c_g) * sigmoid(g) * cap(u, c_u)   the sigmoid sees the raw gate
                                                               (Inkling-2)
 
+An activation may carry an :class:`OutputNorm`: an RMSNorm on every expert's output ``y_e``
+before its combine weight (Muse Spark), its weight ``out_norm [d]`` shared by the experts.
+
 Weights are ``[E, d, f]`` and ``[E, f, d]``: each projection is one batched
 matmul over experts, never a Python loop. Each expert is initialised like a
 dense FFN: truncated normal with variance ``1 / fan_in`` per projection.
@@ -35,13 +38,14 @@ the layer takes it as a :class:`Shared` object (``jmoe.MoE(..., shared=Shared(d_
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from jmoe.checks import int_at_least, positive_number
-from jmoe.elementwise import check_softcap, softcap
+from jmoe.elementwise import check_softcap, rms_normalize, softcap
 
 Array = jax.Array
 
@@ -87,17 +91,48 @@ NEEDS_SOFTCAP = ("softcapped_swiglu",)
 
 
 @dataclasses.dataclass(frozen=True)
+class OutputNorm:
+    """An RMSNorm on an expert FFN's output ``y [..., d]`` (after ``w_out`` and ``b_out``, before
+    the combine weight), with one weight ``g = out_norm [d]`` the experts share (a parameter,
+    initialised so that ``offset + g = 1``); eps inside the square root, float32:
+
+        scale_first=False:  y / sqrt(mean(y^2) + eps) * (offset + g)
+        scale_first=True:   y' / sqrt(mean(y'^2) + eps),  y' = y * (offset + g)
+
+    Muse Spark's ``post_expert_norm`` is ``scale_first=True, offset=1.0`` (its input-scaled
+    RMSNorm, the weight stored as ``g``, zero-initialised)."""
+
+    eps: float = 1e-6
+    scale_first: bool = False
+    offset: float = 0.0
+
+    def __post_init__(self):
+        positive_number("OutputNorm.eps", self.eps)
+        if isinstance(self.offset, bool) or not isinstance(self.offset, (int, float)) or not math.isfinite(self.offset):
+            raise ValueError(f"OutputNorm.offset must be a finite number, got {self.offset!r}")
+
+    def __call__(self, y: Array, weight: Array) -> Array:
+        """``y [..., d]`` (any float dtype) and ``weight [d]`` -> the normed ``y``, in y's dtype."""
+        scale = self.offset + weight.astype(jnp.float32)  # [d]
+        if self.scale_first:
+            return rms_normalize(y.astype(jnp.float32) * scale, self.eps).astype(y.dtype)
+        return (rms_normalize(y, self.eps) * scale).astype(y.dtype)
+
+
+@dataclasses.dataclass(frozen=True)
 class Activation:
     """An expert FFN's hidden activation ``h = act(up, gate)`` (static, hashable): ``name`` (the
     module docstring's table) and its options, ``swiglu_alpha`` / ``swiglu_limit``
     (``clamped_swiglu``; the limit also ``limited_swiglu`` / ``post_limited_swiglu``) and ``gate_softcap`` / ``up_softcap``
-    (needed by ``softcapped_swiglu``)."""
+    (needed by ``softcapped_swiglu``); ``output_norm``: an :class:`OutputNorm` on the FFN's output
+    (None: none; an :class:`ExpertBank` then holds its weight ``out_norm [d]``)."""
 
     name: str = "gelu"
     swiglu_alpha: float = 1.702
     swiglu_limit: float = 7.0
     gate_softcap: float | None = None
     up_softcap: float | None = None
+    output_norm: OutputNorm | None = None
 
     def __post_init__(self):
         if self.name not in ACTIVATIONS:
@@ -109,6 +144,8 @@ class Activation:
         if self.name in NEEDS_SOFTCAP and (self.gate_softcap is None or self.up_softcap is None):
             raise ValueError(f"activation {self.name!r} needs gate_softcap and up_softcap > 0: "
                              f"Activation({self.name!r}, gate_softcap=c_g, up_softcap=c_u)")
+        if self.output_norm is not None and not isinstance(self.output_norm, OutputNorm):
+            raise TypeError(f"output_norm must be a jmoe.experts.OutputNorm (or None), got {self.output_norm!r}")
 
     @property
     def gated(self) -> bool:
@@ -147,8 +184,11 @@ class Shared:
             object.__setattr__(self, "activation", as_activation(self.activation))
 
     def activation_for(self, experts: Activation) -> Activation:
-        """Its activation: its own, else the routed experts' ``experts``."""
-        return experts if self.activation is None else self.activation
+        """Its activation: its own, else the routed experts' ``experts`` (without their output norm,
+        whose weight is the experts')."""
+        if self.activation is not None:
+            return self.activation
+        return dataclasses.replace(experts, output_norm=None)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -197,7 +237,8 @@ def expert_ffn(x: Array, params: dict[str, Array], activation: str | Activation,
     Args:
       x: [E, N, d] tokens already dispatched to each expert.
       params: ``w_in [E, d, f]``, ``w_out [E, f, d]``, gated: ``w_gate [E, d, f]``,
-        optional ``b_in [E, f]``, ``b_gate [E, f]`` (gated), ``b_out [E, d]``.
+        optional ``b_in [E, f]``, ``b_gate [E, f]`` (gated), ``b_out [E, d]``; with the
+        activation's ``output_norm``, its weight ``out_norm [d]``.
       model_axis: inside ``shard_map``, the mesh axis the hidden dim f is split over
         (:func:`sum_over_model`), or None.
     Returns:
@@ -216,6 +257,8 @@ def expert_ffn(x: Array, params: dict[str, Array], activation: str | Activation,
     y = sum_over_model(jnp.einsum("enf,efd->end", h, params["w_out"]), model_axis)  # [E, N, d]
     if "b_out" in params:
         y = y + params["b_out"][:, None, :]
+    if act.output_norm is not None:
+        y = act.output_norm(y, params["out_norm"])  # [E, N, d]
     return y
 
 
@@ -273,10 +316,13 @@ class ExpertBank(nnx.Module):
             if activation.gated:
                 self.b_gate = nnx.Param(jnp.zeros((e, f), param_dtype), **meta("b_gate", {}))
             self.b_out = nnx.Param(jnp.zeros((e, d), param_dtype), **meta("b_out", {}))
+        if activation.output_norm is not None:  # offset + g = 1 at init
+            self.out_norm = nnx.Param(jnp.full((d,), 1.0 - activation.output_norm.offset, param_dtype),
+                                      **meta("out_norm", {}))
 
     def params(self) -> dict[str, Array]:
         """The weights as a plain dict (in the compute dtype), for :func:`expert_ffn`."""
-        names = ("w_in", "w_gate", "w_out", "b_in", "b_gate", "b_out")
+        names = ("w_in", "w_gate", "w_out", "b_in", "b_gate", "b_out", "out_norm")
         return {n: getattr(self, n)[...].astype(self.dtype) for n in names if hasattr(self, n)}
 
     def __call__(self, x: Array) -> Array:

@@ -25,6 +25,7 @@ from jmoe.balancing import ExpertLoad, SelectionBias
 from jmoe.compat import in_capture
 from jmoe.experts import Activation, ExpertBank, Shared, SharedExpert, ZeroExperts, as_activation
 from jmoe.forward import Pipeline, moe_forward
+from jmoe.checks import int_at_least
 from jmoe.options import CapacityOptions, DroplessOptions, MeshOptions, check_combination, check_layer
 
 Array = jax.Array
@@ -125,6 +126,16 @@ def check_token_mask(token_mask: Array, x: Array) -> Array:
     return token_mask
 
 
+def check_router_input(router_input: Array, x: Array, width: int) -> Array:
+    """A floating-point array of x's shape with ``width`` for d, else a clear error."""
+    if not jnp.issubdtype(router_input.dtype, jnp.floating):
+        raise ValueError(f"router_input must be floating point, got {router_input.dtype}")
+    if router_input.shape != (*x.shape[:-1], width):
+        raise ValueError(f"router_input must have shape {(*x.shape[:-1], width)} (x's tokens, router_d_model="
+                         f"{width}), got {router_input.shape}")
+    return router_input
+
+
 class MoE(nnx.Module):
     """Sparse Mixture-of-Experts FFN with static-shape capacity routing.
 
@@ -192,6 +203,11 @@ class MoE(nnx.Module):
       grouped_matmul: a dropless layer's grouped matmul, a name of
         :data:`jmoe.grouped_matmul.GROUPED_MATMULS` (``"auto"``: the platform's choice;
         each implementation's module says what it needs and what was measured).
+      router_d_model: the width of the router's own input, for a layer whose router reads
+        another array than its experts (``router_input=`` at the call; a ``router_weight
+        [router_d_model, E]``): Nemotron-H's and Muse Spark's experts read a projection of the
+        hidden state the router reads. None: ``d_model`` (the router reads x, or a
+        ``router_input`` of x's width).
       sow_aux: return y alone and record the aux values as ``nnx.Intermediate`` (a drop-in MLP
         for ``nnx.Sequential``; :func:`sow_aux`): collect them with
         ``nnx.capture(model, nnx.Intermediate)`` (Flax's way) or from the model, and sum them
@@ -235,10 +251,13 @@ class MoE(nnx.Module):
         grouped_matmul: str = "auto",
         dropless_buffer_factor: float | None = None,
         dropless_overflow: str = "rounds",
+        router_d_model: int | None = None,
         sow_aux: bool = False,
         rngs: nnx.Rngs,
     ):
         check_layer(d_model, d_ff, num_experts, dtype, param_dtype)
+        self.router_d_model = d_model if router_d_model is None else router_d_model
+        int_at_least("router_d_model", self.router_d_model, 1)
         self.router = routing.as_router(router, k)
         activation = as_activation(activation)
         if shared is not None and not isinstance(shared, Shared):
@@ -263,7 +282,7 @@ class MoE(nnx.Module):
                                 hierarchical=hierarchical_a2a and parallel.uses_mesh(mesh, axes), shared_d_ff=shared_d_ff)
         placed_on = mesh if self.mesh_options.mesh else None
         sharding = {} if mesh is None else parallel.param_sharding(axes, placed_on)
-        self._init_router_state(rngs, d_model, param_dtype, sharding)
+        self._init_router_state(rngs, d_model, param_dtype, sharding)  # router_weight [router_d_model, E]
         self.experts = ExpertBank(
             num_experts, d_model, d_ff, activation=activation, use_bias=use_bias,
             dtype=dtype, param_dtype=param_dtype, sharding=sharding, rngs=rngs,
@@ -280,7 +299,7 @@ class MoE(nnx.Module):
         """The router's weights (``router_weight [d, E]`` float32, ...: parameters, selection-bias
         state or buffers as the router says), the load a selection bias balances, and the constant
         zero-computation experts' vectors ``zero_constants [constant, d]``."""
-        for name, value in self.router.init_params(rngs.params(), d_model, self.num_choices).items():
+        for name, value in self.router.init_params(rngs.params(), self.router_d_model, self.num_choices).items():
             kind = (SelectionBias if name in self.router.state_params else
                     RouterBuffer if name in self.router.buffers else nnx.Param)
             setattr(self, name, kind(value, **sharding.get(name, {})))
@@ -329,29 +348,39 @@ class MoE(nnx.Module):
 
     def draws(self, groups_shape: tuple[int, ...]) -> dict[str, Array]:
         """The router's random draws for groups ``[G, S, d]`` (none in eval mode), over the
-        global shapes: the mesh path shards them, so it matches one device."""
+        global shapes (the router input's width): the mesh path shards them, so it matches one device."""
         if self.deterministic or self.rngs is None:
             return {}
-        return self.router.draw(self.rngs, groups_shape, self.num_choices)
+        return self.router.draw(self.rngs, (*groups_shape[:2], self.router_d_model), self.num_choices)
 
-    def router_inputs(self, groups_shape: tuple[int, ...], token_ids: Array | None) -> dict[str, Array]:
-        """What the router reads besides the tokens, per token ``[G, S, ...]``: its random draws
-        and, for a router that routes by token id, ``token_ids [G, S]``."""
+    def router_inputs(self, groups_shape: tuple[int, ...], token_ids: Array | None,
+                      router_input: Array | None = None) -> dict[str, Array]:
+        """What the router reads besides the tokens, per token ``[G, S, ...]``: its random draws,
+        for a router that routes by token id ``token_ids [G, S]``, and the router's own input
+        ``router_input [G, S, router_d_model]`` when given (it then routes on it, not on x)."""
+        inputs = self.draws(groups_shape)
+        if router_input is not None:
+            inputs["router_input"] = router_input.reshape(*groups_shape[:2], self.router_d_model)
+        elif self.router_d_model != self.d_model:
+            raise ValueError(f"this layer's router reads an input of its own (router_d_model={self.router_d_model}, "
+                             f"d_model={self.d_model}): call it with router_input= [..., {self.router_d_model}]")
         if not self.router.needs_token_ids:
-            return self.draws(groups_shape)
+            return inputs
         if token_ids is None:
             raise ValueError(f"router={self.router.name!r} routes by token id: call the layer with token_ids= "
                              f"(the input's shape without d, integers)")
         self.router.check_token_ids(token_ids)
-        return {**self.draws(groups_shape), "token_ids": token_ids.reshape(groups_shape[:2])}
+        return {**inputs, "token_ids": token_ids.reshape(groups_shape[:2])}
 
-    def route(self, groups: Array, token_mask: Array | None = None,
-              token_ids: Array | None = None) -> routing.RoutingPlan:
+    def route(self, groups: Array, token_mask: Array | None = None, token_ids: Array | None = None,
+              router_input: Array | None = None) -> routing.RoutingPlan:
         """groups [G, S, d] -> the routing plan (router logits in float32)."""
-        return self.router.route(self.params()["router"], groups, self.router_inputs(groups.shape, token_ids),
-                                 token_mask, self.capacity(groups.shape[1]))
+        return self.router.route(self.params()["router"], groups,
+                                 self.router_inputs(groups.shape, token_ids, router_input), token_mask,
+                                 self.capacity(groups.shape[1]))
 
-    def __call__(self, x: Array, *, token_mask: Array | None = None, token_ids: Array | None = None):
+    def __call__(self, x: Array, *, token_mask: Array | None = None, token_ids: Array | None = None,
+                 router_input: Array | None = None):
         """x [B, S, d] or [T, d] -> (y of x's shape and dtype, aux losses and metrics); with
         ``sow_aux=True`` only y, the aux values sown as ``nnx.Intermediate`` (:func:`sown_aux`).
 
@@ -359,15 +388,20 @@ class MoE(nnx.Module):
         they take no expert slot, get output 0, and are left out of the losses.
         ``token_ids`` (x's shape without d, integers): the tokens' vocabulary ids, for a router
         that routes by them (``TokenHash``); the other routers ignore them.
+        ``router_input`` (x's shape with ``router_d_model`` for d, floating point): what the
+        router reads instead of x (the experts still read x): Gemma 4 routes on the residual
+        stream while its experts read a normed copy; needed when ``router_d_model != d_model``.
         """
         check_input(x, self.d_model)
         if token_mask is not None:
             check_token_mask(token_mask, x)
         if token_ids is not None and token_ids.shape != x.shape[:-1]:
             raise ValueError(f"token_ids must have shape {x.shape[:-1]}, got {token_ids.shape}")
+        if router_input is not None:
+            check_router_input(router_input, x, self.router_d_model)
         group_size = group_size_for(x, self.group_size, not self.deterministic)
         groups_shape = (x.size // (group_size * self.d_model), group_size, self.d_model)  # [G, S, d]
-        router_inputs = self.router_inputs(groups_shape, token_ids)
+        router_inputs = self.router_inputs(groups_shape, token_ids, router_input)
         forward = functools.partial(moe_forward, self._pipeline(group_size))
         mesh, axes = self._mesh_axes(x)
         if parallel.uses_mesh(mesh, axes):  # under shard_map: expert / model parallel, or an explicit mesh

@@ -66,3 +66,72 @@ def test_expert_bank_with_the_activation_matches_a_loop_over_experts(name):
 def test_bad_activation_options_are_clear_errors(make, match):
     with pytest.raises(ValueError, match=match):
         make()
+
+
+# ---------------------------------------------------------------- an RMSNorm on every expert's output
+
+
+def output_norm64(y, g, norm):
+    """The OutputNorm of one expert output y [N, d] in float64."""
+    scale = norm.offset + g
+    if norm.scale_first:
+        y = y * scale
+        return y / np.sqrt(np.mean(y ** 2, -1, keepdims=True) + norm.eps)
+    return y / np.sqrt(np.mean(y ** 2, -1, keepdims=True) + norm.eps) * scale
+
+
+@pytest.mark.parametrize("norm", [jmoe.OutputNorm(1e-6, scale_first=True, offset=1.0), jmoe.OutputNorm(0.3)],
+                         ids=["muse_spark", "plain-large-eps"])
+@pytest.mark.parametrize("capacity_factor", [None, 4.0], ids=["dropless", "capacity"])
+def test_expert_output_norm_matches_float64(norm, capacity_factor):
+    """y = sum_k w_k n(FFN_{e_k}(x)): each expert's output normed (its one shared weight g) before
+    its combine weight; a float64 loop over tokens and choices with the layer's own weights and
+    routing, in both paths (the capacity path's per-expert FFN, the dropless grouped FFN)."""
+    act = Activation("swiglu", output_norm=norm)
+    moe = jmoe.MoE(6, 5, 4, k=2, capacity_factor=capacity_factor, router="tokens_choose", activation=act,
+                   rngs=nnx.Rngs(0))
+    moe.eval()
+    rng = np.random.default_rng(1)
+    moe.experts.out_norm[...] = jnp.asarray(rng.normal(size=6) * 0.5 + (1.0 - norm.offset), jnp.float32)
+    x = jax.random.normal(jax.random.key(2), (2, 7, 6))
+    y, _ = moe(x)
+    plan = moe.route(x)
+    xs = np.asarray(x, np.float64).reshape(-1, 6)
+    p = {n: np.asarray(v, np.float64) for n, v in moe.experts.params().items()}
+    experts = np.asarray(plan.token_expert).reshape(-1, 2)
+    weights = np.asarray(plan.token_weight, np.float64).reshape(-1, 2)
+    want = np.zeros_like(xs)
+    for t in range(len(xs)):
+        for e, w in zip(experts[t], weights[t]):
+            h = silu64(xs[t] @ p["w_gate"][e]) * (xs[t] @ p["w_in"][e])
+            want[t] += w * output_norm64((h @ p["w_out"][e])[None], p["out_norm"], norm)[0]
+    np.testing.assert_allclose(np.asarray(y, np.float64).reshape(-1, 6), want, rtol=1e-5, atol=1e-6)
+    assert not hasattr(jmoe.MoE(6, 5, 4, k=2, activation=act, shared=jmoe.Shared(3), rngs=nnx.Rngs(0)).shared_expert,
+                       "out_norm")  # the experts' norm, not the shared expert's
+
+
+def test_expert_output_norm_on_a_mesh_matches_one_device():
+    """The norm's weight is replicated (no expert dim): on a 2 x 4 (data, expert) mesh, dropless and
+    capacity, the same output as one device."""
+    from jmoe import parallel
+    act = Activation("swiglu", output_norm=jmoe.OutputNorm(1e-6, scale_first=True, offset=1.0))
+    x = jax.random.normal(jax.random.key(4), (8, 4, 6))
+    for capacity_factor in (None, 4.0):
+        def make(mesh=None):
+            moe = jmoe.MoE(6, 5, 8, k=2, capacity_factor=capacity_factor, activation=act, mesh=mesh, rngs=nnx.Rngs(0))
+            moe.experts.out_norm[...] = jnp.linspace(-0.5, 0.5, 6)
+            moe.eval()
+            return moe
+        one = make()(x)[0]
+        ep = make(parallel.make_mesh(data=2, expert=4))
+        assert ep.experts.out_norm[...].sharding.spec == jax.sharding.PartitionSpec(None)
+        np.testing.assert_allclose(np.asarray(ep(x)[0]), np.asarray(one), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("make, match", [
+    (lambda: jmoe.OutputNorm(eps=0.0), "OutputNorm.eps"),
+    (lambda: jmoe.OutputNorm(offset=float("nan")), "OutputNorm.offset"),
+])
+def test_bad_output_norm_options_are_clear_errors(make, match):
+    with pytest.raises(ValueError, match=match):
+        make()

@@ -225,3 +225,85 @@ def test_sparsemixer_needs_k2():
         jmoe.MoE(4, 6, 8, k=1, router="sparsemixer", rngs=nnx.Rngs(0))
     with pytest.raises(ValueError, match="jitter_eps"):
         jmoe.routing.SparseMixer(jitter_eps=0.0)
+
+
+# ---------------------------------------------------------------- the router's own input, its norm, its scales
+
+
+def test_normed_router_input_and_per_expert_scales_match_float64():
+    """Gemma 4's router: logits = (r / sqrt(mean(r^2) + eps) * g / sqrt(d_r)) W, softmax top-k
+    renormalised, each weight times its expert's learned scale ``expert_scale[e]``; r the layer's
+    ``router_input`` (here of another width than x), against float64 with the layer's weights."""
+    d, d_r, eps = 4, 6, 1e-6
+    router = TokensChoose(normalize=True, input_norm_eps=eps, per_expert_scale=True)
+    moe = jmoe.MoE(d, 5, E, k=2, capacity_factor=None, activation="relu", router=router, router_d_model=d_r,
+                   rngs=nnx.Rngs(0))
+    rng = np.random.default_rng(3)
+    moe.router_input_scale[...] = jnp.asarray(rng.normal(size=d_r) + 1.0, jnp.float32)
+    moe.expert_scale[...] = jnp.asarray(rng.uniform(0.2, 3.0, size=E), jnp.float32)
+    moe.router_weight[...] = jnp.asarray(rng.normal(size=(d_r, E)) * 3.0, jnp.float32)
+    x = jax.random.normal(jax.random.key(5), (G, S, d))
+    r = jax.random.normal(jax.random.key(6), (G, S, d_r)) * 3.0
+    y, _ = moe(x, router_input=r)
+    r64 = np.asarray(r, np.float64).reshape(-1, d_r)
+    g, scale = (np.asarray(v[...], np.float64) for v in (moe.router_input_scale, moe.expert_scale))
+    logits = (r64 / np.sqrt(np.mean(r64 ** 2, -1, keepdims=True) + eps) * g / np.sqrt(d_r)) @ np.asarray(
+        moe.router_weight[...], np.float64)
+    p = scores64(logits, "softmax")
+    xs = np.asarray(x, np.float64).reshape(-1, d)
+    w_in, w_out = (np.asarray(getattr(moe.experts, n)[...], np.float64) for n in ("w_in", "w_out"))
+    want = np.zeros_like(xs)
+    for t in range(len(xs)):
+        top = sorted(range(E), key=lambda e: (-p[t, e], e))[:2]
+        for e in top:
+            want[t] += p[t, e] / p[t, top].sum() * scale[e] * np.maximum(xs[t] @ w_in[e], 0.0) @ w_out[e]
+    np.testing.assert_allclose(np.asarray(y, np.float64).reshape(-1, d), want, rtol=1e-5, atol=1e-6)
+    plan = moe.route(x, router_input=r)  # the losses read the unscaled probabilities
+    np.testing.assert_allclose(float(plan.z_loss), np.mean(np.log(np.exp(logits).sum(-1)) ** 2), rtol=1e-5)
+
+
+def test_logit_multiplier_scales_the_logits_every_router_reads():
+    """Muse Spark: logits = m (x W); sigmoid + selection bias renormalised (epsilon 1e-15) x 1.5."""
+    rng = np.random.default_rng(4)
+    x, w, bias = rng.normal(size=(G, S, 4)), rng.normal(size=(4, E)), rng.normal(size=E) * 0.3
+    router = GroupLimited(k=2, score_function="sigmoid", selection_bias=True, normalize=True,
+                          normalize_epsilon=1e-15, routed_scaling_factor=1.5, logit_multiplier=0.7)
+    params = {"router_weight": jnp.asarray(w, jnp.float32), "selection_bias": jnp.asarray(bias, jnp.float32)}
+    plan = router.route(params, jnp.asarray(x, jnp.float32), {}, None, S)
+    experts, weights = group_limited64(0.7 * (x @ w).reshape(-1, E), k=2, score_function="sigmoid", bias=bias,
+                                       bias_on="scores", normalize=True, eps=1e-15, scale=1.5)
+    np.testing.assert_array_equal(np.sort(np.asarray(plan.token_expert).reshape(-1, 2), -1), np.sort(experts, -1))
+    np.testing.assert_allclose(np.sort(np.asarray(plan.token_weight, np.float64).reshape(-1, 2), -1),
+                               np.sort(weights, -1), rtol=1e-5)
+
+
+def test_router_input_on_a_mesh_matches_one_device():
+    """The router's own input travels with the tokens: on a 2 x 4 (data, expert) mesh, the same
+    output as one device; the layer that needs one says so."""
+    router = GroupLimited(score_function="sigmoid", normalize=True, input_norm_eps=1e-6, per_expert_scale=True)
+    x = jax.random.normal(jax.random.key(7), (8, 4, 4))
+    r = jax.random.normal(jax.random.key(8), (8, 4, 6))
+
+    def make(mesh=None):
+        moe = jmoe.MoE(4, 6, E, k=2, capacity_factor=None, router=router, router_d_model=6, mesh=mesh,
+                       rngs=nnx.Rngs(0))
+        moe.expert_scale[...] = jnp.linspace(0.5, 2.0, E)
+        return moe
+
+    one = make()
+    np.testing.assert_allclose(np.asarray(make(parallel.make_mesh(data=2, expert=4))(x, router_input=r)[0]),
+                               np.asarray(one(x, router_input=r)[0]), rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match=r"router reads an input of its own .*router_input="):
+        one(x)
+    with pytest.raises(ValueError, match=r"router_input must have shape \(8, 4, 6\)"):
+        one(x, router_input=x)
+
+
+@pytest.mark.parametrize("make, match", [
+    (lambda: TokensChoose(input_norm_eps=0.0), "input_norm_eps"),
+    (lambda: GroupLimited(logit_multiplier=-1.0), "logit_multiplier"),
+    (lambda: jmoe.MoE(4, 6, E, router_d_model=0, rngs=nnx.Rngs(0)), "router_d_model"),
+])
+def test_bad_router_input_options_are_clear_errors(make, match):
+    with pytest.raises(ValueError, match=match):
+        make()

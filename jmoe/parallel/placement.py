@@ -11,9 +11,11 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from jmoe.parallel.mesh import MeshAxes
 from jmoe.routing import PARAM_NAMES as ROUTER_PARAMS
 
-EXPERT_WEIGHTS = ("w_in", "w_gate", "w_out", "b_in", "b_gate", "b_out")
+EXPERT_WEIGHTS = ("w_in", "w_gate", "w_out", "b_in", "b_gate", "b_out", "out_norm")
+REPLICATED_EXPERT_WEIGHTS = ("out_norm",)  # no expert dim: every device holds it
 SHARED_WEIGHTS = ("w_in", "w_gate", "w_out", "gate_weight")
 SHARED_MODULE = "shared_expert"  # the MoE layer's attribute that holds them
+ROUTER_VECTORS = ("router_bias", "selection_bias", "router_input_scale", "expert_scale")  # 1-D router weights
 
 
 def expert_param_specs(params: dict, mesh) -> dict[str, P]:
@@ -21,13 +23,14 @@ def expert_param_specs(params: dict, mesh) -> dict[str, P]:
 
     ``w_in / w_gate [E, d, f]: P(expert_axes, None, model)``,
     ``w_out [E, f, d]: P(expert_axes, model, None)``,
-    ``b_in / b_gate [E, f]: P(expert_axes, model)``, ``b_out [E, d]: P(expert_axes, None)``.
+    ``b_in / b_gate [E, f]: P(expert_axes, model)``, ``b_out [E, d]: P(expert_axes, None)``,
+    the experts' shared output-norm weight ``out_norm [d]: P(None)`` (replicated).
     """
     axes = mesh if isinstance(mesh, MeshAxes) else MeshAxes.of(mesh)
     e = axes.expert_axes or None
     m = axes.model_axis
     table = {"w_in": P(e, None, m), "w_gate": P(e, None, m), "w_out": P(e, m, None),
-             "b_in": P(e, m), "b_gate": P(e, m), "b_out": P(e, None)}
+             "b_in": P(e, m), "b_gate": P(e, m), "b_out": P(e, None), "out_norm": P(None)}
     return {name: table[name] for name in params}
 
 
@@ -49,7 +52,7 @@ def param_sharding(axes: MeshAxes, mesh=None, shared: bool = False) -> dict[str,
         specs = shared_param_specs(dict.fromkeys(SHARED_WEIGHTS), axes)
     else:
         specs = {**expert_param_specs(dict.fromkeys(EXPERT_WEIGHTS), axes),
-                 **{name: P(None) if name in ("router_bias", "selection_bias") else P(None, None)
+                 **{name: P(None) if name in ROUTER_VECTORS else P(None, None)
                     for name in ROUTER_PARAMS}}
     extra = {} if mesh is None else {"mesh": mesh}
     return {name: {"out_sharding": tuple(spec), **extra} for name, spec in specs.items()}
@@ -76,7 +79,9 @@ def moe_param_spec(path, mesh, shape: tuple[int, ...] | None = None) -> P | None
         names = [k for k in keys[keys.index("experts") + 1:] if k in EXPERT_WEIGHTS]
         if names:
             spec = expert_param_specs({names[0]: None}, mesh)[names[0]]
-            return spec if shape is None else _for_shape(spec, shape, mesh, "/".join(keys))
+            if shape is None or names[0] in REPLICATED_EXPERT_WEIGHTS:
+                return spec if shape is None else P(*([None] * len(shape)))
+            return _for_shape(spec, shape, mesh, "/".join(keys))
     if keys and keys[-1] in ROUTER_PARAMS:
         return P()
     return None

@@ -163,7 +163,7 @@ class GroupLimited(Router):
     are chosen on: "-inf" or "zero"), ``priority`` (who wins a slot over capacity)."""
 
     name = "group_limited"
-    params = ("router_weight", "router_bias", "selection_bias")
+    params = (*Router.params, "selection_bias")
     state_params = ("selection_bias",)
 
     score_function: str = "sigmoid"

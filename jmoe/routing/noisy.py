@@ -288,7 +288,7 @@ class NoisyTopK(Router):
     importance and load losses (coefficients >= 0, the paper's 0.1 by default)."""
 
     name = "noisy_top_k"
-    params = ("router_weight", "router_bias", "noise_weight")
+    params = (*Router.params, "noise_weight")
     extra_losses = ("importance_loss", "load_loss")
 
     priority: str = "choice"

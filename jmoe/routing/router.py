@@ -11,10 +11,18 @@ A router is a frozen dataclass of its options (validated in ``__post_init__``) w
   the *global* ``[G, S, ...]`` shapes (the mesh path shards them over the token axes,
   so a mesh routes exactly as one device);
 * ``route(params, groups, draws, token_mask, capacity) -> RoutingPlan``: done once here:
-  the float32 router input, multiplicative jitter ``x * U(1 - jitter, 1 + jitter)``
-  (Switch), the router matmul ``logits = x W_r`` (``+ b_r`` with ``router_bias=True``,
-  GPT-OSS), with ``logit_softcap=c`` the softcap ``logits = c tanh(logits / c)`` (Laguna);
-  then the subclass's :meth:`Router.plan` from the logits (its losses read the capped ones).
+  the float32 router input r (the tokens x, or ``draws["router_input"] [G, S, d_r]`` when the
+  layer was called with ``router_input=``: Gemma 4 routes on the residual stream while its
+  experts read a normed copy, Nemotron-H / Muse Spark on the hidden state their experts see
+  projected), multiplicative jitter ``r * U(1 - jitter, 1 + jitter)`` (Switch), with
+  ``input_norm_eps=eps`` the RMS-normalised input ``r / sqrt(mean(r^2) + eps) * g / sqrt(d_r)``
+  (Gemma 4; ``g = router_input_scale [d_r]``, a parameter), the router matmul ``logits = r W_r``
+  (``+ b_r`` with ``router_bias=True``, GPT-OSS), times ``logit_multiplier`` (Muse Spark), with
+  ``logit_softcap=c`` the softcap ``logits = c tanh(logits / c)`` (Laguna); then the
+  subclass's :meth:`Router.plan` from the logits (its losses read the capped ones); with
+  ``per_expert_scale=True`` each chosen expert's combine weight times its own learned scale,
+  ``w *= expert_scale[e]`` (``expert_scale [E]``, a parameter; Gemma 4), after the plan's
+  normalisation (the losses read the unscaled probabilities).
 
 ``scale_expert_input=True`` (Llama 4; k = 1): the chosen expert's combine weight
 multiplies its *input* instead of its output, ``y = FFN_e(w * x)``
@@ -35,7 +43,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jmoe.elementwise import check_softcap, softcap
+from jmoe.checks import positive_number
+from jmoe.elementwise import check_softcap, rms_normalize, softcap
 from jmoe.routing.plan import RoutingPlan
 
 Array = jax.Array
@@ -44,13 +53,16 @@ Array = jax.Array
 @dataclasses.dataclass(frozen=True)
 class Router:
     """Options every router has: ``jitter`` (0 disables it), ``router_bias``,
-    ``scale_expert_input``, ``logit_softcap`` (None: no cap); and ``k`` (experts per token, for expert choice the average that
+    ``scale_expert_input``, ``logit_softcap`` (None: no cap), ``input_norm_eps`` (None: the raw
+    input), ``logit_multiplier``, ``per_expert_scale`` (the module docstring's ``route``); and
+    ``k`` (experts per token, for expert choice the average that
     sets the capacity), which is the *layer's*: ``jmoe.MoE(k=...)`` binds its router to it
     (:func:`jmoe.routing.as_router`), so a router object given to the layer leaves ``k`` unset
     (None) or equal to the layer's."""
 
     name: ClassVar[str] = ""
-    params: ClassVar[tuple[str, ...]] = ("router_weight", "router_bias")  # what init_params may return
+    params: ClassVar[tuple[str, ...]] = ("router_weight", "router_bias", "router_input_scale",
+                                         "expert_scale")  # what init_params may return
     state_params: ClassVar[tuple[str, ...]] = ()  # of those, state that no gradient or optimizer touches
     buffers: ClassVar[tuple[str, ...]] = ()  # of those, fixed tables (not parameters, no gradient)
     needs_token_ids: ClassVar[bool] = False  # plan reads draws["token_ids"] [G, S] (the layer's token_ids=)
@@ -63,6 +75,9 @@ class Router:
     router_bias: bool = False
     scale_expert_input: bool = False
     logit_softcap: float | None = None
+    input_norm_eps: float | None = None
+    logit_multiplier: float = 1.0
+    per_expert_scale: bool = False
 
     def __post_init__(self):
         if self.k is not None and (isinstance(self.k, bool) or not isinstance(self.k, int) or self.k < 1):
@@ -70,6 +85,9 @@ class Router:
         if not 0.0 <= self.jitter < 1.0:
             raise ValueError(f"jitter must be in [0, 1), got {self.jitter}")
         check_softcap("logit_softcap", self.logit_softcap)
+        if self.input_norm_eps is not None:
+            positive_number("input_norm_eps", self.input_norm_eps)
+        positive_number("logit_multiplier", self.logit_multiplier)
         if self.scale_expert_input and not self.supports_input_scaling:
             raise ValueError(f"scale_expert_input=True needs a router whose tokens choose one expert, "
                              f"got router={self.name!r}")
@@ -90,9 +108,14 @@ class Router:
         """Token ids as the router needs them, else a clear error (only for ``needs_token_ids``)."""
 
     def init_params(self, key: Array, d_model: int, num_experts: int) -> dict[str, Array]:
+        """``d_model``: the router input's width (the layer's ``router_d_model``)."""
         params = {"router_weight": nnx.initializers.lecun_normal()(key, (d_model, num_experts), jnp.float32)}
         if self.router_bias:
             params["router_bias"] = jnp.zeros((num_experts,), jnp.float32)  # [E]
+        if self.input_norm_eps is not None:
+            params["router_input_scale"] = jnp.ones((d_model,), jnp.float32)  # [d_r]
+        if self.per_expert_scale:
+            params["expert_scale"] = jnp.ones((num_experts,), jnp.float32)  # [E]
         return params
 
     def draw(self, key_fn: Callable[[], Array], groups_shape: tuple[int, ...], num_experts: int) -> dict[str, Array]:
@@ -104,16 +127,26 @@ class Router:
 
     def route(self, params: dict[str, Array], groups: Array, draws: dict[str, Array], token_mask: Array | None,
               capacity: int) -> RoutingPlan:
-        """groups [G, S, d] -> the routing plan (router logits in float32)."""
-        router_in = groups.astype(jnp.float32)  # [G, S, d]
+        """groups [G, S, d] (and ``draws["router_input"] [G, S, d_r]``, read instead when there) ->
+        the routing plan (router logits in float32; the module docstring's ``route``)."""
+        router_in = draws.get("router_input", groups).astype(jnp.float32)  # [G, S, d_r]
         if "jitter" in draws:
             router_in = router_in * draws["jitter"]
+        if self.input_norm_eps is not None:
+            scale = params["router_input_scale"] * router_in.shape[-1] ** -0.5  # [d_r]
+            router_in = rms_normalize(router_in, self.input_norm_eps) * scale
         logits = router_in @ params["router_weight"]  # [G, S, E] float32
         if "router_bias" in params:
             logits = logits + params["router_bias"]
+        if self.logit_multiplier != 1.0:
+            logits = logits * self.logit_multiplier
         if self.logit_softcap is not None:
             logits = softcap(logits, self.logit_softcap)
-        return self.plan(logits, router_in, params, draws, token_mask, capacity)
+        plan = self.plan(logits, router_in, params, draws, token_mask, capacity)
+        if not self.per_expert_scale:
+            return plan
+        scale = params["expert_scale"].astype(jnp.float32)[plan.token_expert]  # [G, S, K]
+        return plan.replace(token_weight=plan.token_weight * scale)
 
     def expert_inputs(self, groups: Array, plan: RoutingPlan) -> tuple[Array, RoutingPlan]:
         """What the experts read and the plan that combines their outputs: ``groups [G, S, d]`` and

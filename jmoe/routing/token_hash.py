@@ -44,7 +44,7 @@ class TokenHash(Router):
     ``normalize`` / ``normalize_epsilon``, ``routed_scaling_factor``, ``priority``."""
 
     name = "token_hash"
-    params = ("router_weight", "router_bias", "token_experts")
+    params = (*Router.params, "token_experts")
     buffers = ("token_experts",)
     needs_token_ids = True
 
