@@ -519,12 +519,17 @@ def choice_scores(block, x: torch.Tensor, score: str, softcap: float | None = No
 
 
 def family_case(case, cfg_cls, model_cls, *, layer, seed, block_of=lambda m, i: m.model.layers[i].mlp,
-                score="logits", softcap=None, config=None, **cfg):
+                score="logits", softcap=None, config=None, scores_of=None, prepare=None, accept=None, **cfg):
     """A tiny random model of the family saved, reloaded, and the MoE block of ``layer`` recorded
-    on an x [B, S, 16] whose top-k choice has no near-tie (margin > 1e-3 on the router's choice scores)."""
+    on an x [B, S, 16] whose top-k choice has no near-tie (margin > 1e-3 on the router's choice scores;
+    ``scores_of(block, x [T, d])``: those scores, where :func:`choice_scores` does not know the
+    router; ``accept(block, x)``: an x must also pass it). ``prepare(model)``: run on the randomized
+    model before it is saved."""
     config = config or cfg_cls(**{**TINY, **cfg})
     model = getattr(model_cls, "from_config", model_cls)(config)  # an Auto class, or the model class itself
     randomize(model, seed)
+    if prepare is not None:
+        prepare(model)
     bf16_round(model)
     path = save(model, case)
     model = model_cls.from_pretrained(path, dtype=torch.float32, experts_implementation="eager").eval()
@@ -534,8 +539,11 @@ def family_case(case, cfg_cls, model_cls, *, layer, seed, block_of=lambda m, i: 
     for s in range(seed + 1, seed + 200):
         x = make_x(d, s)
         with torch.no_grad():
-            margin = top_margin(choice_scores(router, x.reshape(-1, d), score, softcap), k)
-        if margin > 1e-3:
+            scores = (scores_of(block, x.reshape(-1, d)) if scores_of else
+                      choice_scores(router, x.reshape(-1, d), score, softcap))
+            margin = top_margin(scores, k)
+            accepted = accept is None or accept(block, x.reshape(-1, d))
+        if margin > 1e-3 and accepted:
             break
     record(path, block, x, {"layer": layer, "margin": margin})
     size = sum(f.stat().st_size for f in path.iterdir())
@@ -754,6 +762,144 @@ NEW.update({  # blocks that needed jmoe's newer options (normalize_epsilon, logi
         config=T.Step3p7Config(text_config=dict(TINY, **STEP3P5),
                                vision_config=dict(hidden_size=16, intermediate_size=16, num_hidden_layers=1,
                                                   num_attention_heads=2, image_size=28, patch_size=14))),
+})
+
+
+class LayerFfn(torch.nn.Module):
+    """A decoder layer's whole FFN sub-layer (Gemma 4: its dense MLP and its MoE in parallel, with
+    their norms): the layer run with its attention returning 0 (so the attention sub-layer adds
+    0 and its post-norm of 0 is 0), less its input (the residual). ``layer_scalar`` must be 1."""
+
+    def __init__(self, layer):
+        super().__init__()
+        self.layer = layer
+        layer.self_attn.forward = lambda *args, **kwargs: (torch.zeros_like(kwargs["hidden_states"]), None)
+
+    def forward(self, x):
+        return self.layer(x) - x
+
+
+def unit_layer_scalars(model) -> None:
+    """Gemma 4's per-layer output scalar (a buffer, randomized with the rest) back to 1."""
+    with torch.no_grad():
+        for name, buffer in model.named_buffers():
+            if name.endswith("layer_scalar"):
+                buffer.fill_(1.0)
+
+
+def shifted_biases(shift: float):
+    """``prepare``: every e_score_correction_bias moved by ``shift`` (negative: many biased scores
+    below 0, so what excluded groups are filled with matters)."""
+    def prepare(model):
+        with torch.no_grad():
+            for name, buffer in model.named_buffers():
+                if name.endswith("e_score_correction_bias"):
+                    buffer.add_(shift)
+    return prepare
+
+
+def sigmoid_gate_scores(block, x):  # a router gate returning the (scaled) logits; sigmoid + selection bias
+    return torch.sigmoid(block.gate(x)[0]) + block.gate.e_score_correction_bias
+
+
+def axk2_choice(block, x):
+    """A.X-K2's choice scores as its router makes them: sigmoid + bias, the excluded group's experts 0.0
+    (a tie at the k-th place, between equal 0.0s, would leave the choice to torch.topk: the margin
+    check rejects it)."""
+    gate = block.gate
+    return gate.apply_group_scoring(torch.sigmoid(torch.nn.functional.linear(x, gate.weight))
+                                    + gate.e_score_correction_bias)
+
+
+def axk2_fill_matters(block, x) -> bool:
+    """Some token's choice takes an excluded expert (its 0.0 beats the kept experts' negative scores)."""
+    gate = block.gate
+    biased = torch.sigmoid(torch.nn.functional.linear(x, gate.weight)) + gate.e_score_correction_bias
+    filled = gate.apply_group_scoring(biased)
+    chosen = torch.topk(filled, 2, dim=-1).indices
+    return bool((torch.gather(filled - biased, 1, chosen) != 0).any())
+
+
+GEMMA4 = dict(num_hidden_layers=2, enable_moe_block=True, num_experts=8, top_k_experts=2, moe_intermediate_size=6,
+              hidden_size_per_layer_input=0, vocab_size_per_layer_input=16, global_head_dim=8, sliding_window=8,
+              layer_types=["sliding_attention", "full_attention"], hidden_activation="gelu_pytorch_tanh")
+
+
+def ernie_vl(multimodal: bool = True):
+    """Ernie 4.5-VL's modality-isolated block, the hub's multimodal layout (a one-layer vision tower;
+    ``multimodal=False``: the text model alone, saved in transformers' own names): recorded on x
+    [2, 8, 16] whose tokens 2..4 of the first sequence and 5..7 of the second are vision tokens
+    (moe_mm_token_type_ids 1), the others text."""
+    case, layer, seed = ("ernie4_5_vl_moe", 1, 800) if multimodal else ("ernie4_5_vl_moe_text", 1, 850)
+    text = dict(TINY, num_hidden_layers=2, moe_intermediate_size=[6, 4], moe_num_experts=8, moe_k=2,
+                moe_num_shared_experts=1, mlp_layer_types=["dense", "sparse"],
+                rope_parameters=dict(rope_type="default", rope_theta=10000.0, mrope_section=[1, 1, 2]))
+    if multimodal:
+        model_cls = T.Ernie4_5_VLMoeForConditionalGeneration
+        config = T.Ernie4_5_VLMoeConfig(text_config=text, vision_config=dict(
+            depth=1, hidden_size=16, intermediate_size=16, num_heads=2, patch_size=14, spatial_merge_size=2,
+            temporal_merge_size=2))
+    else:
+        model_cls, config = T.Ernie4_5_VLMoeTextModel, T.Ernie4_5_VLMoeTextConfig(**text)
+    model = model_cls(config)
+    randomize(model, seed)
+    bf16_round(model)
+    path = save(model, case)
+    model = model_cls.from_pretrained(path, dtype=torch.float32, experts_implementation="eager").eval()
+    block = (model.model.language_model if multimodal else model).layers[layer].mlp
+    types = torch.zeros((B, S), dtype=torch.long)
+    types[0, 2:5] = 1
+    types[1, 5:8] = 1
+    for s in range(seed + 1, seed + 200):
+        x = make_x(16, s)
+        with torch.no_grad():
+            margin = min(top_margin(torch.softmax(torch.nn.functional.linear(x.reshape(-1, 16), moe.gate.weight), -1)
+                                    + moe.gate.moe_statics.e_score_correction_bias.reshape(-1), 2)
+                         for moe in (block.text_moe, block.vision_moe))
+        if margin > 1e-3:
+            break
+
+    class WithTypes(torch.nn.Module):
+        def forward(self, x):
+            return block(x, moe_mm_token_type_ids=types)[0]
+
+    record(path, WithTypes(), x, {"layer": layer, "margin": margin})
+    np.save(path / "token_type_ids.npy", types.numpy().astype(np.int32))
+    size = sum(f.stat().st_size for f in path.iterdir())
+    assert size < MAX_BYTES, f"{case}: {size} bytes"
+
+
+NEW.update({  # blocks with norms / projections / a dense branch / a bias around the experts (jmoe.hf.blocks)
+    "gemma4_text": lambda: family_case("gemma4_text", T.Gemma4TextConfig, T.Gemma4ForCausalLM, layer=1, seed=770,
+                                       block_of=lambda m, i: LayerFfn(m.model.layers[i]), prepare=unit_layer_scalars,
+                                       scores_of=lambda b, x: b.layer.router(x)[0], **GEMMA4),
+    "diffusion_gemma_text": lambda: family_case(
+        "diffusion_gemma_text", T.DiffusionGemmaTextConfig, T.DiffusionGemmaEncoderTextModel, layer=1, seed=780,
+        block_of=lambda m, i: LayerFfn(m.layers[i]), prepare=unit_layer_scalars,
+        scores_of=lambda b, x: b.layer.router(x)[0], **{k: v for k, v in GEMMA4.items() if k not in (
+            "enable_moe_block", "hidden_size_per_layer_input", "vocab_size_per_layer_input")}),
+    "axk1": lambda: family_case("axk1", T.AXK1Config, T.AutoModelForCausalLM, layer=1, seed=790, score="sigmoid",
+                                **V3, **MLA, mlp_layer_types=["dense", "sparse"]),
+    "axk2": lambda: family_case("axk2", T.AXK2Config, T.AutoModelForCausalLM, layer=1, seed=810,
+                                prepare=shifted_biases(-0.4), scores_of=axk2_choice, accept=axk2_fill_matters,
+                                **dict(V3, topk_group=3), **MLA, mlp_layer_types=["dense", "sparse"],
+                                gated_norm_rank=4, index_n_heads=2, index_head_dim=8, index_topk=4),
+    "muse_spark_text": lambda: family_case(
+        "muse_spark_text", T.MuseSparkTextConfig, T.MuseSparkTextModel, layer=1, seed=820,
+        block_of=lambda m, i: m.layers[i].mlp, scores_of=sigmoid_gate_scores, num_hidden_layers=2,
+        mlp_layer_types=["dense", "sparse"], moe_intermediate_size=6, moe_hidden_size=10, num_local_experts=8,
+        num_experts_per_tok=2, routed_scaling_factor=1.5, output_multiplier=0.7),
+    "nemotron_h": lambda: family_case(
+        "nemotron_h", T.NemotronHConfig, T.NemotronHForCausalLM, layer=1, seed=830,
+        block_of=lambda m, i: m.model.layers[i].mixer, scores_of=sigmoid_gate_scores,
+        layers_block_type=["full_attention", "moe"], n_routed_experts=8, num_experts_per_tok=2,
+        moe_intermediate_size=6, moe_shared_expert_intermediate_size=12, moe_latent_size=12, n_group=4, topk_group=2,
+        routed_scaling_factor=1.5),
+    "jetmoe": lambda: family_case("jetmoe", T.JetMoeConfig, T.JetMoeForCausalLM, layer=0, seed=840,
+                                  num_hidden_layers=1, intermediate_size=6, num_local_experts=8, num_experts_per_tok=2,
+                                  kv_channels=8, num_key_value_heads=2),
+    "ernie4_5_vl_moe": ernie_vl,
+    "ernie4_5_vl_moe_text": lambda: ernie_vl(multimodal=False),
 })
 
 

@@ -42,6 +42,9 @@ NEW_FAMILIES = [
     "granitemoe_swa", "qwen3_5_moe", "hy_v3", "minimax_m3_vl_text", "flint", "beam", "dots3_note_text",
     "openai_privacy_filter", "deepseek_ocr2_text", "unlimited_ocr_text", "lfm2_moe", "laguna", "kolibri1",
     "kolibri1_1", "hy_v4", "hy_v4_vl_text", "glm5_next_text", "longcat_flash", "phimoe", "step3p5", "step3p7",
+    # blocks with norms / projections / a dense branch / a bias / two expert sets around the experts (jmoe.hf.blocks)
+    "axk1", "axk2", "jetmoe", "muse_spark_text", "nemotron_h", "gemma4_text", "diffusion_gemma_text",
+    "ernie4_5_vl_moe", "ernie4_5_vl_moe_text",
 ]
 CASES += [(case, "", None) for case in NEW_FAMILIES]
 
@@ -61,11 +64,26 @@ def load(case: str, layer: int, stack=None, **kwargs) -> jmoe.MoE:
 
 
 FORWARD = nnx.jit(lambda m, x: m(x))  # one jitted function: layers of one structure (families sharing a block) share a compile
+FORWARD_TYPED = nnx.jit(lambda m, x, types: m(x, token_type_ids=types))  # Ernie 4.5-VL: text / vision tokens
 
 
-def run(moe, x):
-    y, aux = FORWARD(moe, jax.numpy.asarray(x))
+def run(moe, x, token_type_ids=None):
+    if token_type_ids is None:
+        y, aux = FORWARD(moe, jax.numpy.asarray(x))
+    else:
+        y, aux = FORWARD_TYPED(moe, jax.numpy.asarray(x), jax.numpy.asarray(token_type_ids))
     return np.asarray(y), aux
+
+
+def inner(block) -> jmoe.MoE:
+    """The jmoe.MoE of what load_moe returned (itself, or a jmoe.hf.blocks module's ``moe``)."""
+    return getattr(block, "moe", block)
+
+
+def token_types(case: str):
+    """The recorded token types of a modality-isolated case (Ernie 4.5-VL), else None."""
+    path = DATA / case / "token_type_ids.npy"
+    return np.load(path) if path.exists() else None
 
 
 def weights(moe) -> dict:
@@ -77,8 +95,8 @@ def weights(moe) -> dict:
 def test_reproduces_transformers_block_output(case, sub, stack):
     info, x, y_ref = record(case, sub)
     moe = load(case, info["layer"], stack)
-    assert moe.deterministic  # returned in eval mode
-    y, aux = run(moe, x)
+    assert inner(moe).deterministic  # returned in eval mode
+    y, aux = run(moe, x, token_types(case))
     assert y.shape == y_ref.shape and y.dtype == np.float32
     assert rel_err(y, y_ref) <= TOL, (case, rel_err(y, y_ref))
     if case == "switch_transformers":  # the capacity drops transformers made are jmoe's drops too
@@ -202,10 +220,14 @@ def test_moe_kwargs_builds_a_fresh_layer_of_the_family(case):
     info = json.loads((DATA / case / ("encoder" if case.startswith("switch") else "") / "case.json").read_text())
     kwargs = hf.moe_kwargs(config, layer=info["layer"])  # the layer's own options (Step-3.5's per-layer clamps)
     assert {"d_model", "d_ff", "num_experts", "k"} <= set(kwargs)
-    fresh = jmoe.MoE(**kwargs, rngs=nnx.Rngs(0))
-    loaded = load(case, info["layer"])
+    fresh = jmoe.MoE(**kwargs, rngs=nnx.Rngs(0))  # the jmoe.MoE (inside the block, for a jmoe.hf.blocks family)
+    block = load(case, info["layer"])
+    loaded = inner(block)
     assert jax.tree.map(np.shape, weights(fresh)) == jax.tree.map(np.shape, weights(loaded))
     assert fresh.router == loaded.router and fresh.experts.activation == loaded.experts.activation
+    whole = hf.moe_block(config, layer=info["layer"])  # the whole block: the same module as load_moe's
+    assert type(whole) is type(block)
+    assert jax.tree.map(np.shape, weights(whole)) == jax.tree.map(np.shape, weights(block))
 
 
 def test_a_fresh_deepseek_layer_trains():
@@ -266,9 +288,8 @@ def test_unsupported_model_type_lists_the_supported(tmp_path):
 
 
 @pytest.mark.parametrize("model_type,missing", [("inkling_text", "shared experts weighted by the router"),
-                                                ("axk1", "the RMSNorm on the block output"),
-                                                ("nemotron_h", "non-gated squared-ReLU experts"),
-                                                ("jetmoe", "a bias on the block output")])
+                                                ("gemma4_unified_text", "an MoE block: transformers 5.25's Gemma 4 "
+                                                                        "Unified text model has none")])
 def test_a_known_unsupported_family_names_what_it_needs(tmp_path, model_type, missing):
     """transformers' MoE model types jmoe.hf does not load yet say what their block needs
     (tests/data/hf/FAMILIES.md), not just that they are unsupported."""

@@ -1,5 +1,6 @@
-"""``load_moe`` / ``save_moe`` / ``moe_kwargs``: one MoE layer of a Hugging Face checkpoint as a
-:class:`jmoe.MoE` and back. The family tables are in :mod:`jmoe.hf.families`, the files in
+"""``load_moe`` / ``save_moe`` / ``moe_kwargs`` / ``moe_block``: one MoE layer of a Hugging Face
+checkpoint as a :class:`jmoe.MoE` (or the :mod:`jmoe.hf.blocks` module around one, where the block
+holds more) and back. The family tables are in :mod:`jmoe.hf.families`, the files in
 :mod:`jmoe.hf.files`."""
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jmoe.hf import families
+from jmoe.hf import blocks, families
 from jmoe.hf.files import Checkpoint, CheckpointError, checkpoint_dir, read_config, write_tensors
 from jmoe.layer import MoE
 from jmoe.options import layer_arguments
@@ -25,9 +26,24 @@ def moe_kwargs(config: dict, layer: int | None = None) -> dict:
     config's ``text_config`` is used). The families that never drop a token
     (transformers computes every choice) are dropless (``capacity_factor=None``); Switch keeps
     its per-sequence ``expert_capacity``. ``layer``: the block of that layer, for a family with
-    per-layer options (Step-3.5's ``swiglu_limits``; without it they must agree across layers)."""
+    per-layer options (Step-3.5's ``swiglu_limits``; without it they must agree across layers).
+    A family whose block holds more than the experts (:mod:`jmoe.hf.blocks`: Gemma 4's norms and
+    dense MLP, Muse Spark's projections, ...): the ``jmoe.MoE`` inside it (:func:`moe_block`
+    builds the whole block)."""
     family = families.family_of(config.get("model_type"))
     return layer_arguments(family.moe_kwargs(config if layer is None else family.at_layer(config, layer)))
+
+
+def moe_block(config: dict, layer: int | None = None, *, rngs: nnx.Rngs | None = None, **overrides):
+    """A fresh module of the family's MoE block from its ``config.json`` (a dict): the
+    ``jmoe.MoE(**moe_kwargs(config, layer), **overrides)``, or where the block holds more (norms,
+    projections, a dense branch, an output bias, modality-isolated experts) the
+    :mod:`jmoe.hf.blocks` module around it (its ``moe`` attribute); what :func:`load_moe` fills
+    with a checkpoint's weights. ``rngs``: default ``nnx.Rngs(0)``."""
+    family = families.family_of(config.get("model_type"))
+    config = config if layer is None else family.at_layer(config, layer)
+    kwargs = {**layer_arguments(family.moe_kwargs(config)), **overrides}
+    return blocks.build(family.block(config), kwargs, rngs=rngs or nnx.Rngs(0))
 
 
 def _stack(family: families.Family, model_type: str, stack: str | None) -> str | None:
@@ -86,12 +102,19 @@ def _rules(family: families.Family, config: dict, layer: MoE) -> list:
     return [rule for rule in family.rules(config) if _variable(layer, rule.paths[0]) is not None]
 
 
-def load_moe(path, layer: int, *, dtype=None, mesh=None, stack: str | None = None, **overrides) -> MoE:
+def load_moe(path, layer: int, *, dtype=None, mesh=None, stack: str | None = None, **overrides):
     """Layer ``layer``'s MoE block of the Hugging Face checkpoint in folder ``path`` as a
     :class:`jmoe.MoE` with the family's routing, experts, shared experts and the checkpoint's
     weights (only that layer's tensors are read; a sharded checkpoint's other files are not
     opened). In eval mode (``moe.eval()``) its ``y`` is transformers' MoE block output (routed +
     shared experts, no residual); ``aux`` comes with it as for any jmoe layer.
+
+    Where the block holds more than its experts it is the :mod:`jmoe.hf.blocks` module around
+    the ``jmoe.MoE`` (its ``moe`` attribute), called the same way, whose ``y`` is the whole
+    block's output: a :class:`~jmoe.hf.blocks.MoEBlock` (A.X-K1's output norm, JetMoE's output
+    bias, Muse Spark's and Nemotron-H's projections around the experts and Nemotron-H's shared
+    expert, Gemma 4's whole FFN sub-layer: its dense MLP and its MoE with their norms) or a
+    :class:`~jmoe.hf.blocks.ModalityMoE` (Ernie 4.5-VL: ``token_type_ids=``).
 
     Args:
       path: a local checkpoint folder (``config.json`` + ``model.safetensors`` or a sharded
@@ -122,11 +145,9 @@ def load_moe(path, layer: int, *, dtype=None, mesh=None, stack: str | None = Non
     stack = _stack(family, model_type, stack)
     _check_layer(family, config, layer, stack)
     # the family's flat options (layer's own where they are per layer) -> the layer's arguments
-    kwargs = layer_arguments(family.moe_kwargs(family.at_layer(config, layer)))
     if dtype is not None:
-        kwargs.update(dtype=dtype, param_dtype=dtype)
-    kwargs.update(mesh=mesh, **overrides)
-    moe = MoE(rngs=nnx.Rngs(0), **kwargs)  # random weights, all replaced below
+        overrides.update(dtype=dtype, param_dtype=dtype)
+    moe = moe_block(config, layer, mesh=mesh, **overrides)  # random weights, all replaced below
     moe.eval()
     checkpoint = Checkpoint(folder, config)
     prefix = _prefix(family, config, stack, layer, checkpoint.names())
@@ -147,7 +168,7 @@ def load_moe(path, layer: int, *, dtype=None, mesh=None, stack: str | None = Non
                 raise CheckpointError(f"tensor {full!r} has non-finite values (nan or inf)")
             tensors[name] = value
         values = rule.to_jmoe(tensors)
-        for variable, value in zip(variables, values if isinstance(rule, families.PairRule) else (values,)):
+        for variable, value in zip(variables, values if len(rule.paths) > 1 else (values,)):
             _assign(variable, value)
     return moe
 

@@ -12,7 +12,12 @@ All family knowledge of jmoe lives here (the layer knows no model names). A fami
 * ``dense_reason(config, i)``: why layer i has no MoE block (a dense FFN), or None;
 * ``at_layer(config, i)``: the config with layer i's per-layer options resolved (Step-3.5's
   ``swiglu_limits``), which ``moe_kwargs`` then reads (default: the config);
-* ``rules``: the tensors, each a :class:`Rule` between one jmoe weight and its hub tensor(s).
+* ``rules``: the tensors, each a :class:`Rule` between one jmoe weight and its hub tensor(s);
+* ``block(config)``: the pieces a block holds around its ``jmoe.MoE`` (norms, projections, a
+  dense branch, an output bias: a :class:`jmoe.hf.blocks.BlockSpec`; a second expert set by
+  modality: a :class:`jmoe.hf.blocks.ModalitySpec`), or None: the block is the ``jmoe.MoE``
+  itself. With a block, ``moe_kwargs`` describes the ``jmoe.MoE`` inside and the rules' paths
+  start at the block (``moe.experts.w_gate``, ``post_norm.scale``: :func:`within`).
 
 jmoe's weights: ``router_weight [d, E]``, ``router_bias [E]``, ``selection_bias [E]`` (float32),
 ``experts.w_gate / w_in [E, d, f]``, ``experts.w_out [E, f, d]``, ``experts.b_gate / b_in [E, f]``,
@@ -28,7 +33,8 @@ from typing import Callable
 
 import numpy as np
 
-from jmoe.experts import Activation
+from jmoe.experts import Activation, OutputNorm, Shared
+from jmoe.hf.blocks import BlockSpec, ModalitySpec, Norm
 from jmoe.hf.files import CheckpointError
 
 # Switch Transformers' capacity is an absolute number per sequence (config.expert_capacity): jmoe's
@@ -37,7 +43,7 @@ from jmoe.hf.files import CheckpointError
 FIXED_CAPACITY_FACTOR = 1e-9
 
 GATED_ACTIVATIONS = {"silu": "swiglu", "swish": "swiglu", "gelu_pytorch_tanh": "geglu", "gelu_new": "geglu"}
-PLAIN_ACTIVATIONS = {"relu": "relu", "gelu_new": "gelu", "gelu_pytorch_tanh": "gelu"}
+PLAIN_ACTIVATIONS = {"relu": "relu", "gelu_new": "gelu", "gelu_pytorch_tanh": "gelu", "relu2": "relu2"}
 
 
 # ---------------------------------------------------------------- rules: jmoe weight <-> hub tensors
@@ -74,15 +80,17 @@ def linear(path: str, name: str) -> Rule:
     return Rule(path, lambda shape: {name: shape[::-1]}, lambda t: t[name].T, lambda v: {name: v.T})
 
 
-def per_expert(path: str, template: str) -> Rule:
-    """E torch Linear weights ``template.format(j)`` ``[out, in]`` <-> jmoe ``[E, in, out]``."""
+def per_expert(path: str, template: str, first: int = 0) -> Rule:
+    """E torch Linear weights ``template.format(first + j)`` ``[out, in]`` <-> jmoe ``[E, in, out]``
+    (``first``: where this expert set starts in a list the hub numbers on: Ernie 4.5-VL's vision
+    experts follow its text experts)."""
     def hub(shape):
-        return {template.format(j): (shape[2], shape[1]) for j in range(shape[0])}
+        return {template.format(first + j): (shape[2], shape[1]) for j in range(shape[0])}
 
     def to_jmoe(t):
-        return np.stack([t[template.format(j)].T for j in range(len(t))])
+        return np.stack([t[template.format(first + j)].T for j in range(len(t))])
 
-    return Rule(path, hub, to_jmoe, lambda v: {template.format(j): v[j].T for j in range(v.shape[0])})
+    return Rule(path, hub, to_jmoe, lambda v: {template.format(first + j): v[j].T for j in range(v.shape[0])})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -250,6 +258,7 @@ class Family:
     text_config: Callable[[dict], dict] = lambda config: config
     stacks: tuple[str, ...] = ()
     at_layer: Callable[[dict, int], dict] = lambda config, i: config
+    block: Callable[[dict], BlockSpec | ModalitySpec | None] = lambda config: None
 
 
 def mixtral_kwargs(c: dict) -> dict:
@@ -813,15 +822,17 @@ def routed_rules(router: str = "gate.weight", *extra: Rule, shared: str | None =
 
 def family(model_types: tuple[str, ...], kwargs: Callable[[dict], dict], module: str, rules: Callable[[dict], list],
            dense_reason: Callable[[dict, int, str | None], str | None] | None = None,
-           at_layer: Callable[[dict, int], dict] | None = None) -> Family:
+           at_layer: Callable[[dict, int], dict] | None = None,
+           block: Callable[[dict], BlockSpec | ModalitySpec | None] | None = None) -> Family:
     """A decoder family whose layer i's block is ``module`` (:func:`layer_prefix`), its config the
     text model's (a multimodal checkpoint's ``text_config`` is read); ``at_layer(text config, i)``:
-    per-layer options resolved (:class:`Family`)."""
+    per-layer options resolved; ``block(text config)``: the pieces around its ``jmoe.MoE``
+    (:class:`Family`)."""
     return Family(model_types, on_text(kwargs), layer_prefix(module), on_text(rules),
                   on_text(dense_reason) if dense_reason else (lambda c, i, stack: None),
                   lambda c, stack: num_layers(text_config(c)), text_config,
                   at_layer=(lambda c, i: with_text(c, at_layer(text_config(c), i))) if at_layer else
-                  (lambda c, i: c))
+                  (lambda c, i: c), block=on_text(block) if block else (lambda c: None))
 
 
 def with_text(c: dict, text: dict) -> dict:
@@ -831,6 +842,254 @@ def with_text(c: dict, text: dict) -> dict:
     if c.get("text_config"):
         return dict(c, text_config=text)
     return dict(c, thinker_config=dict(c["thinker_config"], text_config=text))
+
+
+# ---------------------------------------------------------------- blocks with pieces around the experts
+# (jmoe.hf.blocks: load_moe returns a MoEBlock / ModalityMoE whose `moe` is the jmoe.MoE)
+
+
+@dataclasses.dataclass(frozen=True)
+class StackedRule:
+    """Several jmoe weights ``paths`` (each ``[...]``) stacked along a new first axis in one hub
+    tensor ``name`` ``[len(paths), ...]`` (Ernie 4.5-VL's text and vision selection biases in one
+    ``moe_statics.e_score_correction_bias [2, E]``)."""
+
+    paths: tuple[str, ...]
+    name: str
+
+    def hub(self, shape: tuple[int, ...]) -> dict[str, tuple[int, ...]]:
+        return {self.name: (len(self.paths), *shape)}
+
+    def to_jmoe(self, tensors: dict[str, np.ndarray]) -> tuple[np.ndarray, ...]:
+        return tuple(tensors[self.name][i] for i in range(len(self.paths)))
+
+    def to_hub(self, *values: np.ndarray) -> dict[str, np.ndarray]:
+        return {self.name: np.stack(values)}
+
+
+def within(module: str, rules: list) -> list:
+    """``rules`` of a ``jmoe.MoE`` as rules of the block whose attribute ``module`` holds it
+    (``experts.w_gate`` -> ``moe.experts.w_gate``)."""
+    def moved(rule):
+        if isinstance(rule, PairRule):
+            return dataclasses.replace(rule, gate=f"{module}.{rule.gate}", up=f"{module}.{rule.up}")
+        if isinstance(rule, StackedRule):
+            return dataclasses.replace(rule, paths=tuple(f"{module}.{p}" for p in rule.paths))
+        return dataclasses.replace(rule, path=f"{module}.{rule.path}")
+    return [moved(rule) for rule in rules]
+
+
+def axk1_block(c: dict) -> BlockSpec:  # A.X-K1: DeepSeek-V3's block, then an RMSNorm on its output
+    return BlockSpec(post_norm=Norm(float(c.get("rms_norm_eps") or 1e-6)))
+
+
+def axk1_rules(c: dict) -> list:
+    """Under ``model.layers.{i}.``: DeepSeek-V3's ``mlp.`` and the layer-level ``post_mlp_layernorm``
+    (where the hub and transformers' save keep it)."""
+    return [*within("moe", [linear("router_weight", "mlp.gate.weight"),
+                            same("selection_bias", "mlp.gate.e_score_correction_bias"),
+                            *gated_experts("gate_proj", "up_proj", "down_proj", prefix="mlp.experts."),
+                            *shared_mlp("mlp.shared_experts")]),
+            same("post_norm.scale", "post_mlp_layernorm.weight")]
+
+
+def axk2_kwargs(c: dict) -> dict:
+    """A.X-K2: DeepSeek-V3's router with the excluded groups' experts filled with 0.0 (so an excluded
+    expert beats a kept one whose biased score is negative; no group step without ``n_group``). Its
+    gated RMSNorm (``post_attention_layernorm``) is the decoder layer's norm before the block, as
+    every family's pre-FFN norm: outside the block."""
+    kwargs = deepseek_kwargs(c)
+    kwargs["excluded_fill"] = "zero"
+    return kwargs
+
+
+def jetmoe_kwargs(c: dict) -> dict:
+    """JetMoE: the top-k logits softmaxed (the softmax renormalised over the k), SwiGLU experts
+    (``activation_function``); the block adds its output ``bias [d]`` (:func:`jetmoe_block`)."""
+    kwargs = top_k(c, d_ff=("intermediate_size",), normalize=True)
+    kwargs["activation"] = activation(c, gated=True, key="activation_function")
+    return kwargs
+
+
+def jetmoe_rules(c: dict) -> list:  # input_linear [E, 2f, d] (gate half first), output_linear [E, d, f], bias [d]
+    return [*within("moe", [linear("router_weight", "router.layer.weight"),
+                            fused_pair("experts.w_gate", "experts.w_in", "input_linear.weight", interleaved=False,
+                                       transposed=True),
+                            stacked_linear("experts.w_out", "output_linear.weight")]),
+            same("bias", "bias")]
+
+
+def muse_spark_kwargs(c: dict) -> dict:
+    """Muse Spark's experts (width ``moe_hidden_size``, each output RMS-normed after scaling by ``1 +
+    g``: ``post_expert_norm``, eps ``post_norm_eps``) and router (on the block's input of
+    ``hidden_size``: logits times ``output_multiplier``, sigmoid + selection bias renormalised with
+    epsilon 1e-15, times ``routed_scaling_factor``)."""
+    kwargs = sigmoid_top_k(c, d_ff=("moe_intermediate_size",))
+    if kwargs["activation"] != "swiglu":
+        raise CheckpointError(f"muse_spark_text: hidden_act={c.get('hidden_act')!r}; jmoe.hf reads SiLU experts")
+    norm = OutputNorm(float(c.get("post_norm_eps") or 1e-8), scale_first=True, offset=1.0)
+    kwargs.update(d_model=need(c, "moe_hidden_size"), router_d_model=need(c, "hidden_size"), normalize_epsilon=1e-15,
+                  activation=Activation("swiglu", output_norm=norm),
+                  logit_multiplier=float(c.get("output_multiplier") or 1.0))
+    return kwargs
+
+
+def muse_spark_block(c: dict) -> BlockSpec:  # pre_expert_proj + its centered norm (1 + g), post_expert_proj
+    return BlockSpec(expert_width=need(c, "moe_hidden_size"), in_norm=Norm(float(c.get("rms_norm_eps") or 1e-5),
+                                                                          offset=1.0))
+
+
+def muse_spark_rules(c: dict) -> list:
+    return [*within("moe", [linear("router_weight", "gate.weight"), same("selection_bias", "gate.e_score_correction_bias"),
+                            *fused_experts(), same("experts.out_norm", "experts.post_expert_norm.weight")]),
+            linear("in_proj.kernel", "pre_expert_proj.weight"), same("in_norm.scale", "pre_expert_norm.weight"),
+            linear("out_proj.kernel", "post_expert_proj.weight")]
+
+
+NEMOTRON_H_LAYERS = {"M": "linear_attention", "E": "moe", "*": "full_attention", "-": "mlp"}
+
+
+def nemotron_h_layer_types(c: dict) -> list[str]:
+    """``layers_block_type`` (or the older ``hybrid_override_pattern``, one letter a layer)."""
+    if c.get("layers_block_type") is not None:
+        return list(c["layers_block_type"])
+    return [NEMOTRON_H_LAYERS.get(ch, ch) for ch in c.get("hybrid_override_pattern") or ""]
+
+
+def nemotron_h_dense_reason(c: dict, i: int, stack) -> str | None:
+    types = nemotron_h_layer_types(c)
+    return None if types[i] == "moe" else f"layers_block_type[{i}] is {types[i]!r}, not 'moe': {types}"
+
+
+def nemotron_h_kwargs(c: dict) -> dict:
+    """Nemotron-H: DeepSeek-V3's router (sigmoid, selection bias, groups by their top-2 sum,
+    norm_topk_prob, scaling) over non-gated squared-ReLU experts (``mlp_hidden_act``); a shared
+    expert of ``moe_shared_expert_intermediate_size`` with the same activation. With
+    ``moe_latent_size`` the experts read the hidden state projected to that width (the router the
+    hidden state itself) and the shared expert is the block's (:func:`nemotron_h_block`)."""
+    if c.get("mlp_bias"):
+        raise CheckpointError("nemotron_h: mlp_bias=True gives the shared expert biases, which jmoe's shared expert "
+                              "does not have")
+    kwargs = deepseek_kwargs(c)
+    kwargs.pop("shared_d_ff", None)
+    kwargs["activation"] = activation(c, gated=False, key="mlp_hidden_act", default="relu2")
+    latent = c.get("moe_latent_size")
+    if latent:
+        kwargs.update(d_model=latent, router_d_model=need(c, "hidden_size"))
+    else:
+        kwargs["shared_d_ff"] = need(c, "moe_shared_expert_intermediate_size")
+    return kwargs
+
+
+def nemotron_h_block(c: dict) -> BlockSpec | None:  # the latent projections, the shared expert on the hidden state
+    latent = c.get("moe_latent_size")
+    if not latent:
+        return None
+    return BlockSpec(expert_width=latent, shared=Shared(need(c, "moe_shared_expert_intermediate_size")))
+
+
+def nemotron_h_rules(c: dict) -> list:
+    routed = [linear("router_weight", "gate.weight"), same("selection_bias", "gate.e_score_correction_bias"),
+              per_expert("experts.w_in", "experts.{}.up_proj.weight"),
+              per_expert("experts.w_out", "experts.{}.down_proj.weight")]
+    shared = [linear("shared_expert.w_in", "shared_experts.up_proj.weight"),
+              linear("shared_expert.w_out", "shared_experts.down_proj.weight")]
+    if not c.get("moe_latent_size"):
+        return routed + shared  # the jmoe.MoE's own shared expert
+    return [*within("moe", routed), *shared, linear("in_proj.kernel", "fc1_latent_proj.weight"),
+            linear("out_proj.kernel", "fc2_latent_proj.weight")]
+
+
+def nemotron_h_prefix(c: dict, stack) -> tuple[str, ...]:  # the hub's backbone., transformers' in-memory model.
+    return ("backbone.layers.{i}.mixer.", "model.layers.{i}.mixer.")
+
+
+def gemma4_kwargs(c: dict) -> dict:
+    """Gemma 4's MoE: softmax top-k renormalised, each weight times its expert's
+    ``per_expert_scale``; the router reads the block's input RMS-normed (no weight), times its
+    ``scale`` and ``hidden_size**-0.5``; GeGLU experts (``hidden_activation``)."""
+    return dict(d_model=need(c, "hidden_size"), d_ff=need(c, "moe_intermediate_size"), num_experts=need(c, "num_experts"),
+                k=need(c, "top_k_experts"), activation=activation(c, gated=True, key="hidden_activation"),
+                router="tokens_choose", normalize=True, input_norm_eps=float(c.get("rms_norm_eps") or 1e-6),
+                per_expert_scale=True, capacity_factor=None)
+
+
+def gemma4_block(c: dict) -> BlockSpec:
+    """Gemma 4's FFN sub-layer: the dense MLP (``pre_feedforward_layernorm``, ``mlp``,
+    ``post_feedforward_layernorm_1``) and the MoE (``pre_feedforward_layernorm_2`` on the experts'
+    input, ``post_feedforward_layernorm_2``) in parallel, ``post_feedforward_layernorm`` over the
+    sum. The MLP is twice as wide on a KV-shared layer with ``use_double_wide_mlp`` (:func:`gemma4_at_layer`)."""
+    norm = Norm(float(c.get("rms_norm_eps") or 1e-6))
+    mlp = Shared(need(c, "intermediate_size"), activation=activation(c, gated=True, key="hidden_activation"))
+    return BlockSpec(in_norm=norm, out_norm=norm, shared=mlp, shared_in_norm=norm, shared_out_norm=norm, post_norm=norm)
+
+
+def gemma4_at_layer(c: dict, i: int) -> dict:
+    """Layer i's dense MLP width: doubled on the KV-shared layers (the last ``num_kv_shared_layers``)
+    with ``use_double_wide_mlp``."""
+    shared = i >= num_layers(c) - (c.get("num_kv_shared_layers") or 0)
+    if c.get("use_double_wide_mlp") and shared:
+        return dict(c, intermediate_size=2 * need(c, "intermediate_size"))
+    return c
+
+
+def gemma4_dense_reason(c: dict, i: int, stack) -> str | None:
+    return None if c.get("enable_moe_block") else "enable_moe_block is false: no layer of this model has experts"
+
+
+def gemma4_rules(c: dict) -> list:  # under model.layers.{i}.: the router, experts, mlp and the five norms
+    return [*within("moe", [linear("router_weight", "router.proj.weight"), same("router_input_scale", "router.scale"),
+                            same("expert_scale", "router.per_expert_scale"), *fused_experts()]),
+            same("in_norm.scale", "pre_feedforward_layernorm_2.weight"),
+            same("out_norm.scale", "post_feedforward_layernorm_2.weight"),
+            *shared_mlp("mlp"), same("shared_in_norm.scale", "pre_feedforward_layernorm.weight"),
+            same("shared_out_norm.scale", "post_feedforward_layernorm_1.weight"),
+            same("post_norm.scale", "post_feedforward_layernorm.weight")]
+
+
+def ernie_vl_sizes(c: dict) -> tuple[int, int]:
+    sizes = need(c, "moe_intermediate_size")
+    sizes = sizes if isinstance(sizes, list) else [sizes, sizes]
+    if len(sizes) != 2:
+        raise CheckpointError(f"ernie4_5_vl_moe: moe_intermediate_size={sizes}; jmoe.hf reads [text, vision]")
+    return sizes[0], sizes[1]
+
+
+def ernie_vl_kwargs(c: dict) -> dict:
+    """Ernie 4.5-VL's text experts (:func:`ernie_kwargs`'s router: softmax + selection bias,
+    renormalised) of ``moe_intermediate_size[0]``; the vision experts and the shared experts are the
+    block's (:func:`ernie_vl_block`)."""
+    text, _ = ernie_vl_sizes(c)
+    return ernie_kwargs(dict(c, moe_intermediate_size=text, moe_num_shared_experts=0))
+
+
+def ernie_vl_block(c: dict) -> ModalitySpec:  # vision experts of moe_intermediate_size[1]; shared experts
+    text, vision = ernie_vl_sizes(c)
+    shared = c.get("moe_num_shared_experts") or 0
+    return ModalitySpec(vision_d_ff=vision, shared=Shared(shared * text) if shared else None)
+
+
+def ernie_vl_rules(c: dict) -> list:
+    """The hub's multimodal layout: ``gate.weight`` / ``gate.weight_1`` ``[d, E]`` (text / vision),
+    both selection biases in ``moe_statics.e_score_correction_bias [2, E]``, one list of 2E
+    per-expert projections (text first), ``shared_experts``."""
+    experts = need(c, *EXPERT_COUNTS)
+    vision = [per_expert(f"vision_moe.experts.{w}", f"experts.{{}}.{name}.weight", first=experts)
+              for w, name in (("w_gate", "gate_proj"), ("w_in", "up_proj"), ("w_out", "down_proj"))]
+    return [same("moe.router_weight", "gate.weight"), same("vision_moe.router_weight", "gate.weight_1"),
+            StackedRule(("moe.selection_bias", "vision_moe.selection_bias"), "moe_statics.e_score_correction_bias"),
+            *within("moe", gated_experts("gate_proj", "up_proj", "down_proj")), *vision, *shared_mlp("shared_experts")]
+
+
+def ernie_vl_text_rules(c: dict) -> list:
+    """The text model as transformers saves it (its own names: ``text_moe.`` / ``vision_moe.``, each a
+    router ``gate.weight [E, d]``, ``gate.moe_statics.e_score_correction_bias [1, E]`` and fused experts)."""
+    rules = shared_mlp("shared_experts")
+    for module, hub in (("moe", "text_moe"), ("vision_moe", "vision_moe")):
+        rules += within(module, [linear("router_weight", f"{hub}.gate.weight"),
+                                 reshaped("selection_bias", f"{hub}.gate.moe_statics.e_score_correction_bias",
+                                          lambda shape: (1, *shape)), *fused_experts(f"{hub}.experts.")])
+    return rules
 
 
 FAMILIES: dict[str, Family] = {}
@@ -952,6 +1211,20 @@ for family in (
            deepseek_dense_reason, step3p5_at_layer),
     Family(("dbrx",), dbrx_kwargs, lambda c, s: ("transformer.blocks.{i}.ffn.",), dbrx_rules,
            layer_count=lambda c, s: int(get(c, "n_layers", "num_hidden_layers", default=0))),
+    # blocks with pieces around the experts: load_moe returns a jmoe.hf.blocks module whose `moe` is the jmoe.MoE
+    family(("axk1",), deepseek_kwargs, "", axk1_rules, deepseek_dense_reason, block=axk1_block),
+    family(("axk2",), axk2_kwargs, "mlp", deepseek_rules, deepseek_dense_reason),
+    family(("jetmoe",), jetmoe_kwargs, "mlp", jetmoe_rules, block=lambda c: BlockSpec(output_bias=True)),
+    family(("muse_spark", "muse_spark_text"), muse_spark_kwargs, "mlp", muse_spark_rules, deepseek_dense_reason,
+           block=muse_spark_block),
+    Family(("nemotron_h",), nemotron_h_kwargs, nemotron_h_prefix, nemotron_h_rules, nemotron_h_dense_reason,
+           lambda c, s: len(nemotron_h_layer_types(c)), block=nemotron_h_block),
+    family(("gemma4", "gemma4_text"), gemma4_kwargs, "", gemma4_rules, gemma4_dense_reason, gemma4_at_layer,
+           block=gemma4_block),
+    family(("diffusion_gemma_text",), gemma4_kwargs, "", gemma4_rules, at_layer=gemma4_at_layer, block=gemma4_block),
+    family(("ernie4_5_vl_moe",), ernie_vl_kwargs, "mlp", ernie_vl_rules, deepseek_dense_reason, block=ernie_vl_block),
+    family(("ernie4_5_vl_moe_text",), ernie_vl_kwargs, "mlp", ernie_vl_text_rules, deepseek_dense_reason,
+           block=ernie_vl_block),
 ):
     for model_type in family.model_types:
         FAMILIES[model_type] = family
@@ -966,19 +1239,12 @@ MISSING = {
     "inkling2_text": "a table entry (softcapped_swiglu and DeepSeek-V4's router pieces are in jmoe)",
     "inkling2_loop_text": "a table entry (softcapped_swiglu and DeepSeek-V4's router pieces are in jmoe)",
     "inkling_text": "shared experts weighted by the router",
-    "nemotron_h": "non-gated squared-ReLU experts and the latent projection around them",
-    "gemma4_text": "a normalised, scaled router input, per-expert output scales and the norms around the block",
-    "gemma4_unified_text": "a normalised, scaled router input, per-expert output scales and the norms around the block",
-    "diffusion_gemma_text": "a normalised, scaled router input, per-expert output scales and the norms around the block",
-    "axk1": "the RMSNorm on the block output",
-    "axk2": "its gated norm around the block (excluded_fill='zero' is in jmoe)",
-    "muse_spark_text": "the projections and norms around the experts and a per-expert output norm",
+    "gemma4_unified_text": "an MoE block: transformers 5.25's Gemma 4 Unified text model has none (its config drops "
+                           "enable_moe_block / num_experts; every layer's MLP is dense)",
     "ergo": "squared-ReLU experts with a per-expert output norm and a normed shared expert",
-    "jetmoe": "a bias on the block output",
     "zaya": "an MLP router with a skip expert and router state carried from layer to layer",
     "doge": "product-key routing with single-neuron experts",
     "nllb-moe": "NLLB's top-2 routing with capacity and second-expert sampling",
-    "ernie4_5_vl_moe_text": "modality-isolated text / vision experts (moe_mm_token_type_ids)",
     "bailing_hybrid": "a table entry (its clamped experts are post_limited_swiglu, in jmoe)",
 }
 
