@@ -544,3 +544,91 @@ def test_bfloat16_layer():
     assert moe.experts.w_in[...].dtype == jax.numpy.bfloat16 and moe.router_weight[...].dtype == np.float32
     y, _ = moe(jax.numpy.asarray(x))
     assert rel_err(np.asarray(y, np.float32), y_ref) < 0.05
+
+
+# ---------------------------------------------------------------- blocks with pieces around the experts (jmoe.hf.blocks)
+
+
+def test_block_pieces_come_from_the_config():
+    """What each block holds around its jmoe.MoE, read from config.json, not from a model name."""
+    gemma = load("gemma4_text", 1)
+    assert isinstance(gemma, hf.blocks.MoEBlock) and gemma.moe.router.input_norm_eps == 1e-6
+    assert gemma.moe.router.per_expert_scale and gemma.shared_expert.w_gate[...].shape == (16, 24)  # the dense MLP
+    assert {"in_norm", "out_norm", "shared_in_norm", "shared_out_norm", "post_norm"} <= set(vars(gemma))
+    muse = load("muse_spark_text", 1)
+    assert (muse.moe.d_model, muse.moe.router_d_model, muse.in_proj.kernel[...].shape) == (10, 16, (16, 10))
+    assert muse.moe.experts.activation.output_norm.scale_first and muse.moe.router.logit_multiplier == 0.7
+    nemotron = load("nemotron_h", 1)
+    assert nemotron.moe.experts.activation.name == "relu2" and not hasattr(nemotron.moe, "shared_expert")
+    assert nemotron.shared_expert.w_in[...].shape == (16, 12)  # on the hidden state, not the latent one
+    config = json.loads((DATA / "nemotron_h" / "config.json").read_text())
+    plain = hf.moe_block(dict(config, moe_latent_size=None), layer=1)  # no latent projection: a plain jmoe.MoE
+    assert type(plain) is jmoe.MoE and plain.shared_expert.activation.name == "relu2"
+    assert load("jetmoe", 0).bias[...].shape == (16,) and type(load("axk2", 1)) is jmoe.MoE
+
+
+def test_gemma4_without_moe_block_is_dense(tmp_path):
+    folder = copy_with(tmp_path, "gemma4_text", lambda c: c.update(enable_moe_block=False))
+    with pytest.raises(hf.CheckpointError, match=r"layer 1 .* is dense .*enable_moe_block is false"):
+        hf.load_moe(folder, 1)
+
+
+@pytest.mark.parametrize("case,edit", [
+    ("axk2", dict(excluded_fill="-inf")),  # A.X-K2's 0.0 fill chose the excluded experts of some tokens
+    ("gemma4_text", dict(per_expert_scale=False)),
+    ("gemma4_text", dict(input_norm_eps=None)),
+    ("muse_spark_text", dict(logit_multiplier=1.0)),
+])
+def test_each_piece_matters_in_the_record(case, edit):
+    """The recorded outputs tell the families' router options apart: without it, far from y."""
+    import dataclasses
+    info, x, y_ref = record(case)
+    router = dataclasses.replace(inner(load(case, info["layer"])).router, k=None, **edit)
+    changed = load(case, info["layer"], router=router)
+    assert rel_err(run(changed, x)[0], y_ref) > 100 * TOL
+
+
+def test_modality_isolated_experts():
+    """Ernie 4.5-VL: the recorded vision tokens went through the vision experts (all-text is far
+    from y); with no token types every token is text, as with all-zero types."""
+    info, x, y_ref = record("ernie4_5_vl_moe")
+    block = load("ernie4_5_vl_moe", info["layer"])
+    types = token_types("ernie4_5_vl_moe")
+    assert types.any() and not types.all()
+    all_text = run(block, x)[0]
+    assert rel_err(all_text, y_ref) > 100 * TOL
+    np.testing.assert_array_equal(run(block, x, np.zeros_like(types))[0], all_text)
+    y, aux = run(block, x, types)
+    assert float(aux["vision_tokens_per_expert"].sum()) == 2 * types.sum()  # k = 2 choices a vision token
+    assert float(aux["tokens_per_expert"].sum()) == 2 * (types.size - types.sum())
+
+
+def test_block_token_mask_and_sown_aux():
+    """A block passes its token mask to its jmoe.MoE and gives masked tokens 0 (as jmoe.MoE does); the
+    others are unchanged (dropless routing is per token). With sow_aux=True it returns y alone."""
+    info, x, y_ref = record("gemma4_text")
+    mask = np.ones(x.shape[:-1], bool)
+    mask[0, 3:] = False
+    block = load("gemma4_text", info["layer"])
+    y, aux = nnx.jit(lambda m, x, mask: m(x, token_mask=mask))(block, jax.numpy.asarray(x), jax.numpy.asarray(mask))
+    y = np.asarray(y)
+    assert not np.any(y[~mask]) and rel_err(y[mask], y_ref[mask]) <= TOL
+    sown = load("gemma4_text", info["layer"], sow_aux=True)
+    y_alone = nnx.jit(lambda m, x: m(x))(sown, jax.numpy.asarray(x))
+    assert rel_err(np.asarray(y_alone), y_ref) <= TOL and jmoe.sown_aux(sown.moe)["tokens_per_expert"].sum() == 32
+
+
+@pytest.mark.parametrize("case,multimodal", [("gemma4_text", "gemma4"), ("muse_spark_text", "muse_spark")])
+def test_block_families_multimodal_checkpoint(tmp_path, case, multimodal):
+    """The hub's multimodal checkpoint (``text_config``, the text model under
+    ``model.language_model.``) of a block family: the recorded text model renamed, the same block."""
+    from safetensors.numpy import save_file
+    folder = tmp_path / multimodal
+    folder.mkdir()
+    text = json.loads((DATA / case / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({"model_type": multimodal, "text_config": text}))
+    checkpoint = Checkpoint(DATA / case)
+    save_file({"model.language_model." + n.removeprefix("model."): checkpoint.raw(n) for n in checkpoint.names()},
+              folder / "model.safetensors")  # Gemma 4's model.layers. / Muse Spark's bare layers.
+    info, x, y_ref = record(case)
+    assert rel_err(run(hf.load_moe(folder, info["layer"]), x)[0], y_ref) <= TOL
