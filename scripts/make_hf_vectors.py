@@ -26,7 +26,8 @@ expert tensors into the hub's per-expert names on save), then the checkpoint is 
 block in eval mode. ``x.npy``, ``y.npy`` (the block output: routed + shared experts, no residual,
 no norm; Switch: the SparseMLP without its layer norm and residual, with its per-sequence capacity
 drops; the families of jmoe.hf.blocks: the whole block, its norms / projections / dense branch /
-bias included, Gemma 4's FFN sub-layer via :class:`LayerFfn`), ``experts.npy`` (the chosen experts where handy) and ``case.json`` are written next to the
+bias included, Gemma 4's FFN sub-layer via :class:`LayerFfn`), ``experts.npy`` (the chosen experts
+where handy) and ``case.json`` are written next to the
 checkpoint. Weights are stored in bfloat16 (as the hub does) except where noted, and the model
 computes in float32 from the rounded weights.
 

@@ -200,14 +200,14 @@ def test_save_into_a_quantized_checkpoint_is_an_error(tmp_path):
         hf.save_moe(load("gpt_oss_mxfp4", 0), tmp_path / "q", 0, "gpt_oss")
 
 
-@pytest.mark.parametrize("case", ["deepseek_v3", "gpt_oss"])
+@pytest.mark.parametrize("case", ["deepseek_v3", "gpt_oss", "muse_spark_text"])  # muse: a block, its router's input
 def test_mesh_equals_one_device(case):
     info, x, y_ref = record(case)
     x = np.tile(x, (4, 1, 1))  # 8 sequences: one group per device
     mesh = parallel.make_mesh(data=2, expert=4)
     sharded = load(case, info["layer"], mesh=mesh)
-    assert sharded.experts.w_in[...].sharding.spec[0] == "expert"
-    assert sharded.experts.w_out[...].sharding.spec[0] == "expert"
+    assert inner(sharded).experts.w_in[...].sharding.spec[0] == "expert"
+    assert inner(sharded).experts.w_out[...].sharding.spec[0] == "expert"
     y_mesh, _ = run(sharded, x)
     y_one, _ = run(load(case, info["layer"]), x)
     np.testing.assert_allclose(y_mesh, y_one, rtol=1e-5, atol=1e-5 * np.max(np.abs(y_one)))
@@ -546,7 +546,7 @@ def test_bfloat16_layer():
     assert rel_err(np.asarray(y, np.float32), y_ref) < 0.05
 
 
-# ---------------------------------------------------------------- blocks with pieces around the experts (jmoe.hf.blocks)
+# ---------------------------------------------------------------- blocks with pieces around their experts
 
 
 def test_block_pieces_come_from_the_config():
@@ -573,47 +573,40 @@ def test_gemma4_without_moe_block_is_dense(tmp_path):
         hf.load_moe(folder, 1)
 
 
-@pytest.mark.parametrize("case,edit", [
-    ("axk2", dict(excluded_fill="-inf")),  # A.X-K2's 0.0 fill chose the excluded experts of some tokens
-    ("gemma4_text", dict(per_expert_scale=False)),
-    ("gemma4_text", dict(input_norm_eps=None)),
-    ("muse_spark_text", dict(logit_multiplier=1.0)),
-])
-def test_each_piece_matters_in_the_record(case, edit):
-    """The recorded outputs tell the families' router options apart: without it, far from y."""
+def test_axk2_record_needs_the_zero_fill():
+    """A.X-K2's record chose an excluded group's expert for some tokens (its 0.0 beat their kept
+    experts' negative biased scores): DeepSeek-V3's -inf fill is far from y."""
     import dataclasses
-    info, x, y_ref = record(case)
-    router = dataclasses.replace(inner(load(case, info["layer"])).router, k=None, **edit)
-    changed = load(case, info["layer"], router=router)
-    assert rel_err(run(changed, x)[0], y_ref) > 100 * TOL
+    info, x, y_ref = record("axk2")
+    router = dataclasses.replace(load("axk2", info["layer"]).router, k=None, excluded_fill="-inf")
+    assert rel_err(run(load("axk2", info["layer"], router=router), x)[0], y_ref) > 100 * TOL
 
 
 def test_modality_isolated_experts():
     """Ernie 4.5-VL: the recorded vision tokens went through the vision experts (all-text is far
-    from y); with no token types every token is text, as with all-zero types."""
+    from y); each set counts its own tokens."""
     info, x, y_ref = record("ernie4_5_vl_moe")
     block = load("ernie4_5_vl_moe", info["layer"])
     types = token_types("ernie4_5_vl_moe")
     assert types.any() and not types.all()
-    all_text = run(block, x)[0]
-    assert rel_err(all_text, y_ref) > 100 * TOL
-    np.testing.assert_array_equal(run(block, x, np.zeros_like(types))[0], all_text)
+    assert rel_err(run(block, x, np.zeros_like(types))[0], y_ref) > 100 * TOL  # all text
     y, aux = run(block, x, types)
     assert float(aux["vision_tokens_per_expert"].sum()) == 2 * types.sum()  # k = 2 choices a vision token
     assert float(aux["tokens_per_expert"].sum()) == 2 * (types.size - types.sum())
 
 
 def test_block_token_mask_and_sown_aux():
-    """A block passes its token mask to its jmoe.MoE and gives masked tokens 0 (as jmoe.MoE does); the
-    others are unchanged (dropless routing is per token). With sow_aux=True it returns y alone."""
-    info, x, y_ref = record("gemma4_text")
+    """A block passes its token mask to its jmoe.MoE and gives masked tokens 0 (as jmoe.MoE does; JetMoE's
+    output bias too); the others are unchanged (dropless routing is per token). With sow_aux=True it
+    returns y alone."""
+    info, x, y_ref = record("jetmoe")
     mask = np.ones(x.shape[:-1], bool)
     mask[0, 3:] = False
-    block = load("gemma4_text", info["layer"])
+    block = load("jetmoe", info["layer"])
     y, aux = nnx.jit(lambda m, x, mask: m(x, token_mask=mask))(block, jax.numpy.asarray(x), jax.numpy.asarray(mask))
     y = np.asarray(y)
     assert not np.any(y[~mask]) and rel_err(y[mask], y_ref[mask]) <= TOL
-    sown = load("gemma4_text", info["layer"], sow_aux=True)
+    sown = load("jetmoe", info["layer"], sow_aux=True)
     y_alone = nnx.jit(lambda m, x: m(x))(sown, jax.numpy.asarray(x))
     assert rel_err(np.asarray(y_alone), y_ref) <= TOL and jmoe.sown_aux(sown.moe)["tokens_per_expert"].sum() == 32
 

@@ -25,8 +25,9 @@ the latent ``in_proj`` / ``out_proj`` and its shared expert on x as the branch; 
 :class:`ModalityMoE` (Ernie 4.5-VL): a token's experts are the text set or the vision set by its
 token type, plus shared experts on every token.
 
-The pieces' parameters carry no sharding metadata (a mesh given to ``load_moe`` places the
-``jmoe.MoE`` inside; its shared expert here is placed by :func:`jmoe.parallel.shard_moe_params`).
+On a mesh given to ``load_moe`` (``mesh=``) the ``jmoe.MoE`` inside places its weights, the block
+its shared expert like a dense FFN and the other pieces replicated (:func:`on_mesh_of`); they
+run outside the MoE's ``shard_map``.
 """
 
 from __future__ import annotations
@@ -37,11 +38,13 @@ import math
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.sharding import PartitionSpec
 
 from jmoe.checks import positive_number
 from jmoe.elementwise import rms_normalize
 from jmoe.experts import Shared, SharedExpert
 from jmoe.layer import MoE
+from jmoe.parallel.placement import moe_param_spec, to_global
 
 Array = jax.Array
 
@@ -213,8 +216,27 @@ def build(spec: BlockSpec | ModalitySpec | None, moe_kwargs: dict, *, rngs: nnx.
     if spec is None:
         return moe
     if isinstance(spec, ModalitySpec):
-        return ModalityMoE(moe, MoE(**dict(moe_kwargs, d_ff=spec.vision_d_ff), rngs=rngs), spec.shared, rngs=rngs)
-    return MoEBlock(moe, spec, rngs=rngs)
+        block = ModalityMoE(moe, MoE(**dict(moe_kwargs, d_ff=spec.vision_d_ff), rngs=rngs), spec.shared, rngs=rngs)
+    else:
+        block = MoEBlock(moe, spec, rngs=rngs)
+    return on_mesh_of(moe, block)
+
+
+def on_mesh_of(moe: MoE, block: nnx.Module) -> nnx.Module:
+    """``block`` with every variable on the mesh its ``jmoe.MoE`` was given (``mesh=``): the MoE's as
+    it placed them, a shared expert like a dense FFN, the other pieces replicated
+    (:func:`jmoe.parallel.placement.moe_param_spec`), so one jit sees one set of devices."""
+    mesh = moe.mesh_options.mesh
+    if not isinstance(mesh, jax.sharding.Mesh):
+        return block
+
+    def place(path, value):
+        if not hasattr(value, "shape"):
+            return value
+        return to_global(value, mesh, moe_param_spec(path, mesh, value.shape) or PartitionSpec())
+
+    nnx.update(block, jax.tree_util.tree_map_with_path(place, nnx.state(block)))
+    return block
 
 
 class ModalityMoE(nnx.Module):

@@ -940,8 +940,9 @@ def muse_spark_block(c: dict) -> BlockSpec:  # pre_expert_proj + its centered no
 
 
 def muse_spark_rules(c: dict) -> list:
-    return [*within("moe", [linear("router_weight", "gate.weight"), same("selection_bias", "gate.e_score_correction_bias"),
-                            *fused_experts(), same("experts.out_norm", "experts.post_expert_norm.weight")]),
+    return [*within("moe", [linear("router_weight", "gate.weight"),
+                            same("selection_bias", "gate.e_score_correction_bias"), *fused_experts(),
+                            same("experts.out_norm", "experts.post_expert_norm.weight")]),
             linear("in_proj.kernel", "pre_expert_proj.weight"), same("in_norm.scale", "pre_expert_norm.weight"),
             linear("out_proj.kernel", "post_expert_proj.weight")]
 
@@ -1008,8 +1009,8 @@ def gemma4_kwargs(c: dict) -> dict:
     """Gemma 4's MoE: softmax top-k renormalised, each weight times its expert's
     ``per_expert_scale``; the router reads the block's input RMS-normed (no weight), times its
     ``scale`` and ``hidden_size**-0.5``; GeGLU experts (``hidden_activation``)."""
-    return dict(d_model=need(c, "hidden_size"), d_ff=need(c, "moe_intermediate_size"), num_experts=need(c, "num_experts"),
-                k=need(c, "top_k_experts"), activation=activation(c, gated=True, key="hidden_activation"),
+    return dict(d_model=need(c, "hidden_size"), d_ff=need(c, "moe_intermediate_size"),
+                num_experts=need(c, "num_experts"), k=need(c, "top_k_experts"), activation=activation(c, gated=True, key="hidden_activation"),
                 router="tokens_choose", normalize=True, input_norm_eps=float(c.get("rms_norm_eps") or 1e-6),
                 per_expert_scale=True, capacity_factor=None)
 
