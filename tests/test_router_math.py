@@ -244,7 +244,7 @@ def test_normed_router_input_and_per_expert_scales_match_float64():
     moe.router_weight[...] = jnp.asarray(rng.normal(size=(d_r, E)) * 3.0, jnp.float32)
     x = jax.random.normal(jax.random.key(5), (G, S, d))
     r = jax.random.normal(jax.random.key(6), (G, S, d_r)) * 3.0
-    y, _ = moe(x, router_input=r)
+    y, _ = nnx.jit(lambda m, x, r: m(x, router_input=r))(moe, x, r)
     r64 = np.asarray(r, np.float64).reshape(-1, d_r)
     g, scale = (np.asarray(v[...], np.float64) for v in (moe.router_input_scale, moe.expert_scale))
     logits = (r64 / np.sqrt(np.mean(r64 ** 2, -1, keepdims=True) + eps) * g / np.sqrt(d_r)) @ np.asarray(
@@ -291,8 +291,9 @@ def test_router_input_on_a_mesh_matches_one_device():
         return moe
 
     one = make()
-    np.testing.assert_allclose(np.asarray(make(parallel.make_mesh(data=2, expert=4))(x, router_input=r)[0]),
-                               np.asarray(one(x, router_input=r)[0]), rtol=1e-5, atol=1e-6)
+    forward = nnx.jit(lambda m, x, r: m(x, router_input=r)[0])
+    np.testing.assert_allclose(np.asarray(forward(make(parallel.make_mesh(data=2, expert=4)), x, r)),
+                               np.asarray(forward(one, x, r)), rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match=r"router reads an input of its own .*router_input="):
         one(x)
     with pytest.raises(ValueError, match=r"router_input must have shape \(8, 4, 6\)"):
