@@ -757,6 +757,82 @@ NEW.update({  # blocks that needed jmoe's newer options (normalize_epsilon, logi
 })
 
 
+# Ling-2 (bailing_hybrid): DeepSeek-V3's router on Kimi's config names, Step-3.7's per-layer clamped experts (low
+# limits, so the clamps matter); full attention (its KDA layers need no part here)
+BAILING = dict(MLA, moe_intermediate_size=6, num_hidden_layers=2, num_experts=8, num_experts_per_token=2,
+               num_expert_group=4, topk_group=2, moe_renormalize=True, num_shared_experts=1, routed_scaling_factor=2.0,
+               first_k_dense_replace=1, layer_types=["full_attention"] * 2, expert_swiglu_limit_list=[0.0, 0.3],
+               share_expert_swiglu_limit_list=[0.0, 0.5], pad_token_id=0)
+# Inkling-2: DeepSeek-V4's router (sigmoid + selection bias, renormalised, route_scale), softcapped SwiGLU experts
+# (low caps, so they matter); tiny attention sizes
+INKLING2 = dict(moe_intermediate_size=6, intermediate_size=6, num_hidden_layers=2, n_routed_experts=8, num_experts_per_tok=2,
+                route_scale=1.5, mlp_gate_softcap=1.0, mlp_up_softcap=1.5, swa_num_attention_heads=2,
+                swa_num_key_value_heads=1, swa_head_dim=8, sliding_window_size=8, d_rel=4, rel_extent=8,
+                unpadded_vocab_size=16, n_layers_per_attn_res_block=1, layer_types=["hybrid_sliding", "hybrid"],
+                eos_token_id=1)
+
+# DeepSeek-V4: hash routing in layer 0 (tid2eid), sqrt(softplus) top-k with the selection bias in layer 1; limited
+# SwiGLU experts and shared expert (a low limit, so the clamps matter); sliding attention only, tiny sizes
+DEEPSEEK_V4 = dict(moe_intermediate_size=6, intermediate_size=6, num_hidden_layers=2, n_routed_experts=8, num_experts_per_tok=2,
+                   routed_scaling_factor=1.5, swiglu_limit=1.0, mlp_layer_types=["hash_moe", "moe"],
+                   layer_types=["sliding_attention"] * 2, head_dim=8, q_lora_rank=8, o_groups=2, o_lora_rank=4,
+                   index_n_heads=2, index_head_dim=8, index_topk=4, hc_mult=2, partial_rotary_factor=0.5,
+                   sliding_window=8, bos_token_id=0, eos_token_id=1)
+
+
+def deepseek_v4():
+    """DeepSeek-V4's hash layer (``tid2eid`` drawn: each token id's k distinct experts) recorded in
+    tests/data/hf/deepseek_v4/ with the token ids the block reads (``token_ids.npy``), its top-k
+    layer in deepseek_v4/moe/."""
+    config = T.DeepseekV4Config(**{**TINY, **DEEPSEEK_V4})
+    model = T.DeepseekV4ForCausalLM(config)
+    randomize(model, 800)
+    gen = torch.Generator().manual_seed(801)
+    with torch.no_grad():
+        table = model.model.layers[0].mlp.gate.tid2eid  # [vocab, k]
+        for t in range(table.shape[0]):
+            table[t] = torch.randperm(config.n_routed_experts, generator=gen)[: table.shape[1]]
+    bf16_round(model)
+    path = save(model, "deepseek_v4")
+    model = T.DeepseekV4ForCausalLM.from_pretrained(path, dtype=torch.float32, experts_implementation="eager").eval()
+    assert torch.equal(model.model.layers[0].mlp.gate.tid2eid, table), "tid2eid did not survive the save"
+    ids = torch.randint(0, config.vocab_size, (B, S), generator=gen)
+    hash_block = model.model.layers[0].mlp
+    x = make_x(16, 802)
+    with torch.no_grad():
+        y = hash_block(x, input_ids=ids)
+    np.save(path / "x.npy", x.numpy())
+    np.save(path / "y.npy", y.numpy().astype(np.float32))
+    np.save(path / "token_ids.npy", ids.numpy().astype(np.int32))
+    (path / "case.json").write_text(json.dumps({"layer": 0, "token_ids": True}, indent=1) + "\n")
+    print(f"deepseek_v4 (hash): y {tuple(y.shape)} |y| {float(y.abs().mean()):.3f}")
+    block = model.model.layers[1].mlp
+    for s in range(803, 1000):
+        x = make_x(16, s)
+        with torch.no_grad():
+            logits = torch.nn.functional.linear(x.reshape(-1, 16), block.gate.weight)
+            margin = top_margin(torch.sqrt(torch.nn.functional.softplus(logits)) + block.gate.e_score_correction_bias, 2)
+        if margin > 1e-3:
+            break
+    (path / "moe").mkdir()
+    record(path / "moe", block, x, {"layer": 1, "margin": margin})
+    size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+    assert size < MAX_BYTES, f"deepseek_v4: {size} bytes"
+
+
+NEW.update({  # table entries for blocks whose math landed in jmoe (issue 26)
+    "deepseek_v4": deepseek_v4,
+    "bailing_hybrid": lambda: family_case("bailing_hybrid", T.BailingHybridConfig, T.AutoModelForCausalLM, layer=1,
+                                          seed=770, score="sigmoid", **BAILING),
+    "inkling2_text": lambda: family_case("inkling2_text", T.Inkling2TextConfig, T.AutoModelForCausalLM, layer=1,
+                                         seed=780, score="sigmoid",
+                                         **INKLING2),
+    "inkling2_loop_text": lambda: family_case("inkling2_loop_text", T.Inkling2LoopTextConfig,
+                                              T.AutoModelForCausalLM, layer=1, seed=790, score="sigmoid",
+                                              **dict(INKLING2, num_hidden_layers=3, layer_types=["hybrid_sliding", "hybrid", "hybrid_sliding"],
+                                                     loop_layer_index_start=1, loop_layer_index_end=2)),
+})
+
 CASES = {"mixtral": mixtral, "qwen2_moe": qwen2_moe, "qwen3_moe": qwen3_moe, "olmoe": olmoe,
          "deepseek_v3": deepseek_v3, "deepseek_v3_fp8": lambda: deepseek_v3("deepseek_v3_fp8", fp8=True),
          "deepseek_v2": deepseek_v2, "gpt_oss": gpt_oss, "gpt_oss_mxfp4": gpt_oss_mxfp4, "llama4_text": llama4_text,

@@ -21,6 +21,7 @@ import jmoe  # noqa: E402
 import jmoe.hf as hf  # noqa: E402
 from jmoe import parallel  # noqa: E402
 from jmoe.hf.files import Checkpoint  # noqa: E402
+from jmoe.layer import RouterBuffer  # noqa: E402
 
 DATA = pathlib.Path(__file__).parent / "data" / "hf"
 TOL = 2e-5  # relative, float32 (the issue's bound)
@@ -42,14 +43,22 @@ NEW_FAMILIES = [
     "granitemoe_swa", "qwen3_5_moe", "hy_v3", "minimax_m3_vl_text", "flint", "beam", "dots3_note_text",
     "openai_privacy_filter", "deepseek_ocr2_text", "unlimited_ocr_text", "lfm2_moe", "laguna", "kolibri1",
     "kolibri1_1", "hy_v4", "hy_v4_vl_text", "glm5_next_text", "longcat_flash", "phimoe", "step3p5", "step3p7",
+    "bailing_hybrid", "inkling2_text", "inkling2_loop_text", "deepseek_v4",
 ]
 CASES += [(case, "", None) for case in NEW_FAMILIES]
+CASES += [("deepseek_v4", "moe", None)]  # its top-k layer (the root record: a hash layer, routed by token id)
 
 
 def record(case: str, sub: str = ""):
     folder = DATA / case / sub
     info = json.loads((folder / "case.json").read_text())
     return info, np.load(folder / "x.npy"), np.load(folder / "y.npy")
+
+
+def recorded_token_ids(case: str, sub: str = ""):
+    """The token ids transformers' block read (a hash-routed layer: DeepSeek-V4's), else None."""
+    path = DATA / case / sub / "token_ids.npy"
+    return np.load(path) if path.exists() else None
 
 
 def rel_err(out, ref) -> float:
@@ -61,16 +70,20 @@ def load(case: str, layer: int, stack=None, **kwargs) -> jmoe.MoE:
 
 
 FORWARD = nnx.jit(lambda m, x: m(x))  # one jitted function: layers of one structure (families sharing a block) share a compile
+FORWARD_IDS = nnx.jit(lambda m, x, ids: m(x, token_ids=ids))  # a layer routed by token id
 
 
-def run(moe, x):
-    y, aux = FORWARD(moe, jax.numpy.asarray(x))
+def run(moe, x, token_ids=None):
+    if token_ids is None:
+        y, aux = FORWARD(moe, jax.numpy.asarray(x))
+    else:
+        y, aux = FORWARD_IDS(moe, jax.numpy.asarray(x), jax.numpy.asarray(token_ids))
     return np.asarray(y), aux
 
 
 def weights(moe) -> dict:
-    return {"/".join(map(str, path)): np.asarray(value)
-            for path, value in nnx.to_flat_state(nnx.state(moe, nnx.Any(nnx.Param, jmoe.SelectionBias)))}
+    kinds = nnx.Any(nnx.Param, jmoe.SelectionBias, RouterBuffer)
+    return {"/".join(map(str, path)): np.asarray(value) for path, value in nnx.to_flat_state(nnx.state(moe, kinds))}
 
 
 @pytest.mark.parametrize("case,sub,stack", CASES, ids=[c + (f"-{s}" if s else "") for c, s, _ in CASES])
@@ -78,7 +91,7 @@ def test_reproduces_transformers_block_output(case, sub, stack):
     info, x, y_ref = record(case, sub)
     moe = load(case, info["layer"], stack)
     assert moe.deterministic  # returned in eval mode
-    y, aux = run(moe, x)
+    y, aux = run(moe, x, recorded_token_ids(case, sub))
     assert y.shape == y_ref.shape and y.dtype == np.float32
     assert rel_err(y, y_ref) <= TOL, (case, rel_err(y, y_ref))
     if case == "switch_transformers":  # the capacity drops transformers made are jmoe's drops too
@@ -396,6 +409,21 @@ def test_qwen3_omni_checkpoint_reads_the_thinkers_text_model(tmp_path, prefix):
     save_file({prefix + n: checkpoint.raw(n) for n in checkpoint.names()}, folder / "model.safetensors")
     info, x, y_ref = record("qwen3_omni_moe_text")
     assert rel_err(run(hf.load_moe(folder, info["layer"]), x)[0], y_ref) <= TOL
+
+
+@pytest.mark.parametrize("case,multimodal", [("inkling2_text", "inkling2"), ("inkling2_loop_text", "inkling2_loop")])
+def test_inkling2_multimodal_checkpoint_reads_its_text_model(tmp_path, case, multimodal):
+    """Inkling-2's multimodal checkpoint (``text_config``; the text model under the same original
+    ``model.llm.`` names as the text model's own checkpoint) loads the recorded text layer."""
+    folder = tmp_path / multimodal
+    shutil.copytree(DATA / case, folder)
+    text = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({"model_type": multimodal, "text_config": text}))
+    info, x, y_ref = record(case)
+    moe = hf.load_moe(folder, info["layer"])
+    for name, value in weights(load(case, info["layer"])).items():
+        np.testing.assert_array_equal(weights(moe)[name], value, err_msg=name)
+    assert rel_err(run(moe, x)[0], y_ref) <= TOL
 
 
 def test_qwen3_vl_moe_fused_experts_in_either_layout(tmp_path):

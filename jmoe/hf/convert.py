@@ -154,7 +154,8 @@ def load_moe(path, layer: int, *, dtype=None, mesh=None, stack: str | None = Non
 
 def export_moe(layer: MoE, layer_index: int, model_type: str, *, config: dict | None = None,
                stack: str | None = None, names=()) -> dict[str, np.ndarray]:
-    """The layer's weights as the family's checkpoint tensors (float32, full hub names; the
+    """The layer's weights as the family's checkpoint tensors (float32, integer tables as they are
+    (:func:`hub_array`); full hub names; the
     prefix the tensor ``names`` of an existing checkpoint use, else the hub's)."""
     family = families.family_of(model_type)
     config = dict(config or {}, model_type=model_type)
@@ -162,10 +163,17 @@ def export_moe(layer: MoE, layer_index: int, model_type: str, *, config: dict | 
     prefix = _prefix(family, config, stack, layer_index, names)
     out: dict[str, np.ndarray] = {}
     for rule in _rules(family, config, layer):
-        values = [np.asarray(jax.device_get(_variable(layer, p).get_value()), np.float32) for p in rule.paths]
+        values = [hub_array(jax.device_get(_variable(layer, p).get_value())) for p in rule.paths]
         for name, value in rule.to_hub(*values).items():
-            out[prefix + name] = np.ascontiguousarray(value, np.float32)
+            out[prefix + name] = hub_array(value)
     return out
+
+
+def hub_array(value) -> np.ndarray:
+    """A weight as the hub stores it from jmoe: float32, or an integer table (DeepSeek-V4's
+    ``tid2eid``) as it is."""
+    value = np.asarray(value)
+    return np.ascontiguousarray(value if np.issubdtype(value.dtype, np.integer) else value.astype(np.float32))
 
 
 def save_moe(layer: MoE, path, layer_index: int, model_type: str, *, stack: str | None = None) -> list[str]:

@@ -773,15 +773,21 @@ def step3p5_at_layer(c: dict, i: int) -> dict:
 def step3p5_kwargs(c: dict) -> dict:
     """Step-3.5 / 3.7: sigmoid + selection bias, renormalised (no epsilon), the routed output times
     ``moe_router_scaling_factor``; the experts' and the shared expert's SwiGLU clamped after the
-    SiLU (``post_limited_swiglu``) by their layer's ``swiglu_limits`` / ``swiglu_limits_shared``
-    (0 or none: a plain SwiGLU). The limits are per layer: without a layer (``at_layer``) every
-    layer's must be the same."""
+    SiLU by their layer's ``swiglu_limits`` / ``swiglu_limits_shared`` (:func:`post_limits`)."""
     if c.get("mlp_bias"):
         raise CheckpointError(f"{c.get('model_type')}: mlp_bias=True gives the shared expert biases, which jmoe's "
                               f"shared expert does not have")
     kwargs = shared_kwargs(functools.partial(sigmoid_top_k, scale_key="moe_router_scaling_factor"),
                            "share_expert_dim")(c)
     kwargs.update(num_experts=need(c, "n_routed_experts", "num_local_experts"), normalize_epsilon=0.0)
+    return post_limits(kwargs, c)
+
+
+def post_limits(kwargs: dict, c: dict) -> dict:
+    """``kwargs`` with Step-3.7's clamps: the experts' and the shared expert's SwiGLU clamped after
+    the SiLU (``post_limited_swiglu``) by the layer's ``swiglu_limits`` / ``swiglu_limits_shared``
+    (0 or none: a plain SwiGLU; Step-3.5 / 3.7, Ling-2). The limits are per layer: without a layer
+    (``at_layer``) every layer's must be the same."""
     if kwargs["activation"] != "swiglu":
         raise CheckpointError(f"{c.get('model_type')}: hidden_act={c.get('hidden_act')!r}; jmoe.hf reads SiLU experts")
     limits = []
@@ -809,6 +815,127 @@ def routed_rules(router: str = "gate.weight", *extra: Rule, shared: str | None =
     return lambda c: [linear("router_weight", router), *extra, *gated_experts("gate_proj", "up_proj", "down_proj"),
                       *(shared_mlp(shared) if shared else [])]
 
+
+
+# Ling-2's config names (transformers' BailingHybridConfig.attribute_map) for the DeepSeek / Step keys
+LING_NAMES = dict(norm_topk_prob="moe_renormalize", n_group="num_expert_group", n_routed_experts="num_experts",
+                  num_experts_per_tok="num_experts_per_token", n_shared_experts="num_shared_experts",
+                  swiglu_limits="expert_swiglu_limit_list", swiglu_limits_shared="share_expert_swiglu_limit_list")
+
+
+def ling(c: dict) -> dict:
+    """Ling-2's config with the DeepSeek / Step names its keys stand for (:data:`LING_NAMES`) and
+    its default of 2 leading dense layers."""
+    c = {**c, **{standard: c[key] for standard, key in LING_NAMES.items() if key in c}}
+    return c if "first_k_dense_replace" in c else dict(c, first_k_dense_replace=2)
+
+
+def ling_kwargs(c: dict) -> dict:
+    """Ling-2 (bailing_hybrid): DeepSeek-V3's router (sigmoid, groups by their top-2 sum, the
+    selection bias ``gate.expert_bias``, renormalised + 1e-20, ``routed_scaling_factor``) and
+    shared experts of ``num_shared_experts * moe_intermediate_size``; the experts and the shared
+    expert clamped after the SiLU as Step-3.7's, by the layer's ``expert_swiglu_limit_list`` /
+    ``share_expert_swiglu_limit_list`` (:func:`post_limits`)."""
+    return post_limits(deepseek_kwargs(ling(c)), ling(c))
+
+
+def ling_at_layer(c: dict, i: int) -> dict:
+    """Layer i's clamps (:func:`step3p5_at_layer`) under Ling-2's own keys."""
+    layer = step3p5_at_layer(ling(c), i)
+    return dict(c, **{LING_NAMES[key]: layer[key] for key in STEP3P5_LIMITS})
+
+
+# DeepSeek-V4 / Inkling-2's scoring_func (transformers' ACT2FN name) -> jmoe's score function
+V4_SCORES = {"sqrtsoftplus": "sqrt_softplus", "sigmoid": "sigmoid"}
+
+
+def v4_score(c: dict, default: str) -> str:
+    name = c.get("scoring_func") or default
+    if name not in V4_SCORES:
+        raise CheckpointError(f"{c.get('model_type')}: scoring_func={name!r}; its router (and jmoe.hf) has "
+                              f"{sorted(V4_SCORES)}")
+    return V4_SCORES[name]
+
+
+def deepseek_v4_layer_types(c: dict) -> list[str]:
+    """``mlp_layer_types`` ("hash_moe" / "moe" per layer), or transformers' default: the first
+    ``num_hash_layers`` (3) hash layers."""
+    if c.get("mlp_layer_types") is not None:
+        return list(c["mlp_layer_types"])
+    n, hashed = num_layers(c), c.get("num_hash_layers", 3)
+    return ["hash_moe"] * min(n, hashed) + ["moe"] * max(0, n - hashed)
+
+
+def deepseek_v4_at_layer(c: dict, i: int) -> dict:
+    return dict(c, mlp_layer_types=[deepseek_v4_layer_types(c)[i]])
+
+
+def deepseek_v4_kwargs(c: dict) -> dict:
+    """DeepSeek-V4: ``scoring_func`` scores (``sqrt(softplus(l))``), renormalised over the k
+    (+ 1e-20), times ``routed_scaling_factor``; a "moe" layer chooses the top-k of ``scores +
+    e_score_correction_bias`` (one group), a "hash_moe" layer takes token t's experts from the
+    fixed table ``tid2eid [vocab_size, k]`` (``router="token_hash"``: the layer is called with
+    ``token_ids=``). One shared expert of ``moe_intermediate_size`` (transformers' DeepseekV4MLP).
+    The SwiGLU clamps are :func:`limited`'s. The layer kinds differ per layer: without a layer
+    (``at_layer``) they must agree."""
+    if c.get("mlp_bias"):
+        raise CheckpointError("deepseek_v4: mlp_bias=True gives the shared expert biases, which jmoe's shared "
+                              "expert does not have")
+    kinds = set(deepseek_v4_layer_types(c))
+    if len(kinds) > 1:
+        raise CheckpointError(f"deepseek_v4: mlp_layer_types={deepseek_v4_layer_types(c)} mix hash and top-k "
+                              f"layers: give the layer (jmoe.hf.moe_kwargs(config, layer=i); load_moe does)")
+    kwargs = top_k(c, normalize=True)
+    kwargs.update(score_function=v4_score(c, "sqrtsoftplus"), shared_d_ff=need(c, "moe_intermediate_size"),
+                  routed_scaling_factor=float(c.get("routed_scaling_factor") or 1.0))
+    if kinds == {"hash_moe"}:
+        kwargs.update(router="token_hash", vocab_size=need(c, "vocab_size"))
+    else:
+        kwargs.update(router="group_limited", n_group=1, topk_group=1, selection_bias=True)
+    return kwargs
+
+
+def token_table(path: str, name: str) -> Rule:
+    """An integer table stored as an int64 tensor (DeepSeek-V4's ``tid2eid [vocab_size, k]``)."""
+    return Rule(path, lambda shape: {name: shape}, lambda t: t[name], lambda v: {name: np.asarray(v, np.int64)})
+
+
+def shared_mlp_names(module: str, gate: str = "w1", up: str = "w3", down: str = "w2") -> list:
+    """A shared MLP with Mixtral's names (``w1`` / ``w3`` / ``w2``: DeepSeek's own checkpoints)."""
+    return [linear("shared_expert.w_gate", f"{module}.{gate}.weight"),
+            linear("shared_expert.w_in", f"{module}.{up}.weight"),
+            linear("shared_expert.w_out", f"{module}.{down}.weight")]
+
+
+def deepseek_v4_rules(c: dict) -> list:  # DeepSeek's own names under layers.{i}.ffn. (transformers saves them)
+    return [linear("router_weight", "gate.weight"), same("selection_bias", "gate.bias"),
+            token_table("token_experts", "gate.tid2eid"), *gated_experts("w1", "w3", "w2"),
+            *shared_mlp_names("shared_experts")]
+
+
+def inkling2_kwargs(c: dict) -> dict:
+    """Inkling-2: DeepSeek-V4's top-k router (``scoring_func`` scores, the top-k of ``scores +
+    e_score_correction_bias``, renormalised + 1e-20, times ``route_scale``), the experts'
+    softcapped SwiGLU ``cap(g, mlp_gate_softcap) sigmoid(g) cap(u, mlp_up_softcap)``; no shared
+    expert. transformers' defaults where a config leaves a key out."""
+    kwargs = top_k(c, normalize=True)
+    kwargs.update(router="group_limited", score_function=v4_score(c, "sigmoid"), n_group=1, topk_group=1,
+                  selection_bias=True, activation="softcapped_swiglu",
+                  routed_scaling_factor=float(get(c, "route_scale", "routed_scaling_factor", default=8.0)),
+                  gate_softcap=float(get(c, "mlp_gate_softcap", default=4.0)),
+                  up_softcap=float(get(c, "mlp_up_softcap", default=25.0)))
+    return kwargs
+
+
+def inkling2_rules(c: dict) -> list:  # the original names: w13_weight [E, 2f, d] gate / up interleaved, w2_weight
+    return [linear("router_weight", "gate.weight"), same("selection_bias", "gate.bias"),
+            fused_pair("experts.w_gate", "experts.w_in", "experts.w13_weight", interleaved=True, transposed=True),
+            stacked_linear("experts.w_out", "experts.w2_weight")]
+
+
+def with_prefix(fam: "Family", *prefixes: str) -> "Family":
+    """``fam`` with ``prefixes`` tried before its own (Inkling-2's ``model.llm.layers.{i}.mlp.``)."""
+    return dataclasses.replace(fam, prefix=lambda c, stack: (*prefixes, *fam.prefix(c, stack)))
 
 
 def family(model_types: tuple[str, ...], kwargs: Callable[[dict], dict], module: str, rules: Callable[[dict], list],
@@ -950,6 +1077,15 @@ for family in (
                       stacked_linear("experts.w_in", "moe.up_proj.weight"),
                       stacked_linear("experts.w_out", "moe.down_proj.weight"), *shared_mlp("share_expert")],
            deepseek_dense_reason, step3p5_at_layer),
+    # Ling-2: DeepSeek-V3's router on Kimi's names, Step-3.7's per-layer clamps
+    family(("bailing_hybrid",), ling_kwargs, "mlp",
+           routed_rules("gate.weight", same("selection_bias", "gate.expert_bias"), shared="shared_experts"),
+           lambda c, i, stack: deepseek_dense_reason(ling(c), i, stack), ling_at_layer),
+    # DeepSeek-V4: sqrt(softplus) scores, hash layers (the token ids' fixed experts), limited SwiGLU; DeepSeek's names
+    family(("deepseek_v4",), limited(deepseek_v4_kwargs), "ffn", deepseek_v4_rules, at_layer=deepseek_v4_at_layer),
+    # Inkling-2 (and its looped variant): DeepSeek-V4's top-k router, softcapped SwiGLU; the original names
+    with_prefix(family(("inkling2_text", "inkling2", "inkling2_loop_text", "inkling2_loop"), inkling2_kwargs, "mlp",
+                       inkling2_rules), "model.llm.layers.{i}.mlp."),
     Family(("dbrx",), dbrx_kwargs, lambda c, s: ("transformer.blocks.{i}.ffn.",), dbrx_rules,
            layer_count=lambda c, s: int(get(c, "n_layers", "num_hidden_layers", default=0))),
 ):
@@ -961,10 +1097,6 @@ SUPPORTED = tuple(FAMILIES)
 # transformers' MoE model types jmoe.hf does not load yet, and what their block needs
 # (the survey: tests/data/hf/FAMILIES.md)
 MISSING = {
-    "deepseek_v4": "a table entry whose hash layers get the token ids (its sqrt_softplus scores, TokenHash routing "
-                   "and limited_swiglu are in jmoe)",
-    "inkling2_text": "a table entry (softcapped_swiglu and DeepSeek-V4's router pieces are in jmoe)",
-    "inkling2_loop_text": "a table entry (softcapped_swiglu and DeepSeek-V4's router pieces are in jmoe)",
     "inkling_text": "shared experts weighted by the router",
     "nemotron_h": "non-gated squared-ReLU experts and the latent projection around them",
     "gemma4_text": "a normalised, scaled router input, per-expert output scales and the norms around the block",
@@ -979,7 +1111,6 @@ MISSING = {
     "doge": "product-key routing with single-neuron experts",
     "nllb-moe": "NLLB's top-2 routing with capacity and second-expert sampling",
     "ernie4_5_vl_moe_text": "modality-isolated text / vision experts (moe_mm_token_type_ids)",
-    "bailing_hybrid": "a table entry (its clamped experts are post_limited_swiglu, in jmoe)",
 }
 
 
