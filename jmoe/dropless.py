@@ -17,7 +17,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from jmoe.experts import Activation, as_activation, sum_over_model
+from jmoe.experts import Activation, as_activation, output_norm, sum_over_model
 from jmoe.grouped_matmul import grouped_matmul
 
 Array = jax.Array
@@ -60,6 +60,8 @@ def grouped_ffn(rows: Array, row_expert: Array, group_sizes: Array, params: dict
     y = sum_over_model(grouped_matmul(h, params["w_out"], group_sizes, matmul), model_axis)  # [N, d]
     if "b_out" in params:
         y = y + params["b_out"][row_expert]
+    if act.output_norm:
+        y = output_norm(y, params["norm_weight"][row_expert], act.output_norm_eps)  # [N, d]
     return y
 
 

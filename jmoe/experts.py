@@ -22,6 +22,11 @@ projection). The activations (:class:`Activation`, one function each in :data:`P
   softcapped_swiglu  cap(g, c_g) * sigmoid(g) * cap(u, c_u)   the sigmoid sees the raw gate
                                                               (Inkling-2)
 
+An activation with ``output_norm_eps`` also normalises each expert's output (Ergo): ``y_e =
+s_e * z / sqrt(mean_d(z^2) + eps)``, ``z`` the FFN output above, ``s_e [d]`` a learned scale per
+expert (``norm_weight [E, d]``, the shared expert's ``[d]``; initialised to 1), computed in
+float32 (:func:`output_norm`).
+
 Weights are ``[E, d, f]`` and ``[E, f, d]``: each projection is one batched
 matmul over experts, never a Python loop. Each expert is initialised like a
 dense FFN: truncated normal with variance ``1 / fan_in`` per projection.
@@ -44,6 +49,15 @@ from jmoe.checks import int_at_least, positive_number
 from jmoe.elementwise import check_softcap, softcap
 
 Array = jax.Array
+
+
+def output_norm(y: Array, scale: Array, eps: float) -> Array:
+    """RMSNorm of FFN outputs ``y [..., d]`` with a learned ``scale`` (broadcast to y: an
+    expert's ``[d]`` per row): ``scale * y / sqrt(mean_d(y^2) + eps)``, in float32, returned in
+    y's dtype."""
+    y32 = y.astype(jnp.float32)
+    normed = y32 * jax.lax.rsqrt(jnp.mean(jnp.square(y32), axis=-1, keepdims=True) + eps)  # [..., d]
+    return (normed * scale.astype(jnp.float32)).astype(y.dtype)
 
 def clamped_swiglu(act: "Activation", up: Array, gate: Array) -> Array:
     """GPT-OSS: ``(clip(u, -L, L) + 1) * g' * sigmoid(alpha * g')``, ``g' = min(g, L)``."""
@@ -91,13 +105,15 @@ class Activation:
     """An expert FFN's hidden activation ``h = act(up, gate)`` (static, hashable): ``name`` (the
     module docstring's table) and its options, ``swiglu_alpha`` / ``swiglu_limit``
     (``clamped_swiglu``; the limit also ``limited_swiglu`` / ``post_limited_swiglu``) and ``gate_softcap`` / ``up_softcap``
-    (needed by ``softcapped_swiglu``)."""
+    (needed by ``softcapped_swiglu``); ``output_norm_eps``: the FFN's output RMS-normalised with
+    this epsilon and a learned scale per expert (:func:`output_norm`; None: not normalised)."""
 
     name: str = "gelu"
     swiglu_alpha: float = 1.702
     swiglu_limit: float = 7.0
     gate_softcap: float | None = None
     up_softcap: float | None = None
+    output_norm_eps: float | None = None
 
     def __post_init__(self):
         if self.name not in ACTIVATIONS:
@@ -106,6 +122,8 @@ class Activation:
         positive_number("swiglu_limit", self.swiglu_limit)
         check_softcap("gate_softcap", self.gate_softcap)
         check_softcap("up_softcap", self.up_softcap)
+        if self.output_norm_eps is not None:
+            positive_number("output_norm_eps", self.output_norm_eps)
         if self.name in NEEDS_SOFTCAP and (self.gate_softcap is None or self.up_softcap is None):
             raise ValueError(f"activation {self.name!r} needs gate_softcap and up_softcap > 0: "
                              f"Activation({self.name!r}, gate_softcap=c_g, up_softcap=c_u)")
@@ -113,6 +131,11 @@ class Activation:
     @property
     def gated(self) -> bool:
         return self.name in GATED
+
+    @property
+    def output_norm(self) -> bool:
+        """Whether the FFN's output is RMS-normalised (a ``norm_weight`` per expert)."""
+        return self.output_norm_eps is not None
 
     def __call__(self, up: Array, gate: Array | None = None) -> Array:
         if self.gated:
@@ -197,7 +220,8 @@ def expert_ffn(x: Array, params: dict[str, Array], activation: str | Activation,
     Args:
       x: [E, N, d] tokens already dispatched to each expert.
       params: ``w_in [E, d, f]``, ``w_out [E, f, d]``, gated: ``w_gate [E, d, f]``,
-        optional ``b_in [E, f]``, ``b_gate [E, f]`` (gated), ``b_out [E, d]``.
+        optional ``b_in [E, f]``, ``b_gate [E, f]`` (gated), ``b_out [E, d]``; with the
+        activation's output norm ``norm_weight [E, d]``.
       model_axis: inside ``shard_map``, the mesh axis the hidden dim f is split over
         (:func:`sum_over_model`), or None.
     Returns:
@@ -216,6 +240,8 @@ def expert_ffn(x: Array, params: dict[str, Array], activation: str | Activation,
     y = sum_over_model(jnp.einsum("enf,efd->end", h, params["w_out"]), model_axis)  # [E, N, d]
     if "b_out" in params:
         y = y + params["b_out"][:, None, :]
+    if act.output_norm:  # after the sum over the model axis: the norm reads all of d
+        y = output_norm(y, params["norm_weight"][:, None, :], act.output_norm_eps)  # [E, N, d]
     return y
 
 
@@ -237,8 +263,9 @@ def _stacked_init(key: Array, shape: tuple[int, ...], dtype) -> Array:
 class ExpertBank(nnx.Module):
     """E expert FFNs as stacked weights; ``__call__(x [E, N, d]) -> [E, N, d]``.
 
-    ``activation``: a name of :data:`ACTIVATIONS` or an :class:`Activation`; ``use_bias``:
-    ``b_in [E, f]`` (and ``b_gate [E, f]`` for a gated FFN) and ``b_out [E, d]``."""
+    ``activation``: a name of :data:`ACTIVATIONS` or an :class:`Activation` (with an output
+    norm: ``norm_weight [E, d]``); ``use_bias``: ``b_in [E, f]`` (and ``b_gate [E, f]`` for a
+    gated FFN) and ``b_out [E, d]``."""
 
     def __init__(
         self,
@@ -273,10 +300,12 @@ class ExpertBank(nnx.Module):
             if activation.gated:
                 self.b_gate = nnx.Param(jnp.zeros((e, f), param_dtype), **meta("b_gate", {}))
             self.b_out = nnx.Param(jnp.zeros((e, d), param_dtype), **meta("b_out", {}))
+        if activation.output_norm:
+            self.norm_weight = nnx.Param(jnp.ones((e, d), param_dtype), **meta("norm_weight", {}))
 
     def params(self) -> dict[str, Array]:
         """The weights as a plain dict (in the compute dtype), for :func:`expert_ffn`."""
-        names = ("w_in", "w_gate", "w_out", "b_in", "b_gate", "b_out")
+        names = ("w_in", "w_gate", "w_out", "b_in", "b_gate", "b_out", "norm_weight")
         return {n: getattr(self, n)[...].astype(self.dtype) for n in names if hasattr(self, n)}
 
     def __call__(self, x: Array) -> Array:
@@ -291,9 +320,10 @@ def shared_ffn(x: Array, params: dict[str, Array], activation: str | Activation,
                model_axis: str | None = None) -> Array:
     """The shared expert on tokens ``x [T, d] -> [T, d]``: one dense FFN
     (:func:`expert_ffn` with E = 1; params ``w_in [d, F]``, ``w_gate [d, F]`` when gated,
-    ``w_out [F, d]``), times ``sigmoid(x w_g)`` per token when ``gate_weight [d, 1]`` is
-    there (Qwen2-MoE's shared-expert gate, computed in float32)."""
-    ffn = {name: params[name][None] for name in ("w_in", "w_gate", "w_out") if name in params}
+    ``w_out [F, d]``, ``norm_weight [d]`` with the activation's output norm), times
+    ``sigmoid(x w_g)`` per token when ``gate_weight [d, 1]`` is there (Qwen2-MoE's
+    shared-expert gate, computed in float32)."""
+    ffn = {name: params[name][None] for name in ("w_in", "w_gate", "w_out", "norm_weight") if name in params}
     y = expert_ffn(x[None], ffn, activation, model_axis)[0]  # [T, d]
     if "gate_weight" in params:
         gate = jax.nn.sigmoid(x.astype(jnp.float32) @ params["gate_weight"].astype(jnp.float32))  # [T, 1]
@@ -304,7 +334,8 @@ def shared_ffn(x: Array, params: dict[str, Array], activation: str | Activation,
 class SharedExpert(nnx.Module):
     """The shared expert: a dense FFN of width ``d_ff`` every token goes through
     (:func:`shared_ffn`), initialised like one expert; ``gate=True`` adds Qwen2-MoE's
-    per-token gate weight ``gate_weight [d, 1]``."""
+    per-token gate weight ``gate_weight [d, 1]``; an activation with an output norm its scale
+    ``norm_weight [d]``."""
 
     def __init__(self, d_model: int, d_ff: int, *, activation: str | Activation = "gelu", gate: bool = False,
                  dtype=jnp.float32, param_dtype=jnp.float32, sharding: dict[str, dict] | None = None,
@@ -322,10 +353,12 @@ class SharedExpert(nnx.Module):
         if gate:
             self.gate_weight = nnx.Param(nnx.initializers.lecun_normal()(rngs.params(), (d_model, 1), param_dtype),
                                          **meta("gate_weight", {}))
+        if activation.output_norm:
+            self.norm_weight = nnx.Param(jnp.ones((d_model,), param_dtype), **meta("norm_weight", {}))
 
     def params(self) -> dict[str, Array]:
         """The weights as a plain dict (in the compute dtype), for :func:`shared_ffn`."""
-        names = ("w_in", "w_gate", "w_out", "gate_weight")
+        names = ("w_in", "w_gate", "w_out", "gate_weight", "norm_weight")
         return {n: getattr(self, n)[...].astype(self.dtype) for n in names if hasattr(self, n)}
 
     def __call__(self, x: Array) -> Array:

@@ -488,7 +488,7 @@ HY_V4 = dict(V3, **MLA, mlp_layer_types=["dense", "sparse"], swiglu_limit=1.0, h
 # the clamps matter; the shared expert's its own)
 STEP3P5 = dict(QWEN, n_routed_experts=8, share_expert_dim=12, mlp_layer_types=["dense", "sparse"],
                moe_router_scaling_factor=1.5, swiglu_limits=[0.0, 0.3], swiglu_limits_shared=[0.0, 0.5], pad_token_id=0)
-ROUTERS = ("gate.weight", "gate.wg.weight", "router.weight", "router.layer.weight", "router.gate.weight",
+ROUTERS = ("gate.weight", "gate.linear.weight", "gate.wg.weight", "router.weight", "router.layer.weight", "router.gate.weight",
            "block_sparse_moe.router.weight", "router.classifier.weight")
 BIASES = ("gate.e_score_correction_bias", "e_score_correction_bias", "expert_bias", "gate.expert_bias",
           "gate.moe_statics.e_score_correction_bias", "router.e_score_correction_bias")
@@ -819,8 +819,16 @@ def deepseek_v4():
     size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
     assert size < MAX_BYTES, f"deepseek_v4: {size} bytes"
 
+# Ergo: sigmoid + selection bias renormalised, scaling 1.5; squared-ReLU experts with a per-expert output RMSNorm and a
+# normed squared-ReLU shared expert (rms_norm_eps 0.01, so the epsilon matters); layer 0 dense
+ERGO = dict(num_hidden_layers=2, num_dense_blocks=1, first_dense_intermediate_size=24, moe_intermediate_size=6,
+            shared_intermediate_size=12, num_experts=8, num_experts_per_tok=2, moe_routed_scaling_factor=1.5,
+            sliding_window=8, global_attention_every_n_layers=2, rms_norm_eps=0.01)
+
 
 NEW.update({  # table entries for blocks whose math landed in jmoe (issue 26)
+    "ergo": lambda: family_case("ergo", T.ErgoConfig, T.AutoModelForCausalLM, layer=1, seed=810, score="sigmoid",
+                                **ERGO),
     "deepseek_v4": deepseek_v4,
     "bailing_hybrid": lambda: family_case("bailing_hybrid", T.BailingHybridConfig, T.AutoModelForCausalLM, layer=1,
                                           seed=770, score="sigmoid", **BAILING),

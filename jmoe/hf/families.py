@@ -16,8 +16,9 @@ All family knowledge of jmoe lives here (the layer knows no model names). A fami
 
 jmoe's weights: ``router_weight [d, E]``, ``router_bias [E]``, ``selection_bias [E]`` (float32),
 ``experts.w_gate / w_in [E, d, f]``, ``experts.w_out [E, f, d]``, ``experts.b_gate / b_in [E, f]``,
-``experts.b_out [E, d]``, ``shared_expert.w_gate / w_in [d, F]``, ``shared_expert.w_out [F, d]``,
-``shared_expert.gate_weight [d, 1]``. torch's ``nn.Linear.weight`` is ``[out, in]``: transposed.
+``experts.b_out [E, d]``, ``experts.norm_weight [E, d]``, ``shared_expert.w_gate / w_in [d, F]``,
+``shared_expert.w_out [F, d]``, ``shared_expert.gate_weight [d, 1]``, ``shared_expert.norm_weight [d]``,
+``token_experts [vocab, k]`` (int32, a hash router's table). torch's ``nn.Linear.weight`` is ``[out, in]``: transposed.
 """
 
 from __future__ import annotations
@@ -938,6 +939,33 @@ def with_prefix(fam: "Family", *prefixes: str) -> "Family":
     return dataclasses.replace(fam, prefix=lambda c, stack: (*prefixes, *fam.prefix(c, stack)))
 
 
+def ergo_kwargs(c: dict) -> dict:
+    """Ergo: sigmoid + selection bias (``router_bias``), renormalised + 1e-20, times
+    ``moe_routed_scaling_factor``; squared-ReLU experts and shared expert
+    (``shared_intermediate_size``), each output RMS-normalised with ``rms_norm_eps`` and its own
+    learned scale (``Activation("relu2", output_norm_eps=...)``). The decoder layer's norms before
+    and after the block are outside it, as every family's are."""
+    kwargs = sigmoid_top_k(c, scale_key=None)
+    kwargs.update(activation="relu2", output_norm_eps=float(c.get("rms_norm_eps") or 1e-12),
+                  routed_scaling_factor=float(get(c, "moe_routed_scaling_factor", default=8 ** 0.5)),
+                  shared_d_ff=need(c, "shared_intermediate_size"))
+    return kwargs
+
+
+def ergo_dense_reason(c: dict, i: int, stack) -> str | None:  # no mlp_layer_types: num_dense_blocks (1) dense
+    dense = c.get("num_dense_blocks", 1) or 0
+    types = c.get("mlp_layer_types") or ["dense"] * dense + ["sparse"] * (num_layers(c) - dense)
+    return deepseek_dense_reason(dict(c, mlp_layer_types=types), i, stack)
+
+
+def ergo_rules(c: dict) -> list:  # its training framework's names, every weight x @ W as jmoe holds it
+    return [same("router_weight", "gate_kernel"), same("selection_bias", "router_bias"),
+            same("experts.w_in", "up_proj"), same("experts.w_out", "down_proj"),
+            same("experts.norm_weight", "expert_output_norm.scale"), same("shared_expert.w_in", "shared_up_proj"),
+            same("shared_expert.w_out", "shared_down_proj"),
+            same("shared_expert.norm_weight", "shared_expert_output_norm.scale")]
+
+
 def family(model_types: tuple[str, ...], kwargs: Callable[[dict], dict], module: str, rules: Callable[[dict], list],
            dense_reason: Callable[[dict, int, str | None], str | None] | None = None,
            at_layer: Callable[[dict, int], dict] | None = None) -> Family:
@@ -1086,6 +1114,9 @@ for family in (
     # Inkling-2 (and its looped variant): DeepSeek-V4's top-k router, softcapped SwiGLU; the original names
     with_prefix(family(("inkling2_text", "inkling2", "inkling2_loop_text", "inkling2_loop"), inkling2_kwargs, "mlp",
                        inkling2_rules), "model.llm.layers.{i}.mlp."),
+    # Ergo: squared-ReLU experts and shared expert with an output RMSNorm each; its own names under layers.{i}.
+    with_prefix(family(("ergo",), ergo_kwargs, "feed_forward", ergo_rules, ergo_dense_reason),
+                "layers.{i}.feed_forward."),
     Family(("dbrx",), dbrx_kwargs, lambda c, s: ("transformer.blocks.{i}.ffn.",), dbrx_rules,
            layer_count=lambda c, s: int(get(c, "n_layers", "num_hidden_layers", default=0))),
 ):
@@ -1105,7 +1136,6 @@ MISSING = {
     "axk1": "the RMSNorm on the block output",
     "axk2": "its gated norm around the block (excluded_fill='zero' is in jmoe)",
     "muse_spark_text": "the projections and norms around the experts and a per-expert output norm",
-    "ergo": "squared-ReLU experts with a per-expert output norm and a normed shared expert",
     "jetmoe": "a bias on the block output",
     "zaya": "an MLP router with a skip expert and router state carried from layer to layer",
     "doge": "product-key routing with single-neuron experts",
