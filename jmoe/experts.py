@@ -214,7 +214,7 @@ class ZeroExperts:
 
 
 def expert_ffn(x: Array, params: dict[str, Array], activation: str | Activation,
-               model_axis: str | None = None) -> Array:
+               model_axis: str | None = None, hidden_scale: Array | None = None) -> Array:
     """The bank's math as a pure function of stacked weights.
 
     Args:
@@ -224,6 +224,8 @@ def expert_ffn(x: Array, params: dict[str, Array], activation: str | Activation,
         activation's output norm ``norm_weight [E, d]``.
       model_axis: inside ``shard_map``, the mesh axis the hidden dim f is split over
         (:func:`sum_over_model`), or None.
+      hidden_scale: [E, N, f] multiplies the activated hidden units before the down
+        projection (the shared experts' router weights, :func:`shared_ffn`), or None.
     Returns:
       [E, N, d].
     """
@@ -237,6 +239,8 @@ def expert_ffn(x: Array, params: dict[str, Array], activation: str | Activation,
         if "b_gate" in params:
             gate = gate + params["b_gate"][:, None, :]
     h = act(up, gate)  # [E, N, f]
+    if hidden_scale is not None:
+        h = h * hidden_scale.astype(h.dtype)
     y = sum_over_model(jnp.einsum("enf,efd->end", h, params["w_out"]), model_axis)  # [E, N, d]
     if "b_out" in params:
         y = y + params["b_out"][:, None, :]
@@ -317,18 +321,38 @@ class ExpertBank(nnx.Module):
 
 
 def shared_ffn(x: Array, params: dict[str, Array], activation: str | Activation,
-               model_axis: str | None = None) -> Array:
+               model_axis: str | None = None, expert_weight: Array | None = None) -> Array:
     """The shared expert on tokens ``x [T, d] -> [T, d]``: one dense FFN
     (:func:`expert_ffn` with E = 1; params ``w_in [d, F]``, ``w_gate [d, F]`` when gated,
     ``w_out [F, d]``, ``norm_weight [d]`` with the activation's output norm), times
     ``sigmoid(x w_g)`` per token when ``gate_weight [d, 1]`` is there (Qwen2-MoE's
-    shared-expert gate, computed in float32)."""
+    shared-expert gate, computed in float32).
+
+    ``expert_weight [T, n]`` (a router that weights the shared experts: ``plan.shared_weight``):
+    the FFN is n shared experts side by side, hidden units ``i F/n .. (i + 1) F/n - 1`` expert
+    i's, and each one's hidden units are scaled by its weight: ``y = sum_i w_i FFN_i(x)``
+    (:func:`shared_unit_weights`)."""
     ffn = {name: params[name][None] for name in ("w_in", "w_gate", "w_out", "norm_weight") if name in params}
-    y = expert_ffn(x[None], ffn, activation, model_axis)[0]  # [T, d]
+    scale = None
+    if expert_weight is not None:
+        scale = shared_unit_weights(expert_weight, params["w_in"].shape[-1], model_axis)[None]  # [1, T, f]
+    y = expert_ffn(x[None], ffn, activation, model_axis, scale)[0]  # [T, d]
     if "gate_weight" in params:
         gate = jax.nn.sigmoid(x.astype(jnp.float32) @ params["gate_weight"].astype(jnp.float32))  # [T, 1]
         y = (gate * y.astype(jnp.float32)).astype(y.dtype)
     return y
+
+
+def shared_unit_weights(expert_weight: Array, width: int, model_axis: str | None = None) -> Array:
+    """Each hidden unit's weight ``[T, width]`` from the n shared experts' ``expert_weight [T, n]``:
+    global hidden unit j is shared expert ``j // (F / n)``'s, F the full hidden width. Inside
+    ``shard_map`` with the hidden dim split over ``model_axis`` the device holds ``width = F / M``
+    units starting at ``axis_index * width`` (an expert's units may span two devices)."""
+    n = expert_weight.shape[-1]
+    shards = 1 if model_axis is None else jax.lax.axis_size(model_axis)
+    first = 0 if model_axis is None else jax.lax.axis_index(model_axis) * width
+    units = first + jnp.arange(width)  # [width] global hidden unit indices
+    return jnp.take(expert_weight, units // (width * shards // n), axis=-1)  # [T, width]
 
 
 class SharedExpert(nnx.Module):

@@ -825,8 +825,40 @@ ERGO = dict(num_hidden_layers=2, num_dense_blocks=1, first_dense_intermediate_si
             shared_intermediate_size=12, num_experts=8, num_experts_per_tok=2, moe_routed_scaling_factor=1.5,
             sliding_window=8, global_attention_every_n_layers=2, rms_norm_eps=0.01)
 
+# Inkling: 8 routed experts (sigmoid + selection bias) and 2 shared experts scored by the same router, all weighted
+# by one softmax of log-sigmoid scores over the chosen 2 + the 2 shared, times route_scale and the learned
+# global_scale (set to 1.25, so it matters); mlp_layer_types: layer 0 dense
+INKLING = dict(moe_intermediate_size=6, num_hidden_layers=2, n_routed_experts=8, num_experts_per_tok=2,
+               n_shared_experts=2, route_scale=1.5, swa_num_attention_heads=2, swa_num_key_value_heads=1,
+               swa_head_dim=8, sliding_window_size=8, d_rel=4, rel_extent=8, unpadded_vocab_size=16,
+               layer_types=["hybrid_sliding", "hybrid"], mlp_layer_types=["dense", "sparse"], eos_token_id=1)
+
+
+def inkling_text():
+    """Inkling's text model, layer 1's block recorded on an x whose top-k choice has no near-tie."""
+    config = T.InklingTextConfig(**{**TINY, **INKLING})
+    model = T.InklingForCausalLM(config)
+    randomize(model, 820)
+    with torch.no_grad():
+        model.model.layers[1].mlp.gate.global_scale.fill_(1.25)
+    bf16_round(model)
+    path = save(model, "inkling_text")
+    model = T.InklingForCausalLM.from_pretrained(path, dtype=torch.float32, experts_implementation="eager").eval()
+    block = model.model.layers[1].mlp
+    for s in range(821, 1000):
+        x = make_x(16, s)
+        with torch.no_grad():
+            logits = torch.nn.functional.linear(x.reshape(-1, 16), block.gate.weight)[:, :-2]  # the routed experts'
+            margin = top_margin(torch.sigmoid(logits) + block.gate.e_score_correction_bias, 2)
+        if margin > 1e-3:
+            break
+    record(path, block, x, {"layer": 1, "margin": margin})
+    size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+    assert size < MAX_BYTES, f"inkling_text: {size} bytes"
+
 
 NEW.update({  # table entries for blocks whose math landed in jmoe (issue 26)
+    "inkling_text": inkling_text,
     "ergo": lambda: family_case("ergo", T.ErgoConfig, T.AutoModelForCausalLM, layer=1, seed=810, score="sigmoid",
                                 **ERGO),
     "deepseek_v4": deepseek_v4,

@@ -43,7 +43,7 @@ NEW_FAMILIES = [
     "granitemoe_swa", "qwen3_5_moe", "hy_v3", "minimax_m3_vl_text", "flint", "beam", "dots3_note_text",
     "openai_privacy_filter", "deepseek_ocr2_text", "unlimited_ocr_text", "lfm2_moe", "laguna", "kolibri1",
     "kolibri1_1", "hy_v4", "hy_v4_vl_text", "glm5_next_text", "longcat_flash", "phimoe", "step3p5", "step3p7",
-    "bailing_hybrid", "inkling2_text", "inkling2_loop_text", "deepseek_v4", "ergo",
+    "bailing_hybrid", "inkling2_text", "inkling2_loop_text", "deepseek_v4", "ergo", "inkling_text",
 ]
 CASES += [(case, "", None) for case in NEW_FAMILIES]
 CASES += [("deepseek_v4", "moe", None)]  # its top-k layer (the root record: a hash layer, routed by token id)
@@ -278,7 +278,7 @@ def test_unsupported_model_type_lists_the_supported(tmp_path):
         hf.moe_kwargs({"model_type": "bert"})
 
 
-@pytest.mark.parametrize("model_type,missing", [("inkling_text", "shared experts weighted by the router"),
+@pytest.mark.parametrize("model_type,missing", [("zaya", "an MLP router with a skip expert"),
                                                 ("axk1", "the RMSNorm on the block output"),
                                                 ("nemotron_h", "non-gated squared-ReLU experts"),
                                                 ("jetmoe", "a bias on the block output")])

@@ -147,7 +147,7 @@ def load_moe(path, layer: int, *, dtype=None, mesh=None, stack: str | None = Non
                 raise CheckpointError(f"tensor {full!r} has non-finite values (nan or inf)")
             tensors[name] = value
         values = rule.to_jmoe(tensors)
-        for variable, value in zip(variables, values if isinstance(rule, families.PairRule) else (values,)):
+        for variable, value in zip(variables, values if len(rule.paths) > 1 else (values,)):
             _assign(variable, value)
     return moe
 

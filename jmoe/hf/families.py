@@ -127,6 +127,34 @@ class PairRule:
         return {self.name: np.swapaxes(out, -1, -2) if self.transposed else out}
 
 
+@dataclasses.dataclass(frozen=True)
+class RowsRule:
+    """Two jmoe weights from the rows of one torch Linear weight ``name [a + b, in]``: its first
+    a rows are ``first [in, a]``, the last b (``rest_rows``, from the config) ``rest [in, b]``
+    (Inkling's router ``gate.weight [E + n, d]``: the routed experts' rows, then the shared
+    experts')."""
+
+    first: str
+    rest: str
+    name: str
+    rest_rows: int
+
+    @property
+    def paths(self) -> tuple[str, str]:
+        return self.first, self.rest
+
+    def hub(self, shape: tuple[int, ...]) -> dict[str, tuple[int, ...]]:  # shape: first's [in, a]
+        return {self.name: (shape[1] + self.rest_rows, shape[0])}
+
+    def to_jmoe(self, tensors: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+        value = tensors[self.name]  # [a + b, in]
+        split = value.shape[0] - self.rest_rows
+        return value[:split].T, value[split:].T
+
+    def to_hub(self, first: np.ndarray, rest: np.ndarray) -> dict[str, np.ndarray]:
+        return {self.name: np.concatenate([first.T, rest.T], axis=0)}
+
+
 def fused_pair(gate: str, up: str, name: str, *, interleaved: bool, transposed: bool = False,
                either_layout: bool = False) -> PairRule:
     return PairRule(gate, up, name, interleaved, transposed, either_layout)
@@ -966,6 +994,44 @@ def ergo_rules(c: dict) -> list:  # its training framework's names, every weight
             same("shared_expert.norm_weight", "shared_expert_output_norm.scale")]
 
 
+def inkling_kwargs(c: dict) -> dict:
+    """Inkling: its router scores the ``n_shared_experts`` shared experts beside the routed ones
+    (``gate.weight [E + n, d]``): sigmoid scores, the top-k of ``scores +
+    e_score_correction_bias``, then one softmax of the log-sigmoid scores of the k chosen and the
+    n shared (``s / sum``, no epsilon), times ``route_scale`` and the learned ``global_scale``
+    (``router="shared_sink"``, ``learned_scale``); the n shared SwiGLU experts of
+    ``moe_intermediate_size`` side by side, each weighted by its share. transformers scores the
+    shared experts whatever ``shared_expert_sink`` says, and so does jmoe."""
+    shared = need(c, "n_shared_experts")
+    kwargs = top_k(c, normalize=True)
+    kwargs.update(router="shared_sink", score_function="sigmoid", n_group=1, topk_group=1, selection_bias=True,
+                  shared_experts=shared, learned_scale=True, normalize_epsilon=0.0,
+                  routed_scaling_factor=float(get(c, "route_scale", default=8.0)),
+                  shared_d_ff=shared * need(c, "moe_intermediate_size"))
+    return kwargs
+
+
+def shared_experts_stacked(path: str, name: str, count: int, *, down: bool = False) -> Rule:
+    """n shared experts' torch weights stacked in one tensor (Inkling's ``shared_experts.gate_proj
+    [n, F, d]``, ``down_proj [n, d, F]``) <-> the jmoe shared expert that holds them side by side
+    (``w_gate [d, n F]``, ``w_out [n F, d]``: hidden units ``i F .. (i + 1) F - 1`` are expert i's)."""
+    if down:  # jmoe [n F, d] <-> hub [n, d, F]
+        return Rule(path, lambda shape: {name: (count, shape[1], shape[0] // count)},
+                    lambda t: np.swapaxes(t[name], 1, 2).reshape(-1, t[name].shape[1]),
+                    lambda v: {name: np.swapaxes(v.reshape(count, -1, v.shape[1]), 1, 2)})
+    return Rule(path, lambda shape: {name: (count, shape[1] // count, shape[0])},  # jmoe [d, n F] <-> hub [n, F, d]
+                lambda t: t[name].reshape(-1, t[name].shape[-1]).T, lambda v: {name: v.T.reshape(count, -1, v.shape[0])})
+
+
+def inkling_rules(c: dict) -> list:  # transformers' own names (it converts none for inkling_text)
+    shared = need(c, "n_shared_experts")
+    return [RowsRule("router_weight", "shared_router_weight", "gate.weight", shared),
+            same("router_scale", "gate.global_scale"), same("selection_bias", "gate.e_score_correction_bias"),
+            *fused_experts(), shared_experts_stacked("shared_expert.w_gate", "shared_experts.gate_proj", shared),
+            shared_experts_stacked("shared_expert.w_in", "shared_experts.up_proj", shared),
+            shared_experts_stacked("shared_expert.w_out", "shared_experts.down_proj", shared, down=True)]
+
+
 def family(model_types: tuple[str, ...], kwargs: Callable[[dict], dict], module: str, rules: Callable[[dict], list],
            dense_reason: Callable[[dict, int, str | None], str | None] | None = None,
            at_layer: Callable[[dict, int], dict] | None = None) -> Family:
@@ -1117,6 +1183,8 @@ for family in (
     # Ergo: squared-ReLU experts and shared expert with an output RMSNorm each; its own names under layers.{i}.
     with_prefix(family(("ergo",), ergo_kwargs, "feed_forward", ergo_rules, ergo_dense_reason),
                 "layers.{i}.feed_forward."),
+    # Inkling: the router weights the shared experts too (one normalisation over the k chosen and the shared)
+    family(("inkling_text",), inkling_kwargs, "mlp", inkling_rules, deepseek_dense_reason),
     Family(("dbrx",), dbrx_kwargs, lambda c, s: ("transformer.blocks.{i}.ffn.",), dbrx_rules,
            layer_count=lambda c, s: int(get(c, "n_layers", "num_hidden_layers", default=0))),
 ):
@@ -1128,7 +1196,6 @@ SUPPORTED = tuple(FAMILIES)
 # transformers' MoE model types jmoe.hf does not load yet, and what their block needs
 # (the survey: tests/data/hf/FAMILIES.md)
 MISSING = {
-    "inkling_text": "shared experts weighted by the router",
     "nemotron_h": "non-gated squared-ReLU experts and the latent projection around them",
     "gemma4_text": "a normalised, scaled router input, per-expert output scales and the norms around the block",
     "gemma4_unified_text": "a normalised, scaled router input, per-expert output scales and the norms around the block",

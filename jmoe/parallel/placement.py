@@ -50,7 +50,7 @@ def param_sharding(axes: MeshAxes, mesh=None, shared: bool = False) -> dict[str,
         specs = shared_param_specs(dict.fromkeys(SHARED_WEIGHTS), axes)
     else:
         specs = {**expert_param_specs(dict.fromkeys(EXPERT_WEIGHTS), axes),
-                 **{name: P(None) if name in ("router_bias", "selection_bias") else P(None, None)
+                 **{name: P(None) if name in ("router_bias", "selection_bias", "router_scale") else P(None, None)
                     for name in ROUTER_PARAMS}}
     extra = {} if mesh is None else {"mesh": mesh}
     return {name: {"out_sharding": tuple(spec), **extra} for name, spec in specs.items()}

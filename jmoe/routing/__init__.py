@@ -13,6 +13,8 @@ classes, and nothing here knows about Flax layers. Registered (:data:`ROUTERS`):
   token_hash      experts a fixed function of the token id  :mod:`jmoe.routing.token_hash`
                   (Hash Layers; DeepSeek-V4's first layers)
   sparsemixer     SparseMixer's top-2 (Phi-3.5-MoE), eval   :mod:`jmoe.routing.sparsemixer`
+  shared_sink     group-limited routing that also weights   :mod:`jmoe.routing.shared_sink`
+                  the shared experts (Inkling)
 
 A new router is one module (a :class:`Router` subclass) plus one line in ``ROUTERS``; a
 user's own router is a :class:`Router` subclass given to the layer as an object
@@ -34,6 +36,7 @@ from jmoe.routing.group_limited import GroupLimited, group_limited_top_k
 from jmoe.routing.noisy import NoisyTopK
 from jmoe.routing.plan import BALANCE_LOSSES, ExtraLoss, RoutingPlan, router_probabilities, z_loss
 from jmoe.routing.router import Router
+from jmoe.routing.shared_sink import SharedSink
 from jmoe.routing.sparsemixer import SparseMixer
 from jmoe.routing.token_hash import TokenHash
 from jmoe.routing.token_choice import (PRIORITIES, SECOND_EXPERT_POLICIES, TokensChoose, plan_from_choices,
@@ -41,11 +44,11 @@ from jmoe.routing.token_choice import (PRIORITIES, SECOND_EXPERT_POLICIES, Token
 
 __all__ = ["BALANCE_LOSSES", "DEFAULT_ROUTER", "EXTRA_LOSSES", "STATE_PARAMS", "group_limited_top_k", "ExtraLoss",
            "ExpertsChoose", "GroupLimited", "NAMES", "NoisyTopK", "PARAM_NAMES", "PRIORITIES", "ROUTERS", "Router",
-           "RoutingPlan", "SECOND_EXPERT_POLICIES", "SparseMixer", "TokenHash", "TokensChoose", "as_router", "complete_aux", "expert_capacity",
+           "RoutingPlan", "SECOND_EXPERT_POLICIES", "SharedSink", "SparseMixer", "TokenHash", "TokensChoose", "as_router", "complete_aux", "expert_capacity",
            "experts_choose", "make_router", "plan_from_choices", "router_probabilities", "tokens_choose", "z_loss"]
 
 ROUTERS: dict[str, type[Router]] = {cls.name: cls for cls in (TokensChoose, ExpertsChoose, NoisyTopK, GroupLimited,
-                                                               TokenHash, SparseMixer)}
+                                                               TokenHash, SparseMixer, SharedSink)}
 NAMES = tuple(ROUTERS)
 DEFAULT_ROUTER = TokensChoose.name
 

@@ -86,6 +86,12 @@ class Router:
         if self.k > num_experts:
             raise ValueError(f"k={self.k} must be in [1, num_experts={num_experts}]")
 
+    @property
+    def weighted_shared_experts(self) -> int:
+        """How many shared experts the router weights per token (``plan.shared_weight [G, S, n]``,
+        :class:`jmoe.routing.SharedSink`); 0: none, the shared expert is added unweighted."""
+        return 0
+
     def check_token_ids(self, token_ids: Array) -> None:
         """Token ids as the router needs them, else a clear error (only for ``needs_token_ids``)."""
 
