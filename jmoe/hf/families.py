@@ -168,10 +168,11 @@ def gated_experts(gate: str, up: str, down: str, prefix: str = "experts.") -> li
             per_expert("experts.w_out", f"{prefix}{{}}.{down}.weight")]
 
 
-def shared_mlp(module: str) -> list:
-    return [linear("shared_expert.w_gate", f"{module}.gate_proj.weight"),
-            linear("shared_expert.w_in", f"{module}.up_proj.weight"),
-            linear("shared_expert.w_out", f"{module}.down_proj.weight")]
+def shared_mlp(module: str, gate: str = "gate_proj", up: str = "up_proj", down: str = "down_proj") -> list:
+    """A shared MLP ``module`` of three torch Linears (DeepSeek's own checkpoints: ``w1`` / ``w3`` / ``w2``)."""
+    return [linear("shared_expert.w_gate", f"{module}.{gate}.weight"),
+            linear("shared_expert.w_in", f"{module}.{up}.weight"),
+            linear("shared_expert.w_out", f"{module}.{down}.weight")]
 
 
 def stacked_linear(path: str, name: str, *, either_layout: bool = False) -> Rule:
@@ -929,17 +930,10 @@ def token_table(path: str, name: str) -> Rule:
     return Rule(path, lambda shape: {name: shape}, lambda t: t[name], lambda v: {name: np.asarray(v, np.int64)})
 
 
-def shared_mlp_names(module: str, gate: str = "w1", up: str = "w3", down: str = "w2") -> list:
-    """A shared MLP with Mixtral's names (``w1`` / ``w3`` / ``w2``: DeepSeek's own checkpoints)."""
-    return [linear("shared_expert.w_gate", f"{module}.{gate}.weight"),
-            linear("shared_expert.w_in", f"{module}.{up}.weight"),
-            linear("shared_expert.w_out", f"{module}.{down}.weight")]
-
-
 def deepseek_v4_rules(c: dict) -> list:  # DeepSeek's own names under layers.{i}.ffn. (transformers saves them)
     return [linear("router_weight", "gate.weight"), same("selection_bias", "gate.bias"),
             token_table("token_experts", "gate.tid2eid"), *gated_experts("w1", "w3", "w2"),
-            *shared_mlp_names("shared_experts")]
+            *shared_mlp("shared_experts", "w1", "w3", "w2")]
 
 
 def inkling2_kwargs(c: dict) -> dict:
@@ -1171,7 +1165,7 @@ for family in (
                       stacked_linear("experts.w_in", "moe.up_proj.weight"),
                       stacked_linear("experts.w_out", "moe.down_proj.weight"), *shared_mlp("share_expert")],
            deepseek_dense_reason, step3p5_at_layer),
-    # Ling-2: DeepSeek-V3's router on Kimi's names, Step-3.7's per-layer clamps
+    # Ling-2: DeepSeek-V3's router on Ling's config names, Step-3.7's per-layer clamps
     family(("bailing_hybrid",), ling_kwargs, "mlp",
            routed_rules("gate.weight", same("selection_bias", "gate.expert_bias"), shared="shared_experts"),
            lambda c, i, stack: deepseek_dense_reason(ling(c), i, stack), ling_at_layer),
