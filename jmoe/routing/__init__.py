@@ -13,6 +13,9 @@ classes, and nothing here knows about Flax layers. Registered (:data:`ROUTERS`):
   token_hash      experts a fixed function of the token id  :mod:`jmoe.routing.token_hash`
                   (Hash Layers; DeepSeek-V4's first layers)
   sparsemixer     SparseMixer's top-2 (Phi-3.5-MoE), eval   :mod:`jmoe.routing.sparsemixer`
+  top2_gate       fairseq's Top2Gate (NLLB-MoE): GShard's   :mod:`jmoe.routing.top2_gate`
+                  top-2, renormalised after the drops,
+                  sampled 2nd expert, expert output masking
 
 A new router is one module (a :class:`Router` subclass) plus one line in ``ROUTERS``; a
 user's own router is a :class:`Router` subclass given to the layer as an object
@@ -36,16 +39,17 @@ from jmoe.routing.plan import BALANCE_LOSSES, ExtraLoss, RoutingPlan, router_pro
 from jmoe.routing.router import Router
 from jmoe.routing.sparsemixer import SparseMixer
 from jmoe.routing.token_hash import TokenHash
+from jmoe.routing.top2_gate import Top2Gate
 from jmoe.routing.token_choice import (PRIORITIES, SECOND_EXPERT_POLICIES, TokensChoose, plan_from_choices,
                                       tokens_choose)
 
 __all__ = ["BALANCE_LOSSES", "DEFAULT_ROUTER", "EXTRA_LOSSES", "STATE_PARAMS", "group_limited_top_k", "ExtraLoss",
            "ExpertsChoose", "GroupLimited", "NAMES", "NoisyTopK", "PARAM_NAMES", "PRIORITIES", "ROUTERS", "Router",
-           "RoutingPlan", "SECOND_EXPERT_POLICIES", "SparseMixer", "TokenHash", "TokensChoose", "as_router", "complete_aux", "expert_capacity",
+           "RoutingPlan", "SECOND_EXPERT_POLICIES", "SparseMixer", "TokenHash", "TokensChoose", "Top2Gate", "as_router", "complete_aux", "expert_capacity",
            "experts_choose", "make_router", "plan_from_choices", "router_probabilities", "tokens_choose", "z_loss"]
 
 ROUTERS: dict[str, type[Router]] = {cls.name: cls for cls in (TokensChoose, ExpertsChoose, NoisyTopK, GroupLimited,
-                                                               TokenHash, SparseMixer)}
+                                                               TokenHash, SparseMixer, Top2Gate)}
 NAMES = tuple(ROUTERS)
 DEFAULT_ROUTER = TokensChoose.name
 
