@@ -843,6 +843,55 @@ def nllb_moe():
 NEW["nllb_moe"] = nllb_moe
 
 
+# ---------------------------------------------------------------- Phi-3.5-MoE's SparseMixer in train mode
+
+
+def phimoe_train():
+    """transformers' ``sparsemixer`` in train mode (``training=True``: each round's expert sampled
+    with Gumbel noise, Heun's random weight scale, ``PhimoeMultiplier``'s backward) on random logits
+    ``[64, 8]`` with eps 0.2, its random draws captured as it makes them (``exponential_``: the
+    Gumbel noise is ``-log`` of it; ``rand_like`` / ``uniform_``: Heun's u), the chosen experts, the
+    weights and the gradient of ``sum(weights * cotangent)`` with respect to the logits, into
+    ``phimoe_train/sparsemixer_train.npz`` (no checkpoint: the router math alone)."""
+    from transformers.models.phimoe import modeling_phimoe
+    drawn = []
+
+    def capture(name, fn):
+        def wrapped(*args, **kwargs):
+            out = fn(*args, **kwargs)
+            drawn.append((name, out.detach().clone()))
+            return out
+        return wrapped
+
+    originals = torch.Tensor.exponential_, torch.Tensor.uniform_, torch.rand_like
+    torch.Tensor.exponential_ = capture("exponential", originals[0])
+    torch.Tensor.uniform_ = capture("uniform", originals[1])
+    torch.rand_like = capture("rand", originals[2])
+    try:
+        gen = torch.Generator().manual_seed(780)
+        logits = (0.5 * torch.randn((64, 8), generator=gen) + 1.0).requires_grad_()  # near each other: masks matter
+        torch.manual_seed(781)
+        weights, experts = modeling_phimoe.sparsemixer(logits, jitter_eps=0.2, training=True)
+    finally:
+        torch.Tensor.exponential_, torch.Tensor.uniform_, torch.rand_like = originals
+    names = [name for name, _ in drawn]
+    assert names == ["exponential", "rand", "exponential", "rand", "uniform"], names  # round 2's rand is redrawn
+    cotangent = torch.randn(weights.shape, generator=gen)
+    (weights * cotangent).sum().backward()
+    gumbel = torch.stack([-drawn[0][1].log(), -drawn[2][1].log()], 1)  # [T, 2, E]
+    uniform = torch.cat([drawn[1][1], drawn[4][1]], 1)  # [T, 2]
+    out = OUT / "phimoe_train"
+    out.mkdir(parents=True, exist_ok=True)
+    np.savez(out / "sparsemixer_train.npz", logits=logits.detach().numpy(), jitter_eps=np.float32(0.2),
+             gumbel=gumbel.numpy(), uniform=uniform.numpy(), experts=experts.numpy().astype(np.int32),
+             weights=weights.detach().numpy(), cotangent=cotangent.numpy(), grad=logits.grad.numpy())
+    first_best = experts[:, 0] == logits.detach().argmax(-1)
+    print(f"phimoe_train: {int((~first_best).sum())} of 64 first choices sampled off the argmax")
+
+
+NEW["phimoe_train"] = phimoe_train
+
+
 CASES = {"mixtral": mixtral, "qwen2_moe": qwen2_moe, "qwen3_moe": qwen3_moe, "olmoe": olmoe,
          "deepseek_v3": deepseek_v3, "deepseek_v3_fp8": lambda: deepseek_v3("deepseek_v3_fp8", fp8=True),
          "deepseek_v2": deepseek_v2, "gpt_oss": gpt_oss, "gpt_oss_mxfp4": gpt_oss_mxfp4, "llama4_text": llama4_text,

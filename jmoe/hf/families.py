@@ -813,14 +813,19 @@ def longcat_kwargs(c: dict) -> dict:
 
 def phimoe_kwargs(c: dict) -> dict:
     """Phi-3.5-MoE: SparseMixer's top-2 with ``eps = router_jitter_noise`` (``router="sparsemixer"``;
-    transformers' eval-mode forward: the argmax and a softmax over the logits within 2 eps of it,
-    twice, not renormalised). Train mode differs from transformers' (its sampled routing, Heun's
-    gradient estimator and ``input_jitter_noise`` are not in jmoe)."""
+    eval mode: the argmax and a softmax over the logits within 2 eps of it, twice, not
+    renormalised; train mode: each round's expert sampled, Heun's third-order estimator).
+    ``input_jitter_noise`` jitters the block's input in train mode, the router's and the experts'
+    (``jitter``, ``jitter_experts``; transformers 5.25 jitters it twice, in the block and again in
+    the router, in place: Microsoft's Phi-3.5-MoE code once)."""
     kwargs = mixtral_kwargs(c)
     if kwargs["k"] != 2:
         raise CheckpointError(f"phimoe: num_experts_per_tok={kwargs['k']}; SparseMixer (and jmoe's) chooses 2")
     del kwargs["normalize"]  # not a SparseMixer option
     kwargs.update(router="sparsemixer", jitter_eps=float(need(c, "router_jitter_noise")))
+    jitter = float(c.get("input_jitter_noise") or 0.0)
+    if jitter > 0:
+        kwargs.update(jitter=jitter, jitter_experts=True)
     return kwargs
 
 
