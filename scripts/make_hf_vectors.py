@@ -892,6 +892,33 @@ def phimoe_train():
 NEW["phimoe_train"] = phimoe_train
 
 
+def doge():
+    """Doge's CDMoE block (``is_moe=True``): product-key routing over 16 = 4^2 single-neuron experts,
+    top-4, plus its dense SwiGLU MLP. Its router splits ``router_gate(x)`` with ``view(2, B * S, K)``,
+    mixing the tokens of the call: recorded on one sequence of 16 tokens (jmoe's routing group)."""
+    config = T.DogeConfig(**{**TINY, "intermediate_size": 12}, num_hidden_layers=1, is_moe=True, num_experts=16,
+                          num_experts_per_tok=4, keep_window_size=64)
+    model = T.DogeForCausalLM(config)
+    randomize(model, 790)
+    bf16_round(model)
+    path = save(model, "doge")
+    model = T.DogeForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    block = model.model.layers[0].mlp
+    for s in range(791, 991):
+        x = torch.randn((1, 16, 16), generator=torch.Generator().manual_seed(s), dtype=torch.float32)
+        with torch.no_grad():
+            a, b = block.router_gate(x).view(2, 16, 4)  # transformers' split (mixes tokens)
+            scores = (a[:, :, None] + b[:, None, :]).reshape(16, 16)
+        if top_margin(scores, 4) > 1e-3:
+            break
+    record(path, block, x, {"layer": 0, "margin": top_margin(scores, 4)}, torch.topk(scores, 4).indices[None])
+    size = sum(f.stat().st_size for f in path.iterdir())
+    assert size < MAX_BYTES, f"doge: {size} bytes"
+
+
+NEW["doge"] = doge
+
+
 CASES = {"mixtral": mixtral, "qwen2_moe": qwen2_moe, "qwen3_moe": qwen3_moe, "olmoe": olmoe,
          "deepseek_v3": deepseek_v3, "deepseek_v3_fp8": lambda: deepseek_v3("deepseek_v3_fp8", fp8=True),
          "deepseek_v2": deepseek_v2, "gpt_oss": gpt_oss, "gpt_oss_mxfp4": gpt_oss_mxfp4, "llama4_text": llama4_text,

@@ -43,6 +43,7 @@ NEW_FAMILIES = [
     "openai_privacy_filter", "deepseek_ocr2_text", "unlimited_ocr_text", "lfm2_moe", "laguna", "kolibri1",
     "kolibri1_1", "hy_v4", "hy_v4_vl_text", "glm5_next_text", "longcat_flash", "phimoe", "step3p5", "step3p7",
 ]
+NEW_FAMILIES += ["doge"]  # product keys over single-neuron experts, recorded on one 16-token sequence
 CASES += [(case, "", None) for case in NEW_FAMILIES]
 # encoder-decoder families recorded per stack (tests/data/hf/<case>/<stack>/)
 CASES += [("nllb_moe", "encoder", "encoder"), ("nllb_moe", "decoder", "decoder")]
@@ -299,7 +300,8 @@ def test_unsupported_model_type_lists_the_supported(tmp_path):
 @pytest.mark.parametrize("model_type,missing", [("inkling_text", "shared experts weighted by the router"),
                                                 ("axk1", "the RMSNorm on the block output"),
                                                 ("nemotron_h", "non-gated squared-ReLU experts"),
-                                                ("jetmoe", "a bias on the block output")])
+                                                ("jetmoe", "a bias on the block output"),
+                                                ("zaya", "its router state carried from layer to layer")])
 def test_a_known_unsupported_family_names_what_it_needs(tmp_path, model_type, missing):
     """transformers' MoE model types jmoe.hf does not load yet say what their block needs
     (tests/data/hf/FAMILIES.md), not just that they are unsupported."""

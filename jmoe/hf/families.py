@@ -38,7 +38,7 @@ from jmoe.hf.files import CheckpointError
 FIXED_CAPACITY_FACTOR = 1e-9
 
 GATED_ACTIVATIONS = {"silu": "swiglu", "swish": "swiglu", "gelu_pytorch_tanh": "geglu", "gelu_new": "geglu"}
-PLAIN_ACTIVATIONS = {"relu": "relu", "gelu_new": "gelu", "gelu_pytorch_tanh": "gelu"}
+PLAIN_ACTIVATIONS = {"relu": "relu", "gelu_new": "gelu", "gelu_pytorch_tanh": "gelu", "silu": "silu", "swish": "silu"}
 
 
 # ---------------------------------------------------------------- rules: jmoe weight <-> hub tensors
@@ -811,6 +811,35 @@ def longcat_kwargs(c: dict) -> dict:
     return kwargs
 
 
+def doge_kwargs(c: dict) -> dict:
+    """Doge's CDMoE: product-key routing (``router="product_key"``, ``router_gate [2K, d]``, E = K^2,
+    weights the softmax over the k chosen sums; ``key_split="group"``: transformers' ``view(2, B * S,
+    K)`` of the router outputs, which mixes tokens and which Doge's checkpoints were trained with:
+    exact when the routing group holds all the tokens of a call, e.g. one sequence) over
+    single-neuron experts (``d_ff=1``: ``act(x . down_embed[e]) up_embed[e]``, ``hidden_act``
+    plain), plus the block's dense SwiGLU MLP of ``intermediate_size`` as an unweighted shared
+    expert."""
+    if c.get("mlp_bias"):
+        raise CheckpointError("doge: mlp_bias=True gives the dense MLP biases, which jmoe's shared expert does not have")
+    act = activation(c, gated=False, default="silu")
+    return dict(d_model=need(c, "hidden_size"), d_ff=1, num_experts=need(c, "num_experts"),
+                k=need(c, "num_experts_per_tok"), activation=act, router="product_key", key_split="group",
+                shared_d_ff=need(c, "intermediate_size"), shared_activation=activation(c, gated=True),
+                capacity_factor=None)
+
+
+def doge_rules(c: dict) -> list:
+    """``down_embed`` / ``up_embed [E, d]``: the experts' ``w_in [E, d, 1]`` / ``w_out [E, 1, d]``;
+    the block's own gate_proj / up_proj / down_proj: the shared expert."""
+    return [linear("router_weight", "router_gate.weight"),
+            Rule("experts.w_in", lambda shape: {"down_embed.weight": shape[:2]}, lambda t: t["down_embed.weight"][..., None],
+                 lambda v: {"down_embed.weight": v[..., 0]}),
+            Rule("experts.w_out", lambda shape: {"up_embed.weight": (shape[0], shape[2])},
+                 lambda t: t["up_embed.weight"][:, None, :], lambda v: {"up_embed.weight": v[:, 0, :]}),
+            linear("shared_expert.w_gate", "gate_proj.weight"), linear("shared_expert.w_in", "up_proj.weight"),
+            linear("shared_expert.w_out", "down_proj.weight")]
+
+
 def phimoe_kwargs(c: dict) -> dict:
     """Phi-3.5-MoE: SparseMixer's top-2 with ``eps = router_jitter_noise`` (``router="sparsemixer"``;
     eval mode: the argmax and a softmax over the logits within 2 eps of it, twice, not
@@ -1011,6 +1040,8 @@ for family in (
     family(("longcat_flash",), longcat_kwargs, "mlp",
            routed_rules("router.classifier.weight", same("selection_bias", "router.e_score_correction_bias"))),
     family(("phimoe",), phimoe_kwargs, "block_sparse_moe", mixtral_rules),  # SparseMixer routing on Mixtral's names
+    family(("doge",), doge_kwargs, "mlp", doge_rules,  # product keys over single-neuron experts + a dense MLP
+           lambda c, i, stack: None if c.get("is_moe") else "is_moe=False: every layer's MLP is dense"),
     family(("step3p5",), step3p5_kwargs, "mlp",
            lambda c: [linear("router_weight", "gate.weight"), same("selection_bias", "gate.e_score_correction_bias"),
                       *fused_experts(), *shared_mlp("shared_experts")], deepseek_dense_reason, step3p5_at_layer),
@@ -1046,8 +1077,9 @@ MISSING = {
     "muse_spark_text": "the projections and norms around the experts and a per-expert output norm",
     "ergo": "squared-ReLU experts with a per-expert output norm and a normed shared expert",
     "jetmoe": "a bias on the block output",
-    "zaya": "an MLP router with a skip expert and router state carried from layer to layer",
-    "doge": "product-key routing with single-neuron experts",
+    "zaya": "its router state carried from layer to layer (layer i > 0 routes on x W_down + b + s * r, r the "
+            "router hidden state of layer i - 1, and hands its own on to layer i + 1: a block of two inputs and two "
+            "outputs, which a layer loaded alone cannot compute), routed by an MLP over E + 1 classes (a skip expert)",
     "ernie4_5_vl_moe_text": "modality-isolated text / vision experts (moe_mm_token_type_ids)",
     "bailing_hybrid": "a table entry (its clamped experts are post_limited_swiglu, in jmoe)",
 }
