@@ -4,7 +4,8 @@
 
     (params, groups [G, S, d], token_mask [G, S], draws, exchange)
       route      plan = router.route(params["router"], groups, draws, token_mask, C)
-      expert in  router.expert_inputs: x (jittered: jitter_experts) and the plan, or w x and weight 1 (scale_expert_input)
+      expert in  router.expert_inputs: x (x * jitter: jitter_experts) and the plan, or w x and weight 1
+                 (scale_expert_input)
       zero       zero-computation experts (ZeroExperts): w x or w c added; the rest is the FFN experts' plan
       capacity   dispatch -> [E, G * C, d]; exchange.capacity_experts; combine -> [G, S, d]
       dropless   exchange.dropless_experts: sort by expert, grouped FFN, unsort + combine

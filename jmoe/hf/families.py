@@ -820,7 +820,8 @@ def doge_kwargs(c: dict) -> dict:
     plain), plus the block's dense SwiGLU MLP of ``intermediate_size`` as an unweighted shared
     expert."""
     if c.get("mlp_bias"):
-        raise CheckpointError("doge: mlp_bias=True gives the dense MLP biases, which jmoe's shared expert does not have")
+        raise CheckpointError("doge: mlp_bias=True gives the dense MLP biases, which jmoe's shared expert does "
+                              "not have")
     act = activation(c, gated=False, default="silu")
     return dict(d_model=need(c, "hidden_size"), d_ff=1, num_experts=need(c, "num_experts"),
                 k=need(c, "num_experts_per_tok"), activation=act, router="product_key", key_split="group",
@@ -832,8 +833,8 @@ def doge_rules(c: dict) -> list:
     """``down_embed`` / ``up_embed [E, d]``: the experts' ``w_in [E, d, 1]`` / ``w_out [E, 1, d]``;
     the block's own gate_proj / up_proj / down_proj: the shared expert."""
     return [linear("router_weight", "router_gate.weight"),
-            Rule("experts.w_in", lambda shape: {"down_embed.weight": shape[:2]}, lambda t: t["down_embed.weight"][..., None],
-                 lambda v: {"down_embed.weight": v[..., 0]}),
+            Rule("experts.w_in", lambda shape: {"down_embed.weight": shape[:2]},
+                 lambda t: t["down_embed.weight"][..., None], lambda v: {"down_embed.weight": v[..., 0]}),
             Rule("experts.w_out", lambda shape: {"up_embed.weight": (shape[0], shape[2])},
                  lambda t: t["up_embed.weight"][:, None, :], lambda v: {"up_embed.weight": v[:, 0, :]}),
             linear("shared_expert.w_gate", "gate_proj.weight"), linear("shared_expert.w_in", "up_proj.weight"),
