@@ -10,6 +10,7 @@ projection). The activations (:class:`Activation`, one function each in :data:`P
   relu               relu(u)
   gelu               gelu(u)
   relu2              relu(u)^2                                squared ReLU (Primer; Nemotron-H)
+  silu               silu(u)                                  (Doge's single-neuron experts)
   swiglu             silu(g) * u                              (Shazeer 2020)
   geglu              gelu(g) * u
   clamped_swiglu     g' = min(g, L), u' = clip(u, -L, L),     GPT-OSS (alpha 1.702, L 7.0)
@@ -86,6 +87,7 @@ PLAIN = {
     "relu": lambda act, up: jax.nn.relu(up),
     "gelu": lambda act, up: jax.nn.gelu(up),
     "relu2": lambda act, up: jnp.square(jax.nn.relu(up)),
+    "silu": lambda act, up: jax.nn.silu(up),
 }
 GATED_FUNCTIONS = {
     "swiglu": lambda act, up, gate: jax.nn.silu(gate) * up,

@@ -4,7 +4,8 @@
 
     (params, groups [G, S, d], token_mask [G, S], draws, exchange)
       route      plan = router.route(params["router"], groups, draws, token_mask, C)
-      expert in  router.expert_inputs: x and the plan, or w x and weight 1 (scale_expert_input)
+      expert in  router.expert_inputs: x (x * jitter: jitter_experts) and the plan, or w x and weight 1
+                 (scale_expert_input)
       zero       zero-computation experts (ZeroExperts): w x or w c added; the rest is the FFN experts' plan
       capacity   dispatch -> [E, G * C, d]; exchange.capacity_experts; combine -> [G, S, d]
       dropless   exchange.dropless_experts: sort by expert, grouped FFN, unsort + combine
@@ -92,7 +93,7 @@ def moe_forward(pipeline: Pipeline, params: dict, groups: Array, token_mask: Arr
         groups = jnp.where(token_mask[..., None], groups, jnp.zeros((), groups.dtype))
     capacity = group_size if pipeline.capacity is None else pipeline.capacity
     plan = pipeline.router.route(params["router"], groups, draws, token_mask, capacity)
-    routed_in, plan_for_experts = pipeline.router.expert_inputs(groups, plan)  # x, or w x (scale_expert_input)
+    routed_in, plan_for_experts = pipeline.router.expert_inputs(groups, plan, draws)  # x (jittered), or w x
     if pipeline.zero_experts is not None:
         plan_for_experts, y_zero = _split_zero_experts(pipeline, plan_for_experts, groups, params["router"])
     y, exchange_stats = _routed(pipeline, params["experts"], routed_in, plan_for_experts, exchange)  # [G, S, d]

@@ -873,6 +873,169 @@ NEW.update({  # table entries for blocks whose math landed in jmoe (issue 26)
                                                      loop_layer_index_start=1, loop_layer_index_end=2)),
 })
 
+
+# ---------------------------------------------------------------- NLLB-MoE: the intended top-2 mixture
+
+
+def top2gating64(logits: np.ndarray, capacity: int, *, before: bool) -> tuple[np.ndarray, np.ndarray]:
+    """fairseq's ``top2gating`` (``moe/top2gate.py``; second_expert_policy "all", no padding, no
+    BPR) in float64 on ``logits [T, E]``: the combine weights ``[T, E]`` and the experts ``[T, 2]``
+    (-1 where dropped over ``capacity``)."""
+    gates = np.exp(logits - logits.max(-1, keepdims=True))
+    gates /= gates.sum(-1, keepdims=True)
+    eye = np.eye(logits.shape[-1])
+    i1 = gates.argmax(1)
+    i2 = np.where(eye[i1] > 0, -np.inf, logits).argmax(1)
+    mask1, mask2 = eye[i1], eye[i2]
+    eps = np.finfo(np.float32).eps
+    g1, g2 = (gates * mask1).sum(1), (gates * mask2).sum(1)
+    if before:
+        g1, g2 = g1 / np.maximum(g1 + g2, eps), g2 / np.maximum(g1 + g2, eps)
+    loc1 = np.cumsum(mask1, 0) - 1
+    loc2 = np.cumsum(mask2, 0) - 1 + mask1.sum(0, keepdims=True)
+    mask1, mask2 = mask1 * (loc1 < capacity), mask2 * (loc2 < capacity)
+    if not before:
+        g1, g2 = (gates * mask1).sum(1), (gates * mask2).sum(1)
+        g1, g2 = g1 / np.maximum(g1 + g2, eps), g2 / np.maximum(g1 + g2, eps)
+    experts = np.stack([np.where(mask1.sum(1) > 0, i1, -1), np.where(mask2.sum(1) > 0, i2, -1)], 1)
+    return g1[:, None] * mask1 + g2[:, None] * mask2, experts
+
+
+def nllb_moe():
+    """NLLB-MoE's encoder and decoder sparse blocks. transformers 5.25's ``NllbMoeSparseMLP`` mixes
+    the wrong experts: ``NllbMoeExperts`` one-hot encodes the router's 0/1 *top-1 mask* as if it
+    held expert indices, so every token goes through expert 1 weighted by its top-1 expert's
+    combine weight and through expert 0 weighted by the rest. Its router (fairseq's top2gating,
+    with capacity) is right. ``y.npy`` is the intended block (fairseq's ``MOELayer``): ``sum_e
+    w_e FFN_e(x) (1 - moe_token_dropout)`` with ``w`` transformers' router output (checked against a
+    float64 transcription of fairseq's gate) and the experts' own modules, in float64;
+    transformers' own output is ``y_transformers.npy`` (checked to be that miswiring). The batch
+    is one sequence of 16 tokens: NLLB's capacity counts all the tokens of a call, jmoe's those of
+    a group (a sequence). Eval capacity ceil(0.5 * 16) = 8: some 2nd choices are dropped."""
+    config = T.NllbMoeConfig(vocab_size=16, d_model=16, encoder_layers=2, decoder_layers=2, encoder_attention_heads=2,
+                             decoder_attention_heads=2, encoder_ffn_dim=8, decoder_ffn_dim=12, num_experts=4,
+                             expert_capacity=3, encoder_sparse_step=2, decoder_sparse_step=2, router_bias=True,
+                             moe_eval_capacity_token_fraction=0.5, moe_token_dropout=0.2, max_position_embeddings=64)
+    model = T.NllbMoeForConditionalGeneration(config)
+    randomize(model, 770)
+    bf16_round(model)
+    path = save(model, "nllb_moe")
+    model = T.NllbMoeForConditionalGeneration.from_pretrained(path, dtype=torch.float32).eval()
+    for stack, seed in (("encoder", 771), ("decoder", 772)):
+        block = getattr(model.model, stack).layers[1].ffn
+        for s in range(seed, seed + 200):
+            x = torch.randn((1, 16, 16), generator=torch.Generator().manual_seed(s), dtype=torch.float32)
+            with torch.no_grad():
+                logits = block.router.classifier(x.reshape(-1, 16))
+            margin = min(top_margin(logits, 1), top_margin(logits, 2))
+            if margin > 1e-3:
+                break
+        with torch.no_grad():
+            top1, weights, _ = block.router(x.reshape(-1, 16))  # [T, E] one-hot, [T, E] combine weights
+            outputs = torch.stack([block.experts[f"expert_{e}"](x.reshape(-1, 16)) for e in range(4)])  # [E, T, d]
+            y_hf = block(x)
+        want_w, experts = top2gating64(logits.double().numpy(), math.ceil(0.5 * 16), before=False)
+        assert np.allclose(weights.double().numpy(), want_w, rtol=1e-6, atol=1e-7), "transformers' router"
+        keep = 1.0 - config.moe_token_dropout
+        w, out = weights.double().numpy(), outputs.double().numpy()
+        y = np.einsum("te,etd->td", w, out) * keep  # the intended mixture
+        miswired = (out[0] * (w * (1 - top1.double().numpy())).sum(1, keepdims=True)
+                    + out[1] * (w * top1.double().numpy()).sum(1, keepdims=True)) * keep
+        assert np.allclose(miswired, y_hf.reshape(-1, 16).double().numpy(), rtol=1e-5, atol=1e-6), "the miswiring"
+        sub = path / stack
+        sub.mkdir(exist_ok=True)
+        np.save(sub / "x.npy", x.numpy())
+        np.save(sub / "y.npy", y.reshape(x.shape).astype(np.float32))
+        np.save(sub / "y_transformers.npy", y_hf.numpy().astype(np.float32))
+        np.save(sub / "experts.npy", experts.reshape(1, 16, 2).astype(np.int32))
+        info = {"layer": 1, "stack": stack, "margin": margin, "dropped": int((experts < 0).sum()),
+                "kept_one": int(((experts >= 0).sum(1) == 1).sum())}
+        (sub / "case.json").write_text(json.dumps(info, indent=1) + "\n")
+        print(f"nllb_moe/{stack}: |y - y_transformers| / |y| = "
+              f"{np.abs(y - y_hf.reshape(-1, 16).numpy()).max() / np.abs(y).max():.3f} {info}")
+    size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+    assert size < MAX_BYTES, f"nllb_moe: {size} bytes"
+
+
+NEW["nllb_moe"] = nllb_moe
+
+
+# ---------------------------------------------------------------- Phi-3.5-MoE's SparseMixer in train mode
+
+
+def phimoe_train():
+    """transformers' ``sparsemixer`` in train mode (``training=True``: each round's expert sampled
+    with Gumbel noise, Heun's random weight scale, ``PhimoeMultiplier``'s backward) on random logits
+    ``[64, 8]`` with eps 0.2, its random draws captured as it makes them (``exponential_``: the
+    Gumbel noise is ``-log`` of it; ``rand_like`` / ``uniform_``: Heun's u), the chosen experts, the
+    weights and the gradient of ``sum(weights * cotangent)`` with respect to the logits, into
+    ``phimoe_train/sparsemixer_train.npz`` (no checkpoint: the router math alone)."""
+    from transformers.models.phimoe import modeling_phimoe
+    drawn = []
+
+    def capture(name, fn):
+        def wrapped(*args, **kwargs):
+            out = fn(*args, **kwargs)
+            drawn.append((name, out.detach().clone()))
+            return out
+        return wrapped
+
+    originals = torch.Tensor.exponential_, torch.Tensor.uniform_, torch.rand_like
+    torch.Tensor.exponential_ = capture("exponential", originals[0])
+    torch.Tensor.uniform_ = capture("uniform", originals[1])
+    torch.rand_like = capture("rand", originals[2])
+    try:
+        gen = torch.Generator().manual_seed(780)
+        logits = (0.5 * torch.randn((64, 8), generator=gen) + 1.0).requires_grad_()  # near each other: masks matter
+        torch.manual_seed(781)
+        weights, experts = modeling_phimoe.sparsemixer(logits, jitter_eps=0.2, training=True)
+    finally:
+        torch.Tensor.exponential_, torch.Tensor.uniform_, torch.rand_like = originals
+    names = [name for name, _ in drawn]
+    assert names == ["exponential", "rand", "exponential", "rand", "uniform"], names  # round 2's rand is redrawn
+    cotangent = torch.randn(weights.shape, generator=gen)
+    (weights * cotangent).sum().backward()
+    gumbel = torch.stack([-drawn[0][1].log(), -drawn[2][1].log()], 1)  # [T, 2, E]
+    uniform = torch.cat([drawn[1][1], drawn[4][1]], 1)  # [T, 2]
+    out = OUT / "phimoe_train"
+    out.mkdir(parents=True, exist_ok=True)
+    np.savez(out / "sparsemixer_train.npz", logits=logits.detach().numpy(), jitter_eps=np.float32(0.2),
+             gumbel=gumbel.numpy(), uniform=uniform.numpy(), experts=experts.numpy().astype(np.int32),
+             weights=weights.detach().numpy(), cotangent=cotangent.numpy(), grad=logits.grad.numpy())
+    first_best = experts[:, 0] == logits.detach().argmax(-1)
+    print(f"phimoe_train: {int((~first_best).sum())} of 64 first choices sampled off the argmax")
+
+
+NEW["phimoe_train"] = phimoe_train
+
+
+def doge():
+    """Doge's CDMoE block (``is_moe=True``): product-key routing over 16 = 4^2 single-neuron experts,
+    top-4, plus its dense SwiGLU MLP. Its router splits ``router_gate(x)`` with ``view(2, B * S, K)``,
+    mixing the tokens of the call: recorded on one sequence of 16 tokens (jmoe's routing group)."""
+    config = T.DogeConfig(**{**TINY, "intermediate_size": 12}, num_hidden_layers=1, is_moe=True, num_experts=16,
+                          num_experts_per_tok=4, keep_window_size=64)
+    model = T.DogeForCausalLM(config)
+    randomize(model, 790)
+    bf16_round(model)
+    path = save(model, "doge")
+    model = T.DogeForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    block = model.model.layers[0].mlp
+    for s in range(791, 991):
+        x = torch.randn((1, 16, 16), generator=torch.Generator().manual_seed(s), dtype=torch.float32)
+        with torch.no_grad():
+            a, b = block.router_gate(x).view(2, 16, 4)  # transformers' split (mixes tokens)
+            scores = (a[:, :, None] + b[:, None, :]).reshape(16, 16)
+        if top_margin(scores, 4) > 1e-3:
+            break
+    record(path, block, x, {"layer": 0, "margin": top_margin(scores, 4)}, torch.topk(scores, 4).indices[None])
+    size = sum(f.stat().st_size for f in path.iterdir())
+    assert size < MAX_BYTES, f"doge: {size} bytes"
+
+
+NEW["doge"] = doge
+
+
 CASES = {"mixtral": mixtral, "qwen2_moe": qwen2_moe, "qwen3_moe": qwen3_moe, "olmoe": olmoe,
          "deepseek_v3": deepseek_v3, "deepseek_v3_fp8": lambda: deepseek_v3("deepseek_v3_fp8", fp8=True),
          "deepseek_v2": deepseek_v2, "gpt_oss": gpt_oss, "gpt_oss_mxfp4": gpt_oss_mxfp4, "llama4_text": llama4_text,

@@ -45,8 +45,11 @@ NEW_FAMILIES = [
     "kolibri1_1", "hy_v4", "hy_v4_vl_text", "glm5_next_text", "longcat_flash", "phimoe", "step3p5", "step3p7",
     "bailing_hybrid", "inkling2_text", "inkling2_loop_text", "deepseek_v4", "ergo", "inkling_text",
 ]
+NEW_FAMILIES += ["doge"]  # product keys over single-neuron experts, recorded on one 16-token sequence
 CASES += [(case, "", None) for case in NEW_FAMILIES]
 CASES += [("deepseek_v4", "moe", None)]  # its top-k layer (the root record: a hash layer, routed by token id)
+# encoder-decoder families recorded per stack (tests/data/hf/<case>/<stack>/)
+CASES += [("nllb_moe", "encoder", "encoder"), ("nllb_moe", "decoder", "decoder")]
 
 
 def record(case: str, sub: str = ""):
@@ -94,7 +97,7 @@ def test_reproduces_transformers_block_output(case, sub, stack):
     y, aux = run(moe, x, recorded_token_ids(case, sub))
     assert y.shape == y_ref.shape and y.dtype == np.float32
     assert rel_err(y, y_ref) <= TOL, (case, rel_err(y, y_ref))
-    if case == "switch_transformers":  # the capacity drops transformers made are jmoe's drops too
+    if "dropped" in info:  # the capacity drops transformers made are jmoe's drops too (Switch, NLLB-MoE)
         experts = np.load(DATA / case / sub / "experts.npy")
         assert float(aux["dropped_fraction"]) == pytest.approx(np.mean(experts < 0))
         assert np.mean(experts < 0) > 0
@@ -153,9 +156,11 @@ def test_sharded_checkpoint_reads_only_the_layers_files(monkeypatch):
 ROUND_TRIPS = [("mixtral", 0, None), ("qwen2_moe", 1, None), ("deepseek_v3", 1, None), ("gpt_oss", 0, None),
                ("llama4", 1, None), ("switch_transformers", 1, "decoder")]
 ROUND_TRIPS += [(case, json.loads((DATA / case / "case.json").read_text())["layer"], None) for case in NEW_FAMILIES]
+ROUND_TRIPS += [("nllb_moe", 1, "encoder"), ("nllb_moe", 1, "decoder")]
 
 
-@pytest.mark.parametrize("case,layer,stack", ROUND_TRIPS, ids=[case for case, _, _ in ROUND_TRIPS])
+@pytest.mark.parametrize("case,layer,stack", ROUND_TRIPS,
+                         ids=[case + (f"-{stack}" if case == "nllb_moe" else "") for case, _, stack in ROUND_TRIPS])
 def test_load_save_load_round_trip(tmp_path, case, layer, stack):
     folder = tmp_path / case
     shutil.copytree(DATA / case, folder)
@@ -212,13 +217,40 @@ def test_mesh_equals_one_device(case):
 @pytest.mark.parametrize("case", sorted({c for c, _, _ in CASES}))
 def test_moe_kwargs_builds_a_fresh_layer_of_the_family(case):
     config = json.loads((DATA / case / "config.json").read_text())
-    info = json.loads((DATA / case / ("encoder" if case.startswith("switch") else "") / "case.json").read_text())
-    kwargs = hf.moe_kwargs(config, layer=info["layer"])  # the layer's own options (Step-3.5's per-layer clamps)
+    stack = "encoder" if (DATA / case / "encoder").is_dir() else None  # an encoder-decoder's default stack
+    info = json.loads((DATA / case / (stack or "") / "case.json").read_text())
+    kwargs = hf.moe_kwargs(config, layer=info["layer"], stack=stack)  # the layer's own options (Step-3.5's clamps)
     assert {"d_model", "d_ff", "num_experts", "k"} <= set(kwargs)
     fresh = jmoe.MoE(**kwargs, rngs=nnx.Rngs(0))
     loaded = load(case, info["layer"])
     assert jax.tree.map(np.shape, weights(fresh)) == jax.tree.map(np.shape, weights(loaded))
     assert fresh.router == loaded.router and fresh.experts.activation == loaded.experts.activation
+
+
+@pytest.mark.parametrize("stack", ["encoder", "decoder"])
+def test_nllb_moe_mixes_the_chosen_experts_where_transformers_does_not(stack):
+    """transformers 5.25's NLLB-MoE block (``y_transformers.npy``) one-hot encodes its router's 0/1
+    top-1 mask as if it held expert indices: every token goes through expert 1, weighted by its
+    top-1 expert's weight, and through expert 0, weighted by the rest. jmoe mixes the chosen experts,
+    as fairseq's MOELayer does (``y.npy``, the reference above). From jmoe's own plan (weights
+    renormalised after the drops, times 1 - moe_token_dropout) and experts, in float64: the
+    intended mixture is jmoe's output, the miswired one is transformers' output."""
+    info, x, y_ref = record("nllb_moe", stack)
+    y_hf = np.load(DATA / "nllb_moe" / stack / "y_transformers.npy")
+    moe = load("nllb_moe", info["layer"], stack)
+    y, _ = run(moe, x)
+    assert rel_err(y, y_hf) > 0.3  # not transformers' output
+    plan = moe.route(jax.numpy.asarray(x))  # x [1, 16, d]: one group
+    experts, slots = np.asarray(plan.token_expert)[0], np.asarray(plan.token_slot)[0]  # [T, 2]
+    w = np.einsum("tke,tk->te", np.eye(4)[experts], np.asarray(plan.token_weight, np.float64)[0])  # [T, E]
+    xs = x.reshape(-1, x.shape[-1]).astype(np.float64)
+    p = {n: np.asarray(getattr(moe.experts, n)[...], np.float64) for n in ("w_in", "b_in", "w_out", "b_out")}
+    ffn = [np.maximum(xs @ p["w_in"][e] + p["b_in"][e], 0) @ p["w_out"][e] + p["b_out"][e] for e in range(4)]
+    assert rel_err(sum(w[:, e:e + 1] * ffn[e] for e in range(4)), y_ref.reshape(xs.shape)) <= TOL
+    w_top1 = np.where(slots[:, 0] >= 0, w[np.arange(len(w)), experts[:, 0]], 0.0)[:, None]  # 0: top-1 dropped
+    miswired = ffn[1] * w_top1 + ffn[0] * (w.sum(1, keepdims=True) - w_top1)
+    assert rel_err(miswired, y_hf.reshape(xs.shape)) <= TOL
+    assert 0 < info["kept_one"] and float(plan.dropped_fraction) > 0  # renormalised after some drops
 
 
 def test_a_fresh_deepseek_layer_trains():
@@ -278,10 +310,11 @@ def test_unsupported_model_type_lists_the_supported(tmp_path):
         hf.moe_kwargs({"model_type": "bert"})
 
 
-@pytest.mark.parametrize("model_type,missing", [("zaya", "an MLP router with a skip expert"),
+@pytest.mark.parametrize("model_type,missing", [("ernie4_5_vl_moe_text", "modality-isolated text / vision experts"),
                                                 ("axk1", "the RMSNorm on the block output"),
                                                 ("nemotron_h", "non-gated squared-ReLU experts"),
-                                                ("jetmoe", "a bias on the block output")])
+                                                ("jetmoe", "a bias on the block output"),
+                                                ("zaya", "its router state carried from layer to layer")])
 def test_a_known_unsupported_family_names_what_it_needs(tmp_path, model_type, missing):
     """transformers' MoE model types jmoe.hf does not load yet say what their block needs
     (tests/data/hf/FAMILIES.md), not just that they are unsupported."""

@@ -18,15 +18,19 @@ from jmoe.layer import MoE
 from jmoe.options import layer_arguments
 
 
-def moe_kwargs(config: dict, layer: int | None = None) -> dict:
+def moe_kwargs(config: dict, layer: int | None = None, stack: str | None = None) -> dict:
     """The :class:`jmoe.MoE` arguments of a checkpoint's MoE block, from its ``config.json``
     (a dict), so ``jmoe.MoE(**moe_kwargs(config), rngs=nnx.Rngs(0))`` is a fresh layer of that
     family's shape and semantics (``d_model``, ``d_ff``, ``num_experts`` included; a multimodal
     config's ``text_config`` is used). The families that never drop a token
     (transformers computes every choice) are dropless (``capacity_factor=None``); Switch keeps
     its per-sequence ``expert_capacity``. ``layer``: the block of that layer, for a family with
-    per-layer options (Step-3.5's ``swiglu_limits``; without it they must agree across layers)."""
+    per-layer options (Step-3.5's ``swiglu_limits``; without it they must agree across layers);
+    ``stack``: an encoder-decoder's ``"encoder"`` or ``"decoder"``, for per-stack options (NLLB-MoE's
+    ``encoder_ffn_dim``; without it they must agree across the stacks)."""
     family = families.family_of(config.get("model_type"))
+    if stack is not None:
+        config = family.at_stack(config, _stack(family, config.get("model_type"), stack))
     return layer_arguments(family.moe_kwargs(config if layer is None else family.at_layer(config, layer)))
 
 
@@ -99,7 +103,8 @@ def load_moe(path, layer: int, *, dtype=None, mesh=None, stack: str | None = Non
       layer: the decoder layer (Switch: the block of ``stack``) index.
       dtype: the layer's compute and expert-weight dtype (default float32); the router is float32.
       mesh: place the weights on this mesh as the layer places them (experts on the expert axis).
-      stack: Switch Transformers only: ``"encoder"`` (default) or ``"decoder"``.
+      stack: the encoder-decoder families (Switch Transformers, NLLB-MoE): ``"encoder"`` (default)
+        or ``"decoder"``.
       overrides: any other :class:`jmoe.MoE` argument, over :func:`moe_kwargs` (e.g.
         ``capacity_factor=1.25`` for capacity routing, ``dispatch="gather"``).
 
@@ -122,7 +127,7 @@ def load_moe(path, layer: int, *, dtype=None, mesh=None, stack: str | None = Non
     stack = _stack(family, model_type, stack)
     _check_layer(family, config, layer, stack)
     # the family's flat options (layer's own where they are per layer) -> the layer's arguments
-    kwargs = layer_arguments(family.moe_kwargs(family.at_layer(config, layer)))
+    kwargs = layer_arguments(family.moe_kwargs(family.at_layer(family.at_stack(config, stack), layer)))
     if dtype is not None:
         kwargs.update(dtype=dtype, param_dtype=dtype)
     kwargs.update(mesh=mesh, **overrides)

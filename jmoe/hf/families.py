@@ -11,7 +11,8 @@ All family knowledge of jmoe lives here (the layer knows no model names). A fami
   multimodal one as ``language_model.model.`` or ``model.language_model.``);
 * ``dense_reason(config, i)``: why layer i has no MoE block (a dense FFN), or None;
 * ``at_layer(config, i)``: the config with layer i's per-layer options resolved (Step-3.5's
-  ``swiglu_limits``), which ``moe_kwargs`` then reads (default: the config);
+  ``swiglu_limits``), which ``moe_kwargs`` then reads (default: the config); ``at_stack(config,
+  stack)`` likewise an encoder-decoder's per-stack options (NLLB-MoE's ``encoder_ffn_dim``);
 * ``rules``: the tensors, each a :class:`Rule` between one jmoe weight and its hub tensor(s).
 
 jmoe's weights: ``router_weight [d, E]``, ``router_bias [E]``, ``selection_bias [E]`` (float32),
@@ -38,7 +39,7 @@ from jmoe.hf.files import CheckpointError
 FIXED_CAPACITY_FACTOR = 1e-9
 
 GATED_ACTIVATIONS = {"silu": "swiglu", "swish": "swiglu", "gelu_pytorch_tanh": "geglu", "gelu_new": "geglu"}
-PLAIN_ACTIVATIONS = {"relu": "relu", "gelu_new": "gelu", "gelu_pytorch_tanh": "gelu"}
+PLAIN_ACTIVATIONS = {"relu": "relu", "gelu_new": "gelu", "gelu_pytorch_tanh": "gelu", "silu": "silu", "swish": "silu"}
 
 
 # ---------------------------------------------------------------- rules: jmoe weight <-> hub tensors
@@ -158,6 +159,13 @@ class RowsRule:
 def fused_pair(gate: str, up: str, name: str, *, interleaved: bool, transposed: bool = False,
                either_layout: bool = False) -> PairRule:
     return PairRule(gate, up, name, interleaved, transposed, either_layout)
+
+
+def per_expert_vector(path: str, template: str) -> Rule:
+    """E vectors ``template.format(j)`` ``[n]`` <-> jmoe ``[E, n]`` (per-expert biases: NLLB-MoE's)."""
+    return Rule(path, lambda shape: {template.format(j): (shape[1],) for j in range(shape[0])},
+                lambda t: np.stack([t[template.format(j)] for j in range(len(t))]),
+                lambda v: {template.format(j): v[j] for j in range(v.shape[0])})
 
 
 def gated_experts(gate: str, up: str, down: str, prefix: str = "experts.") -> list:
@@ -280,6 +288,7 @@ class Family:
     text_config: Callable[[dict], dict] = lambda config: config
     stacks: tuple[str, ...] = ()
     at_layer: Callable[[dict, int], dict] = lambda config, i: config
+    at_stack: Callable[[dict, str | None], dict] = lambda config, stack: config  # the stack's options (NLLB's ffn_dim)
 
 
 def mixtral_kwargs(c: dict) -> dict:
@@ -449,6 +458,60 @@ def switch_rules(c: dict) -> list:
 
 def switch_prefix(c: dict, stack: str) -> tuple[str, ...]:
     return ("encoder.block.{i}.layer.1.mlp.",) if stack == "encoder" else ("decoder.block.{i}.layer.2.mlp.",)
+
+
+def nllb_kwargs(c: dict) -> dict:
+    """NLLB-MoE's sparse block (fairseq's ``MOELayer``): fairseq's Top2Gate (``router="top2_gate"``:
+    renormalised after the capacity drops unless ``normalize_router_prob_before_dropping``,
+    ``second_expert_policy``, ``batch_prioritized_routing``, expert output masking =
+    ``moe_token_dropout``), plain FFN experts with biases.
+
+    transformers 5.25's block mixes the wrong experts (``NllbMoeExperts`` reads the 0/1 top-1 mask
+    as expert indices: every token through experts 0 and 1); jmoe computes the intended
+    ``sum_e w_e FFN_e(x)``, its router being transformers' (fairseq's) gate.
+
+    Capacity: train ``expert_capacity`` slots (transformers; without it fairseq's ``2 ceil(S / E)``),
+    eval ``ceil(moe_eval_capacity_token_fraction * S)`` (0: the train rule); jmoe's ``min_capacity``
+    and ``capacity_multiple_of`` hold in both modes, so the eval capacity is at least the train's
+    ``expert_capacity`` (exact when ``expert_capacity <= ceil(fraction * S)`` or fraction >= 1, as in
+    the released config). S is a routing group's tokens (a sequence, or ``group_size``): fairseq
+    and transformers count all the tokens of a call. The per-stack width ``encoder_ffn_dim`` /
+    ``decoder_ffn_dim`` comes from ``at_stack`` (``ffn_dim``)."""
+    width = c.get("ffn_dim")
+    if width is None:
+        widths = {need(c, f"{stack}_ffn_dim") for stack in ("encoder", "decoder")}
+        if len(widths) > 1:
+            raise CheckpointError(f"nllb-moe: encoder_ffn_dim={c['encoder_ffn_dim']} and decoder_ffn_dim="
+                                  f"{c['decoder_ffn_dim']} differ: give the stack (jmoe.hf.moe_kwargs(config, "
+                                  f"stack='encoder'); load_moe does)")
+        width = widths.pop()
+    experts, fixed = need(c, "num_experts"), c.get("expert_capacity")
+    train = (dict(capacity_factor=FIXED_CAPACITY_FACTOR, min_capacity=int(fixed)) if fixed else
+             dict(capacity_factor=1.0, capacity_multiple_of=2))  # 2 ceil(S / E) = ceil(2 S / E) rounded up to even
+    fraction = float(c.get("moe_eval_capacity_token_fraction", 1.0) or 0.0)
+    return dict(d_model=need(c, "d_model"), d_ff=width, num_experts=experts, k=2, use_bias=True,
+                activation=activation(c, gated=False, key="activation_function", default="relu"), router="top2_gate",
+                router_bias=bool(c.get("router_bias", False)),
+                second_expert_policy=c.get("second_expert_policy") or "all",
+                normalize_before_dropping=bool(c.get("normalize_router_prob_before_dropping", False)),
+                batch_prioritized=bool(c.get("batch_prioritized_routing", False)),
+                expert_output_masking=float(c.get("moe_token_dropout") or 0.0), **train,
+                eval_capacity_factor=fraction * experts / 2 if fraction > 0 else train["capacity_factor"])
+
+
+def nllb_dense_reason(c: dict, i: int, stack: str) -> str | None:
+    step = c.get(f"{stack}_sparse_step", 0) or 0
+    if not (step > 0 and (i + 1) % step == 0):
+        return f"{stack}_sparse_step={step}: the {stack}'s sparse layers are those with (i + 1) % {step} == 0"
+    return None
+
+
+def nllb_rules(c: dict) -> list:
+    return [linear("router_weight", "router.classifier.weight"), same("router_bias", "router.classifier.bias"),
+            per_expert("experts.w_in", "experts.expert_{}.fc1.weight"),
+            per_expert_vector("experts.b_in", "experts.expert_{}.fc1.bias"),
+            per_expert("experts.w_out", "experts.expert_{}.fc2.weight"),
+            per_expert_vector("experts.b_out", "experts.expert_{}.fc2.bias")]
 
 
 def llama4_prefix(c: dict, stack) -> tuple[str, ...]:
@@ -778,16 +841,51 @@ def longcat_kwargs(c: dict) -> dict:
     return kwargs
 
 
+def doge_kwargs(c: dict) -> dict:
+    """Doge's CDMoE: product-key routing (``router="product_key"``, ``router_gate [2K, d]``, E = K^2,
+    weights the softmax over the k chosen sums; ``key_split="group"``: transformers' ``view(2, B * S,
+    K)`` of the router outputs, which mixes tokens and which Doge's checkpoints were trained with:
+    exact when the routing group holds all the tokens of a call, e.g. one sequence) over
+    single-neuron experts (``d_ff=1``: ``act(x . down_embed[e]) up_embed[e]``, ``hidden_act``
+    plain), plus the block's dense SwiGLU MLP of ``intermediate_size`` as an unweighted shared
+    expert."""
+    if c.get("mlp_bias"):
+        raise CheckpointError("doge: mlp_bias=True gives the dense MLP biases, which jmoe's shared expert does "
+                              "not have")
+    act = activation(c, gated=False, default="silu")
+    return dict(d_model=need(c, "hidden_size"), d_ff=1, num_experts=need(c, "num_experts"),
+                k=need(c, "num_experts_per_tok"), activation=act, router="product_key", key_split="group",
+                shared_d_ff=need(c, "intermediate_size"), shared_activation=activation(c, gated=True),
+                capacity_factor=None)
+
+
+def doge_rules(c: dict) -> list:
+    """``down_embed`` / ``up_embed [E, d]``: the experts' ``w_in [E, d, 1]`` / ``w_out [E, 1, d]``;
+    the block's own gate_proj / up_proj / down_proj: the shared expert."""
+    return [linear("router_weight", "router_gate.weight"),
+            Rule("experts.w_in", lambda shape: {"down_embed.weight": shape[:2]},
+                 lambda t: t["down_embed.weight"][..., None], lambda v: {"down_embed.weight": v[..., 0]}),
+            Rule("experts.w_out", lambda shape: {"up_embed.weight": (shape[0], shape[2])},
+                 lambda t: t["up_embed.weight"][:, None, :], lambda v: {"up_embed.weight": v[:, 0, :]}),
+            linear("shared_expert.w_gate", "gate_proj.weight"), linear("shared_expert.w_in", "up_proj.weight"),
+            linear("shared_expert.w_out", "down_proj.weight")]
+
+
 def phimoe_kwargs(c: dict) -> dict:
     """Phi-3.5-MoE: SparseMixer's top-2 with ``eps = router_jitter_noise`` (``router="sparsemixer"``;
-    transformers' eval-mode forward: the argmax and a softmax over the logits within 2 eps of it,
-    twice, not renormalised). Train mode differs from transformers' (its sampled routing, Heun's
-    gradient estimator and ``input_jitter_noise`` are not in jmoe)."""
+    eval mode: the argmax and a softmax over the logits within 2 eps of it, twice, not
+    renormalised; train mode: each round's expert sampled, Heun's third-order estimator).
+    ``input_jitter_noise`` jitters the block's input in train mode, the router's and the experts'
+    (``jitter``, ``jitter_experts``; transformers 5.25 jitters it twice, in the block and again in
+    the router, in place: Microsoft's Phi-3.5-MoE code once)."""
     kwargs = mixtral_kwargs(c)
     if kwargs["k"] != 2:
         raise CheckpointError(f"phimoe: num_experts_per_tok={kwargs['k']}; SparseMixer (and jmoe's) chooses 2")
     del kwargs["normalize"]  # not a SparseMixer option
     kwargs.update(router="sparsemixer", jitter_eps=float(need(c, "router_jitter_noise")))
+    jitter = float(c.get("input_jitter_noise") or 0.0)
+    if jitter > 0:
+        kwargs.update(jitter=jitter, jitter_experts=True)
     return kwargs
 
 
@@ -1062,6 +1160,9 @@ for family in (
            lambda c, s: num_layers(llama4_text_config(c)), llama4_text_config),
     Family(("switch_transformers",), switch_kwargs, switch_prefix, switch_rules, switch_dense_reason,
            switch_layer_count, stacks=("encoder", "decoder")),
+    Family(("nllb-moe",), nllb_kwargs, lambda c, stack: (f"model.{stack}.layers.{{i}}.ffn.",), nllb_rules,
+           nllb_dense_reason, lambda c, stack: int(c.get(f"{stack}_layers") or 0), stacks=("encoder", "decoder"),
+           at_stack=lambda c, stack: dict(c, ffn_dim=need(c, f"{stack}_ffn_dim")) if stack else c),
     # DeepSeek-V3's block: sigmoid group-limited routing, e_score_correction_bias, shared experts
     family(("glm4_moe", "glm4_moe_lite", "glm4v_moe", "glm4v_moe_text", "dots1", "deepseek_v32", "glm_moe_dsa",
             "sarvam_mla", "solar_open", "minicpm5_moe", "mimo_v2_flash"),
@@ -1155,6 +1256,8 @@ for family in (
     family(("longcat_flash",), longcat_kwargs, "mlp",
            routed_rules("router.classifier.weight", same("selection_bias", "router.e_score_correction_bias"))),
     family(("phimoe",), phimoe_kwargs, "block_sparse_moe", mixtral_rules),  # SparseMixer routing on Mixtral's names
+    family(("doge",), doge_kwargs, "mlp", doge_rules,  # product keys over single-neuron experts + a dense MLP
+           lambda c, i, stack: None if c.get("is_moe") else "is_moe=False: every layer's MLP is dense"),
     family(("step3p5",), step3p5_kwargs, "mlp",
            lambda c: [linear("router_weight", "gate.weight"), same("selection_bias", "gate.e_score_correction_bias"),
                       *fused_experts(), *shared_mlp("shared_experts")], deepseek_dense_reason, step3p5_at_layer),
@@ -1198,9 +1301,9 @@ MISSING = {
     "axk2": "its gated norm around the block (excluded_fill='zero' is in jmoe)",
     "muse_spark_text": "the projections and norms around the experts and a per-expert output norm",
     "jetmoe": "a bias on the block output",
-    "zaya": "an MLP router with a skip expert and router state carried from layer to layer",
-    "doge": "product-key routing with single-neuron experts",
-    "nllb-moe": "NLLB's top-2 routing with capacity and second-expert sampling",
+    "zaya": "its router state carried from layer to layer (layer i > 0 routes on x W_down + b + s * r, r the "
+            "router hidden state of layer i - 1, and hands its own on to layer i + 1: a block of two inputs and two "
+            "outputs, which a layer loaded alone cannot compute), routed by an MLP over E + 1 classes (a skip expert)",
     "ernie4_5_vl_moe_text": "modality-isolated text / vision experts (moe_mm_token_type_ids)",
 }
 

@@ -19,6 +19,8 @@ A router is a frozen dataclass of its options (validated in ``__post_init__``) w
 ``scale_expert_input=True`` (Llama 4; k = 1): the chosen expert's combine weight
 multiplies its *input* instead of its output, ``y = FFN_e(w * x)``
 (:meth:`Router.expert_inputs`, which the forward calls between routing and the experts).
+``jitter_experts=True``: the jitter multiplies the FFN experts' input too, the same draw as the
+router's (the block's input jittered: Phi-3.5-MoE's ``input_jitter_noise``).
 
 A router's own losses travel in ``RoutingPlan.extra_losses`` under the names in its
 ``extra_losses`` class attribute. A router with ``needs_token_ids`` reads the token ids the layer
@@ -43,7 +45,7 @@ Array = jax.Array
 
 @dataclasses.dataclass(frozen=True)
 class Router:
-    """Options every router has: ``jitter`` (0 disables it), ``router_bias``,
+    """Options every router has: ``jitter`` (0 disables it), ``jitter_experts``, ``router_bias``,
     ``scale_expert_input``, ``logit_softcap`` (None: no cap); and ``k`` (experts per token, for expert choice the average that
     sets the capacity), which is the *layer's*: ``jmoe.MoE(k=...)`` binds its router to it
     (:func:`jmoe.routing.as_router`), so a router object given to the layer leaves ``k`` unset
@@ -63,6 +65,7 @@ class Router:
     router_bias: bool = False
     scale_expert_input: bool = False
     logit_softcap: float | None = None
+    jitter_experts: bool = False
 
     def __post_init__(self):
         if self.k is not None and (isinstance(self.k, bool) or not isinstance(self.k, int) or self.k < 1):
@@ -70,6 +73,9 @@ class Router:
         if not 0.0 <= self.jitter < 1.0:
             raise ValueError(f"jitter must be in [0, 1), got {self.jitter}")
         check_softcap("logit_softcap", self.logit_softcap)
+        if self.jitter_experts and not self.jitter > 0:
+            raise ValueError("jitter_experts=True multiplies the experts' input by the router's jitter draw: it "
+                             f"needs jitter > 0, got jitter={self.jitter}")
         if self.scale_expert_input and not self.supports_input_scaling:
             raise ValueError(f"scale_expert_input=True needs a router whose tokens choose one expert, "
                              f"got router={self.name!r}")
@@ -121,10 +127,14 @@ class Router:
             logits = softcap(logits, self.logit_softcap)
         return self.plan(logits, router_in, params, draws, token_mask, capacity)
 
-    def expert_inputs(self, groups: Array, plan: RoutingPlan) -> tuple[Array, RoutingPlan]:
+    def expert_inputs(self, groups: Array, plan: RoutingPlan,
+                      draws: dict[str, Array] | None = None) -> tuple[Array, RoutingPlan]:
         """What the experts read and the plan that combines their outputs: ``groups [G, S, d]`` and
-        ``plan`` as they are, or with ``scale_expert_input`` (k = 1) ``w x`` and a combine weight of
-        1 (0 where the assignment was dropped): ``y = FFN_e(w x)``."""
+        ``plan`` as they are; with ``jitter_experts`` (train mode) ``x * jitter``, the router's draw;
+        with ``scale_expert_input`` (k = 1) ``w x`` and a combine weight of 1 (0 where the
+        assignment was dropped): ``y = FFN_e(w x)``."""
+        if self.jitter_experts and draws and "jitter" in draws:
+            groups = (groups * draws["jitter"]).astype(groups.dtype)  # [G, S, d]
         if not self.scale_expert_input:
             return groups, plan
         scaled = groups * plan.token_weight[..., :1].astype(groups.dtype)  # [G, S, d]
