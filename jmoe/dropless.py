@@ -60,8 +60,9 @@ def grouped_ffn(rows: Array, row_expert: Array, group_sizes: Array, params: dict
     y = sum_over_model(grouped_matmul(h, params["w_out"], group_sizes, matmul), model_axis)  # [N, d]
     if "b_out" in params:
         y = y + params["b_out"][row_expert]
-    if act.output_norm is not None:
-        y = act.output_norm(y, params["out_norm"])  # [N, d]
+    if act.output_norm is not None:  # after the sum over the model axis: the norm reads all of d
+        weight = params["norm_weight"][row_expert] if "norm_weight" in params else params["tied_norm_weight"]
+        y = act.output_norm(y, weight)  # [N, d]
     return y
 
 

@@ -10,6 +10,7 @@ projection). The activations (:class:`Activation`, one function each in :data:`P
   relu               relu(u)
   gelu               gelu(u)
   relu2              relu(u)^2                                squared ReLU (Primer; Nemotron-H)
+  silu               silu(u)                                  (Doge's single-neuron experts)
   swiglu             silu(g) * u                              (Shazeer 2020)
   geglu              gelu(g) * u
   clamped_swiglu     g' = min(g, L), u' = clip(u, -L, L),     GPT-OSS (alpha 1.702, L 7.0)
@@ -23,7 +24,9 @@ projection). The activations (:class:`Activation`, one function each in :data:`P
                                                               (Inkling-2)
 
 An activation may carry an :class:`OutputNorm`: an RMSNorm on every expert's output ``y_e``
-before its combine weight (Muse Spark), its weight ``out_norm [d]`` shared by the experts.
+before its combine weight, with a learned weight per expert (``per_expert=True``, Ergo:
+``norm_weight [E, d]``) or one weight the routed experts share (Muse Spark: ``tied_norm_weight
+[d]``); the shared expert's own is ``norm_weight [d]``.
 
 Weights are ``[E, d, f]`` and ``[E, f, d]``: each projection is one batched
 matmul over experts, never a Python loop. Each expert is initialised like a
@@ -48,6 +51,7 @@ from jmoe.checks import int_at_least, positive_number
 from jmoe.elementwise import check_softcap, rms_normalize, softcap
 
 Array = jax.Array
+
 
 def clamped_swiglu(act: "Activation", up: Array, gate: Array) -> Array:
     """GPT-OSS: ``(clip(u, -L, L) + 1) * g' * sigmoid(alpha * g')``, ``g' = min(g, L)``."""
@@ -76,6 +80,7 @@ PLAIN = {
     "relu": lambda act, up: jax.nn.relu(up),
     "gelu": lambda act, up: jax.nn.gelu(up),
     "relu2": lambda act, up: jnp.square(jax.nn.relu(up)),
+    "silu": lambda act, up: jax.nn.silu(up),
 }
 GATED_FUNCTIONS = {
     "swiglu": lambda act, up, gate: jax.nn.silu(gate) * up,
@@ -92,28 +97,42 @@ NEEDS_SOFTCAP = ("softcapped_swiglu",)
 
 @dataclasses.dataclass(frozen=True)
 class OutputNorm:
-    """An RMSNorm on an expert FFN's output ``y [..., d]`` (after ``w_out`` and ``b_out``, before
-    the combine weight), with one weight ``g = out_norm [d]`` the experts share (a parameter,
-    initialised so that ``offset + g = 1``); eps inside the square root, float32:
+    """An RMSNorm on each expert FFN's output ``y [..., d]`` (after ``w_out`` and ``b_out``, and
+    after the sum over a model axis, so it reads all of d; before the combine weight), with a
+    learned weight ``g [d]``, eps inside the square root, in float32:
 
-        scale_first=False:  y / sqrt(mean(y^2) + eps) * (offset + g)
-        scale_first=True:   y' / sqrt(mean(y'^2) + eps),  y' = y * (offset + g)
+        scale_first=False:  y / sqrt(mean_d(y^2) + eps) * (offset + g)
+        scale_first=True:   y' / sqrt(mean_d(y'^2) + eps),  y' = y * (offset + g)
 
-    Muse Spark's ``post_expert_norm`` is ``scale_first=True, offset=1.0`` (its input-scaled
-    RMSNorm, the weight stored as ``g``, zero-initialised)."""
+    ``per_expert``: each expert its own ``g`` (the bank's ``norm_weight [E, d]``; Ergo), else one
+    ``g`` the routed experts share (``tied_norm_weight [d]``, replicated on a mesh; Muse Spark).
+    ``g`` is initialised so that ``offset + g = 1``. A shared expert has its own ``norm_weight
+    [d]``; it inherits the routed experts' norm only when that is per expert (a tied weight is
+    theirs). Ergo's is ``OutputNorm(eps, per_expert=True)``; Muse Spark's ``post_expert_norm``
+    ``OutputNorm(eps, scale_first=True, offset=1.0)`` (its input-scaled RMSNorm, ``g``
+    zero-initialised)."""
 
     eps: float = 1e-6
     scale_first: bool = False
     offset: float = 0.0
+    per_expert: bool = False
 
     def __post_init__(self):
         positive_number("OutputNorm.eps", self.eps)
         if isinstance(self.offset, bool) or not isinstance(self.offset, (int, float)) or not math.isfinite(self.offset):
             raise ValueError(f"OutputNorm.offset must be a finite number, got {self.offset!r}")
+        if not isinstance(self.per_expert, bool):
+            raise TypeError(f"OutputNorm.per_expert must be a bool, got {self.per_expert!r}")
+
+    @property
+    def weight_name(self) -> str:
+        """The name of an expert bank's weight ``g``: ``norm_weight [E, d]`` or ``tied_norm_weight [d]``."""
+        return "norm_weight" if self.per_expert else "tied_norm_weight"
 
     def __call__(self, y: Array, weight: Array) -> Array:
-        """``y [..., d]`` (any float dtype) and ``weight [d]`` -> the normed ``y``, in y's dtype."""
-        scale = self.offset + weight.astype(jnp.float32)  # [d]
+        """``y [..., d]`` (any float dtype) and ``weight`` (``g``, broadcast to y: ``[d]``, or each
+        row's expert's) -> the normed ``y``, in y's dtype."""
+        scale = self.offset + weight.astype(jnp.float32)
         if self.scale_first:
             return rms_normalize(y.astype(jnp.float32) * scale, self.eps).astype(y.dtype)
         return (rms_normalize(y, self.eps) * scale).astype(y.dtype)
@@ -125,7 +144,8 @@ class Activation:
     module docstring's table) and its options, ``swiglu_alpha`` / ``swiglu_limit``
     (``clamped_swiglu``; the limit also ``limited_swiglu`` / ``post_limited_swiglu``) and ``gate_softcap`` / ``up_softcap``
     (needed by ``softcapped_swiglu``); ``output_norm``: an :class:`OutputNorm` on the FFN's output
-    (None: none; an :class:`ExpertBank` then holds its weight ``out_norm [d]``)."""
+    (None: not normalised; an :class:`ExpertBank` then holds its weight, ``norm_weight [E, d]``
+    per expert or ``tied_norm_weight [d]``)."""
 
     name: str = "gelu"
     swiglu_alpha: float = 1.702
@@ -184,11 +204,14 @@ class Shared:
             object.__setattr__(self, "activation", as_activation(self.activation))
 
     def activation_for(self, experts: Activation) -> Activation:
-        """Its activation: its own, else the routed experts' ``experts`` (without their output norm,
-        whose weight is the experts')."""
+        """Its activation: its own, else the routed experts' ``experts``, with their output norm
+        when that is per expert (the shared expert then normalises with its own ``norm_weight
+        [d]``) and without a tied one (its one weight is the routed experts')."""
         if self.activation is not None:
             return self.activation
-        return dataclasses.replace(experts, output_norm=None)
+        if experts.output_norm is not None and not experts.output_norm.per_expert:
+            return dataclasses.replace(experts, output_norm=None)
+        return experts
 
 
 @dataclasses.dataclass(frozen=True)
@@ -231,16 +254,19 @@ class ZeroExperts:
 
 
 def expert_ffn(x: Array, params: dict[str, Array], activation: str | Activation,
-               model_axis: str | None = None) -> Array:
+               model_axis: str | None = None, hidden_scale: Array | None = None) -> Array:
     """The bank's math as a pure function of stacked weights.
 
     Args:
       x: [E, N, d] tokens already dispatched to each expert.
       params: ``w_in [E, d, f]``, ``w_out [E, f, d]``, gated: ``w_gate [E, d, f]``,
         optional ``b_in [E, f]``, ``b_gate [E, f]`` (gated), ``b_out [E, d]``; with the
-        activation's ``output_norm``, its weight ``out_norm [d]``.
+        activation's ``output_norm`` its weight: each expert's ``norm_weight [E, d]`` or the tied
+        ``tied_norm_weight [d]``.
       model_axis: inside ``shard_map``, the mesh axis the hidden dim f is split over
         (:func:`sum_over_model`), or None.
+      hidden_scale: [E, N, f] multiplies the activated hidden units before the down
+        projection (the shared experts' router weights, :func:`shared_ffn`), or None.
     Returns:
       [E, N, d].
     """
@@ -254,11 +280,14 @@ def expert_ffn(x: Array, params: dict[str, Array], activation: str | Activation,
         if "b_gate" in params:
             gate = gate + params["b_gate"][:, None, :]
     h = act(up, gate)  # [E, N, f]
+    if hidden_scale is not None:
+        h = h * hidden_scale.astype(h.dtype)
     y = sum_over_model(jnp.einsum("enf,efd->end", h, params["w_out"]), model_axis)  # [E, N, d]
     if "b_out" in params:
         y = y + params["b_out"][:, None, :]
-    if act.output_norm is not None:
-        y = act.output_norm(y, params["out_norm"])  # [E, N, d]
+    if act.output_norm is not None:  # after the sum over the model axis: the norm reads all of d
+        weight = params["norm_weight"][:, None, :] if "norm_weight" in params else params["tied_norm_weight"]
+        y = act.output_norm(y, weight)  # [E, N, d]
     return y
 
 
@@ -280,8 +309,9 @@ def _stacked_init(key: Array, shape: tuple[int, ...], dtype) -> Array:
 class ExpertBank(nnx.Module):
     """E expert FFNs as stacked weights; ``__call__(x [E, N, d]) -> [E, N, d]``.
 
-    ``activation``: a name of :data:`ACTIVATIONS` or an :class:`Activation`; ``use_bias``:
-    ``b_in [E, f]`` (and ``b_gate [E, f]`` for a gated FFN) and ``b_out [E, d]``."""
+    ``activation``: a name of :data:`ACTIVATIONS` or an :class:`Activation` (with an
+    :class:`OutputNorm`: ``norm_weight [E, d]`` per expert, or ``tied_norm_weight [d]``);
+    ``use_bias``: ``b_in [E, f]`` (and ``b_gate [E, f]`` for a gated FFN) and ``b_out [E, d]``."""
 
     def __init__(
         self,
@@ -316,13 +346,15 @@ class ExpertBank(nnx.Module):
             if activation.gated:
                 self.b_gate = nnx.Param(jnp.zeros((e, f), param_dtype), **meta("b_gate", {}))
             self.b_out = nnx.Param(jnp.zeros((e, d), param_dtype), **meta("b_out", {}))
-        if activation.output_norm is not None:  # offset + g = 1 at init
-            self.out_norm = nnx.Param(jnp.full((d,), 1.0 - activation.output_norm.offset, param_dtype),
-                                      **meta("out_norm", {}))
+        norm = activation.output_norm
+        if norm is not None:  # offset + g = 1 at init
+            shape = (e, d) if norm.per_expert else (d,)
+            setattr(self, norm.weight_name, nnx.Param(jnp.full(shape, 1.0 - norm.offset, param_dtype),
+                                                      **meta(norm.weight_name, {})))
 
     def params(self) -> dict[str, Array]:
         """The weights as a plain dict (in the compute dtype), for :func:`expert_ffn`."""
-        names = ("w_in", "w_gate", "w_out", "b_in", "b_gate", "b_out", "out_norm")
+        names = ("w_in", "w_gate", "w_out", "b_in", "b_gate", "b_out", "norm_weight", "tied_norm_weight")
         return {n: getattr(self, n)[...].astype(self.dtype) for n in names if hasattr(self, n)}
 
     def __call__(self, x: Array) -> Array:
@@ -334,23 +366,45 @@ class ExpertBank(nnx.Module):
 
 
 def shared_ffn(x: Array, params: dict[str, Array], activation: str | Activation,
-               model_axis: str | None = None) -> Array:
+               model_axis: str | None = None, expert_weight: Array | None = None) -> Array:
     """The shared expert on tokens ``x [T, d] -> [T, d]``: one dense FFN
     (:func:`expert_ffn` with E = 1; params ``w_in [d, F]``, ``w_gate [d, F]`` when gated,
-    ``w_out [F, d]``), times ``sigmoid(x w_g)`` per token when ``gate_weight [d, 1]`` is
-    there (Qwen2-MoE's shared-expert gate, computed in float32)."""
-    ffn = {name: params[name][None] for name in ("w_in", "w_gate", "w_out") if name in params}
-    y = expert_ffn(x[None], ffn, activation, model_axis)[0]  # [T, d]
+    ``w_out [F, d]``, ``norm_weight [d]`` with the activation's output norm), times
+    ``sigmoid(x w_g)`` per token when ``gate_weight [d, 1]`` is there (Qwen2-MoE's
+    shared-expert gate, computed in float32).
+
+    ``expert_weight [T, n]`` (a router that weights the shared experts: ``plan.shared_weight``):
+    the FFN is n shared experts side by side, hidden units ``i F/n .. (i + 1) F/n - 1`` expert
+    i's, and each one's hidden units are scaled by its weight: ``y = sum_i w_i FFN_i(x)``
+    (:func:`shared_unit_weights`)."""
+    ffn = {name: params[name][None] for name in ("w_in", "w_gate", "w_out", "norm_weight") if name in params}
+    scale = None
+    if expert_weight is not None:
+        scale = shared_unit_weights(expert_weight, params["w_in"].shape[-1], model_axis)[None]  # [1, T, f]
+    y = expert_ffn(x[None], ffn, activation, model_axis, scale)[0]  # [T, d]
     if "gate_weight" in params:
         gate = jax.nn.sigmoid(x.astype(jnp.float32) @ params["gate_weight"].astype(jnp.float32))  # [T, 1]
         y = (gate * y.astype(jnp.float32)).astype(y.dtype)
     return y
 
 
+def shared_unit_weights(expert_weight: Array, width: int, model_axis: str | None = None) -> Array:
+    """Each hidden unit's weight ``[T, width]`` from the n shared experts' ``expert_weight [T, n]``:
+    global hidden unit j is shared expert ``j // (F / n)``'s, F the full hidden width. Inside
+    ``shard_map`` with the hidden dim split over ``model_axis`` the device holds ``width = F / M``
+    units starting at ``axis_index * width`` (an expert's units may span two devices)."""
+    n = expert_weight.shape[-1]
+    shards = 1 if model_axis is None else jax.lax.axis_size(model_axis)
+    first = 0 if model_axis is None else jax.lax.axis_index(model_axis) * width
+    units = first + jnp.arange(width)  # [width] global hidden unit indices
+    return jnp.take(expert_weight, units // (width * shards // n), axis=-1)  # [T, width]
+
+
 class SharedExpert(nnx.Module):
     """The shared expert: a dense FFN of width ``d_ff`` every token goes through
     (:func:`shared_ffn`), initialised like one expert; ``gate=True`` adds Qwen2-MoE's
-    per-token gate weight ``gate_weight [d, 1]``."""
+    per-token gate weight ``gate_weight [d, 1]``; an activation with an :class:`OutputNorm` its
+    own weight ``norm_weight [d]``."""
 
     def __init__(self, d_model: int, d_ff: int, *, activation: str | Activation = "gelu", gate: bool = False,
                  dtype=jnp.float32, param_dtype=jnp.float32, sharding: dict[str, dict] | None = None,
@@ -368,10 +422,13 @@ class SharedExpert(nnx.Module):
         if gate:
             self.gate_weight = nnx.Param(nnx.initializers.lecun_normal()(rngs.params(), (d_model, 1), param_dtype),
                                          **meta("gate_weight", {}))
+        if activation.output_norm is not None:  # its own weight, per expert or not; offset + g = 1 at init
+            self.norm_weight = nnx.Param(jnp.full((d_model,), 1.0 - activation.output_norm.offset, param_dtype),
+                                         **meta("norm_weight", {}))
 
     def params(self) -> dict[str, Array]:
         """The weights as a plain dict (in the compute dtype), for :func:`shared_ffn`."""
-        names = ("w_in", "w_gate", "w_out", "gate_weight")
+        names = ("w_in", "w_gate", "w_out", "gate_weight", "norm_weight")
         return {n: getattr(self, n)[...].astype(self.dtype) for n in names if hasattr(self, n)}
 
     def __call__(self, x: Array) -> Array:

@@ -4,11 +4,13 @@
 
     (params, groups [G, S, d], token_mask [G, S], draws, exchange)
       route      plan = router.route(params["router"], groups, draws, token_mask, C)
-      expert in  router.expert_inputs: x and the plan, or w x and weight 1 (scale_expert_input)
+      expert in  router.expert_inputs: x (x * jitter: jitter_experts) and the plan, or w x and weight 1
+                 (scale_expert_input)
       zero       zero-computation experts (ZeroExperts): w x or w c added; the rest is the FFN experts' plan
       capacity   dispatch -> [E, G * C, d]; exchange.capacity_experts; combine -> [G, S, d]
       dropless   exchange.dropless_experts: sort by expert, grouped FFN, unsort + combine
-      shared     + the shared expert on every token (hidden dim split over the model axis)
+      shared     + the shared expert on every token (hidden dim split over the model axis), its n
+                 experts each scaled by the plan's shared_weight when the router weights them
       aux        exchange.reduce_aux(plan, ...): the plan's losses and metrics
 
 The exchange is the only step that differs: :class:`LocalExchange` (one device: the
@@ -80,7 +82,8 @@ def moe_forward(pipeline: Pipeline, params: dict, groups: Array, token_mask: Arr
     ``params = {"router": {...}, "experts": {"w_in": [E, d, f], ...}}`` and, with a shared
     expert, ``"shared": {"w_in": [d, F], ...}`` (on a mesh: the device's local experts and
     its slice of F); ``draws``: the router's random draws ``[G, S, ...]`` (empty in eval
-    mode). ``y = sum_k w_k FFN_{e_k}(x) + shared(x)``; with ``router.scale_expert_input``
+    mode). ``y = sum_k w_k FFN_{e_k}(x) + shared(x)`` (the shared experts weighted by the
+    plan's ``shared_weight`` when the router gives one); with ``router.scale_expert_input``
     ``y = FFN_e(w x) + shared(x)`` (Llama 4). A token dropped by every expert it chose gets
     only the shared expert's output (0 without one); a masked token (``token_mask`` False)
     gets y = 0, and its input is never read.
@@ -90,7 +93,7 @@ def moe_forward(pipeline: Pipeline, params: dict, groups: Array, token_mask: Arr
         groups = jnp.where(token_mask[..., None], groups, jnp.zeros((), groups.dtype))
     capacity = group_size if pipeline.capacity is None else pipeline.capacity
     plan = pipeline.router.route(params["router"], groups, draws, token_mask, capacity)
-    routed_in, plan_for_experts = pipeline.router.expert_inputs(groups, plan)  # x, or w x (scale_expert_input)
+    routed_in, plan_for_experts = pipeline.router.expert_inputs(groups, plan, draws)  # x (jittered), or w x
     if pipeline.zero_experts is not None:
         plan_for_experts, y_zero = _split_zero_experts(pipeline, plan_for_experts, groups, params["router"])
     y, exchange_stats = _routed(pipeline, params["experts"], routed_in, plan_for_experts, exchange)  # [G, S, d]
@@ -100,7 +103,8 @@ def moe_forward(pipeline: Pipeline, params: dict, groups: Array, token_mask: Arr
     if "shared" in params:
         tokens = groups.reshape(-1, d).astype(pipeline.compute_dtype)  # [T, d]
         activation = pipeline.shared_activation or pipeline.activation
-        shared = shared_ffn(tokens, params["shared"], activation, exchange.model_axis)  # [T, d]
+        weight = None if plan.shared_weight is None else plan.shared_weight.reshape(tokens.shape[0], -1)  # [T, n]
+        shared = shared_ffn(tokens, params["shared"], activation, exchange.model_axis, weight)  # [T, d]
         y = y + shared.reshape(groups.shape).astype(y.dtype)
         if token_mask is not None:
             y = jnp.where(token_mask[..., None], y, jnp.zeros((), y.dtype))

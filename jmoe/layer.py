@@ -157,7 +157,8 @@ class MoE(nnx.Module):
         GShard / top-k, the default; ``ExpertsChoose``; ``NoisyTopK``, Shazeer et al. 2017;
         ``GroupLimited``: sigmoid / softmax / sqrt-softplus scores, the group limit, the selection
         bias, DeepSeek-V2/V3/V4, Llama 4; ``TokenHash``: experts by token id, with ``token_ids=``
-        at the call; ``SparseMixer``: Phi-3.5-MoE; or a user's own subclass). Every router option lives on the
+        at the call; ``SparseMixer``: Phi-3.5-MoE; ``SharedSink``: group-limited routing that also weights
+        the shared experts, Inkling; or a user's own subclass). Every router option lives on the
         router object (priority, normalize, jitter, router_bias, scale_expert_input, ...);
         ``k`` is the layer's and binds the router (:func:`jmoe.routing.as_router`). A router
         with ``selection_bias=True`` adds the state ``selection_bias [E]`` and the load it
@@ -259,6 +260,10 @@ class MoE(nnx.Module):
         self.router_d_model = d_model if router_d_model is None else router_d_model
         int_at_least("router_d_model", self.router_d_model, 1)
         self.router = routing.as_router(router, k)
+        if self.router.jitter_experts and self.router_d_model != d_model:
+            raise ValueError(f"jitter_experts=True multiplies the experts' input by the router's jitter draw, "
+                             f"which has the router input's width: it needs router_d_model == d_model, got "
+                             f"router_d_model={self.router_d_model}, d_model={d_model}")
         activation = as_activation(activation)
         if shared is not None and not isinstance(shared, Shared):
             raise TypeError(f"shared must be a jmoe.experts.Shared (or None), got {shared!r}")
@@ -270,7 +275,7 @@ class MoE(nnx.Module):
         self.zero_experts = zero_experts
         self.num_choices = num_experts + (0 if zero_experts is None else zero_experts.count)  # what the router picks
         check_combination(self.router, self.num_choices, self.capacity_options, self.dropless_options,
-                          self.mesh_options, dispatch, dtype)
+                          self.mesh_options, dispatch, dtype, shared)
         self.d_model, self.num_experts, self.group_size = d_model, num_experts, group_size
         self.dispatch, self.dtype, self.deterministic = dispatch, dtype, deterministic
         self.sow_aux = sow_aux

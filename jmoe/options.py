@@ -158,9 +158,13 @@ def check_layer(d_model, d_ff, num_experts, dtype, param_dtype) -> None:
 
 
 def check_combination(router: Router, num_experts: int, capacity: CapacityOptions, dropless: DroplessOptions,
-                      mesh: MeshOptions, dispatch: str, dtype) -> None:
+                      mesh: MeshOptions, dispatch: str, dtype, shared: Shared | None = None) -> None:
     """The rules that span option groups."""
     router.check_experts(num_experts)
+    weighted = router.weighted_shared_experts
+    if weighted and (shared is None or shared.d_ff % weighted):
+        raise ValueError(f"router={router.name!r} weights {weighted} shared experts: the layer needs shared=Shared(d_ff) "
+                         f"holding them side by side, d_ff a multiple of {weighted}, got shared={shared!r}")
     BACKENDS.check(dispatch)
     gmm_lib.check_dtype(dropless.grouped_matmul, dtype)
     if capacity.dropless and not router.supports_dropless:

@@ -490,7 +490,7 @@ HY_V4 = dict(V3, **MLA, mlp_layer_types=["dense", "sparse"], swiglu_limit=1.0, h
 # the clamps matter; the shared expert's its own)
 STEP3P5 = dict(QWEN, n_routed_experts=8, share_expert_dim=12, mlp_layer_types=["dense", "sparse"],
                moe_router_scaling_factor=1.5, swiglu_limits=[0.0, 0.3], swiglu_limits_shared=[0.0, 0.5], pad_token_id=0)
-ROUTERS = ("gate.weight", "gate.wg.weight", "router.weight", "router.layer.weight", "router.gate.weight",
+ROUTERS = ("gate.weight", "gate.linear.weight", "gate.wg.weight", "router.weight", "router.layer.weight", "router.gate.weight",
            "block_sparse_moe.router.weight", "router.classifier.weight")
 BIASES = ("gate.e_score_correction_bias", "e_score_correction_bias", "expert_bias", "gate.expert_bias",
           "gate.moe_statics.e_score_correction_bias", "router.e_score_correction_bias")
@@ -903,6 +903,285 @@ NEW.update({  # blocks with norms / projections / a dense branch / a bias around
     "ernie4_5_vl_moe": ernie_vl,
     "ernie4_5_vl_moe_text": lambda: ernie_vl(multimodal=False),
 })
+
+
+# Ling-2 (bailing_hybrid): DeepSeek-V3's router on Kimi's config names, Step-3.7's per-layer clamped experts (low
+# limits, so the clamps matter); full attention (its KDA layers need no part here)
+BAILING = dict(MLA, moe_intermediate_size=6, num_hidden_layers=2, num_experts=8, num_experts_per_token=2,
+               num_expert_group=4, topk_group=2, moe_renormalize=True, num_shared_experts=1, routed_scaling_factor=2.0,
+               first_k_dense_replace=1, layer_types=["full_attention"] * 2, expert_swiglu_limit_list=[0.0, 0.3],
+               share_expert_swiglu_limit_list=[0.0, 0.5], pad_token_id=0)
+# Inkling-2: DeepSeek-V4's router (sigmoid + selection bias, renormalised, route_scale), softcapped SwiGLU experts
+# (low caps, so they matter); tiny attention sizes
+INKLING2 = dict(moe_intermediate_size=6, intermediate_size=6, num_hidden_layers=2, n_routed_experts=8, num_experts_per_tok=2,
+                route_scale=1.5, mlp_gate_softcap=1.0, mlp_up_softcap=1.5, swa_num_attention_heads=2,
+                swa_num_key_value_heads=1, swa_head_dim=8, sliding_window_size=8, d_rel=4, rel_extent=8,
+                unpadded_vocab_size=16, n_layers_per_attn_res_block=1, layer_types=["hybrid_sliding", "hybrid"],
+                eos_token_id=1)
+
+# DeepSeek-V4: hash routing in layer 0 (tid2eid), sqrt(softplus) top-k with the selection bias in layer 1; limited
+# SwiGLU experts and shared expert (a low limit, so the clamps matter); sliding attention only, tiny sizes
+DEEPSEEK_V4 = dict(moe_intermediate_size=6, intermediate_size=6, num_hidden_layers=2, n_routed_experts=8, num_experts_per_tok=2,
+                   routed_scaling_factor=1.5, swiglu_limit=1.0, mlp_layer_types=["hash_moe", "moe"],
+                   layer_types=["sliding_attention"] * 2, head_dim=8, q_lora_rank=8, o_groups=2, o_lora_rank=4,
+                   index_n_heads=2, index_head_dim=8, index_topk=4, hc_mult=2, partial_rotary_factor=0.5,
+                   sliding_window=8, bos_token_id=0, eos_token_id=1)
+
+
+def deepseek_v4():
+    """DeepSeek-V4's hash layer (``tid2eid`` drawn: each token id's k distinct experts) recorded in
+    tests/data/hf/deepseek_v4/ with the token ids the block reads (``token_ids.npy``), its top-k
+    layer in deepseek_v4/moe/."""
+    config = T.DeepseekV4Config(**{**TINY, **DEEPSEEK_V4})
+    model = T.DeepseekV4ForCausalLM(config)
+    randomize(model, 800)
+    gen = torch.Generator().manual_seed(801)
+    with torch.no_grad():
+        table = model.model.layers[0].mlp.gate.tid2eid  # [vocab, k]
+        for t in range(table.shape[0]):
+            table[t] = torch.randperm(config.n_routed_experts, generator=gen)[: table.shape[1]]
+    bf16_round(model)
+    path = save(model, "deepseek_v4")
+    model = T.DeepseekV4ForCausalLM.from_pretrained(path, dtype=torch.float32, experts_implementation="eager").eval()
+    assert torch.equal(model.model.layers[0].mlp.gate.tid2eid, table), "tid2eid did not survive the save"
+    ids = torch.randint(0, config.vocab_size, (B, S), generator=gen)
+    hash_block = model.model.layers[0].mlp
+    x = make_x(16, 802)
+    with torch.no_grad():
+        y = hash_block(x, input_ids=ids)
+    np.save(path / "x.npy", x.numpy())
+    np.save(path / "y.npy", y.numpy().astype(np.float32))
+    np.save(path / "token_ids.npy", ids.numpy().astype(np.int32))
+    (path / "case.json").write_text(json.dumps({"layer": 0, "token_ids": True}, indent=1) + "\n")
+    print(f"deepseek_v4 (hash): y {tuple(y.shape)} |y| {float(y.abs().mean()):.3f}")
+    block = model.model.layers[1].mlp
+    for s in range(803, 1000):
+        x = make_x(16, s)
+        with torch.no_grad():
+            logits = torch.nn.functional.linear(x.reshape(-1, 16), block.gate.weight)
+            margin = top_margin(torch.sqrt(torch.nn.functional.softplus(logits)) + block.gate.e_score_correction_bias, 2)
+        if margin > 1e-3:
+            break
+    (path / "moe").mkdir()
+    record(path / "moe", block, x, {"layer": 1, "margin": margin})
+    size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+    assert size < MAX_BYTES, f"deepseek_v4: {size} bytes"
+
+# Ergo: sigmoid + selection bias renormalised, scaling 1.5; squared-ReLU experts with a per-expert output RMSNorm and a
+# normed squared-ReLU shared expert (rms_norm_eps 0.01, so the epsilon matters); layer 0 dense
+ERGO = dict(num_hidden_layers=2, num_dense_blocks=1, first_dense_intermediate_size=24, moe_intermediate_size=6,
+            shared_intermediate_size=12, num_experts=8, num_experts_per_tok=2, moe_routed_scaling_factor=1.5,
+            sliding_window=8, global_attention_every_n_layers=2, rms_norm_eps=0.01)
+
+# Inkling: 8 routed experts (sigmoid + selection bias) and 2 shared experts scored by the same router, all weighted
+# by one softmax of log-sigmoid scores over the chosen 2 + the 2 shared, times route_scale and the learned
+# global_scale (set to 1.25, so it matters); mlp_layer_types: layer 0 dense
+INKLING = dict(moe_intermediate_size=6, num_hidden_layers=2, n_routed_experts=8, num_experts_per_tok=2,
+               n_shared_experts=2, route_scale=1.5, swa_num_attention_heads=2, swa_num_key_value_heads=1,
+               swa_head_dim=8, sliding_window_size=8, d_rel=4, rel_extent=8, unpadded_vocab_size=16,
+               layer_types=["hybrid_sliding", "hybrid"], mlp_layer_types=["dense", "sparse"], eos_token_id=1)
+
+
+def inkling_text():
+    """Inkling's text model, layer 1's block recorded on an x whose top-k choice has no near-tie."""
+    config = T.InklingTextConfig(**{**TINY, **INKLING})
+    model = T.InklingForCausalLM(config)
+    randomize(model, 820)
+    with torch.no_grad():
+        model.model.layers[1].mlp.gate.global_scale.fill_(1.25)
+    bf16_round(model)
+    path = save(model, "inkling_text")
+    model = T.InklingForCausalLM.from_pretrained(path, dtype=torch.float32, experts_implementation="eager").eval()
+    block = model.model.layers[1].mlp
+    for s in range(821, 1000):
+        x = make_x(16, s)
+        with torch.no_grad():
+            logits = torch.nn.functional.linear(x.reshape(-1, 16), block.gate.weight)[:, :-2]  # the routed experts'
+            margin = top_margin(torch.sigmoid(logits) + block.gate.e_score_correction_bias, 2)
+        if margin > 1e-3:
+            break
+    record(path, block, x, {"layer": 1, "margin": margin})
+    size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+    assert size < MAX_BYTES, f"inkling_text: {size} bytes"
+
+
+NEW.update({  # table entries for blocks whose math landed in jmoe (issue 26)
+    "inkling_text": inkling_text,
+    "ergo": lambda: family_case("ergo", T.ErgoConfig, T.AutoModelForCausalLM, layer=1, seed=810, score="sigmoid",
+                                **ERGO),
+    "deepseek_v4": deepseek_v4,
+    "bailing_hybrid": lambda: family_case("bailing_hybrid", T.BailingHybridConfig, T.AutoModelForCausalLM, layer=1,
+                                          seed=770, score="sigmoid", **BAILING),
+    "inkling2_text": lambda: family_case("inkling2_text", T.Inkling2TextConfig, T.AutoModelForCausalLM, layer=1,
+                                         seed=780, score="sigmoid",
+                                         **INKLING2),
+    "inkling2_loop_text": lambda: family_case("inkling2_loop_text", T.Inkling2LoopTextConfig,
+                                              T.AutoModelForCausalLM, layer=1, seed=790, score="sigmoid",
+                                              **dict(INKLING2, num_hidden_layers=3, layer_types=["hybrid_sliding", "hybrid", "hybrid_sliding"],
+                                                     loop_layer_index_start=1, loop_layer_index_end=2)),
+})
+
+
+# ---------------------------------------------------------------- NLLB-MoE: the intended top-2 mixture
+
+
+def top2gating64(logits: np.ndarray, capacity: int, *, before: bool) -> tuple[np.ndarray, np.ndarray]:
+    """fairseq's ``top2gating`` (``moe/top2gate.py``; second_expert_policy "all", no padding, no
+    BPR) in float64 on ``logits [T, E]``: the combine weights ``[T, E]`` and the experts ``[T, 2]``
+    (-1 where dropped over ``capacity``)."""
+    gates = np.exp(logits - logits.max(-1, keepdims=True))
+    gates /= gates.sum(-1, keepdims=True)
+    eye = np.eye(logits.shape[-1])
+    i1 = gates.argmax(1)
+    i2 = np.where(eye[i1] > 0, -np.inf, logits).argmax(1)
+    mask1, mask2 = eye[i1], eye[i2]
+    eps = np.finfo(np.float32).eps
+    g1, g2 = (gates * mask1).sum(1), (gates * mask2).sum(1)
+    if before:
+        g1, g2 = g1 / np.maximum(g1 + g2, eps), g2 / np.maximum(g1 + g2, eps)
+    loc1 = np.cumsum(mask1, 0) - 1
+    loc2 = np.cumsum(mask2, 0) - 1 + mask1.sum(0, keepdims=True)
+    mask1, mask2 = mask1 * (loc1 < capacity), mask2 * (loc2 < capacity)
+    if not before:
+        g1, g2 = (gates * mask1).sum(1), (gates * mask2).sum(1)
+        g1, g2 = g1 / np.maximum(g1 + g2, eps), g2 / np.maximum(g1 + g2, eps)
+    experts = np.stack([np.where(mask1.sum(1) > 0, i1, -1), np.where(mask2.sum(1) > 0, i2, -1)], 1)
+    return g1[:, None] * mask1 + g2[:, None] * mask2, experts
+
+
+def nllb_moe():
+    """NLLB-MoE's encoder and decoder sparse blocks. transformers 5.25's ``NllbMoeSparseMLP`` mixes
+    the wrong experts: ``NllbMoeExperts`` one-hot encodes the router's 0/1 *top-1 mask* as if it
+    held expert indices, so every token goes through expert 1 weighted by its top-1 expert's
+    combine weight and through expert 0 weighted by the rest. Its router (fairseq's top2gating,
+    with capacity) is right. ``y.npy`` is the intended block (fairseq's ``MOELayer``): ``sum_e
+    w_e FFN_e(x) (1 - moe_token_dropout)`` with ``w`` transformers' router output (checked against a
+    float64 transcription of fairseq's gate) and the experts' own modules, in float64;
+    transformers' own output is ``y_transformers.npy`` (checked to be that miswiring). The batch
+    is one sequence of 16 tokens: NLLB's capacity counts all the tokens of a call, jmoe's those of
+    a group (a sequence). Eval capacity ceil(0.5 * 16) = 8: some 2nd choices are dropped."""
+    config = T.NllbMoeConfig(vocab_size=16, d_model=16, encoder_layers=2, decoder_layers=2, encoder_attention_heads=2,
+                             decoder_attention_heads=2, encoder_ffn_dim=8, decoder_ffn_dim=12, num_experts=4,
+                             expert_capacity=3, encoder_sparse_step=2, decoder_sparse_step=2, router_bias=True,
+                             moe_eval_capacity_token_fraction=0.5, moe_token_dropout=0.2, max_position_embeddings=64)
+    model = T.NllbMoeForConditionalGeneration(config)
+    randomize(model, 770)
+    bf16_round(model)
+    path = save(model, "nllb_moe")
+    model = T.NllbMoeForConditionalGeneration.from_pretrained(path, dtype=torch.float32).eval()
+    for stack, seed in (("encoder", 771), ("decoder", 772)):
+        block = getattr(model.model, stack).layers[1].ffn
+        for s in range(seed, seed + 200):
+            x = torch.randn((1, 16, 16), generator=torch.Generator().manual_seed(s), dtype=torch.float32)
+            with torch.no_grad():
+                logits = block.router.classifier(x.reshape(-1, 16))
+            margin = min(top_margin(logits, 1), top_margin(logits, 2))
+            if margin > 1e-3:
+                break
+        with torch.no_grad():
+            top1, weights, _ = block.router(x.reshape(-1, 16))  # [T, E] one-hot, [T, E] combine weights
+            outputs = torch.stack([block.experts[f"expert_{e}"](x.reshape(-1, 16)) for e in range(4)])  # [E, T, d]
+            y_hf = block(x)
+        want_w, experts = top2gating64(logits.double().numpy(), math.ceil(0.5 * 16), before=False)
+        assert np.allclose(weights.double().numpy(), want_w, rtol=1e-6, atol=1e-7), "transformers' router"
+        keep = 1.0 - config.moe_token_dropout
+        w, out = weights.double().numpy(), outputs.double().numpy()
+        y = np.einsum("te,etd->td", w, out) * keep  # the intended mixture
+        miswired = (out[0] * (w * (1 - top1.double().numpy())).sum(1, keepdims=True)
+                    + out[1] * (w * top1.double().numpy()).sum(1, keepdims=True)) * keep
+        assert np.allclose(miswired, y_hf.reshape(-1, 16).double().numpy(), rtol=1e-5, atol=1e-6), "the miswiring"
+        sub = path / stack
+        sub.mkdir(exist_ok=True)
+        np.save(sub / "x.npy", x.numpy())
+        np.save(sub / "y.npy", y.reshape(x.shape).astype(np.float32))
+        np.save(sub / "y_transformers.npy", y_hf.numpy().astype(np.float32))
+        np.save(sub / "experts.npy", experts.reshape(1, 16, 2).astype(np.int32))
+        info = {"layer": 1, "stack": stack, "margin": margin, "dropped": int((experts < 0).sum()),
+                "kept_one": int(((experts >= 0).sum(1) == 1).sum())}
+        (sub / "case.json").write_text(json.dumps(info, indent=1) + "\n")
+        print(f"nllb_moe/{stack}: |y - y_transformers| / |y| = "
+              f"{np.abs(y - y_hf.reshape(-1, 16).numpy()).max() / np.abs(y).max():.3f} {info}")
+    size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+    assert size < MAX_BYTES, f"nllb_moe: {size} bytes"
+
+
+NEW["nllb_moe"] = nllb_moe
+
+
+# ---------------------------------------------------------------- Phi-3.5-MoE's SparseMixer in train mode
+
+
+def phimoe_train():
+    """transformers' ``sparsemixer`` in train mode (``training=True``: each round's expert sampled
+    with Gumbel noise, Heun's random weight scale, ``PhimoeMultiplier``'s backward) on random logits
+    ``[64, 8]`` with eps 0.2, its random draws captured as it makes them (``exponential_``: the
+    Gumbel noise is ``-log`` of it; ``rand_like`` / ``uniform_``: Heun's u), the chosen experts, the
+    weights and the gradient of ``sum(weights * cotangent)`` with respect to the logits, into
+    ``phimoe_train/sparsemixer_train.npz`` (no checkpoint: the router math alone)."""
+    from transformers.models.phimoe import modeling_phimoe
+    drawn = []
+
+    def capture(name, fn):
+        def wrapped(*args, **kwargs):
+            out = fn(*args, **kwargs)
+            drawn.append((name, out.detach().clone()))
+            return out
+        return wrapped
+
+    originals = torch.Tensor.exponential_, torch.Tensor.uniform_, torch.rand_like
+    torch.Tensor.exponential_ = capture("exponential", originals[0])
+    torch.Tensor.uniform_ = capture("uniform", originals[1])
+    torch.rand_like = capture("rand", originals[2])
+    try:
+        gen = torch.Generator().manual_seed(780)
+        logits = (0.5 * torch.randn((64, 8), generator=gen) + 1.0).requires_grad_()  # near each other: masks matter
+        torch.manual_seed(781)
+        weights, experts = modeling_phimoe.sparsemixer(logits, jitter_eps=0.2, training=True)
+    finally:
+        torch.Tensor.exponential_, torch.Tensor.uniform_, torch.rand_like = originals
+    names = [name for name, _ in drawn]
+    assert names == ["exponential", "rand", "exponential", "rand", "uniform"], names  # round 2's rand is redrawn
+    cotangent = torch.randn(weights.shape, generator=gen)
+    (weights * cotangent).sum().backward()
+    gumbel = torch.stack([-drawn[0][1].log(), -drawn[2][1].log()], 1)  # [T, 2, E]
+    uniform = torch.cat([drawn[1][1], drawn[4][1]], 1)  # [T, 2]
+    out = OUT / "phimoe_train"
+    out.mkdir(parents=True, exist_ok=True)
+    np.savez(out / "sparsemixer_train.npz", logits=logits.detach().numpy(), jitter_eps=np.float32(0.2),
+             gumbel=gumbel.numpy(), uniform=uniform.numpy(), experts=experts.numpy().astype(np.int32),
+             weights=weights.detach().numpy(), cotangent=cotangent.numpy(), grad=logits.grad.numpy())
+    first_best = experts[:, 0] == logits.detach().argmax(-1)
+    print(f"phimoe_train: {int((~first_best).sum())} of 64 first choices sampled off the argmax")
+
+
+NEW["phimoe_train"] = phimoe_train
+
+
+def doge():
+    """Doge's CDMoE block (``is_moe=True``): product-key routing over 16 = 4^2 single-neuron experts,
+    top-4, plus its dense SwiGLU MLP. Its router splits ``router_gate(x)`` with ``view(2, B * S, K)``,
+    mixing the tokens of the call: recorded on one sequence of 16 tokens (jmoe's routing group)."""
+    config = T.DogeConfig(**{**TINY, "intermediate_size": 12}, num_hidden_layers=1, is_moe=True, num_experts=16,
+                          num_experts_per_tok=4, keep_window_size=64)
+    model = T.DogeForCausalLM(config)
+    randomize(model, 790)
+    bf16_round(model)
+    path = save(model, "doge")
+    model = T.DogeForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    block = model.model.layers[0].mlp
+    for s in range(791, 991):
+        x = torch.randn((1, 16, 16), generator=torch.Generator().manual_seed(s), dtype=torch.float32)
+        with torch.no_grad():
+            a, b = block.router_gate(x).view(2, 16, 4)  # transformers' split (mixes tokens)
+            scores = (a[:, :, None] + b[:, None, :]).reshape(16, 16)
+        if top_margin(scores, 4) > 1e-3:
+            break
+    record(path, block, x, {"layer": 0, "margin": top_margin(scores, 4)}, torch.topk(scores, 4).indices[None])
+    size = sum(f.stat().st_size for f in path.iterdir())
+    assert size < MAX_BYTES, f"doge: {size} bytes"
+
+
+NEW["doge"] = doge
 
 
 CASES = {"mixtral": mixtral, "qwen2_moe": qwen2_moe, "qwen3_moe": qwen3_moe, "olmoe": olmoe,

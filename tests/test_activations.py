@@ -1,6 +1,6 @@
 """The newer expert activations against float64 references on random inputs: squared ReLU (a
 plain, non-gated FFN), SwiGLU with GPT-OSS's clamps but without its alpha and + 1 (DeepSeek-V4's
-``_apply_gate`` in transformers) or with the gate clamped after its activation (Step-3.7's), and Inkling-2's softcapped SwiGLU; and their bad options."""
+``_apply_gate`` in transformers) or with the gate clamped after its activation (Step-3.7's), and Inkling-2's softcapped SwiGLU; the experts' output norm (Ergo's); and their bad options."""
 
 import jax
 import jax.numpy as jnp
@@ -57,11 +57,65 @@ def test_expert_bank_with_the_activation_matches_a_loop_over_experts(name):
         np.testing.assert_allclose(y[e], want, rtol=1e-5, atol=1e-6)
 
 
+def scaled_rms64(y, scale, eps):
+    return scale * y / np.sqrt(np.mean(y ** 2, axis=-1, keepdims=True) + eps)
+
+
+def normed_bank(eps=0.05):
+    """A squared-ReLU bank of 3 experts whose outputs are RMS-normalised, its scales random."""
+    bank = jmoe.ExpertBank(3, 4, 6, activation=Activation("relu2", output_norm=jmoe.OutputNorm(eps, per_expert=True)), rngs=nnx.Rngs(0))
+    bank.norm_weight[...] = jax.random.normal(jax.random.key(4), (3, 4))
+    return bank
+
+
+def ffn_ref(x, p, e, eps):
+    """Expert e's squared-ReLU FFN with its output norm, float64: x [N, d] -> [N, d]."""
+    return scaled_rms64(REFERENCES["relu2"](x @ p["w_in"][e], None, None) @ p["w_out"][e], p["norm_weight"][e], eps)
+
+
+def test_output_norm_matches_float64_in_the_bank_the_grouped_ffn_and_the_shared_expert():
+    """``s_e * z / sqrt(mean_d(z^2) + eps)`` on each expert's output z with its own scale s_e
+    (eps 0.05: it changes the result), in the capacity path's bank, the dropless path's grouped
+    FFN on rows sorted by expert, and the shared expert (one scale [d])."""
+    from jmoe.dropless import grouped_ffn
+    from jmoe.experts import SharedExpert
+    bank = normed_bank()
+    p = {n: np.asarray(v, np.float64) for n, v in bank.params().items()}
+    x = jax.random.normal(jax.random.key(3), (3, 5, 4))
+    want = np.stack([ffn_ref(np.asarray(x[e], np.float64), p, e, 0.05) for e in range(3)])  # [E, N, d]
+    np.testing.assert_allclose(np.asarray(bank(x), np.float64), want, rtol=1e-5, atol=1e-6)
+    assert np.abs(want - np.stack([ffn_ref(np.asarray(x[e], np.float64), p, e, 1e-9) for e in range(3)])).max() > 1e-3
+    rows, sizes = x[:, :4].reshape(12, 4), jnp.array([4, 4, 4])  # 4 rows per expert, in expert order
+    got = grouped_ffn(rows, jnp.repeat(jnp.arange(3), 4), sizes, bank.params(), bank.activation)
+    np.testing.assert_allclose(np.asarray(got, np.float64).reshape(3, 4, 4), want[:, :4], rtol=1e-5, atol=1e-6)
+    shared = SharedExpert(4, 6, activation=Activation("relu2", output_norm=jmoe.OutputNorm(0.05, per_expert=True)), rngs=nnx.Rngs(1))
+    shared.norm_weight[...] = jax.random.normal(jax.random.key(5), (4,))
+    q = {n: np.asarray(v, np.float64)[None] for n, v in shared.params().items()}
+    np.testing.assert_allclose(np.asarray(shared(x[0]), np.float64), ffn_ref(np.asarray(x[0], np.float64), q, 0, 0.05),
+                               rtol=1e-5, atol=1e-6)
+
+
+def test_output_norm_reads_all_of_d_when_the_hidden_dim_is_split_over_a_model_axis():
+    """With f split over ``model`` the norm comes after the psum of the output: 2 shards give the
+    unsplit bank's output."""
+    from jax.sharding import PartitionSpec as P
+    from jmoe.experts import expert_ffn
+    bank = normed_bank()
+    params = bank.params()
+    x = jax.random.normal(jax.random.key(6), (3, 5, 4))
+    mesh = jax.make_mesh((2,), ("model",), axis_types=(jax.sharding.AxisType.Auto,))
+    specs = {"w_in": P(None, None, "model"), "w_out": P(None, "model", None), "norm_weight": P()}
+    split = jax.jit(jax.shard_map(lambda x, p: expert_ffn(x, p, bank.activation, "model"), mesh=mesh,
+                                  in_specs=(P(), specs), out_specs=P()))
+    np.testing.assert_allclose(np.asarray(split(x, params)), np.asarray(bank(x)), rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("make, match", [
     (lambda: Activation("softcapped_swiglu", gate_softcap=2.0), "needs gate_softcap and up_softcap"),
     (lambda: Activation("softcapped_swiglu", gate_softcap=2.0, up_softcap=0.0), "up_softcap must be"),
     (lambda: Activation("limited_swiglu", swiglu_limit=-1.0), "swiglu_limit"),
     (lambda: Activation("relu3"), "activation must be one of"),
+    (lambda: Activation("relu2", output_norm=jmoe.OutputNorm(0.0, per_expert=True)), "OutputNorm.eps"),
 ])
 def test_bad_activation_options_are_clear_errors(make, match):
     with pytest.raises(ValueError, match=match):
@@ -92,7 +146,7 @@ def test_expert_output_norm_matches_float64(norm, capacity_factor):
                    rngs=nnx.Rngs(0))
     moe.eval()
     rng = np.random.default_rng(1)
-    moe.experts.out_norm[...] = jnp.asarray(rng.normal(size=6) * 0.5 + (1.0 - norm.offset), jnp.float32)
+    moe.experts.tied_norm_weight[...] = jnp.asarray(rng.normal(size=6) * 0.5 + (1.0 - norm.offset), jnp.float32)
     x = jax.random.normal(jax.random.key(2), (2, 7, 6))
     y, _ = nnx.jit(lambda m, x: m(x))(moe, x)
     plan = moe.route(x)
@@ -104,10 +158,10 @@ def test_expert_output_norm_matches_float64(norm, capacity_factor):
     for t in range(len(xs)):
         for e, w in zip(experts[t], weights[t]):
             h = silu64(xs[t] @ p["w_gate"][e]) * (xs[t] @ p["w_in"][e])
-            want[t] += w * output_norm64((h @ p["w_out"][e])[None], p["out_norm"], norm)[0]
+            want[t] += w * output_norm64((h @ p["w_out"][e])[None], p["tied_norm_weight"], norm)[0]
     np.testing.assert_allclose(np.asarray(y, np.float64).reshape(-1, 6), want, rtol=1e-5, atol=1e-6)
     assert not hasattr(jmoe.MoE(6, 5, 4, k=2, activation=act, shared=jmoe.Shared(3), rngs=nnx.Rngs(0)).shared_expert,
-                       "out_norm")  # the experts' norm, not the shared expert's
+                       "norm_weight")  # the experts' norm, not the shared expert's
 
 
 def test_expert_output_norm_on_a_mesh_matches_one_device():
@@ -120,11 +174,11 @@ def test_expert_output_norm_on_a_mesh_matches_one_device():
 
     def make(mesh=None):
         moe = jmoe.MoE(6, 5, 8, k=2, capacity_factor=None, activation=act, mesh=mesh, rngs=nnx.Rngs(0))
-        moe.experts.out_norm[...] = jnp.linspace(-0.5, 0.5, 6)
+        moe.experts.tied_norm_weight[...] = jnp.linspace(-0.5, 0.5, 6)
         return moe
 
     ep = make(parallel.make_mesh(data=2, expert=4))
-    assert ep.experts.out_norm[...].sharding.spec == jax.sharding.PartitionSpec(None)
+    assert ep.experts.tied_norm_weight[...].sharding.spec == jax.sharding.PartitionSpec(None)
     np.testing.assert_allclose(np.asarray(forward(ep, x)), np.asarray(forward(make(), x)), rtol=1e-5, atol=1e-6)
 
 

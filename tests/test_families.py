@@ -16,7 +16,7 @@ from flax import nnx
 
 import jmoe
 from jmoe import parallel
-from jmoe.experts import Shared
+from jmoe.experts import Activation, OutputNorm, Shared
 from jmoe.options import layer_arguments
 from jmoe.routing import GroupLimited, TokensChoose, group_limited_top_k
 from tests.test_parallel import assert_tree_close
@@ -73,6 +73,8 @@ def act64(name, up, gate, alpha=1.702, limit=7.0):
     gelu = np.vectorize(lambda v: 0.5 * v * (1.0 + erf(v / sqrt(2.0))))
     if name == "relu":
         return np.maximum(up, 0.0)
+    if name == "relu2":
+        return np.maximum(up, 0.0) ** 2
     if name == "gelu":
         return gelu(up)
     if name == "swiglu":
@@ -85,21 +87,25 @@ def act64(name, up, gate, alpha=1.702, limit=7.0):
 
 
 def ffn64(x, w, e, activation):
-    """Expert e (or the shared expert, e=None) of weights ``w`` on one token x [d]."""
+    """Expert e (or the shared expert, e=None) of weights ``w`` on one token x [d]; ``activation``
+    a :class:`jmoe.experts.Activation` (its output norm: ``s_e * y / sqrt(mean(y^2) + eps)``)."""
     pick = (lambda a: a) if e is None else (lambda a: a[e])
     up = x @ pick(w["w_in"]) + (pick(w["b_in"]) if "b_in" in w else 0.0)
     gate = None
     if "w_gate" in w:
         gate = x @ pick(w["w_gate"]) + (pick(w["b_gate"]) if "b_gate" in w else 0.0)
-    h = act64(activation, up, gate)
-    return h @ pick(w["w_out"]) + (pick(w["b_out"]) if "b_out" in w else 0.0)
+    h = act64(activation.name, up, gate, activation.swiglu_alpha, activation.swiglu_limit)
+    y = h @ pick(w["w_out"]) + (pick(w["b_out"]) if "b_out" in w else 0.0)
+    if activation.output_norm is not None:  # each expert's own scale (per_expert=True)
+        y = pick(w["norm_weight"]) * y / np.sqrt(np.mean(y ** 2) + activation.output_norm.eps)
+    return y
 
 
 def layer_ref(moe, x, route):
     """The layer as a loop over tokens and their chosen experts, float64. ``route(logits [E])
     -> (experts, weights)`` for one token."""
     p = jax.tree.map(lambda a: np.asarray(a, np.float64), moe.params())
-    activation = moe.experts.activation.name
+    activation = moe.experts.activation
     x = np.asarray(x, np.float64).reshape(-1, D)
     y = np.zeros_like(x)
     for t in range(x.shape[0]):
@@ -111,7 +117,7 @@ def layer_ref(moe, x, route):
             else:
                 y[t] += w * ffn64(x[t], p["experts"], e, activation)
         if "shared" in p:
-            shared = ffn64(x[t], p["shared"], None, activation)
+            shared = ffn64(x[t], p["shared"], None, moe.shared_expert.activation)
             if "gate_weight" in p["shared"]:
                 shared = shared * sigmoid64(x[t] @ p["shared"]["gate_weight"])
             y[t] += shared
@@ -289,6 +295,11 @@ FAMILIES = {
                                                                   router_bias=True),
                          use_bias=True, activation="clamped_swiglu", shared=Shared(32, gate=True)),
                     dict(k=4, n_group=4, topk_group=2, normalize=True, scale=2.5)),
+    # Ergo: squared-ReLU experts and shared expert, each output RMS-normalised with its own scale
+    "ergo": (dict(num_experts=8, k=2, router=GroupLimited(normalize=True, routed_scaling_factor=1.5,
+                                                          selection_bias=True),
+                  activation=Activation("relu2", output_norm=OutputNorm(0.05, per_expert=True)), shared=Shared(32)),
+             dict(k=2, normalize=True, scale=1.5)),
 }
 
 
@@ -429,6 +440,9 @@ def test_shared_expert_is_placed_like_a_dense_layer():
     specs = nnx.get_partition_spec(nnx.state(moe))
     assert tuple(specs["shared_expert"]["w_gate"].get_value()) == (None, "model")
     assert parallel.placement.moe_param_spec(("moe", "shared_expert", "w_in"), mesh) == jax.P(None, "model")
+    # an output norm's scales (Ergo): per expert on the expert axis, the shared expert's replicated
+    assert parallel.placement.moe_param_spec(("moe", "experts", "norm_weight"), mesh) == jax.P("expert", None)
+    assert parallel.placement.moe_param_spec(("moe", "shared_expert", "norm_weight"), mesh) == jax.P(None)
 
 
 # ----------------------------------------------------------------------------

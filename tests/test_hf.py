@@ -21,6 +21,7 @@ import jmoe  # noqa: E402
 import jmoe.hf as hf  # noqa: E402
 from jmoe import parallel  # noqa: E402
 from jmoe.hf.files import Checkpoint  # noqa: E402
+from jmoe.layer import RouterBuffer  # noqa: E402
 
 DATA = pathlib.Path(__file__).parent / "data" / "hf"
 TOL = 2e-5  # relative, float32 (the issue's bound)
@@ -42,17 +43,28 @@ NEW_FAMILIES = [
     "granitemoe_swa", "qwen3_5_moe", "hy_v3", "minimax_m3_vl_text", "flint", "beam", "dots3_note_text",
     "openai_privacy_filter", "deepseek_ocr2_text", "unlimited_ocr_text", "lfm2_moe", "laguna", "kolibri1",
     "kolibri1_1", "hy_v4", "hy_v4_vl_text", "glm5_next_text", "longcat_flash", "phimoe", "step3p5", "step3p7",
+    "bailing_hybrid", "inkling2_text", "inkling2_loop_text", "deepseek_v4", "ergo", "inkling_text",
     # blocks with norms / projections / a dense branch / a bias / two expert sets around the experts (jmoe.hf.blocks)
     "axk1", "axk2", "jetmoe", "muse_spark_text", "nemotron_h", "gemma4_text", "diffusion_gemma_text",
     "ernie4_5_vl_moe", "ernie4_5_vl_moe_text",
 ]
+NEW_FAMILIES += ["doge"]  # product keys over single-neuron experts, recorded on one 16-token sequence
 CASES += [(case, "", None) for case in NEW_FAMILIES]
+CASES += [("deepseek_v4", "moe", None)]  # its top-k layer (the root record: a hash layer, routed by token id)
+# encoder-decoder families recorded per stack (tests/data/hf/<case>/<stack>/)
+CASES += [("nllb_moe", "encoder", "encoder"), ("nllb_moe", "decoder", "decoder")]
 
 
 def record(case: str, sub: str = ""):
     folder = DATA / case / sub
     info = json.loads((folder / "case.json").read_text())
     return info, np.load(folder / "x.npy"), np.load(folder / "y.npy")
+
+
+def recorded_token_ids(case: str, sub: str = ""):
+    """The token ids transformers' block read (a hash-routed layer: DeepSeek-V4's), else None."""
+    path = DATA / case / sub / "token_ids.npy"
+    return np.load(path) if path.exists() else None
 
 
 def rel_err(out, ref) -> float:
@@ -65,13 +77,16 @@ def load(case: str, layer: int, stack=None, **kwargs) -> jmoe.MoE:
 
 FORWARD = nnx.jit(lambda m, x: m(x))  # one jitted function: layers of one structure (families sharing a block) share a compile
 FORWARD_TYPED = nnx.jit(lambda m, x, types: m(x, token_type_ids=types))  # Ernie 4.5-VL: text / vision tokens
+FORWARD_IDS = nnx.jit(lambda m, x, ids: m(x, token_ids=ids))  # a layer routed by token id
 
 
-def run(moe, x, token_type_ids=None):
-    if token_type_ids is None:
-        y, aux = FORWARD(moe, jax.numpy.asarray(x))
-    else:
+def run(moe, x, token_type_ids=None, token_ids=None):
+    if token_type_ids is not None:
         y, aux = FORWARD_TYPED(moe, jax.numpy.asarray(x), jax.numpy.asarray(token_type_ids))
+    elif token_ids is not None:
+        y, aux = FORWARD_IDS(moe, jax.numpy.asarray(x), jax.numpy.asarray(token_ids))
+    else:
+        y, aux = FORWARD(moe, jax.numpy.asarray(x))
     return np.asarray(y), aux
 
 
@@ -87,8 +102,8 @@ def token_types(case: str):
 
 
 def weights(moe) -> dict:
-    return {"/".join(map(str, path)): np.asarray(value)
-            for path, value in nnx.to_flat_state(nnx.state(moe, nnx.Any(nnx.Param, jmoe.SelectionBias)))}
+    kinds = nnx.Any(nnx.Param, jmoe.SelectionBias, RouterBuffer)
+    return {"/".join(map(str, path)): np.asarray(value) for path, value in nnx.to_flat_state(nnx.state(moe, kinds))}
 
 
 @pytest.mark.parametrize("case,sub,stack", CASES, ids=[c + (f"-{s}" if s else "") for c, s, _ in CASES])
@@ -96,10 +111,10 @@ def test_reproduces_transformers_block_output(case, sub, stack):
     info, x, y_ref = record(case, sub)
     moe = load(case, info["layer"], stack)
     assert inner(moe).deterministic  # returned in eval mode
-    y, aux = run(moe, x, token_types(case))
+    y, aux = run(moe, x, token_types(case), recorded_token_ids(case, sub))
     assert y.shape == y_ref.shape and y.dtype == np.float32
     assert rel_err(y, y_ref) <= TOL, (case, rel_err(y, y_ref))
-    if case == "switch_transformers":  # the capacity drops transformers made are jmoe's drops too
+    if "dropped" in info:  # the capacity drops transformers made are jmoe's drops too (Switch, NLLB-MoE)
         experts = np.load(DATA / case / sub / "experts.npy")
         assert float(aux["dropped_fraction"]) == pytest.approx(np.mean(experts < 0))
         assert np.mean(experts < 0) > 0
@@ -158,9 +173,11 @@ def test_sharded_checkpoint_reads_only_the_layers_files(monkeypatch):
 ROUND_TRIPS = [("mixtral", 0, None), ("qwen2_moe", 1, None), ("deepseek_v3", 1, None), ("gpt_oss", 0, None),
                ("llama4", 1, None), ("switch_transformers", 1, "decoder")]
 ROUND_TRIPS += [(case, json.loads((DATA / case / "case.json").read_text())["layer"], None) for case in NEW_FAMILIES]
+ROUND_TRIPS += [("nllb_moe", 1, "encoder"), ("nllb_moe", 1, "decoder")]
 
 
-@pytest.mark.parametrize("case,layer,stack", ROUND_TRIPS, ids=[case for case, _, _ in ROUND_TRIPS])
+@pytest.mark.parametrize("case,layer,stack", ROUND_TRIPS,
+                         ids=[case + (f"-{stack}" if case == "nllb_moe" else "") for case, _, stack in ROUND_TRIPS])
 def test_load_save_load_round_trip(tmp_path, case, layer, stack):
     folder = tmp_path / case
     shutil.copytree(DATA / case, folder)
@@ -217,17 +234,44 @@ def test_mesh_equals_one_device(case):
 @pytest.mark.parametrize("case", sorted({c for c, _, _ in CASES}))
 def test_moe_kwargs_builds_a_fresh_layer_of_the_family(case):
     config = json.loads((DATA / case / "config.json").read_text())
-    info = json.loads((DATA / case / ("encoder" if case.startswith("switch") else "") / "case.json").read_text())
-    kwargs = hf.moe_kwargs(config, layer=info["layer"])  # the layer's own options (Step-3.5's per-layer clamps)
+    stack = "encoder" if (DATA / case / "encoder").is_dir() else None  # an encoder-decoder's default stack
+    info = json.loads((DATA / case / (stack or "") / "case.json").read_text())
+    kwargs = hf.moe_kwargs(config, layer=info["layer"], stack=stack)  # the layer's own options (Step-3.5's clamps)
     assert {"d_model", "d_ff", "num_experts", "k"} <= set(kwargs)
     fresh = jmoe.MoE(**kwargs, rngs=nnx.Rngs(0))  # the jmoe.MoE (inside the block, for a jmoe.hf.blocks family)
     block = load(case, info["layer"])
     loaded = inner(block)
     assert jax.tree.map(np.shape, weights(fresh)) == jax.tree.map(np.shape, weights(loaded))
     assert fresh.router == loaded.router and fresh.experts.activation == loaded.experts.activation
-    whole = hf.moe_block(config, layer=info["layer"])  # the whole block: the same module as load_moe's
+    whole = hf.moe_block(config, layer=info["layer"], stack=stack)  # the whole block: the same module as load_moe's
     assert type(whole) is type(block)
     assert jax.tree.map(np.shape, weights(whole)) == jax.tree.map(np.shape, weights(block))
+
+
+@pytest.mark.parametrize("stack", ["encoder", "decoder"])
+def test_nllb_moe_mixes_the_chosen_experts_where_transformers_does_not(stack):
+    """transformers 5.25's NLLB-MoE block (``y_transformers.npy``) one-hot encodes its router's 0/1
+    top-1 mask as if it held expert indices: every token goes through expert 1, weighted by its
+    top-1 expert's weight, and through expert 0, weighted by the rest. jmoe mixes the chosen experts,
+    as fairseq's MOELayer does (``y.npy``, the reference above). From jmoe's own plan (weights
+    renormalised after the drops, times 1 - moe_token_dropout) and experts, in float64: the
+    intended mixture is jmoe's output, the miswired one is transformers' output."""
+    info, x, y_ref = record("nllb_moe", stack)
+    y_hf = np.load(DATA / "nllb_moe" / stack / "y_transformers.npy")
+    moe = load("nllb_moe", info["layer"], stack)
+    y, _ = run(moe, x)
+    assert rel_err(y, y_hf) > 0.3  # not transformers' output
+    plan = moe.route(jax.numpy.asarray(x))  # x [1, 16, d]: one group
+    experts, slots = np.asarray(plan.token_expert)[0], np.asarray(plan.token_slot)[0]  # [T, 2]
+    w = np.einsum("tke,tk->te", np.eye(4)[experts], np.asarray(plan.token_weight, np.float64)[0])  # [T, E]
+    xs = x.reshape(-1, x.shape[-1]).astype(np.float64)
+    p = {n: np.asarray(getattr(moe.experts, n)[...], np.float64) for n in ("w_in", "b_in", "w_out", "b_out")}
+    ffn = [np.maximum(xs @ p["w_in"][e] + p["b_in"][e], 0) @ p["w_out"][e] + p["b_out"][e] for e in range(4)]
+    assert rel_err(sum(w[:, e:e + 1] * ffn[e] for e in range(4)), y_ref.reshape(xs.shape)) <= TOL
+    w_top1 = np.where(slots[:, 0] >= 0, w[np.arange(len(w)), experts[:, 0]], 0.0)[:, None]  # 0: top-1 dropped
+    miswired = ffn[1] * w_top1 + ffn[0] * (w.sum(1, keepdims=True) - w_top1)
+    assert rel_err(miswired, y_hf.reshape(xs.shape)) <= TOL
+    assert 0 < info["kept_one"] and float(plan.dropped_fraction) > 0  # renormalised after some drops
 
 
 def test_a_fresh_deepseek_layer_trains():
@@ -287,9 +331,9 @@ def test_unsupported_model_type_lists_the_supported(tmp_path):
         hf.moe_kwargs({"model_type": "bert"})
 
 
-@pytest.mark.parametrize("model_type,missing", [("inkling_text", "shared experts weighted by the router"),
-                                                ("gemma4_unified_text", "an MoE block: transformers 5.25's Gemma 4 "
-                                                                        "Unified text model has none")])
+@pytest.mark.parametrize("model_type,missing", [("gemma4_unified_text", "an MoE block: transformers 5.25's Gemma 4 "
+                                                                        "Unified text model has none"),
+                                                ("zaya", "its router state carried from layer to layer")])
 def test_a_known_unsupported_family_names_what_it_needs(tmp_path, model_type, missing):
     """transformers' MoE model types jmoe.hf does not load yet say what their block needs
     (tests/data/hf/FAMILIES.md), not just that they are unsupported."""
@@ -417,6 +461,21 @@ def test_qwen3_omni_checkpoint_reads_the_thinkers_text_model(tmp_path, prefix):
     save_file({prefix + n: checkpoint.raw(n) for n in checkpoint.names()}, folder / "model.safetensors")
     info, x, y_ref = record("qwen3_omni_moe_text")
     assert rel_err(run(hf.load_moe(folder, info["layer"]), x)[0], y_ref) <= TOL
+
+
+@pytest.mark.parametrize("case,multimodal", [("inkling2_text", "inkling2"), ("inkling2_loop_text", "inkling2_loop")])
+def test_inkling2_multimodal_checkpoint_reads_its_text_model(tmp_path, case, multimodal):
+    """Inkling-2's multimodal checkpoint (``text_config``; the text model under the same original
+    ``model.llm.`` names as the text model's own checkpoint) loads the recorded text layer."""
+    folder = tmp_path / multimodal
+    shutil.copytree(DATA / case, folder)
+    text = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({"model_type": multimodal, "text_config": text}))
+    info, x, y_ref = record(case)
+    moe = hf.load_moe(folder, info["layer"])
+    for name, value in weights(load(case, info["layer"])).items():
+        np.testing.assert_array_equal(weights(moe)[name], value, err_msg=name)
+    assert rel_err(run(moe, x)[0], y_ref) <= TOL
 
 
 def test_qwen3_vl_moe_fused_experts_in_either_layout(tmp_path):

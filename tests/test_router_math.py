@@ -1,6 +1,7 @@
 """The router math of the newest families against float64 references on random inputs:
 sqrt(softplus) scores, the selection bias on the logits, the renormalisation epsilon, a tanh
-softcap on the router logits (any router), and hash routing by token id."""
+softcap on the router logits (any router), hash routing by token id, and shared experts
+weighted by the router (Inkling's shared-expert sink)."""
 
 import jax
 import jax.numpy as jnp
@@ -10,7 +11,8 @@ from flax import nnx
 
 import jmoe
 from jmoe import parallel
-from jmoe.routing import GroupLimited, TokenHash, TokensChoose, group_limited_top_k
+from jmoe.experts import Shared
+from jmoe.routing import GroupLimited, SharedSink, TokenHash, TokensChoose, group_limited_top_k
 
 G, S, E = 2, 16, 8
 
@@ -306,5 +308,118 @@ def test_router_input_on_a_mesh_matches_one_device():
     (lambda: jmoe.MoE(4, 6, E, router_d_model=0, rngs=nnx.Rngs(0)), "router_d_model"),
 ])
 def test_bad_router_input_options_are_clear_errors(make, match):
+    with pytest.raises(ValueError, match=match):
+        make()
+
+
+# ---------------------------------------------------------------- shared experts weighted by the router
+
+
+def shared_sink64(logits, shared_logits, *, k, bias, normalize, eps, scale):
+    """Per token: top-k of sigmoid(l) + b; D = the k chosen scores + the n shared ones' sigmoid
+    (+ eps); routed weights c s_e / D, shared weights c t_i / D (no D without normalize)."""
+    s, t = scores64(logits, "sigmoid"), scores64(shared_logits, "sigmoid")  # [T, E], [T, n]
+    experts, weights, shared = [], [], []
+    for j in range(len(s)):
+        top = sorted(range(s.shape[1]), key=lambda e: (-(s[j, e] + bias[e]), e))[:k]
+        d = s[j, top].sum() + t[j].sum() + eps if normalize else 1.0
+        experts.append(top)
+        weights.append(scale * s[j, top] / d)
+        shared.append(scale * t[j] / d)
+    return np.array(experts), np.array(weights), np.array(shared)
+
+
+@pytest.mark.parametrize("normalize, eps", [(True, 0.0), (True, 0.5), (False, 0.0)])
+def test_shared_sink_weights_match_float64(normalize, eps):
+    """SharedSink: the k routed and n shared experts' weights from one normalisation (a large
+    epsilon too, so its place shows), times the scaling factor and the learned scale."""
+    rng = np.random.default_rng(6)
+    x, w, w_s = rng.normal(size=(G, S, 4)), rng.normal(size=(4, E)), rng.normal(size=(4, 3))
+    bias = rng.normal(size=E) * 0.3
+    router = SharedSink(k=2, shared_experts=3, normalize=normalize, normalize_epsilon=eps, selection_bias=True,
+                        learned_scale=True, routed_scaling_factor=1.5)
+    params = {"router_weight": w, "shared_router_weight": w_s, "selection_bias": bias, "router_scale": np.array([0.8])}
+    route = jax.jit(lambda params, x: router.route(params, x, {}, None, S))
+    plan = route(jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), params), jnp.asarray(x, jnp.float32))
+    want_e, want_w, want_s = shared_sink64((x @ w).reshape(-1, E), (x @ w_s).reshape(-1, 3), k=2, bias=bias,
+                                           normalize=normalize, eps=eps, scale=1.5 * 0.8)
+    np.testing.assert_array_equal(np.asarray(plan.token_expert).reshape(-1, 2), want_e)
+    np.testing.assert_allclose(np.asarray(plan.token_weight, np.float64).reshape(-1, 2), want_w, rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(plan.shared_weight, np.float64).reshape(-1, 3), want_s, rtol=1e-5)
+    if normalize and eps == 0.0:  # the k + n weights share c = 1.5 x 0.8
+        np.testing.assert_allclose(want_w.sum(-1) + want_s.sum(-1), 1.2, rtol=1e-12)
+
+
+def sink_layer(dropless=True):
+    """8 SwiGLU experts (k 2) and 3 shared experts of width 2 side by side (Shared(6)), the router
+    weighting both; every weight random, the learned scale 0.8."""
+    moe = jmoe.MoE(4, 5, E, k=2, capacity_factor=None if dropless else 4.0, eval_capacity_factor=4.0,
+                   activation="swiglu", shared=Shared(6), deterministic=True, rngs=nnx.Rngs(0),
+                   router=SharedSink(shared_experts=3, normalize=True, normalize_epsilon=0.0, selection_bias=True,
+                                     learned_scale=True, routed_scaling_factor=1.5))
+    keys = iter(jax.random.split(jax.random.key(9), 16))
+    for _, var in nnx.iter_graph(moe):
+        if isinstance(var, (nnx.Param, jmoe.SelectionBias)):
+            var[...] = 0.5 * jax.random.normal(next(keys), var[...].shape)
+    moe.router_scale[...] = jnp.array([0.8])
+    return moe
+
+
+def test_shared_sink_layer_matches_a_float64_loop():
+    """y = sum_k w_k FFN_{e_k}(x) + sum_i gamma_i FFN_i^shared(x), shared expert i the hidden units
+    2i, 2i + 1 of the shared FFN; against a float64 loop over tokens with the layer's weights (the
+    capacity path, nothing dropped; the dropless path's shared expert is the same code, and
+    tests/test_hf.py's Inkling record runs it)."""
+    moe = sink_layer(dropless=False)
+    x = jax.random.normal(jax.random.key(8), (2, 6, 4))
+    y, aux = nnx.jit(lambda m, x: m(x))(moe, x)
+    p = jax.tree.map(lambda a: np.asarray(a, np.float64), moe.params())
+    r, ex, sh = p["router"], p["experts"], p["shared"]
+    xs = np.asarray(x, np.float64).reshape(-1, 4)
+    experts, weights, gammas = shared_sink64(xs @ r["router_weight"], xs @ r["shared_router_weight"], k=2,
+                                             bias=r["selection_bias"], normalize=True, eps=0.0, scale=1.5 * 0.8)
+
+    def swiglu(v, w_gate, w_in, w_out):
+        g = v @ w_gate
+        return (g / (1.0 + np.exp(-g)) * (v @ w_in)) @ w_out
+
+    want = np.zeros_like(xs)
+    for t in range(len(xs)):
+        for e, w in zip(experts[t], weights[t]):
+            want[t] += w * swiglu(xs[t], ex["w_gate"][e], ex["w_in"][e], ex["w_out"][e])
+        for i in range(3):
+            units = slice(2 * i, 2 * i + 2)
+            want[t] += gammas[t, i] * swiglu(xs[t], sh["w_gate"][:, units], sh["w_in"][:, units], sh["w_out"][units])
+    np.testing.assert_allclose(np.asarray(y, np.float64).reshape(-1, 4), want, rtol=1e-5, atol=1e-6)
+    assert float(aux["dropped_fraction"]) == 0.0
+
+
+def test_shared_expert_weights_on_a_split_hidden_dim():
+    """With the shared FFN's hidden dim split over ``model`` (2 devices, 3 shared experts of
+    width 2: expert 1's units straddle the devices), each unit still gets its own expert's weight."""
+    from jax.sharding import PartitionSpec as P
+    from jmoe.experts import shared_ffn
+    rng = np.random.default_rng(7)
+    params = {n: jnp.asarray(rng.normal(size=shape), jnp.float32)
+              for n, shape in (("w_in", (4, 6)), ("w_gate", (4, 6)), ("w_out", (6, 4)))}
+    x, weight = jnp.asarray(rng.normal(size=(5, 4)), jnp.float32), jnp.asarray(rng.random((5, 3)), jnp.float32)
+    mesh = jax.make_mesh((2,), ("model",), axis_types=(jax.sharding.AxisType.Auto,))
+    specs = {"w_in": P(None, "model"), "w_gate": P(None, "model"), "w_out": P("model", None)}
+    split = jax.jit(jax.shard_map(lambda x, p, w: shared_ffn(x, p, "swiglu", "model", w), mesh=mesh,
+                                  in_specs=(P(), specs, P()), out_specs=P()))
+    one = shared_ffn(x, params, "swiglu", None, weight)
+    np.testing.assert_allclose(np.asarray(split(x, params, weight)), np.asarray(one), rtol=1e-5, atol=1e-6)
+    unweighted = shared_ffn(x, params, "swiglu")
+    assert np.abs(np.asarray(one) - np.asarray(unweighted)).max() > 1e-2
+
+
+@pytest.mark.parametrize("make, match", [
+    (lambda: SharedSink(score_function="softmax"), "elementwise score_function"),
+    (lambda: SharedSink(shared_experts=0), "shared_experts"),
+    (lambda: jmoe.MoE(4, 5, E, k=2, router=SharedSink(shared_experts=2), rngs=nnx.Rngs(0)), "needs shared=Shared"),
+    (lambda: jmoe.MoE(4, 5, E, k=2, router=SharedSink(shared_experts=2), shared=Shared(5), rngs=nnx.Rngs(0)),
+     "a multiple of 2"),
+])
+def test_bad_shared_sink_options_are_clear_errors(make, match):
     with pytest.raises(ValueError, match=match):
         make()

@@ -205,7 +205,7 @@ def test_a_choice_that_changes_the_parameter_tree_is_a_model_key():
     needs = {("second_expert_policy", "random"): {"k": 2}, ("grouped_matmul", "mosaic"): {"dtype": "bfloat16"},
              ("score_function", "softmax"): {"router": "group_limited"},
              ("score_function", "sqrt_softplus"): {"router": "group_limited"},
-             ("router", "sparsemixer"): {"k": 2},
+             ("router", "sparsemixer"): {"k": 2}, ("router", "top2_gate"): {"k": 2},
              ("group_score", "max"): {"router": "group_limited", "n_group": 2, "topk_group": 1}}
     want = tree(base)
     changing = set()

@@ -19,31 +19,42 @@ from jmoe.layer import MoE
 from jmoe.options import layer_arguments
 
 
-def moe_kwargs(config: dict, layer: int | None = None) -> dict:
+def moe_kwargs(config: dict, layer: int | None = None, stack: str | None = None) -> dict:
     """The :class:`jmoe.MoE` arguments of a checkpoint's MoE block, from its ``config.json``
     (a dict), so ``jmoe.MoE(**moe_kwargs(config), rngs=nnx.Rngs(0))`` is a fresh layer of that
     family's shape and semantics (``d_model``, ``d_ff``, ``num_experts`` included; a multimodal
     config's ``text_config`` is used). The families that never drop a token
     (transformers computes every choice) are dropless (``capacity_factor=None``); Switch keeps
     its per-sequence ``expert_capacity``. ``layer``: the block of that layer, for a family with
-    per-layer options (Step-3.5's ``swiglu_limits``; without it they must agree across layers).
-    A family whose block holds more than the experts (:mod:`jmoe.hf.blocks`: Gemma 4's norms and
-    dense MLP, Muse Spark's projections, ...): the ``jmoe.MoE`` inside it (:func:`moe_block`
-    builds the whole block)."""
+    per-layer options (Step-3.5's ``swiglu_limits``; without it they must agree across layers);
+    ``stack``: an encoder-decoder's ``"encoder"`` or ``"decoder"``, for per-stack options (NLLB-MoE's
+    ``encoder_ffn_dim``; without it they must agree across the stacks). A family whose block
+    holds more than the experts (:mod:`jmoe.hf.blocks`: Gemma 4's norms and dense MLP, Muse
+    Spark's projections, ...): the ``jmoe.MoE`` inside it (:func:`moe_block` builds the whole
+    block)."""
     family = families.family_of(config.get("model_type"))
-    return layer_arguments(family.moe_kwargs(config if layer is None else family.at_layer(config, layer)))
+    return layer_arguments(family.moe_kwargs(_resolved(family, config, layer, stack)))
 
 
-def moe_block(config: dict, layer: int | None = None, *, rngs: nnx.Rngs | None = None, **overrides):
+def moe_block(config: dict, layer: int | None = None, *, stack: str | None = None, rngs: nnx.Rngs | None = None,
+              **overrides):
     """A fresh module of the family's MoE block from its ``config.json`` (a dict): the
-    ``jmoe.MoE(**moe_kwargs(config, layer), **overrides)``, or where the block holds more (norms,
-    projections, a dense branch, an output bias, modality-isolated experts) the
+    ``jmoe.MoE(**moe_kwargs(config, layer, stack), **overrides)``, or where the block holds more
+    (norms, projections, a dense branch, an output bias, modality-isolated experts) the
     :mod:`jmoe.hf.blocks` module around it (its ``moe`` attribute); what :func:`load_moe` fills
     with a checkpoint's weights. ``rngs``: default ``nnx.Rngs(0)``."""
     family = families.family_of(config.get("model_type"))
-    config = config if layer is None else family.at_layer(config, layer)
+    config = _resolved(family, config, layer, stack)
     kwargs = {**layer_arguments(family.moe_kwargs(config)), **overrides}
     return blocks.build(family.block(config), kwargs, rngs=rngs or nnx.Rngs(0))
+
+
+def _resolved(family: families.Family, config: dict, layer: int | None, stack: str | None) -> dict:
+    """The config with the stack's (``stack`` not None) and then the layer's (``layer`` not None)
+    own options resolved (:attr:`Family.at_stack`, :attr:`Family.at_layer`)."""
+    if stack is not None:
+        config = family.at_stack(config, _stack(family, config.get("model_type"), stack))
+    return config if layer is None else family.at_layer(config, layer)
 
 
 def _stack(family: families.Family, model_type: str, stack: str | None) -> str | None:
@@ -122,7 +133,8 @@ def load_moe(path, layer: int, *, dtype=None, mesh=None, stack: str | None = Non
       layer: the decoder layer (Switch: the block of ``stack``) index.
       dtype: the layer's compute and expert-weight dtype (default float32); the router is float32.
       mesh: place the weights on this mesh as the layer places them (experts on the expert axis).
-      stack: Switch Transformers only: ``"encoder"`` (default) or ``"decoder"``.
+      stack: the encoder-decoder families (Switch Transformers, NLLB-MoE): ``"encoder"`` (default)
+        or ``"decoder"``.
       overrides: any other :class:`jmoe.MoE` argument, over :func:`moe_kwargs` (e.g.
         ``capacity_factor=1.25`` for capacity routing, ``dispatch="gather"``).
 
@@ -144,10 +156,10 @@ def load_moe(path, layer: int, *, dtype=None, mesh=None, stack: str | None = Non
     family = families.family_of(model_type)
     stack = _stack(family, model_type, stack)
     _check_layer(family, config, layer, stack)
-    # the family's flat options (layer's own where they are per layer) -> the layer's arguments
+    # the family's flat options (the stack's and layer's own where they have them) -> its block
     if dtype is not None:
         overrides.update(dtype=dtype, param_dtype=dtype)
-    moe = moe_block(config, layer, mesh=mesh, **overrides)  # random weights, all replaced below
+    moe = moe_block(config, layer, stack=stack, mesh=mesh, **overrides)  # random weights, all replaced below
     moe.eval()
     checkpoint = Checkpoint(folder, config)
     prefix = _prefix(family, config, stack, layer, checkpoint.names())
@@ -175,7 +187,8 @@ def load_moe(path, layer: int, *, dtype=None, mesh=None, stack: str | None = Non
 
 def export_moe(layer: MoE, layer_index: int, model_type: str, *, config: dict | None = None,
                stack: str | None = None, names=()) -> dict[str, np.ndarray]:
-    """The layer's weights as the family's checkpoint tensors (float32, full hub names; the
+    """The layer's weights as the family's checkpoint tensors (float32, integer tables as they are
+    (:func:`hub_array`); full hub names; the
     prefix the tensor ``names`` of an existing checkpoint use, else the hub's)."""
     family = families.family_of(model_type)
     config = dict(config or {}, model_type=model_type)
@@ -183,10 +196,17 @@ def export_moe(layer: MoE, layer_index: int, model_type: str, *, config: dict | 
     prefix = _prefix(family, config, stack, layer_index, names)
     out: dict[str, np.ndarray] = {}
     for rule in _rules(family, config, layer):
-        values = [np.asarray(jax.device_get(_variable(layer, p).get_value()), np.float32) for p in rule.paths]
+        values = [hub_array(jax.device_get(_variable(layer, p).get_value())) for p in rule.paths]
         for name, value in rule.to_hub(*values).items():
-            out[prefix + name] = np.ascontiguousarray(value, np.float32)
+            out[prefix + name] = hub_array(value)
     return out
+
+
+def hub_array(value) -> np.ndarray:
+    """A weight as the hub stores it from jmoe: float32, or an integer table (DeepSeek-V4's
+    ``tid2eid``) as it is."""
+    value = np.asarray(value)
+    return np.ascontiguousarray(value if np.issubdtype(value.dtype, np.integer) else value.astype(np.float32))
 
 
 def save_moe(layer: MoE, path, layer_index: int, model_type: str, *, stack: str | None = None) -> list[str]:

@@ -11,7 +11,8 @@ All family knowledge of jmoe lives here (the layer knows no model names). A fami
   multimodal one as ``language_model.model.`` or ``model.language_model.``);
 * ``dense_reason(config, i)``: why layer i has no MoE block (a dense FFN), or None;
 * ``at_layer(config, i)``: the config with layer i's per-layer options resolved (Step-3.5's
-  ``swiglu_limits``), which ``moe_kwargs`` then reads (default: the config);
+  ``swiglu_limits``), which ``moe_kwargs`` then reads (default: the config); ``at_stack(config,
+  stack)`` likewise an encoder-decoder's per-stack options (NLLB-MoE's ``encoder_ffn_dim``);
 * ``rules``: the tensors, each a :class:`Rule` between one jmoe weight and its hub tensor(s);
 * ``block(config)``: the pieces a block holds around its ``jmoe.MoE`` (norms, projections, a
   dense branch, an output bias: a :class:`jmoe.hf.blocks.BlockSpec`; a second expert set by
@@ -21,8 +22,10 @@ All family knowledge of jmoe lives here (the layer knows no model names). A fami
 
 jmoe's weights: ``router_weight [d, E]``, ``router_bias [E]``, ``selection_bias [E]`` (float32),
 ``experts.w_gate / w_in [E, d, f]``, ``experts.w_out [E, f, d]``, ``experts.b_gate / b_in [E, f]``,
-``experts.b_out [E, d]``, ``shared_expert.w_gate / w_in [d, F]``, ``shared_expert.w_out [F, d]``,
-``shared_expert.gate_weight [d, 1]``. torch's ``nn.Linear.weight`` is ``[out, in]``: transposed.
+``experts.b_out [E, d]``, the experts' output-norm weight ``experts.norm_weight [E, d]`` (per expert)
+or ``experts.tied_norm_weight [d]``, ``shared_expert.w_gate / w_in [d, F]``,
+``shared_expert.w_out [F, d]``, ``shared_expert.gate_weight [d, 1]``, ``shared_expert.norm_weight [d]``,
+``token_experts [vocab, k]`` (int32, a hash router's table). torch's ``nn.Linear.weight`` is ``[out, in]``: transposed.
 """
 
 from __future__ import annotations
@@ -43,7 +46,8 @@ from jmoe.hf.files import CheckpointError
 FIXED_CAPACITY_FACTOR = 1e-9
 
 GATED_ACTIVATIONS = {"silu": "swiglu", "swish": "swiglu", "gelu_pytorch_tanh": "geglu", "gelu_new": "geglu"}
-PLAIN_ACTIVATIONS = {"relu": "relu", "gelu_new": "gelu", "gelu_pytorch_tanh": "gelu", "relu2": "relu2"}
+PLAIN_ACTIVATIONS = {"relu": "relu", "gelu_new": "gelu", "gelu_pytorch_tanh": "gelu", "relu2": "relu2",
+                     "silu": "silu", "swish": "silu"}
 
 
 # ---------------------------------------------------------------- rules: jmoe weight <-> hub tensors
@@ -134,9 +138,44 @@ class PairRule:
         return {self.name: np.swapaxes(out, -1, -2) if self.transposed else out}
 
 
+@dataclasses.dataclass(frozen=True)
+class RowsRule:
+    """Two jmoe weights from the rows of one torch Linear weight ``name [a + b, in]``: its first
+    a rows are ``first [in, a]``, the last b (``rest_rows``, from the config) ``rest [in, b]``
+    (Inkling's router ``gate.weight [E + n, d]``: the routed experts' rows, then the shared
+    experts')."""
+
+    first: str
+    rest: str
+    name: str
+    rest_rows: int
+
+    @property
+    def paths(self) -> tuple[str, str]:
+        return self.first, self.rest
+
+    def hub(self, shape: tuple[int, ...]) -> dict[str, tuple[int, ...]]:  # shape: first's [in, a]
+        return {self.name: (shape[1] + self.rest_rows, shape[0])}
+
+    def to_jmoe(self, tensors: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+        value = tensors[self.name]  # [a + b, in]
+        split = value.shape[0] - self.rest_rows
+        return value[:split].T, value[split:].T
+
+    def to_hub(self, first: np.ndarray, rest: np.ndarray) -> dict[str, np.ndarray]:
+        return {self.name: np.concatenate([first.T, rest.T], axis=0)}
+
+
 def fused_pair(gate: str, up: str, name: str, *, interleaved: bool, transposed: bool = False,
                either_layout: bool = False) -> PairRule:
     return PairRule(gate, up, name, interleaved, transposed, either_layout)
+
+
+def per_expert_vector(path: str, template: str) -> Rule:
+    """E vectors ``template.format(j)`` ``[n]`` <-> jmoe ``[E, n]`` (per-expert biases: NLLB-MoE's)."""
+    return Rule(path, lambda shape: {template.format(j): (shape[1],) for j in range(shape[0])},
+                lambda t: np.stack([t[template.format(j)] for j in range(len(t))]),
+                lambda v: {template.format(j): v[j] for j in range(v.shape[0])})
 
 
 def gated_experts(gate: str, up: str, down: str, prefix: str = "experts.") -> list:
@@ -147,10 +186,11 @@ def gated_experts(gate: str, up: str, down: str, prefix: str = "experts.") -> li
             per_expert("experts.w_out", f"{prefix}{{}}.{down}.weight")]
 
 
-def shared_mlp(module: str) -> list:
-    return [linear("shared_expert.w_gate", f"{module}.gate_proj.weight"),
-            linear("shared_expert.w_in", f"{module}.up_proj.weight"),
-            linear("shared_expert.w_out", f"{module}.down_proj.weight")]
+def shared_mlp(module: str, gate: str = "gate_proj", up: str = "up_proj", down: str = "down_proj") -> list:
+    """A shared MLP ``module`` of three torch Linears (DeepSeek's own checkpoints: ``w1`` / ``w3`` / ``w2``)."""
+    return [linear("shared_expert.w_gate", f"{module}.{gate}.weight"),
+            linear("shared_expert.w_in", f"{module}.{up}.weight"),
+            linear("shared_expert.w_out", f"{module}.{down}.weight")]
 
 
 def stacked_linear(path: str, name: str, *, either_layout: bool = False) -> Rule:
@@ -259,6 +299,7 @@ class Family:
     stacks: tuple[str, ...] = ()
     at_layer: Callable[[dict, int], dict] = lambda config, i: config
     block: Callable[[dict], BlockSpec | ModalitySpec | None] = lambda config: None
+    at_stack: Callable[[dict, str | None], dict] = lambda config, stack: config  # the stack's options (NLLB's ffn_dim)
 
 
 def mixtral_kwargs(c: dict) -> dict:
@@ -428,6 +469,60 @@ def switch_rules(c: dict) -> list:
 
 def switch_prefix(c: dict, stack: str) -> tuple[str, ...]:
     return ("encoder.block.{i}.layer.1.mlp.",) if stack == "encoder" else ("decoder.block.{i}.layer.2.mlp.",)
+
+
+def nllb_kwargs(c: dict) -> dict:
+    """NLLB-MoE's sparse block (fairseq's ``MOELayer``): fairseq's Top2Gate (``router="top2_gate"``:
+    renormalised after the capacity drops unless ``normalize_router_prob_before_dropping``,
+    ``second_expert_policy``, ``batch_prioritized_routing``, expert output masking =
+    ``moe_token_dropout``), plain FFN experts with biases.
+
+    transformers 5.25's block mixes the wrong experts (``NllbMoeExperts`` reads the 0/1 top-1 mask
+    as expert indices: every token through experts 0 and 1); jmoe computes the intended
+    ``sum_e w_e FFN_e(x)``, its router being transformers' (fairseq's) gate.
+
+    Capacity: train ``expert_capacity`` slots (transformers; without it fairseq's ``2 ceil(S / E)``),
+    eval ``ceil(moe_eval_capacity_token_fraction * S)`` (0: the train rule); jmoe's ``min_capacity``
+    and ``capacity_multiple_of`` hold in both modes, so the eval capacity is at least the train's
+    ``expert_capacity`` (exact when ``expert_capacity <= ceil(fraction * S)`` or fraction >= 1, as in
+    the released config). S is a routing group's tokens (a sequence, or ``group_size``): fairseq
+    and transformers count all the tokens of a call. The per-stack width ``encoder_ffn_dim`` /
+    ``decoder_ffn_dim`` comes from ``at_stack`` (``ffn_dim``)."""
+    width = c.get("ffn_dim")
+    if width is None:
+        widths = {need(c, f"{stack}_ffn_dim") for stack in ("encoder", "decoder")}
+        if len(widths) > 1:
+            raise CheckpointError(f"nllb-moe: encoder_ffn_dim={c['encoder_ffn_dim']} and decoder_ffn_dim="
+                                  f"{c['decoder_ffn_dim']} differ: give the stack (jmoe.hf.moe_kwargs(config, "
+                                  f"stack='encoder'); load_moe does)")
+        width = widths.pop()
+    experts, fixed = need(c, "num_experts"), c.get("expert_capacity")
+    train = (dict(capacity_factor=FIXED_CAPACITY_FACTOR, min_capacity=int(fixed)) if fixed else
+             dict(capacity_factor=1.0, capacity_multiple_of=2))  # 2 ceil(S / E) = ceil(2 S / E) rounded up to even
+    fraction = float(c.get("moe_eval_capacity_token_fraction", 1.0) or 0.0)
+    return dict(d_model=need(c, "d_model"), d_ff=width, num_experts=experts, k=2, use_bias=True,
+                activation=activation(c, gated=False, key="activation_function", default="relu"), router="top2_gate",
+                router_bias=bool(c.get("router_bias", False)),
+                second_expert_policy=c.get("second_expert_policy") or "all",
+                normalize_before_dropping=bool(c.get("normalize_router_prob_before_dropping", False)),
+                batch_prioritized=bool(c.get("batch_prioritized_routing", False)),
+                expert_output_masking=float(c.get("moe_token_dropout") or 0.0), **train,
+                eval_capacity_factor=fraction * experts / 2 if fraction > 0 else train["capacity_factor"])
+
+
+def nllb_dense_reason(c: dict, i: int, stack: str) -> str | None:
+    step = c.get(f"{stack}_sparse_step", 0) or 0
+    if not (step > 0 and (i + 1) % step == 0):
+        return f"{stack}_sparse_step={step}: the {stack}'s sparse layers are those with (i + 1) % {step} == 0"
+    return None
+
+
+def nllb_rules(c: dict) -> list:
+    return [linear("router_weight", "router.classifier.weight"), same("router_bias", "router.classifier.bias"),
+            per_expert("experts.w_in", "experts.expert_{}.fc1.weight"),
+            per_expert_vector("experts.b_in", "experts.expert_{}.fc1.bias"),
+            per_expert("experts.w_out", "experts.expert_{}.fc2.weight"),
+            per_expert_vector("experts.b_out", "experts.expert_{}.fc2.bias")]
 
 
 def llama4_prefix(c: dict, stack) -> tuple[str, ...]:
@@ -757,16 +852,51 @@ def longcat_kwargs(c: dict) -> dict:
     return kwargs
 
 
+def doge_kwargs(c: dict) -> dict:
+    """Doge's CDMoE: product-key routing (``router="product_key"``, ``router_gate [2K, d]``, E = K^2,
+    weights the softmax over the k chosen sums; ``key_split="group"``: transformers' ``view(2, B * S,
+    K)`` of the router outputs, which mixes tokens and which Doge's checkpoints were trained with:
+    exact when the routing group holds all the tokens of a call, e.g. one sequence) over
+    single-neuron experts (``d_ff=1``: ``act(x . down_embed[e]) up_embed[e]``, ``hidden_act``
+    plain), plus the block's dense SwiGLU MLP of ``intermediate_size`` as an unweighted shared
+    expert."""
+    if c.get("mlp_bias"):
+        raise CheckpointError("doge: mlp_bias=True gives the dense MLP biases, which jmoe's shared expert does "
+                              "not have")
+    act = activation(c, gated=False, default="silu")
+    return dict(d_model=need(c, "hidden_size"), d_ff=1, num_experts=need(c, "num_experts"),
+                k=need(c, "num_experts_per_tok"), activation=act, router="product_key", key_split="group",
+                shared_d_ff=need(c, "intermediate_size"), shared_activation=activation(c, gated=True),
+                capacity_factor=None)
+
+
+def doge_rules(c: dict) -> list:
+    """``down_embed`` / ``up_embed [E, d]``: the experts' ``w_in [E, d, 1]`` / ``w_out [E, 1, d]``;
+    the block's own gate_proj / up_proj / down_proj: the shared expert."""
+    return [linear("router_weight", "router_gate.weight"),
+            Rule("experts.w_in", lambda shape: {"down_embed.weight": shape[:2]},
+                 lambda t: t["down_embed.weight"][..., None], lambda v: {"down_embed.weight": v[..., 0]}),
+            Rule("experts.w_out", lambda shape: {"up_embed.weight": (shape[0], shape[2])},
+                 lambda t: t["up_embed.weight"][:, None, :], lambda v: {"up_embed.weight": v[:, 0, :]}),
+            linear("shared_expert.w_gate", "gate_proj.weight"), linear("shared_expert.w_in", "up_proj.weight"),
+            linear("shared_expert.w_out", "down_proj.weight")]
+
+
 def phimoe_kwargs(c: dict) -> dict:
     """Phi-3.5-MoE: SparseMixer's top-2 with ``eps = router_jitter_noise`` (``router="sparsemixer"``;
-    transformers' eval-mode forward: the argmax and a softmax over the logits within 2 eps of it,
-    twice, not renormalised). Train mode differs from transformers' (its sampled routing, Heun's
-    gradient estimator and ``input_jitter_noise`` are not in jmoe)."""
+    eval mode: the argmax and a softmax over the logits within 2 eps of it, twice, not
+    renormalised; train mode: each round's expert sampled, Heun's third-order estimator).
+    ``input_jitter_noise`` jitters the block's input in train mode, the router's and the experts'
+    (``jitter``, ``jitter_experts``; transformers 5.25 jitters it twice, in the block and again in
+    the router, in place: Microsoft's Phi-3.5-MoE code once)."""
     kwargs = mixtral_kwargs(c)
     if kwargs["k"] != 2:
         raise CheckpointError(f"phimoe: num_experts_per_tok={kwargs['k']}; SparseMixer (and jmoe's) chooses 2")
     del kwargs["normalize"]  # not a SparseMixer option
     kwargs.update(router="sparsemixer", jitter_eps=float(need(c, "router_jitter_noise")))
+    jitter = float(c.get("input_jitter_noise") or 0.0)
+    if jitter > 0:
+        kwargs.update(jitter=jitter, jitter_experts=True)
     return kwargs
 
 
@@ -782,15 +912,21 @@ def step3p5_at_layer(c: dict, i: int) -> dict:
 def step3p5_kwargs(c: dict) -> dict:
     """Step-3.5 / 3.7: sigmoid + selection bias, renormalised (no epsilon), the routed output times
     ``moe_router_scaling_factor``; the experts' and the shared expert's SwiGLU clamped after the
-    SiLU (``post_limited_swiglu``) by their layer's ``swiglu_limits`` / ``swiglu_limits_shared``
-    (0 or none: a plain SwiGLU). The limits are per layer: without a layer (``at_layer``) every
-    layer's must be the same."""
+    SiLU by their layer's ``swiglu_limits`` / ``swiglu_limits_shared`` (:func:`post_limits`)."""
     if c.get("mlp_bias"):
         raise CheckpointError(f"{c.get('model_type')}: mlp_bias=True gives the shared expert biases, which jmoe's "
                               f"shared expert does not have")
     kwargs = shared_kwargs(functools.partial(sigmoid_top_k, scale_key="moe_router_scaling_factor"),
                            "share_expert_dim")(c)
     kwargs.update(num_experts=need(c, "n_routed_experts", "num_local_experts"), normalize_epsilon=0.0)
+    return post_limits(kwargs, c)
+
+
+def post_limits(kwargs: dict, c: dict) -> dict:
+    """``kwargs`` with Step-3.7's clamps: the experts' and the shared expert's SwiGLU clamped after
+    the SiLU (``post_limited_swiglu``) by the layer's ``swiglu_limits`` / ``swiglu_limits_shared``
+    (0 or none: a plain SwiGLU; Step-3.5 / 3.7, Ling-2). The limits are per layer: without a layer
+    (``at_layer``) every layer's must be the same."""
     if kwargs["activation"] != "swiglu":
         raise CheckpointError(f"{c.get('model_type')}: hidden_act={c.get('hidden_act')!r}; jmoe.hf reads SiLU experts")
     limits = []
@@ -818,6 +954,186 @@ def routed_rules(router: str = "gate.weight", *extra: Rule, shared: str | None =
     return lambda c: [linear("router_weight", router), *extra, *gated_experts("gate_proj", "up_proj", "down_proj"),
                       *(shared_mlp(shared) if shared else [])]
 
+
+
+# Ling-2's config names (transformers' BailingHybridConfig.attribute_map) for the DeepSeek / Step keys
+LING_NAMES = dict(norm_topk_prob="moe_renormalize", n_group="num_expert_group", n_routed_experts="num_experts",
+                  num_experts_per_tok="num_experts_per_token", n_shared_experts="num_shared_experts",
+                  swiglu_limits="expert_swiglu_limit_list", swiglu_limits_shared="share_expert_swiglu_limit_list")
+
+
+def ling(c: dict) -> dict:
+    """Ling-2's config with the DeepSeek / Step names its keys stand for (:data:`LING_NAMES`) and
+    its default of 2 leading dense layers."""
+    c = {**c, **{standard: c[key] for standard, key in LING_NAMES.items() if key in c}}
+    return c if "first_k_dense_replace" in c else dict(c, first_k_dense_replace=2)
+
+
+def ling_kwargs(c: dict) -> dict:
+    """Ling-2 (bailing_hybrid): DeepSeek-V3's router (sigmoid, groups by their top-2 sum, the
+    selection bias ``gate.expert_bias``, renormalised + 1e-20, ``routed_scaling_factor``) and
+    shared experts of ``num_shared_experts * moe_intermediate_size``; the experts and the shared
+    expert clamped after the SiLU as Step-3.7's, by the layer's ``expert_swiglu_limit_list`` /
+    ``share_expert_swiglu_limit_list`` (:func:`post_limits`)."""
+    return post_limits(deepseek_kwargs(ling(c)), ling(c))
+
+
+def ling_at_layer(c: dict, i: int) -> dict:
+    """Layer i's clamps (:func:`step3p5_at_layer`) under Ling-2's own keys."""
+    layer = step3p5_at_layer(ling(c), i)
+    return dict(c, **{LING_NAMES[key]: layer[key] for key in STEP3P5_LIMITS})
+
+
+# DeepSeek-V4 / Inkling-2's scoring_func (transformers' ACT2FN name) -> jmoe's score function
+V4_SCORES = {"sqrtsoftplus": "sqrt_softplus", "sigmoid": "sigmoid"}
+
+
+def v4_score(c: dict, default: str) -> str:
+    name = c.get("scoring_func") or default
+    if name not in V4_SCORES:
+        raise CheckpointError(f"{c.get('model_type')}: scoring_func={name!r}; its router (and jmoe.hf) has "
+                              f"{sorted(V4_SCORES)}")
+    return V4_SCORES[name]
+
+
+def deepseek_v4_layer_types(c: dict) -> list[str]:
+    """``mlp_layer_types`` ("hash_moe" / "moe" per layer), or transformers' default: the first
+    ``num_hash_layers`` (3) hash layers."""
+    if c.get("mlp_layer_types") is not None:
+        return list(c["mlp_layer_types"])
+    n, hashed = num_layers(c), c.get("num_hash_layers", 3)
+    return ["hash_moe"] * min(n, hashed) + ["moe"] * max(0, n - hashed)
+
+
+def deepseek_v4_at_layer(c: dict, i: int) -> dict:
+    return dict(c, mlp_layer_types=[deepseek_v4_layer_types(c)[i]])
+
+
+def deepseek_v4_kwargs(c: dict) -> dict:
+    """DeepSeek-V4: ``scoring_func`` scores (``sqrt(softplus(l))``), renormalised over the k
+    (+ 1e-20), times ``routed_scaling_factor``; a "moe" layer chooses the top-k of ``scores +
+    e_score_correction_bias`` (one group), a "hash_moe" layer takes token t's experts from the
+    fixed table ``tid2eid [vocab_size, k]`` (``router="token_hash"``: the layer is called with
+    ``token_ids=``). One shared expert of ``moe_intermediate_size`` (transformers' DeepseekV4MLP).
+    The SwiGLU clamps are :func:`limited`'s. The layer kinds differ per layer: without a layer
+    (``at_layer``) they must agree."""
+    if c.get("mlp_bias"):
+        raise CheckpointError("deepseek_v4: mlp_bias=True gives the shared expert biases, which jmoe's shared "
+                              "expert does not have")
+    kinds = set(deepseek_v4_layer_types(c))
+    if len(kinds) > 1:
+        raise CheckpointError(f"deepseek_v4: mlp_layer_types={deepseek_v4_layer_types(c)} mix hash and top-k "
+                              f"layers: give the layer (jmoe.hf.moe_kwargs(config, layer=i); load_moe does)")
+    kwargs = top_k(c, normalize=True)
+    kwargs.update(score_function=v4_score(c, "sqrtsoftplus"), shared_d_ff=need(c, "moe_intermediate_size"),
+                  routed_scaling_factor=float(c.get("routed_scaling_factor") or 1.0))
+    if kinds == {"hash_moe"}:
+        kwargs.update(router="token_hash", vocab_size=need(c, "vocab_size"))
+    else:
+        kwargs.update(router="group_limited", n_group=1, topk_group=1, selection_bias=True)
+    return kwargs
+
+
+def token_table(path: str, name: str) -> Rule:
+    """An integer table stored as an int64 tensor (DeepSeek-V4's ``tid2eid [vocab_size, k]``)."""
+    return Rule(path, lambda shape: {name: shape}, lambda t: t[name], lambda v: {name: np.asarray(v, np.int64)})
+
+
+def deepseek_v4_rules(c: dict) -> list:  # DeepSeek's own names under layers.{i}.ffn. (transformers saves them)
+    return [linear("router_weight", "gate.weight"), same("selection_bias", "gate.bias"),
+            token_table("token_experts", "gate.tid2eid"), *gated_experts("w1", "w3", "w2"),
+            *shared_mlp("shared_experts", "w1", "w3", "w2")]
+
+
+def inkling2_kwargs(c: dict) -> dict:
+    """Inkling-2: DeepSeek-V4's top-k router (``scoring_func`` scores, the top-k of ``scores +
+    e_score_correction_bias``, renormalised + 1e-20, times ``route_scale``), the experts'
+    softcapped SwiGLU ``cap(g, mlp_gate_softcap) sigmoid(g) cap(u, mlp_up_softcap)``; no shared
+    expert. transformers' defaults where a config leaves a key out."""
+    kwargs = top_k(c, normalize=True)
+    kwargs.update(router="group_limited", score_function=v4_score(c, "sigmoid"), n_group=1, topk_group=1,
+                  selection_bias=True, activation="softcapped_swiglu",
+                  routed_scaling_factor=float(get(c, "route_scale", "routed_scaling_factor", default=8.0)),
+                  gate_softcap=float(get(c, "mlp_gate_softcap", default=4.0)),
+                  up_softcap=float(get(c, "mlp_up_softcap", default=25.0)))
+    return kwargs
+
+
+def inkling2_rules(c: dict) -> list:  # the original names: w13_weight [E, 2f, d] gate / up interleaved, w2_weight
+    return [linear("router_weight", "gate.weight"), same("selection_bias", "gate.bias"),
+            fused_pair("experts.w_gate", "experts.w_in", "experts.w13_weight", interleaved=True, transposed=True),
+            stacked_linear("experts.w_out", "experts.w2_weight")]
+
+
+def with_prefix(fam: "Family", *prefixes: str) -> "Family":
+    """``fam`` with ``prefixes`` tried before its own (Inkling-2's ``model.llm.layers.{i}.mlp.``)."""
+    return dataclasses.replace(fam, prefix=lambda c, stack: (*prefixes, *fam.prefix(c, stack)))
+
+
+def ergo_kwargs(c: dict) -> dict:
+    """Ergo: sigmoid + selection bias (``router_bias``), renormalised + 1e-20, times
+    ``moe_routed_scaling_factor``; squared-ReLU experts and shared expert
+    (``shared_intermediate_size``), each output RMS-normalised with ``rms_norm_eps`` and its own
+    learned scale (``Activation("relu2", output_norm=OutputNorm(eps, per_expert=True))``; the shared
+    expert inherits it with its own scale). The decoder layer's norms before and after the block
+    are outside it, as every family's are."""
+    kwargs = sigmoid_top_k(c, scale_key=None)
+    kwargs.update(activation="relu2", output_norm=OutputNorm(float(c.get("rms_norm_eps") or 1e-12), per_expert=True),
+                  routed_scaling_factor=float(get(c, "moe_routed_scaling_factor", default=8 ** 0.5)),
+                  shared_d_ff=need(c, "shared_intermediate_size"))
+    return kwargs
+
+
+def ergo_dense_reason(c: dict, i: int, stack) -> str | None:  # no mlp_layer_types: num_dense_blocks (1) dense
+    dense = c.get("num_dense_blocks", 1) or 0
+    types = c.get("mlp_layer_types") or ["dense"] * dense + ["sparse"] * (num_layers(c) - dense)
+    return deepseek_dense_reason(dict(c, mlp_layer_types=types), i, stack)
+
+
+def ergo_rules(c: dict) -> list:  # its training framework's names, every weight x @ W as jmoe holds it
+    return [same("router_weight", "gate_kernel"), same("selection_bias", "router_bias"),
+            same("experts.w_in", "up_proj"), same("experts.w_out", "down_proj"),
+            same("experts.norm_weight", "expert_output_norm.scale"), same("shared_expert.w_in", "shared_up_proj"),
+            same("shared_expert.w_out", "shared_down_proj"),
+            same("shared_expert.norm_weight", "shared_expert_output_norm.scale")]
+
+
+def inkling_kwargs(c: dict) -> dict:
+    """Inkling: its router scores the ``n_shared_experts`` shared experts beside the routed ones
+    (``gate.weight [E + n, d]``): sigmoid scores, the top-k of ``scores +
+    e_score_correction_bias``, then one softmax of the log-sigmoid scores of the k chosen and the
+    n shared (``s / sum``, no epsilon), times ``route_scale`` and the learned ``global_scale``
+    (``router="shared_sink"``, ``learned_scale``); the n shared SwiGLU experts of
+    ``moe_intermediate_size`` side by side, each weighted by its share. transformers scores the
+    shared experts whatever ``shared_expert_sink`` says, and so does jmoe."""
+    shared = need(c, "n_shared_experts")
+    kwargs = top_k(c, normalize=True)
+    kwargs.update(router="shared_sink", score_function="sigmoid", n_group=1, topk_group=1, selection_bias=True,
+                  shared_experts=shared, learned_scale=True, normalize_epsilon=0.0,
+                  routed_scaling_factor=float(get(c, "route_scale", default=8.0)),
+                  shared_d_ff=shared * need(c, "moe_intermediate_size"))
+    return kwargs
+
+
+def shared_experts_stacked(path: str, name: str, count: int, *, down: bool = False) -> Rule:
+    """n shared experts' torch weights stacked in one tensor (Inkling's ``shared_experts.gate_proj
+    [n, F, d]``, ``down_proj [n, d, F]``) <-> the jmoe shared expert that holds them side by side
+    (``w_gate [d, n F]``, ``w_out [n F, d]``: hidden units ``i F .. (i + 1) F - 1`` are expert i's)."""
+    if down:  # jmoe [n F, d] <-> hub [n, d, F]
+        return Rule(path, lambda shape: {name: (count, shape[1], shape[0] // count)},
+                    lambda t: np.swapaxes(t[name], 1, 2).reshape(-1, t[name].shape[1]),
+                    lambda v: {name: np.swapaxes(v.reshape(count, -1, v.shape[1]), 1, 2)})
+    return Rule(path, lambda shape: {name: (count, shape[1] // count, shape[0])},  # jmoe [d, n F] <-> hub [n, F, d]
+                lambda t: t[name].reshape(-1, t[name].shape[-1]).T, lambda v: {name: v.T.reshape(count, -1, v.shape[0])})
+
+
+def inkling_rules(c: dict) -> list:  # transformers' own names (it converts none for inkling_text)
+    shared = need(c, "n_shared_experts")
+    return [RowsRule("router_weight", "shared_router_weight", "gate.weight", shared),
+            same("router_scale", "gate.global_scale"), same("selection_bias", "gate.e_score_correction_bias"),
+            *fused_experts(), shared_experts_stacked("shared_expert.w_gate", "shared_experts.gate_proj", shared),
+            shared_experts_stacked("shared_expert.w_in", "shared_experts.up_proj", shared),
+            shared_experts_stacked("shared_expert.w_out", "shared_experts.down_proj", shared, down=True)]
 
 
 def family(model_types: tuple[str, ...], kwargs: Callable[[dict], dict], module: str, rules: Callable[[dict], list],
@@ -921,7 +1237,7 @@ def jetmoe_rules(c: dict) -> list:  # input_linear [E, 2f, d] (gate half first),
 
 def muse_spark_kwargs(c: dict) -> dict:
     """Muse Spark's experts (width ``moe_hidden_size``, each output RMS-normed after scaling by ``1 +
-    g``: ``post_expert_norm``, eps ``post_norm_eps``) and router (on the block's input of
+    g``, one ``g`` for all experts: ``post_expert_norm``, eps ``post_norm_eps``) and router (on the block's input of
     ``hidden_size``: logits times ``output_multiplier``, sigmoid + selection bias renormalised with
     epsilon 1e-15, times ``routed_scaling_factor``)."""
     kwargs = sigmoid_top_k(c, d_ff=("moe_intermediate_size",))
@@ -942,7 +1258,7 @@ def muse_spark_block(c: dict) -> BlockSpec:  # pre_expert_proj + its centered no
 def muse_spark_rules(c: dict) -> list:
     return [*within("moe", [linear("router_weight", "gate.weight"),
                             same("selection_bias", "gate.e_score_correction_bias"), *fused_experts(),
-                            same("experts.out_norm", "experts.post_expert_norm.weight")]),
+                            same("experts.tied_norm_weight", "experts.post_expert_norm.weight")]),
             linear("in_proj.kernel", "pre_expert_proj.weight"), same("in_norm.scale", "pre_expert_norm.weight"),
             linear("out_proj.kernel", "post_expert_proj.weight")]
 
@@ -1107,6 +1423,9 @@ for family in (
            lambda c, s: num_layers(llama4_text_config(c)), llama4_text_config),
     Family(("switch_transformers",), switch_kwargs, switch_prefix, switch_rules, switch_dense_reason,
            switch_layer_count, stacks=("encoder", "decoder")),
+    Family(("nllb-moe",), nllb_kwargs, lambda c, stack: (f"model.{stack}.layers.{{i}}.ffn.",), nllb_rules,
+           nllb_dense_reason, lambda c, stack: int(c.get(f"{stack}_layers") or 0), stacks=("encoder", "decoder"),
+           at_stack=lambda c, stack: dict(c, ffn_dim=need(c, f"{stack}_ffn_dim")) if stack else c),
     # DeepSeek-V3's block: sigmoid group-limited routing, e_score_correction_bias, shared experts
     family(("glm4_moe", "glm4_moe_lite", "glm4v_moe", "glm4v_moe_text", "dots1", "deepseek_v32", "glm_moe_dsa",
             "sarvam_mla", "solar_open", "minicpm5_moe", "mimo_v2_flash"),
@@ -1200,6 +1519,8 @@ for family in (
     family(("longcat_flash",), longcat_kwargs, "mlp",
            routed_rules("router.classifier.weight", same("selection_bias", "router.e_score_correction_bias"))),
     family(("phimoe",), phimoe_kwargs, "block_sparse_moe", mixtral_rules),  # SparseMixer routing on Mixtral's names
+    family(("doge",), doge_kwargs, "mlp", doge_rules,  # product keys over single-neuron experts + a dense MLP
+           lambda c, i, stack: None if c.get("is_moe") else "is_moe=False: every layer's MLP is dense"),
     family(("step3p5",), step3p5_kwargs, "mlp",
            lambda c: [linear("router_weight", "gate.weight"), same("selection_bias", "gate.e_score_correction_bias"),
                       *fused_experts(), *shared_mlp("shared_experts")], deepseek_dense_reason, step3p5_at_layer),
@@ -1210,6 +1531,20 @@ for family in (
                       stacked_linear("experts.w_in", "moe.up_proj.weight"),
                       stacked_linear("experts.w_out", "moe.down_proj.weight"), *shared_mlp("share_expert")],
            deepseek_dense_reason, step3p5_at_layer),
+    # Ling-2: DeepSeek-V3's router on Ling's config names, Step-3.7's per-layer clamps
+    family(("bailing_hybrid",), ling_kwargs, "mlp",
+           routed_rules("gate.weight", same("selection_bias", "gate.expert_bias"), shared="shared_experts"),
+           lambda c, i, stack: deepseek_dense_reason(ling(c), i, stack), ling_at_layer),
+    # DeepSeek-V4: sqrt(softplus) scores, hash layers (the token ids' fixed experts), limited SwiGLU; DeepSeek's names
+    family(("deepseek_v4",), limited(deepseek_v4_kwargs), "ffn", deepseek_v4_rules, at_layer=deepseek_v4_at_layer),
+    # Inkling-2 (and its looped variant): DeepSeek-V4's top-k router, softcapped SwiGLU; the original names
+    with_prefix(family(("inkling2_text", "inkling2", "inkling2_loop_text", "inkling2_loop"), inkling2_kwargs, "mlp",
+                       inkling2_rules), "model.llm.layers.{i}.mlp."),
+    # Ergo: squared-ReLU experts and shared expert with an output RMSNorm each; its own names under layers.{i}.
+    with_prefix(family(("ergo",), ergo_kwargs, "feed_forward", ergo_rules, ergo_dense_reason),
+                "layers.{i}.feed_forward."),
+    # Inkling: the router weights the shared experts too (one normalisation over the k chosen and the shared)
+    family(("inkling_text",), inkling_kwargs, "mlp", inkling_rules, deepseek_dense_reason),
     Family(("dbrx",), dbrx_kwargs, lambda c, s: ("transformer.blocks.{i}.ffn.",), dbrx_rules,
            layer_count=lambda c, s: int(get(c, "n_layers", "num_hidden_layers", default=0))),
     # blocks with pieces around the experts: load_moe returns a jmoe.hf.blocks module whose `moe` is the jmoe.MoE
@@ -1235,18 +1570,11 @@ SUPPORTED = tuple(FAMILIES)
 # transformers' MoE model types jmoe.hf does not load yet, and what their block needs
 # (the survey: tests/data/hf/FAMILIES.md)
 MISSING = {
-    "deepseek_v4": "a table entry whose hash layers get the token ids (its sqrt_softplus scores, TokenHash routing "
-                   "and limited_swiglu are in jmoe)",
-    "inkling2_text": "a table entry (softcapped_swiglu and DeepSeek-V4's router pieces are in jmoe)",
-    "inkling2_loop_text": "a table entry (softcapped_swiglu and DeepSeek-V4's router pieces are in jmoe)",
-    "inkling_text": "shared experts weighted by the router",
     "gemma4_unified_text": "an MoE block: transformers 5.25's Gemma 4 Unified text model has none (its config drops "
                            "enable_moe_block / num_experts; every layer's MLP is dense)",
-    "ergo": "squared-ReLU experts with a per-expert output norm and a normed shared expert",
-    "zaya": "an MLP router with a skip expert and router state carried from layer to layer",
-    "doge": "product-key routing with single-neuron experts",
-    "nllb-moe": "NLLB's top-2 routing with capacity and second-expert sampling",
-    "bailing_hybrid": "a table entry (its clamped experts are post_limited_swiglu, in jmoe)",
+    "zaya": "its router state carried from layer to layer (layer i > 0 routes on x W_down + b + s * r, r the "
+            "router hidden state of layer i - 1, and hands its own on to layer i + 1: a block of two inputs and two "
+            "outputs, which a layer loaded alone cannot compute), routed by an MLP over E + 1 classes (a skip expert)",
 }
 
 

@@ -193,14 +193,16 @@ def dequantize_fp8(weight: np.ndarray, scale_inv: np.ndarray, name: str, block=(
 
 
 def write_tensors(folder: pathlib.Path, tensors: dict[str, np.ndarray]) -> list[str]:
-    """Put ``tensors`` (float32, by hub name) into the checkpoint in ``folder``: each replaces the
-    stored tensor of that name in the file that holds it, keeping its stored dtype (a bfloat16
-    checkpoint stays bfloat16), the rest of that file unchanged. A folder without weights gets
-    a new ``model.safetensors`` of float32 tensors. Returns the files written."""
+    """Put ``tensors`` (float32 or integer tables, by hub name) into the checkpoint in ``folder``:
+    each replaces the stored tensor of that name in the file that holds it, keeping its stored
+    dtype (a bfloat16 checkpoint stays bfloat16), the rest of that file unchanged. A folder
+    without weights gets a new ``model.safetensors`` of float32 tensors (integer tables as they
+    are). Returns the files written."""
     from safetensors.numpy import save_file
     folder.mkdir(parents=True, exist_ok=True)
     if not (folder / SINGLE).exists() and not (folder / INDEX).exists():
-        save_file({n: np.ascontiguousarray(v, np.float32) for n, v in tensors.items()}, folder / SINGLE,
+        save_file({n: np.ascontiguousarray(v if np.issubdtype(v.dtype, np.integer) else v.astype(np.float32))
+                   for n, v in tensors.items()}, folder / SINGLE,
                   metadata={"format": "pt"})
         return [SINGLE]
     checkpoint = Checkpoint(folder)
@@ -219,7 +221,7 @@ def write_tensors(folder: pathlib.Path, tensors: dict[str, np.ndarray]) -> list[
             if stored[name].shape != tensors[name].shape:
                 raise CheckpointError(f"{name}: the layer gives shape {tuple(tensors[name].shape)}, the checkpoint "
                                       f"holds {tuple(stored[name].shape)}")
-            stored[name] = np.asarray(tensors[name], np.float32).astype(stored[name].dtype)
+            stored[name] = np.asarray(tensors[name]).astype(stored[name].dtype)
         tmp = path.with_name(path.name + ".tmp")
         save_file({n: np.ascontiguousarray(v) for n, v in stored.items()}, tmp,
                   metadata=meta.get("__metadata__") or {"format": "pt"})

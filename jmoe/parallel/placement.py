@@ -11,11 +11,12 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from jmoe.parallel.mesh import MeshAxes
 from jmoe.routing import PARAM_NAMES as ROUTER_PARAMS
 
-EXPERT_WEIGHTS = ("w_in", "w_gate", "w_out", "b_in", "b_gate", "b_out", "out_norm")
-REPLICATED_EXPERT_WEIGHTS = ("out_norm",)  # no expert dim: every device holds it
-SHARED_WEIGHTS = ("w_in", "w_gate", "w_out", "gate_weight")
+EXPERT_WEIGHTS = ("w_in", "w_gate", "w_out", "b_in", "b_gate", "b_out", "norm_weight", "tied_norm_weight")
+REPLICATED_EXPERT_WEIGHTS = ("tied_norm_weight",)  # no expert dim: every device holds it
+SHARED_WEIGHTS = ("w_in", "w_gate", "w_out", "gate_weight", "norm_weight")
 SHARED_MODULE = "shared_expert"  # the MoE layer's attribute that holds them
-ROUTER_VECTORS = ("router_bias", "selection_bias", "router_input_scale", "expert_scale")  # 1-D router weights
+ROUTER_VECTORS = ("router_bias", "selection_bias", "router_scale", "router_input_scale",
+                  "expert_scale")  # 1-D router weights
 
 
 def expert_param_specs(params: dict, mesh) -> dict[str, P]:
@@ -24,22 +25,25 @@ def expert_param_specs(params: dict, mesh) -> dict[str, P]:
     ``w_in / w_gate [E, d, f]: P(expert_axes, None, model)``,
     ``w_out [E, f, d]: P(expert_axes, model, None)``,
     ``b_in / b_gate [E, f]: P(expert_axes, model)``, ``b_out [E, d]: P(expert_axes, None)``,
-    the experts' shared output-norm weight ``out_norm [d]: P(None)`` (replicated).
+    each expert's output-norm weight ``norm_weight [E, d]: P(expert_axes, None)``, the one the
+    experts share ``tied_norm_weight [d]: P(None)`` (replicated).
     """
     axes = mesh if isinstance(mesh, MeshAxes) else MeshAxes.of(mesh)
     e = axes.expert_axes or None
     m = axes.model_axis
     table = {"w_in": P(e, None, m), "w_gate": P(e, None, m), "w_out": P(e, m, None),
-             "b_in": P(e, m), "b_gate": P(e, m), "b_out": P(e, None), "out_norm": P(None)}
+             "b_in": P(e, m), "b_gate": P(e, m), "b_out": P(e, None), "norm_weight": P(e, None),
+             "tied_norm_weight": P(None)}
     return {name: table[name] for name in params}
 
 
 def shared_param_specs(params: dict, mesh) -> dict[str, P]:
     """PartitionSpecs of the shared expert's weights, a dense FFN: ``w_in / w_gate [d, F]:
-    P(None, model)``, ``w_out [F, d]: P(model, None)``, ``gate_weight [d, 1]: P()``."""
+    P(None, model)``, ``w_out [F, d]: P(model, None)``, ``gate_weight [d, 1]: P()``, ``norm_weight [d]: P()``."""
     axes = mesh if isinstance(mesh, MeshAxes) else MeshAxes.of(mesh)
     m = axes.model_axis
-    table = {"w_in": P(None, m), "w_gate": P(None, m), "w_out": P(m, None), "gate_weight": P(None, None)}
+    table = {"w_in": P(None, m), "w_gate": P(None, m), "w_out": P(m, None), "gate_weight": P(None, None),
+             "norm_weight": P(None)}
     return {name: table[name] for name in params}
 
 

@@ -13,6 +13,13 @@ classes, and nothing here knows about Flax layers. Registered (:data:`ROUTERS`):
   token_hash      experts a fixed function of the token id  :mod:`jmoe.routing.token_hash`
                   (Hash Layers; DeepSeek-V4's first layers)
   sparsemixer     SparseMixer's top-2 (Phi-3.5-MoE), eval   :mod:`jmoe.routing.sparsemixer`
+  top2_gate       fairseq's Top2Gate (NLLB-MoE): GShard's   :mod:`jmoe.routing.top2_gate`
+                  top-2, renormalised after the drops,
+                  sampled 2nd expert, expert output masking
+  product_key     E = K^2 experts by two K-key halves        :mod:`jmoe.routing.product_key`
+                  (product keys, PEER; Doge's CDMoE)
+  shared_sink     group-limited routing that also weights   :mod:`jmoe.routing.shared_sink`
+                  the shared experts (Inkling)
 
 A new router is one module (a :class:`Router` subclass) plus one line in ``ROUTERS``; a
 user's own router is a :class:`Router` subclass given to the layer as an object
@@ -32,20 +39,23 @@ from jmoe.routing.capacity import expert_capacity
 from jmoe.routing.expert_choice import ExpertsChoose, experts_choose
 from jmoe.routing.group_limited import GroupLimited, group_limited_top_k
 from jmoe.routing.noisy import NoisyTopK
+from jmoe.routing.product_key import ProductKey
 from jmoe.routing.plan import BALANCE_LOSSES, ExtraLoss, RoutingPlan, router_probabilities, z_loss
 from jmoe.routing.router import Router
+from jmoe.routing.shared_sink import SharedSink
 from jmoe.routing.sparsemixer import SparseMixer
 from jmoe.routing.token_hash import TokenHash
+from jmoe.routing.top2_gate import Top2Gate
 from jmoe.routing.token_choice import (PRIORITIES, SECOND_EXPERT_POLICIES, TokensChoose, plan_from_choices,
                                       tokens_choose)
 
 __all__ = ["BALANCE_LOSSES", "DEFAULT_ROUTER", "EXTRA_LOSSES", "STATE_PARAMS", "group_limited_top_k", "ExtraLoss",
-           "ExpertsChoose", "GroupLimited", "NAMES", "NoisyTopK", "PARAM_NAMES", "PRIORITIES", "ROUTERS", "Router",
-           "RoutingPlan", "SECOND_EXPERT_POLICIES", "SparseMixer", "TokenHash", "TokensChoose", "as_router", "complete_aux", "expert_capacity",
+           "ExpertsChoose", "GroupLimited", "NAMES", "NoisyTopK", "PARAM_NAMES", "PRIORITIES", "ProductKey", "ROUTERS", "Router",
+           "RoutingPlan", "SECOND_EXPERT_POLICIES", "SharedSink", "SparseMixer", "TokenHash", "TokensChoose", "Top2Gate", "as_router", "complete_aux", "expert_capacity",
            "experts_choose", "make_router", "plan_from_choices", "router_probabilities", "tokens_choose", "z_loss"]
 
 ROUTERS: dict[str, type[Router]] = {cls.name: cls for cls in (TokensChoose, ExpertsChoose, NoisyTopK, GroupLimited,
-                                                               TokenHash, SparseMixer)}
+                                                               TokenHash, SparseMixer, Top2Gate, ProductKey, SharedSink)}
 NAMES = tuple(ROUTERS)
 DEFAULT_ROUTER = TokensChoose.name
 

@@ -70,6 +70,15 @@ def router_scores(logits: Array, score_function: str) -> Array:
     return SCORE_FUNCTIONS[score_function](logits.astype(jnp.float32))
 
 
+def choice_values(logits: Array, scores: Array, selection_bias: Array | None, bias_on: str) -> Array:
+    """What the choice is made on ``[G, S, E]``: the scores, or with ``bias_on="logits"`` the
+    float32 logits, plus the selection bias ``[E]`` (None: 0), read without gradient."""
+    choice = scores if bias_on == "scores" else logits.astype(jnp.float32)  # [G, S, E]
+    if selection_bias is not None:
+        choice = choice + jax.lax.stop_gradient(selection_bias)
+    return choice
+
+
 def group_limited_experts(choice: Array, *, k: int, n_group: int, topk_group: int, group_score: str,
                           excluded_fill: str = "-inf") -> Array:
     """The k experts of each token: top-k of ``choice [G, S, E]`` among the experts of its
@@ -113,9 +122,7 @@ def group_limited_top_k(
     ``bias_on="logits"``, to the logits the choice is made on. Returns a plan with K = k."""
     mask = check_logits(logits, token_mask)  # [G, S]
     scores = router_scores(logits, score_function)  # [G, S, E]
-    choice = scores if bias_on == "scores" else logits.astype(jnp.float32)  # [G, S, E]
-    if selection_bias is not None:
-        choice = choice + jax.lax.stop_gradient(selection_bias)
+    choice = choice_values(logits, scores, selection_bias, bias_on)  # [G, S, E]
     top_experts = group_limited_experts(choice, k=k, n_group=n_group, topk_group=topk_group,
                                         group_score=group_score, excluded_fill=excluded_fill)  # [G, S, K]
     return plan_from_scores(logits, scores, score_function, top_experts, mask, normalize=normalize,

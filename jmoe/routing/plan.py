@@ -126,6 +126,9 @@ class RoutingPlan:
       extra_losses: losses computed from statistics summed over tokens, by name
         (:class:`ExtraLoss`): noisy top-k's importance and load losses, the token-choice
         routers' ``global_load_balancing_loss``.
+      shared_weight: [G, S, n] float32, the weights of the layer's n shared experts per token
+        when the router weights them (:class:`jmoe.routing.SharedSink`); None: the shared
+        expert is added unweighted.
     """
 
     slot_token: Array
@@ -140,6 +143,7 @@ class RoutingPlan:
     padding_fraction: Array
     router_entropy: Array
     extra_losses: dict[str, ExtraLoss] = flax.struct.field(default_factory=dict)
+    shared_weight: Array | None = None
 
     @property
     def num_groups(self) -> int:

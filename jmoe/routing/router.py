@@ -27,6 +27,8 @@ A router is a frozen dataclass of its options (validated in ``__post_init__``) w
 ``scale_expert_input=True`` (Llama 4; k = 1): the chosen expert's combine weight
 multiplies its *input* instead of its output, ``y = FFN_e(w * x)``
 (:meth:`Router.expert_inputs`, which the forward calls between routing and the experts).
+``jitter_experts=True``: the jitter multiplies the FFN experts' input too, the same draw as the
+router's (the block's input jittered: Phi-3.5-MoE's ``input_jitter_noise``).
 
 A router's own losses travel in ``RoutingPlan.extra_losses`` under the names in its
 ``extra_losses`` class attribute. A router with ``needs_token_ids`` reads the token ids the layer
@@ -52,7 +54,7 @@ Array = jax.Array
 
 @dataclasses.dataclass(frozen=True)
 class Router:
-    """Options every router has: ``jitter`` (0 disables it), ``router_bias``,
+    """Options every router has: ``jitter`` (0 disables it), ``jitter_experts``, ``router_bias``,
     ``scale_expert_input``, ``logit_softcap`` (None: no cap), ``input_norm_eps`` (None: the raw
     input), ``logit_multiplier``, ``per_expert_scale`` (the module docstring's ``route``); and
     ``k`` (experts per token, for expert choice the average that
@@ -78,6 +80,7 @@ class Router:
     input_norm_eps: float | None = None
     logit_multiplier: float = 1.0
     per_expert_scale: bool = False
+    jitter_experts: bool = False
 
     def __post_init__(self):
         if self.k is not None and (isinstance(self.k, bool) or not isinstance(self.k, int) or self.k < 1):
@@ -88,6 +91,9 @@ class Router:
         if self.input_norm_eps is not None:
             positive_number("input_norm_eps", self.input_norm_eps)
         positive_number("logit_multiplier", self.logit_multiplier)
+        if self.jitter_experts and not self.jitter > 0:
+            raise ValueError("jitter_experts=True multiplies the experts' input by the router's jitter draw: it "
+                             f"needs jitter > 0, got jitter={self.jitter}")
         if self.scale_expert_input and not self.supports_input_scaling:
             raise ValueError(f"scale_expert_input=True needs a router whose tokens choose one expert, "
                              f"got router={self.name!r}")
@@ -103,6 +109,12 @@ class Router:
     def check_experts(self, num_experts: int) -> None:
         if self.k > num_experts:
             raise ValueError(f"k={self.k} must be in [1, num_experts={num_experts}]")
+
+    @property
+    def weighted_shared_experts(self) -> int:
+        """How many shared experts the router weights per token (``plan.shared_weight [G, S, n]``,
+        :class:`jmoe.routing.SharedSink`); 0: none, the shared expert is added unweighted."""
+        return 0
 
     def check_token_ids(self, token_ids: Array) -> None:
         """Token ids as the router needs them, else a clear error (only for ``needs_token_ids``)."""
@@ -148,10 +160,14 @@ class Router:
         scale = params["expert_scale"].astype(jnp.float32)[plan.token_expert]  # [G, S, K]
         return plan.replace(token_weight=plan.token_weight * scale)
 
-    def expert_inputs(self, groups: Array, plan: RoutingPlan) -> tuple[Array, RoutingPlan]:
+    def expert_inputs(self, groups: Array, plan: RoutingPlan,
+                      draws: dict[str, Array] | None = None) -> tuple[Array, RoutingPlan]:
         """What the experts read and the plan that combines their outputs: ``groups [G, S, d]`` and
-        ``plan`` as they are, or with ``scale_expert_input`` (k = 1) ``w x`` and a combine weight of
-        1 (0 where the assignment was dropped): ``y = FFN_e(w x)``."""
+        ``plan`` as they are; with ``jitter_experts`` (train mode) ``x * jitter``, the router's draw;
+        with ``scale_expert_input`` (k = 1) ``w x`` and a combine weight of 1 (0 where the
+        assignment was dropped): ``y = FFN_e(w x)``."""
+        if self.jitter_experts and draws and "jitter" in draws:
+            groups = (groups * draws["jitter"]).astype(groups.dtype)  # [G, S, d]
         if not self.scale_expert_input:
             return groups, plan
         scaled = groups * plan.token_weight[..., :1].astype(groups.dtype)  # [G, S, d]
