@@ -105,7 +105,9 @@ class OutputNorm:
         scale_first=True:   y' / sqrt(mean_d(y'^2) + eps),  y' = y * (offset + g)
 
     ``per_expert``: each expert its own ``g`` (the bank's ``norm_weight [E, d]``; Ergo), else one
-    ``g`` the routed experts share (``tied_norm_weight [d]``, replicated on a mesh; Muse Spark).
+    ``g`` the routed experts share (``tied_norm_weight [d]``, replicated on a mesh; Muse Spark):
+    two names, because placement goes by the name (a tied ``[L, d]`` stacked over L layers and a
+    per-expert ``[E, d]`` have the same rank).
     ``g`` is initialised so that ``offset + g = 1``. A shared expert has its own ``norm_weight
     [d]``; it inherits the routed experts' norm only when that is per expert (a tied weight is
     theirs). Ergo's is ``OutputNorm(eps, per_expert=True)``; Muse Spark's ``post_expert_norm``

@@ -1,6 +1,7 @@
 """The newer expert activations against float64 references on random inputs: squared ReLU (a
 plain, non-gated FFN), SwiGLU with GPT-OSS's clamps but without its alpha and + 1 (DeepSeek-V4's
-``_apply_gate`` in transformers) or with the gate clamped after its activation (Step-3.7's), and Inkling-2's softcapped SwiGLU; the experts' output norm (Ergo's); and their bad options."""
+``_apply_gate`` in transformers) or with the gate clamped after its activation (Step-3.7's), and Inkling-2's softcapped SwiGLU; the experts' OutputNorm (per expert: Ergo's; one tied weight:
+Muse Spark's); and their bad options."""
 
 import jax
 import jax.numpy as jnp
@@ -189,3 +190,46 @@ def test_expert_output_norm_on_a_mesh_matches_one_device():
 def test_bad_output_norm_options_are_clear_errors(make, match):
     with pytest.raises(ValueError, match=match):
         make()
+
+
+def test_per_expert_output_norm_with_scale_first_and_offset_matches_float64():
+    """OutputNorm's options together: per expert (each its own g), scaled first, offset 1: in the
+    bank and the dropless path's grouped FFN, ``g`` initialised so that ``offset + g = 1``."""
+    from jmoe.dropless import grouped_ffn
+    norm = jmoe.OutputNorm(0.05, scale_first=True, offset=1.0, per_expert=True)
+    bank = jmoe.ExpertBank(3, 4, 6, activation=Activation("relu2", output_norm=norm), rngs=nnx.Rngs(0))
+    assert not hasattr(bank, "tied_norm_weight") and np.all(np.asarray(bank.norm_weight[...]) == 0.0)
+    bank.norm_weight[...] = 0.5 * jax.random.normal(jax.random.key(7), (3, 4))
+    p = {n: np.asarray(v, np.float64) for n, v in bank.params().items()}
+    x = jax.random.normal(jax.random.key(8), (3, 4, 4))
+    want = np.stack([output_norm64(REFERENCES["relu2"](np.asarray(x[e], np.float64) @ p["w_in"][e], None, None)
+                                   @ p["w_out"][e], p["norm_weight"][e], norm) for e in range(3)])  # [E, N, d]
+    np.testing.assert_allclose(np.asarray(bank(x), np.float64), want, rtol=1e-5, atol=1e-6)
+    got = grouped_ffn(x.reshape(12, 4), jnp.repeat(jnp.arange(3), 4), jnp.array([4, 4, 4]), bank.params(),
+                      bank.activation)
+    np.testing.assert_allclose(np.asarray(got, np.float64).reshape(3, 4, 4), want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("per_expert", [True, False], ids=["per_expert", "tied"])
+def test_output_norm_weights_and_their_placement(per_expert):
+    """Per expert: ``experts.norm_weight [E, d]`` on the expert axes, and a shared expert without an
+    activation of its own inherits the norm with its own ``norm_weight [d]``; tied: one
+    ``experts.tied_norm_weight [d]``, replicated (also stacked over layers), not the shared expert's."""
+    from jmoe import parallel
+    act = Activation("relu2", output_norm=jmoe.OutputNorm(0.05, per_expert=per_expert))
+    moe = jmoe.MoE(6, 5, 4, k=2, activation=act, shared=jmoe.Shared(3), rngs=nnx.Rngs(0))
+    name = "norm_weight" if per_expert else "tied_norm_weight"
+    assert getattr(moe.experts, name)[...].shape == ((4, 6) if per_expert else (6,))
+    assert hasattr(moe.shared_expert, "norm_weight") == per_expert
+    mesh = parallel.make_mesh(data=2, expert=4)
+    stacked = (3, 8, 6) if per_expert else (3, 6)  # layers stacked with nnx.vmap
+    want = jax.P(None, ("expert",), None) if per_expert else jax.P(None, None)
+    assert parallel.moe_param_spec(("moe", "experts", name), mesh, stacked) == want
+
+
+def test_jitter_experts_needs_the_router_input_of_the_experts_width():
+    with pytest.raises(ValueError, match="jitter_experts=True .* router_d_model == d_model"):
+        jmoe.MoE(4, 6, 8, k=2, router=jmoe.routing.TokensChoose(jitter=0.1, jitter_experts=True), router_d_model=6,
+                 rngs=nnx.Rngs(0))
+    with pytest.raises(TypeError, match="OutputNorm.per_expert must be a bool"):
+        jmoe.OutputNorm(per_expert=1)
