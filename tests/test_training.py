@@ -206,6 +206,7 @@ def test_a_choice_that_changes_the_parameter_tree_is_a_model_key():
              ("score_function", "softmax"): {"router": "group_limited"},
              ("score_function", "sqrt_softplus"): {"router": "group_limited"},
              ("router", "sparsemixer"): {"k": 2}, ("router", "top2_gate"): {"k": 2},
+             ("router", "shared_sink"): {"shared_d_ff": 64},
              ("group_score", "max"): {"router": "group_limited", "n_group": 2, "topk_group": 1}}
     want = tree(base)
     changing = set()
