@@ -9,6 +9,8 @@ import os
 _flags = os.environ.get("XLA_FLAGS", "")
 if "xla_force_host_platform_device_count" not in _flags:
     os.environ["XLA_FLAGS"] = (_flags + " --xla_force_host_platform_device_count=8").strip()
+if "PYTEST_XDIST_WORKER" in os.environ:  # several test processes share one GPU: none takes 75% of it up front
+    os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
 # Tests compare against float64 references: on a GPU, float32 matmuls must not drop to TF32.
 os.environ.setdefault("JAX_DEFAULT_MATMUL_PRECISION", "highest")
