@@ -17,6 +17,12 @@ def non_negative_number(name: str, value) -> None:
         raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
 
 
+def finite_number(name: str, value) -> None:
+    """``value`` is a finite int or float (not a bool), else a ValueError naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value!r}")
+
+
 def int_at_least(name: str, value, low: int) -> None:
     """``value`` is an int >= ``low`` (not a bool), else a ValueError naming ``name``."""
     if isinstance(value, bool) or not isinstance(value, int) or value < low:

@@ -23,3 +23,9 @@ def rms_normalize(x: jax.Array, eps: float) -> jax.Array:
     """``x / sqrt(mean(x^2) + eps)`` over the last axis, in float32 (an RMSNorm without its weight)."""
     x = x.astype(jnp.float32)
     return x * jax.lax.rsqrt(jnp.mean(jnp.square(x), axis=-1, keepdims=True) + eps)
+
+
+def rms_norm(x: jax.Array, weight: jax.Array, eps: float, offset: float = 0.0) -> jax.Array:
+    """An RMSNorm: ``x / sqrt(mean(x^2) + eps) * (offset + weight)`` over the last axis, in float32,
+    cast to x's dtype (``weight`` broadcast to x)."""
+    return (rms_normalize(x, eps) * (offset + weight.astype(jnp.float32))).astype(x.dtype)

@@ -41,14 +41,13 @@ the layer takes it as a :class:`Shared` object (``jmoe.MoE(..., shared=Shared(d_
 from __future__ import annotations
 
 import dataclasses
-import math
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jmoe.checks import int_at_least, positive_number
-from jmoe.elementwise import check_softcap, rms_normalize, softcap
+from jmoe.checks import finite_number, int_at_least, positive_number
+from jmoe.elementwise import check_softcap, rms_norm, rms_normalize, softcap
 
 Array = jax.Array
 
@@ -121,8 +120,7 @@ class OutputNorm:
 
     def __post_init__(self):
         positive_number("OutputNorm.eps", self.eps)
-        if isinstance(self.offset, bool) or not isinstance(self.offset, (int, float)) or not math.isfinite(self.offset):
-            raise ValueError(f"OutputNorm.offset must be a finite number, got {self.offset!r}")
+        finite_number("OutputNorm.offset", self.offset)
         if not isinstance(self.per_expert, bool):
             raise TypeError(f"OutputNorm.per_expert must be a bool, got {self.per_expert!r}")
 
@@ -134,10 +132,10 @@ class OutputNorm:
     def __call__(self, y: Array, weight: Array) -> Array:
         """``y [..., d]`` (any float dtype) and ``weight`` (``g``, broadcast to y: ``[d]``, or each
         row's expert's) -> the normed ``y``, in y's dtype."""
-        scale = self.offset + weight.astype(jnp.float32)
         if self.scale_first:
+            scale = self.offset + weight.astype(jnp.float32)
             return rms_normalize(y.astype(jnp.float32) * scale, self.eps).astype(y.dtype)
-        return (rms_normalize(y, self.eps) * scale).astype(y.dtype)
+        return rms_norm(y, weight, self.eps, self.offset)
 
 
 @dataclasses.dataclass(frozen=True)

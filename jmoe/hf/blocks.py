@@ -33,15 +33,14 @@ run outside the MoE's ``shard_map``.
 from __future__ import annotations
 
 import dataclasses
-import math
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import PartitionSpec
 
-from jmoe.checks import positive_number
-from jmoe.elementwise import rms_normalize
+from jmoe.checks import finite_number, positive_number
+from jmoe.elementwise import rms_norm
 from jmoe.experts import Shared, SharedExpert
 from jmoe.layer import MoE
 from jmoe.parallel.placement import moe_param_spec, to_global
@@ -60,8 +59,7 @@ class Norm:
 
     def __post_init__(self):
         positive_number("Norm.eps", self.eps)
-        if isinstance(self.offset, bool) or not isinstance(self.offset, (int, float)) or not math.isfinite(self.offset):
-            raise ValueError(f"Norm.offset must be a finite number, got {self.offset!r}")
+        finite_number("Norm.offset", self.offset)
 
 
 class RMSNorm(nnx.Module):
@@ -73,8 +71,7 @@ class RMSNorm(nnx.Module):
         self.scale = nnx.Param(jnp.full((d,), 1.0 - norm.offset, param_dtype))
 
     def __call__(self, x: Array) -> Array:
-        y = rms_normalize(x, self.norm.eps) * (self.norm.offset + self.scale[...].astype(jnp.float32))
-        return y.astype(x.dtype)
+        return rms_norm(x, self.scale[...], self.norm.eps, self.norm.offset)
 
 
 class Linear(nnx.Module):
