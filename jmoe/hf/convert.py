@@ -14,7 +14,7 @@ import numpy as np
 from flax import nnx
 
 from jmoe.hf import blocks, families
-from jmoe.hf.files import Checkpoint, CheckpointError, checkpoint_dir, read_config, write_tensors
+from jmoe.hf.files import Checkpoint, CheckpointError, checkpoint_dir, hub_array, read_config, write_tensors
 from jmoe.layer import MoE
 from jmoe.options import layer_arguments
 
@@ -200,13 +200,6 @@ def export_moe(layer: MoE, layer_index: int, model_type: str, *, config: dict | 
         for name, value in rule.to_hub(*values).items():
             out[prefix + name] = hub_array(value)
     return out
-
-
-def hub_array(value) -> np.ndarray:
-    """A weight as the hub stores it from jmoe: float32, or an integer table (DeepSeek-V4's
-    ``tid2eid``) as it is."""
-    value = np.asarray(value)
-    return np.ascontiguousarray(value if np.issubdtype(value.dtype, np.integer) else value.astype(np.float32))
 
 
 def save_moe(layer: MoE, path, layer_index: int, model_type: str, *, stack: str | None = None) -> list[str]:

@@ -192,6 +192,13 @@ def dequantize_fp8(weight: np.ndarray, scale_inv: np.ndarray, name: str, block=(
     return weight * scale
 
 
+def hub_array(value) -> np.ndarray:
+    """A weight as the hub stores it from jmoe: float32, or an integer table (DeepSeek-V4's
+    ``tid2eid``) as it is."""
+    value = np.asarray(value)
+    return np.ascontiguousarray(value if np.issubdtype(value.dtype, np.integer) else value.astype(np.float32))
+
+
 def write_tensors(folder: pathlib.Path, tensors: dict[str, np.ndarray]) -> list[str]:
     """Put ``tensors`` (float32 or integer tables, by hub name) into the checkpoint in ``folder``:
     each replaces the stored tensor of that name in the file that holds it, keeping its stored
@@ -201,9 +208,7 @@ def write_tensors(folder: pathlib.Path, tensors: dict[str, np.ndarray]) -> list[
     from safetensors.numpy import save_file
     folder.mkdir(parents=True, exist_ok=True)
     if not (folder / SINGLE).exists() and not (folder / INDEX).exists():
-        save_file({n: np.ascontiguousarray(v if np.issubdtype(v.dtype, np.integer) else v.astype(np.float32))
-                   for n, v in tensors.items()}, folder / SINGLE,
-                  metadata={"format": "pt"})
+        save_file({n: hub_array(v) for n, v in tensors.items()}, folder / SINGLE, metadata={"format": "pt"})
         return [SINGLE]
     checkpoint = Checkpoint(folder)
     missing = [n for n in tensors if n not in checkpoint]
